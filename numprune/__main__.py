@@ -1,0 +1,3 @@
+from numprune.cli import main
+
+raise SystemExit(main())

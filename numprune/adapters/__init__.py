@@ -1,0 +1,26 @@
+"""Model-family adapters: ``adapter_for(model)`` picks the one that knows the model's layout."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel
+
+from numprune.adapters.base import Adapter, AttentionLayout, LayerPlan, UnitCosts
+from numprune.adapters.llama import LlamaAdapter
+from numprune.errors import NumpruneError
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter,)
+
+
+def supported_model_types() -> list[str]:
+    return sorted({t for a in ADAPTERS for t in a.model_types})
+
+
+def adapter_for(model: PreTrainedModel) -> Adapter:
+    model_type = getattr(model.config, "model_type", None)
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls(model)
+    raise NumpruneError(f"model type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}")
+
+
+__all__ = ["Adapter", "AttentionLayout", "LayerPlan", "UnitCosts", "adapter_for", "supported_model_types"]

@@ -1,0 +1,118 @@
+"""The one interface the pruning stages use to reach into a model family.
+
+An adapter is the only place that knows module and parameter names. Everything else speaks of
+decoder layers, attention heads (query heads grouped over KV heads) and MLP channels.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from numprune.errors import NumpruneError
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Head layout of one attention block: query heads ``h`` use KV head ``h // group_size``."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """Parameters that leave with one query head, one KV head (its K and V) and one MLP channel."""
+
+    query_head: int
+    kv_head: int
+    channel: int
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one decoder layer keeps: sorted query heads, KV heads and MLP channels."""
+
+    heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    channels: tuple[int, ...]
+
+
+class Adapter(ABC):
+    """Where a family keeps its layers, projections and head layout."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.config = model.config
+        for i in range(self.num_layers()):
+            layout = self.attention_layout(i)
+            if layout.num_kv_heads < 1 or layout.num_heads % layout.num_kv_heads:
+                raise NumpruneError(f"layer {i}: {layout.num_heads} query heads over {layout.num_kv_heads} KV heads "
+                                    "is not a grouped-query layout numprune can keep valid")
+
+    @abstractmethod
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers, in order."""
+
+    @abstractmethod
+    def attention_layout(self, layer_idx: int) -> AttentionLayout: ...
+
+    @abstractmethod
+    def mlp_width(self, layer_idx: int) -> int: ...
+
+    @abstractmethod
+    def attention_output(self, layer: nn.Module) -> nn.Linear:
+        """The projection whose input channels are the heads' outputs (o_proj)."""
+
+    @abstractmethod
+    def mlp_output(self, layer: nn.Module) -> nn.Linear:
+        """The projection whose input channels are the MLP channels (down_proj)."""
+
+    @abstractmethod
+    def unit_costs(self, layer_idx: int) -> UnitCosts: ...
+
+    @abstractmethod
+    def kept_indices(self, layer_idx: int, plan: LayerPlan) -> dict[str, tuple[int, torch.Tensor]]:
+        """For each parameter of the layer that shrinks: (its state-dict name, the dim, indices kept)."""
+
+    @abstractmethod
+    def pruned_config(self, plans: list[LayerPlan]) -> PretrainedConfig:
+        """The config of the shrunk model: the stock class when it can describe it, else numprune's."""
+
+    # Derived helpers shared by all families.
+
+    def num_layers(self) -> int:
+        return len(self.layers())
+
+    def prunable_parameters(self, layer_idx: int) -> int:
+        """Parameters that heads and channels carry in this layer (what the ratio is a fraction of)."""
+        layout, costs = self.attention_layout(layer_idx), self.unit_costs(layer_idx)
+        return (layout.num_heads * costs.query_head + layout.num_kv_heads * costs.kv_head
+                + self.mlp_width(layer_idx) * costs.channel)
+
+    def kept_inputs(self, layer_idx: int, plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input channels the plan keeps in the attention and MLP output projections."""
+        head_dim = self.attention_layout(layer_idx).head_dim
+        return head_channels(plan.heads, head_dim), torch.tensor(plan.channels, dtype=torch.long)
+
+    def full_plan(self, layer_idx: int) -> LayerPlan:
+        layout = self.attention_layout(layer_idx)
+        return LayerPlan(tuple(range(layout.num_heads)), tuple(range(layout.num_kv_heads)),
+                         tuple(range(self.mlp_width(layer_idx))))
+
+
+def head_channels(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
+    """The projection channels of the given heads, in head order."""
+    return (torch.tensor(heads, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)

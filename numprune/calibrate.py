@@ -1,0 +1,141 @@
+"""Layer-by-layer calibration: stream tokens through one decoder layer at a time.
+
+The inputs of the first decoder layer are captured once; from then on only one layer's activations
+are alive. While a layer runs, forward hooks on its two output projections accumulate what every
+criterion and the compensation need: the Gram matrix X^T X and the sum of the inputs, in float64
+(each batch's product is formed in float32 over a few thousand tokens, then added in float64, so
+sums over hundreds of thousands of tokens keep their precision).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from numprune.adapters import Adapter
+
+
+@dataclass
+class InputStats:
+    """Sufficient statistics of the inputs of one linear layer."""
+
+    gram: torch.Tensor  # float64 [D, D]: sum over tokens of x x^T
+    total: torch.Tensor  # float64 [D]: sum over tokens of x
+    count: int = 0
+
+    @classmethod
+    def empty(cls, dim: int) -> InputStats:
+        return cls(torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64))
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.gram += (x.T @ x).double()
+        self.total += x.sum(0).double()
+        self.count += x.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """E[x x^T]: the Gram matrix normalised by the token count."""
+        return self.gram / self.count
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Per-channel variance over tokens."""
+        return (self.gram.diagonal() / self.count - self.mean**2).clamp_min(0)
+
+
+@dataclass
+class LayerStats:
+    attention: InputStats  # inputs of the attention output projection: the heads' channels
+    mlp: InputStats  # inputs of the MLP output projection: the intermediate channels
+
+
+class LayerStream:
+    """Calibration activations entering one decoder layer, advanced layer by layer."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size: int = 8):
+        self.adapter = adapter
+        self.hidden: list[torch.Tensor] = []
+        self.kwargs: list[dict] = []
+        device = next(model.parameters()).device
+        first = adapter.layers()[0]
+
+        def catch(_module, args, kwargs):
+            self.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+            self.kwargs.append({k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache")})
+            raise _Captured
+
+        handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                for batch in tokens.split(batch_size):
+                    try:
+                        model(batch.to(device), use_cache=False)
+                    except _Captured:
+                        pass
+        finally:
+            handle.remove()
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    def run(self, layer: nn.Module, *, collect: bool, advance: bool) -> LayerStats | None:
+        """Run ``layer`` over every batch; collect its projection-input statistics and/or move on."""
+        stats = None
+        hooks = _StatsHooks(self.adapter, layer) if collect else _nothing()
+        with hooks as stats, torch.inference_mode():
+            outputs = []
+            for hidden, kwargs in zip(self.hidden, self.kwargs):
+                out = layer(hidden, **kwargs)
+                if advance:
+                    outputs.append(out[0] if isinstance(out, tuple) else out)
+        if advance:
+            self.hidden = outputs
+        return stats
+
+
+def collect_statistics(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size: int = 8,
+                       progress: bool = True) -> list[LayerStats]:
+    """Statistics of every layer's output-projection inputs on the dense model, one layer at a time."""
+    stream = LayerStream(model, adapter, tokens, batch_size)
+    stats = []
+    for layer in tqdm(adapter.layers(), desc="calibrating", unit="layer", disable=not progress):
+        stats.append(stream.run(layer, collect=True, advance=True))
+    return stats
+
+
+class _Captured(Exception):
+    """Stops the forward pass once the first decoder layer's inputs are caught."""
+
+
+class _StatsHooks:
+    """Forward pre-hooks that feed the two output projections' inputs into LayerStats."""
+
+    def __init__(self, adapter: Adapter, layer: nn.Module):
+        attn, mlp = adapter.attention_output(layer), adapter.mlp_output(layer)
+        self.stats = LayerStats(InputStats.empty(attn.in_features), InputStats.empty(mlp.in_features))
+        self.targets = [(attn, self.stats.attention), (mlp, self.stats.mlp)]
+        self.handles = []
+
+    def __enter__(self) -> LayerStats:
+        for module, stats in self.targets:
+            self.handles.append(module.register_forward_pre_hook(lambda _m, args, s=stats: s.add(args[0])))
+        return self.stats
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@contextmanager
+def _nothing():
+    yield None

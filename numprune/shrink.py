@@ -1,0 +1,33 @@
+"""Surgery: physically remove what a plan drops and build the narrower model.
+
+The shrunk model is built afresh from the family's pruned config (the stock config class for
+uniform widths, numprune's per-layer one otherwise) and the sliced state dict, so the object in
+memory is exactly what ``from_pretrained`` will rebuild from the saved folder.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.initialization import no_init_weights
+
+from numprune.adapters import Adapter, LayerPlan
+
+
+def shrink(adapter: Adapter, plans: list[LayerPlan]) -> PreTrainedModel:
+    """A new model with only the kept heads and channels of ``adapter.model``."""
+    model = adapter.model
+    state = model.state_dict()
+    for i, plan in enumerate(plans):
+        for name, (dim, index) in adapter.kept_indices(i, plan).items():
+            state[name] = state[name].index_select(dim, index.to(state[name].device)).contiguous()
+    config = adapter.pruned_config(plans)
+    config._attn_implementation = model.config._attn_implementation
+    dtype = next(model.parameters()).dtype
+    with no_init_weights():
+        shrunk = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    shrunk.load_state_dict(state, strict=True)
+    shrunk.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        shrunk.generation_config = model.generation_config
+    return shrunk.to(next(model.parameters()).device).eval()
+

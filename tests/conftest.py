@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random LLaMA-layout models of several shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import numprune  # noqa: F401  (registers the per-layer classes)
+
+SHAPES = {
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4, hidden_size=32, intermediate_size=48),
+    "gqa": dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=48, intermediate_size=40),
+    "odd": dict(num_attention_heads=5, num_key_value_heads=5, hidden_size=40, intermediate_size=45, head_dim=6),
+    "gqa9": dict(num_attention_heads=9, num_key_value_heads=3, hidden_size=36, intermediate_size=45, head_dim=4),
+}
+
+
+def tiny_llama(shape: str = "gqa", layers: int = 3, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, num_hidden_layers=layers, max_position_embeddings=128,
+                         tie_word_embeddings=True, **{**SHAPES[shape], **overrides})
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # break the symmetric default init so that scores differ between units
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+def tiny_tokens(n: int = 6, length: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 97, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return tiny_tokens()

@@ -1,0 +1,74 @@
+"""The Newton score (paper Eq. 3-7) against its closed form and brute force on random problems."""
+
+import itertools
+
+import pytest
+import torch
+
+from numprune.criteria.numerical import gradient, newton_score
+
+
+def random_problem(n=256, d=12, out=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2.0, d, dtype=torch.float64)
+    w = torch.randn(out, d, generator=g, dtype=torch.float64)  # torch layout [out, D]
+    return x, w
+
+
+@pytest.mark.parametrize("lambda_rel", [1e-2, 1.0, 1e3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_newton_zeroes_gradient_and_matches_closed_form(lambda_rel, seed):
+    x, w = random_problem(seed=seed)
+    second = x.T @ x / x.shape[0]
+    keep = 0.6
+    z = newton_score(second, w, keep, lambda_rel=lambda_rel, damp=0.0, iterations=50)
+    a = (w.T @ w) * second
+    d = a.shape[0]
+    lam = lambda_rel * a.diagonal().sum() / d
+    assert gradient(a, lam, keep * d, z).norm() < 1e-8 * a.norm()
+    # Closed form (Sherman-Morrison): z* = 1 - lam rho D / (1 + lam 1^T A^-1 1) A^-1 1
+    ainv1 = torch.linalg.solve(a, torch.ones(d, dtype=torch.float64))
+    closed = 1 - lam * (1 - keep) * d / (1 + lam * ainv1.sum()) * ainv1
+    torch.testing.assert_close(z, closed, rtol=1e-9, atol=1e-9)
+    # The ranking is that of -A^-1 1, whatever lambda is.
+    assert torch.equal(torch.argsort(z), torch.argsort(-ainv1))
+
+
+def test_one_newton_step_reaches_the_minimiser():
+    x, w = random_problem(seed=3)
+    second = x.T @ x / x.shape[0]
+    one = newton_score(second, w, 0.5, damp=0.0, iterations=1)
+    many = newton_score(second, w, 0.5, damp=0.0, iterations=50)
+    torch.testing.assert_close(one, many, rtol=1e-10, atol=1e-10)
+
+
+def test_newton_objective_is_minimal_by_brute_force_over_a_grid():
+    """F at the Newton point is no larger than at any point of a coarse grid over [0, 1]^4."""
+    x, w = random_problem(d=4, seed=4)
+    second = x.T @ x / x.shape[0]
+    a = (w.T @ w) * second
+    lam = a.diagonal().sum() / 4
+    z = newton_score(second, w, 0.5, damp=0.0)
+
+    def objective(v):
+        return 0.5 * (1 - v) @ a @ (1 - v) + 0.5 * lam * (v.sum() - 2.0) ** 2
+
+    grid = torch.linspace(0, 1, 6, dtype=torch.float64)
+    best = min(objective(torch.stack(p)) for p in itertools.product(grid, repeat=4))
+    assert objective(z) <= best + 1e-12
+
+
+def test_score_is_invariant_to_the_scale_of_inputs_and_weights():
+    x, w = random_problem(seed=5)
+    second = x.T @ x / x.shape[0]
+    z1 = newton_score(second, w, 0.7)
+    z2 = newton_score(second * 1e4, w * 1e-3, 0.7)
+    torch.testing.assert_close(z1, z2, rtol=1e-8, atol=1e-8)
+
+
+def test_dead_channels_still_give_a_finite_score():
+    x, w = random_problem(seed=6)
+    x[:, 3] = 0  # a channel that is never active makes A singular without damping
+    z = newton_score(x.T @ x / x.shape[0], w, 0.5)
+    assert torch.isfinite(z).all()
+    assert z.argmin() == 3

@@ -1,0 +1,166 @@
+"""The pruning stages on tiny random LLaMA-layout models: statistics, allocation, surgery."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import SHAPES, tiny_llama, tiny_tokens
+from numprune.adapters import adapter_for
+from numprune.allocate import allocate
+from numprune.api import _compensate, _criterion_inputs, PruneOptions, prune
+from numprune.calibrate import collect_statistics
+from numprune.criteria import get_criterion
+from numprune.errors import NumpruneError
+from numprune.shrink import shrink
+
+
+def test_statistics_equal_a_brute_force_pass(tokens):
+    model = tiny_llama("gqa")
+    adapter = adapter_for(model)
+    seen = {}
+    hooks = [adapter.mlp_output(layer).register_forward_pre_hook(
+        lambda _m, args, i=i: seen.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for i, layer in enumerate(adapter.layers())]
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    stats = collect_statistics(model, adapter, tokens, batch_size=4, progress=False)
+    for i, s in enumerate(stats):
+        x = torch.cat(seen[i]).double()
+        torch.testing.assert_close(s.mlp.gram, x.T @ x, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s.mlp.total, x.sum(0), rtol=1e-5, atol=1e-6)
+        assert s.mlp.count == tokens.numel()
+
+
+def stages(model, tokens, ratio=0.3, **options):
+    """Run the stages by hand, returning the masked (compensated) model and the shrunk one."""
+    opts = PruneOptions(ratio=ratio, **options)
+    adapter = adapter_for(model)
+    stats = collect_statistics(model, adapter, tokens, batch_size=4, progress=False)
+    criterion = get_criterion(opts.method)
+    scores = [criterion(_criterion_inputs(adapter, i, s, ratio)) for i, s in enumerate(stats)]
+    plans = allocate(adapter, scores, ratio, opts.allocation, opts.gqa_unit)
+    masked = copy.deepcopy(model)
+    masked_adapter = adapter_for(masked)
+    _compensate(masked_adapter, plans, stats, tokens, opts, 4, False)
+    return masked, shrink(masked_adapter, plans), plans
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("gqa_unit", ["query", "kv-group"])
+def test_shrunk_model_equals_masked_model(shape, allocation, gqa_unit, tokens):
+    model = tiny_llama(shape)
+    masked, shrunk, plans = stages(model, tokens, allocation=allocation, gqa_unit=gqa_unit)
+    assert sum(p.numel() for p in shrunk.parameters()) < sum(p.numel() for p in model.parameters())
+    probe = tiny_tokens(3, 20, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(probe).logits, masked(probe).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(shrunk(probe).logits, model(probe).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", ["gqa", "gqa9"])
+def test_gqa_groups_stay_valid(shape, tokens):
+    model = tiny_llama(shape)
+    layout = adapter_for(model).attention_layout(0)
+    for unit in ("query", "kv-group"):
+        for ratio in (0.2, 0.5, 0.7):
+            _, shrunk, plans = stages(model, tokens, ratio=ratio, gqa_unit=unit)
+            for plan in plans:
+                kept_kv = set(plan.kv_heads)
+                groups = [h // layout.group_size for h in plan.heads]
+                assert set(groups) == kept_kv  # every kept query head has its KV head, and vice versa
+                per_group = {g: groups.count(g) for g in kept_kv}
+                assert len(set(per_group.values())) == 1  # equal query heads per KV head
+                if unit == "query":
+                    assert len(plan.kv_heads) == layout.num_kv_heads
+                assert plan.heads and plan.channels  # never empty
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_achieved_ratio_is_close_to_the_target(allocation, tokens):
+    model = tiny_llama("mha", hidden_size=64, intermediate_size=128)
+    for ratio in (0.1, 0.3, 0.5):
+        _, report = prune(model, tokens, ratio=ratio, allocation=allocation, progress=False)
+        p = report["parameters"]
+        adapter = adapter_for(model)
+        head_cost = adapter.unit_costs(0).query_head + adapter.unit_costs(0).kv_head
+        assert abs(p["achieved_ratio"] - ratio) * p["attention_mlp_before"] <= head_cost * adapter.num_layers()
+        assert p["attention_mlp_before"] - p["attention_mlp_after"] == (
+            p["total_before"] - p["total_after"])
+
+
+def test_uniform_allocation_keeps_every_layer_the_same(tokens):
+    _, report = prune(tiny_llama("gqa"), tokens, ratio=0.4, allocation="uniform", progress=False)
+    assert len({(l["heads"], l["kv_heads"], l["channels"]) for l in report["layers"]}) == 1
+
+
+def test_global_allocation_prefers_low_scores():
+    """With hand-made scores, global allocation removes exactly the lowest-scoring units."""
+    from numprune.criteria import LayerScores
+
+    model = tiny_llama("mha", layers=2)
+    adapter = adapter_for(model)
+    scores = [LayerScores(torch.tensor([0.9, 0.1, 0.8, 0.7], dtype=torch.float64), torch.ones(48, dtype=torch.float64)),
+              LayerScores(torch.tensor([0.95, 0.92, 0.93, 0.94], dtype=torch.float64), torch.ones(48, dtype=torch.float64))]
+    costs = adapter.unit_costs(0)
+    ratio = 1.5 * (costs.query_head + costs.kv_head) / sum(adapter.prunable_parameters(i) for i in range(2))
+    plans = allocate(adapter, scores, ratio)
+    assert plans[0].heads == (0, 2)  # heads 1 (0.1) and 3 (0.7) go; layer 1's heads all score higher
+    assert plans[1].heads == (0, 1, 2, 3)
+
+
+def test_same_inputs_give_the_same_result(tokens):
+    model = tiny_llama("gqa9")
+    a, report_a = prune(model, tokens, ratio=0.35, progress=False)
+    b, report_b = prune(model, tokens, ratio=0.35, progress=False)
+    assert report_a["layers"] == report_b["layers"]
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+
+
+def test_prune_leaves_the_input_model_untouched(tokens):
+    model = tiny_llama("gqa")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prune(model, tokens, ratio=0.3, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_compensation_lowers_the_layer_error_and_sequential_statistics_differ(tokens):
+    model = tiny_llama("gqa")
+    probe = tiny_tokens(4, 16, seed=9)
+    with torch.no_grad():
+        dense = model(probe).logits
+    errors = {}
+    for name, options in {"none": dict(compensation="none"), "dense": {},
+                          "sequential": dict(compensation_stats="sequential")}.items():
+        pruned, _ = prune(model, tokens, ratio=0.3, progress=False, **options)
+        with torch.no_grad():
+            errors[name] = (pruned(probe).logits - dense).pow(2).mean().item()
+    assert errors["dense"] < errors["none"]
+    assert errors["sequential"] != errors["dense"]
+
+
+def test_bad_ratios_and_options_are_clear_errors(tokens):
+    model = tiny_llama("gqa")
+    for ratio in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(NumpruneError, match="ratio must be between"):
+            prune(model, tokens, ratio=ratio, progress=False)
+    with pytest.raises(NumpruneError, match="leave"):
+        prune(model, tokens, ratio=0.97, progress=False)
+    with pytest.raises(NumpruneError, match="leave"):
+        prune(model, tokens, ratio=0.9, allocation="uniform", progress=False)
+    with pytest.raises(NumpruneError, match="unknown method"):
+        prune(model, tokens, ratio=0.3, method="nope", progress=False)
+    with pytest.raises(NumpruneError, match="unknown allocation"):
+        prune(model, tokens, ratio=0.3, allocation="nope", progress=False)
+
+
+def test_unsupported_model_type_is_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(NumpruneError, match="not supported; supported: llama"):
+        adapter_for(model)
