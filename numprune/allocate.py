@@ -72,10 +72,17 @@ def mlp_units(layer: int, channel_scores: torch.Tensor, costs: UnitCosts) -> lis
 
 
 def allocate(adapter: Adapter, scores: list[LayerScores], ratio: float, mode: str = "global",
-             gqa_unit: str = "query") -> list[LayerPlan]:
-    """Which units every layer keeps so that ``ratio`` of the attention+MLP parameters go."""
+             gqa_unit: str = "query", round_to: int = 1) -> list[LayerPlan]:
+    """Which units every layer keeps so that ``ratio`` of the attention+MLP parameters go.
+
+    ``round_to`` > 1 then moves each layer's kept MLP width to the nearest multiple of it (the
+    highest-scoring channels are the ones kept), for hardware-friendly matrix shapes; the
+    achieved ratio, which the report states, moves with it.
+    """
     if mode not in ALLOCATIONS:
         raise NumpruneError(f"unknown allocation {mode!r}; choose from {', '.join(ALLOCATIONS)}")
+    if round_to < 1:
+        raise NumpruneError(f"round-to must be a positive integer, got {round_to}")
     if gqa_unit not in GQA_UNITS:
         raise NumpruneError(f"unknown GQA unit {gqa_unit!r}; choose from {', '.join(GQA_UNITS)}")
     layers = []
@@ -86,6 +93,8 @@ def allocate(adapter: Adapter, scores: list[LayerScores], ratio: float, mode: st
         layers.append((attention_units(i, s.heads, adapter.attention_layout(i), costs, gqa_unit),
                        mlp_units(i, s.channels, costs)))
     removed = _global(adapter, layers, ratio) if mode == "global" else _uniform(adapter, layers, ratio)
+    if round_to > 1:
+        removed = _round_widths(layers, removed, round_to)
     return [_plan(adapter, i, [u for u in removed if u.layer == i]) for i in range(len(scores))]
 
 
@@ -115,6 +124,16 @@ def _uniform(adapter: Adapter, layers: list[tuple[list[Unit], list[Unit]]], rati
             raise NumpruneError(f"ratio {ratio} would leave layer {i} with no attention or no MLP channel")
         removed += attn[:n_attn] + mlp[:n_mlp]
     return removed
+
+
+def _round_widths(layers: list[tuple[list[Unit], list[Unit]]], removed: list[Unit], multiple: int) -> list[Unit]:
+    """Re-cut each layer's MLP so that the kept width is the nearest multiple of ``multiple``."""
+    result = [u for u in removed if u.attention]
+    for i, (_, mlp) in enumerate(layers):
+        width = len(mlp) - sum(1 for u in removed if u.layer == i and not u.attention)
+        width = min(len(mlp), max(multiple, multiple * round(width / multiple)))
+        result += mlp[:len(mlp) - width]  # mlp is sorted by score: drop the lowest
+    return result
 
 
 def _plan(adapter: Adapter, layer: int, removed: list[Unit]) -> LayerPlan:

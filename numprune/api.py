@@ -30,6 +30,7 @@ class PruneOptions:
     method: str = "numerical"
     allocation: str = "global"
     gqa_unit: str = "query"
+    round_to: int = 1
     compensation: str = "least-squares"
     compensation_stats: str = "dense"
     compensation_damp: float = 0.01
@@ -78,7 +79,7 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
     criterion = get_criterion(opts.method)
     scores = [criterion(_criterion_inputs(adapter, i, s, ratio), **opts.score_options)
               for i, s in enumerate(tqdm(stats, desc="scoring", unit="layer", disable=not progress))]
-    plans = allocate(adapter, scores, ratio, opts.allocation, opts.gqa_unit)
+    plans = allocate(adapter, scores, ratio, opts.allocation, opts.gqa_unit, opts.round_to)
     clock.lap("scoring")
 
     if not inplace:

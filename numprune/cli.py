@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", default="global", help="global (paper; default) or uniform")
     p.add_argument("--gqa-unit", default="query", help="grouped-query attention unit: query (one query head per KV "
                    "group; default) or kv-group (a KV head with all its query heads)")
+    p.add_argument("--round-to", type=int, default=1, help="keep each layer's MLP width a multiple of N (default 1)")
     p.add_argument("--calib", default="sotu", help=f"calibration data: {DATA_HELP} (default: sotu, addresses before 2000)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens (default 512)")
@@ -82,7 +83,7 @@ def _run_prune(args) -> int:
     from numprune.data.corpora import calibration_windows, get_source
     from numprune.save import check_output, save_pruned
 
-    options = dict(method=args.method, allocation=args.allocation, gqa_unit=args.gqa_unit,
+    options = dict(method=args.method, allocation=args.allocation, gqa_unit=args.gqa_unit, round_to=args.round_to,
                    compensation="none" if args.no_compensate else "least-squares",
                    compensation_stats=args.compensation_stats, compensation_damp=args.damp,
                    score_options=_score_options(args))

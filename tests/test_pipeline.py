@@ -41,7 +41,7 @@ def stages(model, tokens, ratio=0.3, **options):
     stats = collect_statistics(model, adapter, tokens, batch_size=4, progress=False)
     criterion = get_criterion(opts.method)
     scores = [criterion(_criterion_inputs(adapter, i, s, ratio)) for i, s in enumerate(stats)]
-    plans = allocate(adapter, scores, ratio, opts.allocation, opts.gqa_unit)
+    plans = allocate(adapter, scores, ratio, opts.allocation, opts.gqa_unit, opts.round_to)
     masked = copy.deepcopy(model)
     masked_adapter = adapter_for(masked)
     _compensate(masked_adapter, plans, stats, tokens, opts, 4, False)
@@ -164,3 +164,15 @@ def test_unsupported_model_type_is_a_clear_error():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
     with pytest.raises(NumpruneError, match="not supported; supported: llama"):
         adapter_for(model)
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_round_to_keeps_widths_at_multiples(allocation, tokens):
+    model = tiny_llama("gqa", intermediate_size=64)
+    masked, shrunk, plans = stages(model, tokens, ratio=0.3, allocation=allocation, round_to=8)
+    assert all(len(p.channels) % 8 == 0 and p.channels for p in plans)
+    probe = tiny_tokens(2, 10, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(probe).logits, masked(probe).logits, rtol=1e-4, atol=1e-4)
+    _, report = prune(model, tokens, ratio=0.3, allocation=allocation, round_to=8, progress=False)
+    assert abs(report["parameters"]["achieved_ratio"] - 0.3) < 0.1
