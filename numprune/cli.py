@@ -14,6 +14,10 @@ DATA_HELP = "sotu, moby-dick, wikitext2, ptb, c4, or a .txt / .jsonl file"
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
     # SIGTERM unwinds like Ctrl-C, so temporary output folders are removed on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:

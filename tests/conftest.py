@@ -18,8 +18,8 @@ SHAPES = {
 
 def tiny_llama(shape: str = "gqa", layers: int = 3, seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=97, num_hidden_layers=layers, max_position_embeddings=128,
-                         tie_word_embeddings=True, **{**SHAPES[shape], **overrides})
+    fields = dict(vocab_size=97, num_hidden_layers=layers, max_position_embeddings=128, tie_word_embeddings=True)
+    config = LlamaConfig(**{**fields, **SHAPES[shape], **overrides})
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # break the symmetric default init so that scores differ between units
         for p in model.parameters():

@@ -1,0 +1,122 @@
+"""The command line: a full prune on a tiny model, and every bad input as one line with exit status 2."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import tiny_llama
+from numprune.cli import main
+from numprune.data.assets import smollm2_folder
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random LLaMA with the embedded SmolLM2 tokenizer, saved as a plain HF folder."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+    tiny_llama("gqa9", layers=2, vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def numprune(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "numprune", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_prune_writes_a_loadable_folder_with_a_report(tiny_folder, tmp_path):
+    out = tmp_path / "pruned"
+    done = numprune("prune", "--model", tiny_folder, "--ratio", "0.3", "--nsamples", "4", "--seqlen", "32",
+                    "--out", out, "--eval", "moby-dick", "--eval-seqlen", "32", "--eval-windows", "2", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"removed \d+\.\d%, target 30%", done.stdout) and "perplexity on moby-dick" in done.stdout and str(out) in done.stdout
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["calibration"]["tokens"] == 4 * 32
+    assert report["calibration"]["nsamples"] == 4
+    assert set(report["time_s"]) >= {"calibration", "scoring", "compensation", "surgery", "total"}
+    assert report["perplexity"]["moby-dick"]["protocol"]["windows"] == 2
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+    info = numprune("info", "--model", out)
+    assert info.returncode == 0, info.stderr
+    assert "layer  heads" in info.stdout
+    ppl = numprune("ppl", "--model", out, "--data", "moby-dick", "--seqlen", "32", "--max-windows", "2", "--quiet")
+    assert ppl.returncode == 0, ppl.stderr
+    assert f"{report['perplexity']['moby-dick']['pruned']:.3f}" in ppl.stdout
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--ratio", "1.2"], "ratio must be between 0 and 1"),
+    (["--ratio", "0"], "ratio must be between 0 and 1"),
+    (["--ratio", "0.99"], "would leave"),
+    (["--ratio", "0.3", "--calib", "missing.txt"], "missing.txt"),
+    (["--ratio", "0.3", "--calib", "TOO_SHORT"], "tokens"),
+    (["--ratio", "0.3", "--method", "nope"], "unknown method"),
+    (["--ratio", "0.3", "--eval", "nosuchcorpus"], "nosuchcorpus"),
+    (["--ratio", "0.3", "--nsamples", "0"], "--nsamples must be a positive integer"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_folder, tmp_path, capsys, extra, message):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    extra = [str(short) if e == "TOO_SHORT" else e for e in extra]
+    out = tmp_path / "out"
+    status = main(["prune", "--model", str(tiny_folder), "--nsamples", "2", "--seqlen", "32", "--out", str(out),
+                   "--quiet", *extra])
+    assert status == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("numprune: error:") and message in lines[0], lines
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] in ([], ["short.txt"])
+
+
+def test_existing_output_and_unsupported_models_are_refused(tiny_folder, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    done = numprune("prune", "--model", tiny_folder, "--ratio", "0.3", "--out", out)
+    assert done.returncode == 2 and "already exists" in done.stderr
+    assert list(out.iterdir()) == []
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(gpt2)
+    done = numprune("prune", "--model", gpt2, "--ratio", "0.3", "--out", tmp_path / "o")
+    assert done.returncode == 2 and "model type 'gpt2' is not supported" in done.stderr
+    assert not (tmp_path / "o").exists()
+
+    done = numprune("info", "--model", tmp_path / "nowhere")
+    assert done.returncode == 2 and "no model folder" in done.stderr
+
+
+def test_invalid_gqa_layout_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=24, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=6))
+    model.model.layers[0].self_attn.k_proj = __import__("torch").nn.Linear(24, 18, bias=False)  # 3 KV heads for 4
+    from numprune.adapters import adapter_for
+    from numprune.errors import NumpruneError
+
+    with pytest.raises(NumpruneError, match="grouped-query layout"):
+        adapter_for(model)
+
+
+def test_interrupted_run_leaves_no_output(tiny_folder, tmp_path):
+    """SIGTERM in the middle of a run unwinds: no output folder, no temporary folder."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "numprune", "prune", "--model", str(tiny_folder), "--ratio", "0.3",
+                             "--nsamples", "1500", "--seqlen", "64", "--batch-size", "1", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and "calibrating" not in (line := proc.stderr.readline()):
+        pass
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert list(tmp_path.iterdir()) == []
