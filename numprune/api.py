@@ -15,7 +15,7 @@ from numprune import compensate
 from numprune.adapters import Adapter, LayerPlan, adapter_for
 from numprune.allocate import ALLOCATIONS, GQA_UNITS, allocate
 from numprune.calibrate import LayerStats, LayerStream, collect_statistics
-from numprune.criteria import CriterionInputs, get_criterion
+from numprune.criteria import CriterionInputs, get_method
 from numprune.errors import NumpruneError
 from numprune.shrink import shrink
 
@@ -28,18 +28,21 @@ class PruneOptions:
 
     ratio: float
     method: str = "numerical"
-    allocation: str = "global"
+    allocation: str | None = None  # None: the method's own (see criteria.methods)
     gqa_unit: str = "query"
     round_to: int = 1
-    compensation: str = "least-squares"
+    compensation: str | None = None  # None: the method's own
     compensation_stats: str = "dense"
     compensation_damp: float = 0.01
     score_options: dict = field(default_factory=dict)
 
-    def validate(self) -> None:
+    def resolve(self) -> None:
+        """Check every option and fill in the method's defaults."""
         if not 0.0 < self.ratio < 1.0:
             raise NumpruneError(f"ratio must be between 0 and 1 (exclusive), got {self.ratio}")
-        get_criterion(self.method)
+        method = get_method(self.method)
+        self.allocation = self.allocation or method.allocation
+        self.compensation = self.compensation or method.compensation
         for value, allowed, what in ((self.allocation, ALLOCATIONS, "allocation"), (self.gqa_unit, GQA_UNITS, "GQA unit"),
                                      (self.compensation, compensate.COMPENSATIONS, "compensation"),
                                      (self.compensation_stats, COMPENSATION_STATS, "compensation statistics")):
@@ -64,7 +67,7 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
     fields of PruneOptions. Unless ``inplace``, ``model`` is left untouched (it is copied first).
     """
     opts = PruneOptions(ratio=ratio, **options)
-    opts.validate()
+    opts.resolve()
     adapter = adapter_for(model)
     if tokens is None and (stats is None or opts.compensation_stats == "sequential"):
         raise NumpruneError("calibration tokens are needed" + (" for sequential compensation statistics"
@@ -76,7 +79,7 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
         stats = collect_statistics(model, adapter, tokens, batch_size, progress)
         clock.lap("calibration")
 
-    criterion = get_criterion(opts.method)
+    criterion = get_method(opts.method).criterion
     scores = [criterion(_criterion_inputs(adapter, i, s, ratio), **opts.score_options)
               for i, s in enumerate(tqdm(stats, desc="scoring", unit="layer", disable=not progress))]
     plans = allocate(adapter, scores, ratio, opts.allocation, opts.gqa_unit, opts.round_to)
@@ -123,12 +126,14 @@ def _compensate(adapter: Adapter, plans: list[LayerPlan], stats: list[LayerStats
     layers = adapter.layers()
     for i in tqdm(range(len(layers)), desc="compensating", unit="layer", disable=not progress):
         layer_stats = stats[i] if stream is None else stream.run(layers[i], collect=True, advance=False)
-        keep_attn, keep_mlp = adapter.kept_inputs(i, plans[i])
-        use = opts.compensation != "none"
-        compensate.apply(adapter.attention_output(layers[i]), keep_attn, layer_stats.attention.gram if use else None,
-                         opts.compensation_damp)
-        compensate.apply(adapter.mlp_output(layers[i]), keep_mlp, layer_stats.mlp.gram if use else None,
-                         opts.compensation_damp)
+        kept = adapter.kept_inputs(i, plans[i])
+        outputs = (adapter.attention_output(layers[i]), adapter.mlp_output(layers[i]))
+        for linear, keep, s in zip(outputs, kept, (layer_stats.attention, layer_stats.mlp)):
+            if opts.compensation == "bias":
+                compensate.add_bias(linear, keep, s.mean)
+            else:
+                compensate.apply(linear, keep, s.gram if opts.compensation == "least-squares" else None,
+                                 opts.compensation_damp)
         if stream is not None:
             stream.run(layers[i], collect=False, advance=True)
 

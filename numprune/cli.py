@@ -39,8 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("prune", help="prune a model and save the narrower one")
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--ratio", type=float, required=True, help="fraction of attention+MLP parameters to remove, in (0, 1)")
-    p.add_argument("--method", default="numerical", help="criterion (default: numerical)")
-    p.add_argument("--allocation", default="global", help="global (paper; default) or uniform")
+    p.add_argument("--method", default="numerical", help="numerical (default), flap, wanda-sp, magnitude or random")
+    p.add_argument("--allocation", default=None, help="global or uniform (default: the method's own; numerical "
+                   "and flap: global, the others: uniform)")
     p.add_argument("--gqa-unit", default="query", help="grouped-query attention unit: query (one query head per KV "
                    "group; default) or kv-group (a KV head with all its query heads)")
     p.add_argument("--round-to", type=int, default=1, help="keep each layer's MLP width a multiple of N (default 1)")
@@ -48,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default 0)")
-    p.add_argument("--no-compensate", action="store_true", help="skip the least-squares compensation")
+    p.add_argument("--compensation", default=None, help="least-squares, bias (FLAP's) or none (default: the "
+                   "method's own; numerical: least-squares, flap: bias, the others: none)")
+    p.add_argument("--no-compensate", action="store_true", help="same as --compensation none")
     p.add_argument("--compensation-stats", default="dense", help="dense (default) or sequential: statistics from the "
                    "unpruned model, or re-collected with upstream layers already pruned")
     p.add_argument("--damp", type=float, default=0.01, help="compensation damping, relative to mean diag X^T X")
@@ -88,10 +91,10 @@ def _run_prune(args) -> int:
     from numprune.save import check_output, save_pruned
 
     options = dict(method=args.method, allocation=args.allocation, gqa_unit=args.gqa_unit, round_to=args.round_to,
-                   compensation="none" if args.no_compensate else "least-squares",
+                   compensation="none" if args.no_compensate else args.compensation,
                    compensation_stats=args.compensation_stats, compensation_damp=args.damp,
                    score_options=_score_options(args))
-    PruneOptions(ratio=args.ratio, **options).validate()
+    PruneOptions(ratio=args.ratio, **options).resolve()
     _check_positive(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size)
     check_output(args.out, args.overwrite)
     get_source(args.calib)

@@ -10,13 +10,14 @@ i.e. the kept channels take over what the removed ones contributed, as well as t
 That form needs one solve with the kept block instead of a full inverse, so it is what we compute
 (the test suite checks it against Eq. 11 literally and against a direct least-squares solve).
 Remark 5's damping adds ``damp * mean(diag G)`` to the diagonal (default 0.01, as SparseGPT).
+FLAP's bias compensation (``bias``) and none are the alternatives.
 """
 
 from __future__ import annotations
 
 import torch
 
-COMPENSATIONS = ("least-squares", "none")
+COMPENSATIONS = ("least-squares", "bias", "none")
 
 
 def least_squares(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -42,6 +43,20 @@ def apply(linear: torch.nn.Linear, keep: torch.Tensor, gram: torch.Tensor | None
         new = least_squares(linear.weight, gram, keep, damp) if gram is not None else linear.weight[:, keep].clone()
         linear.weight.zero_()
         linear.weight[:, keep] = new
+
+
+def add_bias(linear: torch.nn.Linear, keep: torch.Tensor, mean: torch.Tensor) -> None:
+    """FLAP's bias compensation: the removed inputs' mean contribution moves into the bias.
+
+    b += W[:, P] E[x_P], then the removed columns are zeroed. Creates the bias if there is none.
+    """
+    with torch.no_grad():
+        pruned = _complement(keep, linear.in_features)
+        shift = (linear.weight[:, pruned].double() @ mean[pruned].double()).to(linear.weight.dtype)
+        if linear.bias is None:
+            linear.bias = torch.nn.Parameter(torch.zeros_like(shift))
+        linear.bias += shift
+        linear.weight[:, pruned] = 0
 
 
 def _complement(keep: torch.Tensor, dim: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ memory is exactly what ``from_pretrained`` will rebuild from the saved folder.
 
 from __future__ import annotations
 
+import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.initialization import no_init_weights
 
@@ -25,7 +26,12 @@ def shrink(adapter: Adapter, plans: list[LayerPlan]) -> PreTrainedModel:
     dtype = next(model.parameters()).dtype
     with no_init_weights():
         shrunk = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    shrunk.load_state_dict(state, strict=True)
+    missing, unexpected = shrunk.load_state_dict(state, strict=False)
+    if unexpected or any(not name.endswith(".bias") for name in missing):
+        raise RuntimeError(f"pruned state dict does not fit the pruned config: {missing + unexpected}")
+    with torch.no_grad():  # biases the config adds beside compensated ones (e.g. q/k/v beside o_proj) start at 0
+        for name in missing:
+            shrunk.get_parameter(name).zero_()
     shrunk.tie_weights()
     if getattr(model, "generation_config", None) is not None:
         shrunk.generation_config = model.generation_config

@@ -10,7 +10,7 @@ from numprune.adapters import adapter_for
 from numprune.allocate import allocate
 from numprune.api import _compensate, _criterion_inputs, PruneOptions, prune
 from numprune.calibrate import collect_statistics
-from numprune.criteria import get_criterion
+from numprune.criteria import get_method
 from numprune.errors import NumpruneError
 from numprune.shrink import shrink
 
@@ -37,9 +37,10 @@ def test_statistics_equal_a_brute_force_pass(tokens):
 def stages(model, tokens, ratio=0.3, **options):
     """Run the stages by hand, returning the masked (compensated) model and the shrunk one."""
     opts = PruneOptions(ratio=ratio, **options)
+    opts.resolve()
     adapter = adapter_for(model)
     stats = collect_statistics(model, adapter, tokens, batch_size=4, progress=False)
-    criterion = get_criterion(opts.method)
+    criterion = get_method(opts.method).criterion
     scores = [criterion(_criterion_inputs(adapter, i, s, ratio)) for i, s in enumerate(stats)]
     plans = allocate(adapter, scores, ratio, opts.allocation, opts.gqa_unit, opts.round_to)
     masked = copy.deepcopy(model)

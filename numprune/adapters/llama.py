@@ -68,6 +68,10 @@ class LlamaAdapter(Adapter):
                 if k not in ("model_type", "architectures", "transformers_version", "layer_num_attention_heads",
                              "layer_num_key_value_heads", "layer_intermediate_sizes", "quantization_config")}
         base["head_dim"] = self.attention_layout(0).head_dim
+        layers = self.layers()
+        # A bias compensation gives o_proj / down_proj a bias; LLaMA configs switch biases per block.
+        base["attention_bias"] = any(layer.self_attn.o_proj.bias is not None for layer in layers)
+        base["mlp_bias"] = any(layer.mlp.down_proj.bias is not None for layer in layers)
         heads = [len(p.heads) for p in plans]
         kv_heads = [len(p.kv_heads) for p in plans]
         widths = [len(p.channels) for p in plans]

@@ -35,16 +35,31 @@ class LayerScores:
 Criterion = Callable[..., LayerScores]
 
 
-def criteria() -> dict[str, Criterion]:
-    from numprune.criteria import numerical
+@dataclass(frozen=True)
+class Method:
+    """A criterion with the allocation and compensation its own paper uses (the defaults)."""
 
-    return {"numerical": numerical.score}
+    criterion: Criterion
+    allocation: str
+    compensation: str
 
 
-def get_criterion(name: str) -> Criterion:
+def methods() -> dict[str, Method]:
+    from numprune.criteria import flap, magnitude, numerical, random, wanda_sp
+
+    return {
+        "numerical": Method(numerical.score, "global", "least-squares"),
+        "flap": Method(flap.score, "global", "bias"),
+        "wanda-sp": Method(wanda_sp.score, "uniform", "none"),
+        "magnitude": Method(magnitude.score, "uniform", "none"),
+        "random": Method(random.score, "uniform", "none"),
+    }
+
+
+def get_method(name: str) -> Method:
     from numprune.errors import NumpruneError
 
-    table = criteria()
+    table = methods()
     if name not in table:
-        raise NumpruneError(f"unknown method {name!r}; available: {', '.join(sorted(table))}")
+        raise NumpruneError(f"unknown method {name!r}; available: {', '.join(table)}")
     return table[name]
