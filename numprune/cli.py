@@ -45,10 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gqa-unit", default="query", help="grouped-query attention unit: query (one query head per KV "
                    "group; default) or kv-group (a KV head with all its query heads)")
     p.add_argument("--round-to", type=int, default=1, help="keep each layer's MLP width a multiple of N (default 1)")
-    p.add_argument("--calib", default="sotu", help=f"calibration data: {DATA_HELP} (default: sotu, addresses before 2000)")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default 0)")
+    _add_calibration_options(p)
     p.add_argument("--compensation", default=None, help="least-squares, bias (FLAP's) or none (default: the "
                    "method's own; numerical: least-squares, flap: bias, the others: none)")
     p.add_argument("--no-compensate", action="store_true", help="same as --compensation none")
@@ -58,18 +55,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--score-damp", type=float, default=0.01, help="Newton score damping, relative to mean diag A")
     p.add_argument("--lambda-rel", type=float, default=1.0, help="Newton penalty lambda relative to tr(A)/D")
     p.add_argument("--iterations", type=int, default=50, help="maximum Newton iterations (default 50)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    _add_eval_options(p, "--eval", None, "also measure dense and pruned perplexity on these (comma-separated)")
+    _add_eval_options(p, ("--eval", "--eval-seqlen", "--eval-windows"), None,
+                      "also measure dense and pruned perplexity on these (comma-separated)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_prune)
 
     p = commands.add_parser("ppl", help="perplexity of a model")
     p.add_argument("--model", default=None, help=model_help)
-    _add_eval_options(p, "--data", "sotu", "evaluation data (comma-separated)")
+    _add_eval_options(p, ("--data", "--seqlen", "--max-windows"), "sotu", "evaluation data (comma-separated)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_ppl)
+
+    p = commands.add_parser("compare", help="methods x ratios x evaluation sets, calibrated once")
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--methods", default="numerical,flap,wanda-sp,magnitude",
+                   help="comma-separated; each a method with optional overrides, e.g. numerical:compensation=none")
+    p.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5", help="comma-separated pruning ratios")
+    _add_calibration_options(p)
+    _add_eval_options(p, ("--data", "--eval-seqlen", "--eval-windows"), "sotu,moby-dick",
+                      "evaluation data (comma-separated)")
+    p.add_argument("--out", required=True, help="output folder for results.json/.csv/.md and perplexity.png")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_compare)
 
     p = commands.add_parser("info", help="parameters and per-layer heads and channels of a model")
     p.add_argument("--model", default=None, help=model_help)
@@ -77,12 +87,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_eval_options(p: argparse.ArgumentParser, flag: str, default: str | None, text: str) -> None:
-    p.add_argument(flag, dest="eval_data", default=default, help=f"{text}: {DATA_HELP}")
-    p.add_argument("--eval-seqlen" if flag == "--eval" else "--seqlen", dest="eval_seqlen", type=int, default=2048,
-                   help="perplexity window length (default 2048)")
-    p.add_argument("--eval-windows" if flag == "--eval" else "--max-windows", dest="eval_windows", type=int,
-                   default=None, help="at most this many non-overlapping windows (default: all)")
+def _add_eval_options(p: argparse.ArgumentParser, flags: tuple[str, str, str], default: str | None, text: str) -> None:
+    data, seqlen, windows = flags
+    p.add_argument(data, dest="eval_data", default=default, help=f"{text}: {DATA_HELP}")
+    p.add_argument(seqlen, dest="eval_seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
+    p.add_argument(windows, dest="eval_windows", type=int, default=None,
+                   help="at most this many non-overlapping windows (default: all)")
+
+
+def _add_calibration_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="sotu", help=f"calibration data: {DATA_HELP} (default: sotu, addresses before 2000)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="calibration window length in tokens (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows and for the random "
+                   "method (default 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
 
 
 def _run_prune(args) -> int:
@@ -114,6 +133,46 @@ def _run_prune(args) -> int:
     out = save_pruned(pruned, tokenizer, report, args.out, args.overwrite)
     _print_prune_summary(report, out)
     return 0
+
+
+def _run_compare(args) -> int:
+    from numprune import compare
+    from numprune.data.corpora import calibration_windows, get_source
+    from numprune.save import check_output
+
+    methods = [m for m in args.methods.split(",") if m.strip()]
+    for entry in methods:
+        compare.parse_method(entry)
+    ratios = _ratios(args.ratios)
+    _check_positive(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size)
+    check_output(args.out, args.overwrite)
+    get_source(args.calib)
+    specs = _eval_specs(args)
+    model, tokenizer, source = _load(args.model)
+    tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    eval_sets = {spec: _eval_windows(tokenizer, spec, args) for spec in specs}
+    results = compare.run_grid(model, tokens, methods, ratios, eval_sets, calibration_info=calib_info,
+                               batch_size=args.batch_size, progress=not args.quiet)
+    results["model"] = source
+    out = compare.write(results, args.out, args.overwrite)
+    print(compare.markdown(results))
+    print(f"calibration {results['calibration_s']:.0f}s once for {len(methods) * len(ratios)} runs "
+          f"(saved about {results['calibration_saved_s']:.0f}s); whole sweep {results['sweep_s']:.0f}s")
+    print(f"saved: {out}/results.json, results.csv, results.md, perplexity.png")
+    return 0
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        ratios = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise NumpruneError(f"--ratios must be comma-separated numbers, got {text!r}") from None
+    for ratio in ratios:
+        if not 0.0 < ratio < 1.0:
+            raise NumpruneError(f"ratio must be between 0 and 1 (exclusive), got {ratio}")
+    if not ratios:
+        raise NumpruneError("--ratios is empty")
+    return ratios
 
 
 def _run_ppl(args) -> int:
@@ -180,7 +239,10 @@ def _ppl(model, windows, args) -> float:
 
 
 def _score_options(args) -> dict:
-    return {"lambda_rel": args.lambda_rel, "damp": args.score_damp, "iterations": args.iterations}
+    """The criterion's own options: Newton's for numerical, the seed for random, none for the others."""
+    if args.method == "numerical":
+        return {"lambda_rel": args.lambda_rel, "damp": args.score_damp, "iterations": args.iterations}
+    return {"seed": args.seed} if args.method == "random" else {}
 
 
 def _check_positive(**values) -> None:

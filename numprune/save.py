@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from numprune.errors import NumpruneError
@@ -30,16 +32,14 @@ def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-def save_pruned(model, tokenizer, report: dict, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``model`` (safetensors), its tokenizer and the report to ``out`` atomically."""
+@contextmanager
+def atomic_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out`` that becomes ``out`` only if the block completes."""
     out = check_output(out, overwrite)
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        yield tmp
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
             out.rename(old / "x")
@@ -50,4 +50,13 @@ def save_pruned(model, tokenizer, report: dict, out: str | os.PathLike, overwrit
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def save_pruned(model, tokenizer, report: dict, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``model`` (safetensors), its tokenizer and the report to ``out`` atomically."""
+    with atomic_folder(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return Path(out)

@@ -120,3 +120,28 @@ def test_interrupted_run_leaves_no_output(tiny_folder, tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode != 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_writes_tables_and_a_plot_and_repeats_exactly(tiny_folder, tmp_path, capsys):
+    args = ["compare", "--model", str(tiny_folder), "--methods", "numerical,flap,numerical:compensation=none",
+            "--ratios", "0.2,0.4", "--nsamples", "4", "--seqlen", "32", "--data", "moby-dick,sotu",
+            "--eval-seqlen", "32", "--eval-windows", "2", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert [r["ppl"] for r in a["rows"]] == [r["ppl"] for r in b["rows"]]
+    assert [r["method"] for r in a["rows"]] == ["dense"] + ["numerical"] * 2 + ["flap"] * 2 + [
+        "numerical:compensation=none"] * 2
+    assert a["rows"][-1]["options"]["compensation"] == "none"
+    assert a["calibration"]["tokens"] == 4 * 32 and a["evaluation"]["sotu"]["windows"] == 2
+    assert (tmp_path / "a" / "perplexity.png").stat().st_size > 1000
+    assert (tmp_path / "a" / "results.csv").read_text().count("\n") == 8
+    assert "| numerical | 20% |" in (tmp_path / "a" / "results.md").read_text()
+
+
+def test_compare_rejects_bad_method_options(tiny_folder, tmp_path, capsys):
+    status = main(["compare", "--model", str(tiny_folder), "--methods", "numerical:colour=red", "--out",
+                   str(tmp_path / "x")])
+    assert status == 2 and "bad method option" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
