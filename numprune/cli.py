@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("prune", help="prune a model and save the narrower one")
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--ratio", type=float, required=True, help="fraction of attention+MLP parameters to remove, in (0, 1)")
-    p.add_argument("--method", default="numerical", help="numerical (default), flap, wanda-sp, magnitude or random")
+    p.add_argument("--method", default="numerical", help="numerical (default; the paper's), numerical-unit (one "
+                   "Newton variable per head), flap, wanda-sp, magnitude or random")
     p.add_argument("--allocation", default=None, help="global or uniform (default: the method's own; numerical "
                    "and flap: global, the others: uniform)")
     p.add_argument("--gqa-unit", default="query", help="grouped-query attention unit: query (one query head per KV "
@@ -240,7 +241,7 @@ def _ppl(model, windows, args) -> float:
 
 def _score_options(args) -> dict:
     """The criterion's own options: Newton's for numerical, the seed for random, none for the others."""
-    if args.method == "numerical":
+    if args.method.startswith("numerical"):
         return {"lambda_rel": args.lambda_rel, "damp": args.score_damp, "iterations": args.iterations}
     return {"seed": args.seed} if args.method == "random" else {}
 

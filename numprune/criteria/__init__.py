@@ -49,6 +49,7 @@ def methods() -> dict[str, Method]:
 
     return {
         "numerical": Method(numerical.score, "global", "least-squares"),
+        "numerical-unit": Method(numerical.unit_score, "global", "least-squares"),
         "flap": Method(flap.score, "global", "bias"),
         "wanda-sp": Method(wanda_sp.score, "uniform", "none"),
         "magnitude": Method(magnitude.score, "uniform", "none"),

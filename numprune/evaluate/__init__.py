@@ -1,0 +1,5 @@
+"""Perplexity evaluation."""
+
+from numprune.evaluate.perplexity import perplexity
+
+__all__ = ["perplexity"]
