@@ -85,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("info", help="parameters and per-layer heads and channels of a model")
     p.add_argument("--model", default=None, help=model_help)
     p.set_defaults(run=_run_info)
+
+    from numprune.bench import add_bench_parser
+
+    add_bench_parser(commands)
     return parser
 
 

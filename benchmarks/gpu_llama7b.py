@@ -1,0 +1,133 @@
+"""Speed and memory of a LLaMA-7B-shaped model pruned 0-50%, beside the paper's figure 5.
+
+Speed depends only on shapes, so the weights are random and the plans uniform: every layer keeps
+its first heads and MLP channels. Protocol as in the paper: fp16, batch 1, a 64-token prompt and
+128 generated tokens. ``--small`` runs a small LLaMA shape on the CPU in well under a minute, to
+check the script without a GPU.
+
+    python benchmarks/gpu_llama7b.py --json llama7b.json
+    python benchmarks/gpu_llama7b.py --small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.initialization import no_init_weights
+
+from numprune.adapters import LayerPlan, adapter_for
+from numprune.api import _parameter_counts
+from numprune.bench import measure
+from numprune.shrink import shrink
+
+LLAMA_7B = dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096,
+                intermediate_size=11008, vocab_size=32000)
+SMALL = dict(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, hidden_size=512,
+             intermediate_size=1376, vocab_size=32000)
+RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+# Figure 5 of the paper (LLaMA-7B, fp16, batch 1), read off the plot at the ratios above.
+PAPER_MEMORY_GB = (12.6, 11.0, 9.5, 8.7, 7.5, 6.1)
+PAPER_TOKENS_PER_S = (26, 28, 33, 36, 40, 45)
+CHANNEL_MULTIPLE = 64
+
+
+def build_model(shape: dict, device: str, dtype: torch.dtype):
+    """A random LLaMA model allocated directly on ``device``: no slow CPU init, no second copy."""
+    config = LlamaConfig(**shape)
+    with torch.device(device), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for p in model.parameters():  # no_init_weights leaves them uninitialised
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+            else:
+                p.fill_(1.0)  # RMSNorm scales
+    return model.eval()
+
+
+def uniform_plans(adapter, ratio: float) -> list[LayerPlan]:
+    """Keep the first heads (whole KV groups) and channels in every layer, removing about ``ratio`` of them.
+
+    Heads are rounded to whole KV groups first; the MLP channels then make up the rest of the
+    target, rounded to a multiple of 64 as fast kernels like.
+    """
+    plans = []
+    for i in range(adapter.num_layers()):
+        layout, costs, width = adapter.attention_layout(i), adapter.unit_costs(i), adapter.mlp_width(i)
+        kv_heads = max(1, round((1 - ratio) * layout.num_kv_heads))
+        heads = kv_heads * layout.group_size
+        attention = heads * costs.query_head + kv_heads * costs.kv_head
+        channels = ((1 - ratio) * adapter.prunable_parameters(i) - attention) / costs.channel
+        channels = min(width, max(CHANNEL_MULTIPLE, CHANNEL_MULTIPLE * round(channels / CHANNEL_MULTIPLE)))
+        plans.append(LayerPlan(tuple(range(heads)), tuple(range(kv_heads)), tuple(range(channels))))
+    return plans
+
+
+def removed_fraction(dense, pruned) -> float:
+    """Fraction of attention+MLP parameters removed (the ratio's definition)."""
+    before, after = (_parameter_counts(adapter_for(m))["attention_mlp"] for m in (dense, pruned))
+    return 1 - after / before
+
+
+def run(shape: dict, device: str, dtype: torch.dtype, **measure_options) -> list[dict]:
+    dense = build_model(shape, device, dtype)
+    adapter = adapter_for(dense)
+    rows = []
+    for ratio, paper_gb, paper_speed in zip(RATIOS, PAPER_MEMORY_GB, PAPER_TOKENS_PER_S):
+        with torch.device(device):  # the narrower copy is built on the device too
+            model = shrink(adapter, uniform_plans(adapter, ratio)) if ratio else dense
+        result = measure(model, **measure_options)
+        rows.append({"target_ratio": ratio, "achieved_ratio": removed_fraction(dense, model),
+                     "parameters": sum(p.numel() for p in model.parameters()), **result,
+                     "paper": {"memory_gb": paper_gb, "tokens_per_s": paper_speed}})
+        print(f"ratio {ratio:.0%}: {result['decode']['tokens_per_s']:.1f} tokens/s", flush=True)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: measured speed and memory and their ratios to dense, beside the paper's."""
+    dense, paper_dense = rows[0], rows[0]["paper"]
+    lines = ["| ratio | achieved | params | tokens/s (median [min-max]) | speed-up | paper tokens/s | paper speed-up "
+             "| peak GiB | memory ratio | paper GB | paper memory ratio |", "|" + "---|" * 11]
+    for r in rows:
+        d, paper = r["decode"], r["paper"]
+        lines.append(
+            f"| {r['target_ratio']:.0%} | {r['achieved_ratio']:.1%} | {r['parameters'] / 1e9:.2f}B "
+            f"| {d['tokens_per_s']:.1f} [{d['tokens_per_s_min']:.1f}-{d['tokens_per_s_max']:.1f}] "
+            f"| {d['tokens_per_s'] / dense['decode']['tokens_per_s']:.2f}x | {paper['tokens_per_s']} "
+            f"| {paper['tokens_per_s'] / paper_dense['tokens_per_s']:.2f}x | {r['model_peak_bytes'] / 2**30:.2f} "
+            f"| {r['model_peak_bytes'] / dense['model_peak_bytes']:.2f} | {paper['memory_gb']} "
+            f"| {paper['memory_gb'] / paper_dense['memory_gb']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="a small LLaMA shape in float32 on the CPU")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.small:
+        shape, device, dtype = SMALL, "cpu", torch.float32
+    elif torch.cuda.is_available():
+        shape, device, dtype = LLAMA_7B, "cuda", torch.float16
+    else:
+        parser.error("the LLaMA-7B run needs a CUDA GPU; use --small on the CPU")
+    rows = run(shape, device, dtype, batch_size=1, prompt_len=64, new_tokens=128)
+    p = rows[0]["protocol"]
+    print(f"\n{p['device']}, {p['dtype']}, batch {p['batch_size']}, {p['prompt_len']}-token prompt, "
+          f"{p['new_tokens']} new tokens, {p['warmup']} warm-up + {p['repeats']} timed runs; "
+          "peak = weights + growth during generation; paper: LLaMA-7B, fp16, batch 1\n")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"shape": shape, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Inference speed and memory of dense and pruned models: the measurements behind "pruning makes it faster".
+
+Generation is a hand-written greedy loop rather than ``generate`` so that prefill (the whole prompt
+in one forward pass) and decode (one token per step, reading the KV cache) are timed apart: removing
+heads and channels helps them differently, and decode is what a user waits on.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from numprune.errors import NumpruneError
+from numprune.save import REPORT_NAME
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MiB = 2**20
+
+
+def measure(model, *, batch_size: int = 1, prompt_len: int = 64, new_tokens: int = 128, warmup: int = 1,
+            repeats: int = 3, seed: int = 0) -> dict:
+    """Prefill and decode throughput, latency and memory of greedy generation from a random prompt.
+
+    ``warmup`` untimed runs first (kernel selection, allocator growth), then ``repeats`` timed
+    ones; throughput is reported as median, min and max so that noise is visible. Memory is what
+    the process holds, before and at its peak over all runs: CUDA allocated bytes on a GPU,
+    resident set size on the CPU (sampled every ~2 ms by a thread; approximate, as the allocator
+    may keep memory freed earlier). ``model_peak_bytes``, this model's weights plus the growth
+    during generation, leaves out other models the process holds, so it is the one to compare.
+    """
+    device = next(model.parameters()).device
+    prompt = torch.randint(0, model.get_input_embeddings().num_embeddings, (batch_size, prompt_len),
+                           generator=torch.Generator().manual_seed(seed)).to(device)
+    with _PeakMemory(device) as memory:  # from before the warm-up: its allocations are the run's too
+        for _ in range(warmup):
+            _generate(model, prompt, new_tokens)
+        runs = [_generate(model, prompt, new_tokens) for _ in range(repeats)]
+    prefill_s = [r[0] for r in runs]
+    decode_s = [r[1] for r in runs]
+    weight_bytes = _weight_bytes(model)
+    return {
+        "protocol": {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "warmup": warmup,
+                     "repeats": repeats, "seed": seed, "device": _device_name(device),
+                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                     "torch_threads": torch.get_num_threads()},
+        "prefill": {**_throughput(batch_size * prompt_len, prefill_s), "latency_s": statistics.median(prefill_s)},
+        "decode": {**_throughput(batch_size * new_tokens, decode_s),
+                   "ms_per_token": 1000 * statistics.median(decode_s) / new_tokens},
+        "weight_bytes": weight_bytes,
+        "kv_cache_bytes": runs[-1][2],
+        "memory_kind": memory.kind,
+        "memory_before_bytes": memory.before,
+        "memory_peak_bytes": memory.peak,
+        "model_peak_bytes": weight_bytes + memory.peak - memory.before,
+    }
+
+
+@torch.inference_mode()
+def _generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, int]:
+    """Seconds for prefill and for ``new_tokens`` decode steps, and the bytes of the final KV cache.
+
+    Only the cache's size is returned: holding the cache itself would add to the next run's peak.
+    """
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = model(prompt, use_cache=True, logits_to_keep=1)  # like generate: only the last position's logits
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    sync()
+    prefilled = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(token, cache=out.cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    sync()
+    decoded = time.perf_counter()
+    cache_bytes = sum(t.numel() * t.element_size() for layer in out.cache.layers for t in (layer.keys, layer.values))
+    return prefilled - start, decoded - prefilled, cache_bytes
+
+
+def _throughput(tokens: int, seconds: list[float]) -> dict:
+    rates = [tokens / s for s in seconds]
+    return {"tokens_per_s": statistics.median(rates), "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates)}
+
+
+def _weight_bytes(model) -> int:
+    """Parameters and persistent buffers, each tied tensor once (the state dict repeats tied weights)."""
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def _device_name(device: torch.device) -> str:
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
+
+
+class _PeakMemory:
+    """Memory before and at its peak within the block: CUDA allocator statistics, or sampled RSS on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_allocated" if device.type == "cuda" else "rss"
+        self._process = psutil.Process()
+        self._done = threading.Event()
+
+    def __enter__(self):
+        if self.kind == "cuda_allocated":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+        else:
+            self.before = self.peak = self._process.memory_info().rss
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.002):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __exit__(self, *_):
+        if self.kind == "cuda_allocated":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._done.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def pruning_ratio(spec: str | None) -> float:
+    """The achieved ratio recorded in a pruned folder's report; 0.0 for anything without one (a dense model)."""
+    report = Path(spec).expanduser() / REPORT_NAME if spec else None
+    if report is None or not report.is_file():
+        return 0.0
+    return json.loads(report.read_text())["parameters"]["achieved_ratio"]
+
+
+def bench(models, batch_sizes=(1, 8), ratios=None, **measure_options) -> dict:
+    """Measure each ``(name, model)`` at each batch size, with ratios relative to the first (the dense reference).
+
+    ``models`` is iterated once, so it may be a generator that loads each model when its turn
+    comes: with ``del`` below, only one model is held at a time. ``ratios`` are the models'
+    pruning ratios where known (``pruning_ratio`` reads a saved folder's).
+    """
+    runs, reference = [], {}
+    for index, (name, model) in enumerate(models):
+        parameters = sum(p.numel() for p in model.parameters())
+        for batch_size in batch_sizes:
+            run = {"model": name, "ratio": ratios[index] if ratios else None, "parameters": parameters,
+                   **measure(model, batch_size=batch_size, **measure_options)}
+            ref = reference.setdefault(batch_size, run)
+            run["vs_reference"] = {
+                "prefill_speedup": run["prefill"]["tokens_per_s"] / ref["prefill"]["tokens_per_s"],
+                "decode_speedup": run["decode"]["tokens_per_s"] / ref["decode"]["tokens_per_s"],
+                "weight_ratio": run["weight_bytes"] / ref["weight_bytes"],
+                "kv_cache_ratio": run["kv_cache_bytes"] / ref["kv_cache_bytes"],
+                "peak_ratio": run["model_peak_bytes"] / ref["model_peak_bytes"],
+            }
+            runs.append(run)
+        del model  # free it before a lazily loaded next model arrives
+    return {"reference": runs[0]["model"] if runs else None, "runs": runs}
+
+
+def format_table(results: dict) -> str:
+    """A markdown table, one row per model and batch size."""
+    columns = ("model", "ratio", "params", "batch", "prefill tok/s", "decode tok/s (median [min-max])",
+               "decode ms/token", "weight MiB", "KV MiB", "peak MiB", "decode speed-up", "weight ratio")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in results["runs"]:
+        decode, vs = r["decode"], r["vs_reference"]
+        cells = (r["model"], "?" if r["ratio"] is None else f"{r['ratio']:.1%}", f"{r['parameters'] / 1e6:.2f}M",
+                 r["protocol"]["batch_size"], f"{r['prefill']['tokens_per_s']:.1f}",
+                 f"{decode['tokens_per_s']:.1f} [{decode['tokens_per_s_min']:.1f}-{decode['tokens_per_s_max']:.1f}]",
+                 f"{decode['ms_per_token']:.2f}", f"{r['weight_bytes'] / MiB:.1f}", f"{r['kv_cache_bytes'] / MiB:.2f}",
+                 f"{r['model_peak_bytes'] / MiB:.1f}", f"{vs['decode_speedup']:.2f}x", f"{vs['weight_ratio']:.2f}")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path) -> None:
+    """Decode throughput and memory against pruning ratio, one line per batch size (the paper's figure 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    if any(r["ratio"] is None for r in runs):
+        raise NumpruneError("plotting needs every model's pruning ratio")
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
+    for batch_size in sorted({r["protocol"]["batch_size"] for r in runs}):
+        points = sorted((r for r in runs if r["protocol"]["batch_size"] == batch_size), key=lambda r: r["ratio"])
+        ratios = [100 * r["ratio"] for r in points]
+        speed.plot(ratios, [r["decode"]["tokens_per_s"] for r in points], "o-", label=f"batch {batch_size}")
+        memory.plot(ratios, [r["model_peak_bytes"] / MiB for r in points], "o-", label=f"peak, batch {batch_size}")
+    points = sorted({(r["ratio"], r["weight_bytes"]) for r in runs})
+    memory.plot([100 * p[0] for p in points], [p[1] / MiB for p in points], "k--", label="weights")
+    protocol = runs[0]["protocol"]
+    for ax, ylabel in ((speed, "decode tokens/s"), (memory, "memory (MiB)")):
+        ax.set_xlabel("pruning ratio (%)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{protocol['device']}, {protocol['dtype']}: {protocol['prompt_len']}-token prompt, "
+                 f"{protocol['new_tokens']} new tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_bench_parser(commands) -> None:
+    """The ``bench`` subcommand."""
+    p = commands.add_parser("bench", help="prefill/decode speed and memory of dense and pruned models")
+    p.add_argument("--model", action="append", default=None,
+                   help="model: 'smollm2' (embedded default), a local folder, or a hub id; repeat to compare, "
+                   "the first is the reference")
+    p.add_argument("--batch", default="1,8", help="batch sizes, comma-separated (default 1,8)")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default 64)")
+    p.add_argument("--new-tokens", type=int, default=128, help="decode steps (default 128)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs (default 3)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="default float32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--plot", default=None, help="also plot speed and memory against pruning ratio to this PNG")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args) -> int:
+    from numprune.cli import _check_positive
+    from numprune.models import load_model
+
+    batch_sizes = _batch_sizes(args.batch)
+    _check_positive(prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+                    **({"threads": args.threads} if args.threads is not None else {}))
+    if args.warmup < 0:
+        raise NumpruneError(f"--warmup must be zero or more, got {args.warmup}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise NumpruneError("--device cuda asked for, but torch sees no CUDA GPU")
+    for path in (args.json, args.plot):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise NumpruneError(f"no folder to write {path} into")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = args.model or [None]
+    # Loaded lazily, one at a time, so that each model's memory is measured without the others.
+    models = ((spec or "smollm2", load_model(spec, DTYPES[args.dtype])[0].to(args.device)) for spec in specs)
+    results = bench(models, batch_sizes, ratios=[pruning_ratio(spec) for spec in specs],
+                    prompt_len=args.prompt_len, new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats)
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise NumpruneError(f"--batch must be a comma-separated list of positive integers, got {text!r}")
+    return sizes
