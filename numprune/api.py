@@ -33,7 +33,7 @@ class PruneOptions:
     round_to: int = 1
     compensation: str | None = None  # None: the method's own
     compensation_stats: str = "dense"
-    compensation_damp: float = 0.01
+    compensation_damp: float | None = None  # None: the method's own
     score_options: dict = field(default_factory=dict)
 
     def resolve(self) -> None:
@@ -43,6 +43,8 @@ class PruneOptions:
         method = get_method(self.method)
         self.allocation = self.allocation or method.allocation
         self.compensation = self.compensation or method.compensation
+        if self.compensation_damp is None:
+            self.compensation_damp = method.compensation_damp
         for value, allowed, what in ((self.allocation, ALLOCATIONS, "allocation"), (self.gqa_unit, GQA_UNITS, "GQA unit"),
                                      (self.compensation, compensate.COMPENSATIONS, "compensation"),
                                      (self.compensation_stats, COMPENSATION_STATS, "compensation statistics")):

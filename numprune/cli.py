@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compensate", action="store_true", help="same as --compensation none")
     p.add_argument("--compensation-stats", default="dense", help="dense (default) or sequential: statistics from the "
                    "unpruned model, or re-collected with upstream layers already pruned")
-    p.add_argument("--damp", type=float, default=0.01, help="compensation damping, relative to mean diag X^T X")
+    p.add_argument("--damp", type=float, default=None, help="least-squares damping, relative to mean diag X^T X "
+                   "(default: the method's own, 0.01 for numerical)")
     p.add_argument("--score-damp", type=float, default=0.01, help="Newton score damping, relative to mean diag A")
     p.add_argument("--lambda-rel", type=float, default=1.0, help="Newton penalty lambda relative to tr(A)/D")
     p.add_argument("--iterations", type=int, default=50, help="maximum Newton iterations (default 50)")
@@ -111,22 +112,14 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
 
 def _run_prune(args) -> int:
     from numprune.api import PruneOptions, prune
-    from numprune.data.corpora import calibration_windows, get_source
-    from numprune.save import check_output, save_pruned
+    from numprune.save import save_pruned
 
     options = dict(method=args.method, allocation=args.allocation, gqa_unit=args.gqa_unit, round_to=args.round_to,
                    compensation="none" if args.no_compensate else args.compensation,
                    compensation_stats=args.compensation_stats, compensation_damp=args.damp,
                    score_options=_score_options(args))
     PruneOptions(ratio=args.ratio, **options).resolve()
-    _check_positive(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size)
-    check_output(args.out, args.overwrite)
-    get_source(args.calib)
-    eval_specs = _eval_specs(args)
-    model, tokenizer, source = _load(args.model)
-
-    tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-    eval_sets = {spec: _eval_windows(tokenizer, spec, args) for spec in eval_specs}
+    model, tokenizer, source, tokens, calib_info, eval_sets = _prepare(args)
     dense_ppl = {spec: _ppl(model, w, args) for spec, (w, _) in eval_sets.items()}
     pruned, report = prune(model, tokens, ratio=args.ratio, batch_size=args.batch_size, progress=not args.quiet,
                            calibration_info=calib_info, **options)
@@ -142,20 +135,12 @@ def _run_prune(args) -> int:
 
 def _run_compare(args) -> int:
     from numprune import compare
-    from numprune.data.corpora import calibration_windows, get_source
-    from numprune.save import check_output
 
     methods = [m for m in args.methods.split(",") if m.strip()]
     for entry in methods:
         compare.parse_method(entry)
     ratios = _ratios(args.ratios)
-    _check_positive(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size)
-    check_output(args.out, args.overwrite)
-    get_source(args.calib)
-    specs = _eval_specs(args)
-    model, tokenizer, source = _load(args.model)
-    tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-    eval_sets = {spec: _eval_windows(tokenizer, spec, args) for spec in specs}
+    model, _, source, tokens, calib_info, eval_sets = _prepare(args)
     results = compare.run_grid(model, tokens, methods, ratios, eval_sets, calibration_info=calib_info,
                                batch_size=args.batch_size, progress=not args.quiet)
     results["model"] = source
@@ -165,6 +150,21 @@ def _run_compare(args) -> int:
           f"(saved about {results['calibration_saved_s']:.0f}s); whole sweep {results['sweep_s']:.0f}s")
     print(f"saved: {out}/results.json, results.csv, results.md, perplexity.png")
     return 0
+
+
+def _prepare(args):
+    """Check everything cheap first, then load the model and draw calibration and evaluation windows."""
+    from numprune.data.corpora import calibration_windows, get_source
+    from numprune.save import check_output
+
+    _check_positive(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size)
+    check_output(args.out, args.overwrite)
+    get_source(args.calib)
+    specs = _eval_specs(args)
+    model, tokenizer, source = _load(args.model)
+    tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    eval_sets = {spec: _eval_windows(tokenizer, spec, args) for spec in specs}
+    return model, tokenizer, source, tokens, calib_info, eval_sets
 
 
 def _ratios(text: str) -> list[float]:

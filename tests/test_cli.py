@@ -114,7 +114,7 @@ def test_interrupted_run_leaves_no_output(tiny_folder, tmp_path):
                              "--nsamples", "1500", "--seqlen", "64", "--batch-size", "1", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and "calibrating" not in (line := proc.stderr.readline()):
+    while time.time() < deadline and "calibrating" not in proc.stderr.readline():
         pass
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)

@@ -42,6 +42,7 @@ class Method:
     criterion: Criterion
     allocation: str
     compensation: str
+    compensation_damp: float = 0.01
 
 
 def methods() -> dict[str, Method]:
