@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,12 +55,12 @@ class PruneOptions:
             raise NumpruneError("compensation damping must be >= 0")
 
 
-def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, progress: bool = True) -> list[LayerStats]:
+def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, progress: bool = True) -> Sequence[LayerStats]:
     """Statistics of every layer on the dense model; reusable for several ratios and methods."""
     return collect_statistics(model, adapter_for(model), tokens, batch_size, progress)
 
 
-def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float, stats: list[LayerStats] | None = None,
+def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float, stats: Sequence[LayerStats] | None = None,
           inplace: bool = False, batch_size: int = 8, progress: bool = True, calibration_info: dict | None = None,
           **options) -> tuple[nn.Module, dict]:
     """Prune ``model`` and return the narrower model and its report.
@@ -116,7 +117,7 @@ def _criterion_inputs(adapter: Adapter, i: int, stats: LayerStats, ratio: float)
                            adapter.mlp_output(layer).weight.detach(), adapter.attention_layout(i), ratio)
 
 
-def _compensate(adapter: Adapter, plans: list[LayerPlan], stats: list[LayerStats], tokens, opts: PruneOptions,
+def _compensate(adapter: Adapter, plans: list[LayerPlan], stats: Sequence[LayerStats], tokens, opts: PruneOptions,
                 batch_size: int, progress: bool) -> None:
     """Mask (and, unless disabled, refit) every layer's output projections in place.
 

@@ -1,7 +1,8 @@
 """Layer-by-layer calibration: stream tokens through one decoder layer at a time.
 
 The inputs of the first decoder layer are captured once; from then on only one layer's activations
-are alive. While a layer runs, forward hooks on its two output projections accumulate what every
+are alive, and each layer's statistics go to a temporary folder as soon as they are complete
+(StatsStore), so memory does not grow with the number of layers. While a layer runs, forward hooks on its two output projections accumulate what every
 criterion and the compensation need: the Gram matrix X^T X and the sum of the inputs, in float64
 (each batch's product is formed in float32 over a few thousand tokens, then added in float64, so
 sums over hundreds of thousands of tokens keep their precision).
@@ -9,11 +10,16 @@ sums over hundreds of thousands of tokens keep their precision).
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from numprune.adapters import Adapter
@@ -56,6 +62,36 @@ class InputStats:
 class LayerStats:
     attention: InputStats  # inputs of the attention output projection: the heads' channels
     mlp: InputStats  # inputs of the MLP output projection: the intermediate channels
+
+
+class StatsStore(Sequence):
+    """Every layer's LayerStats, on disk (safetensors) until asked for, one layer loaded at a time."""
+
+    def __init__(self):
+        self._folder = tempfile.TemporaryDirectory(prefix="numprune-stats-")  # removed with this object
+        self._count = 0
+
+    def _path(self, index: int) -> Path:
+        return Path(self._folder.name) / f"layer{index}.safetensors"
+
+    def append(self, stats: LayerStats) -> None:
+        tensors = {f"{part}.{field}": getattr(getattr(stats, part), field)
+                   for part in ("attention", "mlp") for field in ("gram", "total")}
+        counts = {f"{part}.count": str(getattr(stats, part).count) for part in ("attention", "mlp")}
+        save_file(tensors, self._path(self._count), metadata=counts)
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: int) -> LayerStats:
+        if not -self._count <= index < self._count:
+            raise IndexError(index)
+        with safe_open(self._path(index % self._count), "pt") as f:
+            counts = f.metadata()
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        return LayerStats(*(InputStats(tensors[f"{p}.gram"], tensors[f"{p}.total"], int(counts[f"{p}.count"]))
+                            for p in ("attention", "mlp")))
 
 
 class LayerStream:
@@ -104,10 +140,10 @@ class LayerStream:
 
 
 def collect_statistics(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size: int = 8,
-                       progress: bool = True) -> list[LayerStats]:
+                       progress: bool = True) -> StatsStore:
     """Statistics of every layer's output-projection inputs on the dense model, one layer at a time."""
     stream = LayerStream(model, adapter, tokens, batch_size)
-    stats = []
+    stats = StatsStore()
     for layer in tqdm(adapter.layers(), desc="calibrating", unit="layer", disable=not progress):
         stats.append(stream.run(layer, collect=True, advance=True))
     return stats

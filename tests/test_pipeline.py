@@ -9,7 +9,7 @@ from conftest import SHAPES, tiny_llama, tiny_tokens
 from numprune.adapters import adapter_for
 from numprune.allocate import allocate
 from numprune.api import _compensate, _criterion_inputs, PruneOptions, prune
-from numprune.calibrate import collect_statistics
+from numprune.calibrate import LayerStream, collect_statistics
 from numprune.criteria import get_method
 from numprune.errors import NumpruneError
 from numprune.shrink import shrink
@@ -177,3 +177,19 @@ def test_round_to_keeps_widths_at_multiples(allocation, tokens):
         torch.testing.assert_close(shrunk(probe).logits, masked(probe).logits, rtol=1e-4, atol=1e-4)
     _, report = prune(model, tokens, ratio=0.3, allocation=allocation, round_to=8, progress=False)
     assert abs(report["parameters"]["achieved_ratio"] - 0.3) < 0.1
+
+
+def test_statistics_wait_on_disk_and_come_back_exactly(tokens):
+    model = tiny_llama("gqa")
+    adapter = adapter_for(model)
+    stats = collect_statistics(model, adapter, tokens, batch_size=4, progress=False)
+    assert len(stats) == adapter.num_layers()
+    assert not any(torch.is_tensor(v) for v in vars(stats).values())  # nothing held in memory
+    stream = LayerStream(model, adapter, tokens, 4)
+    for i, layer in enumerate(adapter.layers()):
+        fresh = stream.run(layer, collect=True, advance=True)
+        for part in ("attention", "mlp"):
+            a, b = getattr(stats[i], part), getattr(fresh, part)
+            assert torch.equal(a.gram, b.gram) and torch.equal(a.total, b.total) and a.count == b.count
+    with pytest.raises(IndexError):
+        stats[len(stats)]
