@@ -168,13 +168,14 @@ def _prepare(args):
 
 
 def _ratios(text: str) -> list[float]:
+    from numprune.api import PruneOptions
+
     try:
         ratios = [float(r) for r in text.split(",") if r.strip()]
     except ValueError:
         raise NumpruneError(f"--ratios must be comma-separated numbers, got {text!r}") from None
     for ratio in ratios:
-        if not 0.0 < ratio < 1.0:
-            raise NumpruneError(f"ratio must be between 0 and 1 (exclusive), got {ratio}")
+        PruneOptions(ratio=ratio).resolve()
     if not ratios:
         raise NumpruneError("--ratios is empty")
     return ratios
