@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.initialization import no_init_weights
 
 from numprune.adapters import LayerPlan, adapter_for
-from numprune.api import _parameter_counts
+from numprune.api import parameter_counts
 from numprune.bench import measure
 from numprune.shrink import shrink
 
@@ -69,7 +69,7 @@ def uniform_plans(adapter, ratio: float) -> list[LayerPlan]:
 
 def removed_fraction(dense, pruned) -> float:
     """Fraction of attention+MLP parameters removed (the ratio's definition)."""
-    before, after = (_parameter_counts(adapter_for(m))["attention_mlp"] for m in (dense, pruned))
+    before, after = (parameter_counts(adapter_for(m))["attention_mlp"] for m in (dense, pruned))
     return 1 - after / before
 
 

@@ -19,7 +19,7 @@ nearest whole number of attention units, then MLP channels to make up the layer'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -62,7 +62,7 @@ def attention_units(layer: int, head_scores: torch.Tensor, layout: AttentionLayo
         units = [Unit(layer, 0, True, heads, (), -1, sum(scores[h] for h in heads) / len(heads),
                       len(heads) * costs.query_head) for heads in slots]
     units.sort(key=lambda u: (u.score, u.heads))
-    return [Unit(u.layer, i, True, u.heads, u.kv_heads, -1, u.score, u.cost) for i, u in enumerate(units)]
+    return [replace(u, position=i) for i, u in enumerate(units)]
 
 
 def mlp_units(layer: int, channel_scores: torch.Tensor, costs: UnitCosts) -> list[Unit]:

@@ -76,7 +76,7 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
         raise NumpruneError("calibration tokens are needed" + (" for sequential compensation statistics"
                                                                if stats is not None else ""))
     clock = _Clock()
-    before = _parameter_counts(adapter)
+    before = parameter_counts(adapter)
 
     if stats is None:
         stats = collect_statistics(model, adapter, tokens, batch_size, progress)
@@ -101,7 +101,7 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
         "method": opts.method,
         "options": asdict(opts),
         "calibration": {**(calibration_info or {}), **({"tokens": int(tokens.numel())} if tokens is not None else {})},
-        "parameters": _parameter_report(before, _parameter_counts(adapter_for(pruned)), ratio),
+        "parameters": _parameter_report(before, parameter_counts(adapter_for(pruned)), ratio),
         "layers": [_layer_report(p) for p in plans],
         "config_class": type(pruned.config).__name__,
         "loads_without_numprune": not type(pruned.config).__module__.startswith("numprune"),
@@ -141,7 +141,8 @@ def _compensate(adapter: Adapter, plans: list[LayerPlan], stats: Sequence[LayerS
             stream.run(layers[i], collect=False, advance=True)
 
 
-def _parameter_counts(adapter: Adapter) -> dict:
+def parameter_counts(adapter: Adapter) -> dict:
+    """All parameters, and those that heads and channels carry (what the ratio is a fraction of)."""
     return {"total": sum(p.numel() for p in adapter.model.parameters()),
             "attention_mlp": sum(adapter.prunable_parameters(i) for i in range(adapter.num_layers()))}
 

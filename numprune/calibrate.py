@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,8 +126,7 @@ class LayerStream:
 
     def run(self, layer: nn.Module, *, collect: bool, advance: bool) -> LayerStats | None:
         """Run ``layer`` over every batch; collect its projection-input statistics and/or move on."""
-        stats = None
-        hooks = _StatsHooks(self.adapter, layer) if collect else _nothing()
+        hooks = _StatsHooks(self.adapter, layer) if collect else nullcontext()
         with hooks as stats, torch.inference_mode():
             outputs = []
             for hidden, kwargs in zip(self.hidden, self.kwargs):
@@ -171,7 +170,3 @@ class _StatsHooks:
         for handle in self.handles:
             handle.remove()
 
-
-@contextmanager
-def _nothing():
-    yield None

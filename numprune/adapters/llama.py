@@ -8,6 +8,7 @@ from transformers import LlamaConfig, PretrainedConfig
 
 from numprune.adapters.base import Adapter, AttentionLayout, LayerPlan, UnitCosts, head_channels
 from numprune.modeling import NumpruneLlamaConfig
+from numprune.modeling.pruned_llama import PER_LAYER_FIELDS
 
 
 class LlamaAdapter(Adapter):
@@ -65,8 +66,8 @@ class LlamaAdapter(Adapter):
 
     def pruned_config(self, plans: list[LayerPlan]) -> PretrainedConfig:
         base = {k: v for k, v in self.config.to_dict().items()
-                if k not in ("model_type", "architectures", "transformers_version", "layer_num_attention_heads",
-                             "layer_num_key_value_heads", "layer_intermediate_sizes", "quantization_config")}
+                if k not in ("model_type", "architectures", "transformers_version", "quantization_config",
+                             *PER_LAYER_FIELDS)}
         base["head_dim"] = self.attention_layout(0).head_dim
         layers = self.layers()
         # A bias compensation gives o_proj / down_proj a bias; LLaMA configs switch biases per block.

@@ -64,12 +64,7 @@ def gradient(a: torch.Tensor, lam: torch.Tensor | float, r: float, z: torch.Tens
 
 def score(inputs: CriterionInputs, *, lambda_rel: float = 1.0, damp: float = 0.01, iterations: int = 50) -> LayerScores:
     """Channel scores from the two Newton problems; a head scores the mean of its channels (Eq. 8)."""
-    keep = 1.0 - inputs.ratio
-    options = dict(lambda_rel=lambda_rel, damp=damp, iterations=iterations)
-    z_attn = newton_score(inputs.stats.attention.second_moment, inputs.attention_weight, keep, **options)
-    z_mlp = newton_score(inputs.stats.mlp.second_moment, inputs.mlp_weight, keep, **options)
-    heads = z_attn.reshape(inputs.layout.num_heads, inputs.layout.head_dim).mean(1)
-    return LayerScores(heads=heads, channels=z_mlp)
+    return _scores(inputs, False, lambda_rel=lambda_rel, damp=damp, iterations=iterations)
 
 
 def unit_score(inputs: CriterionInputs, *, lambda_rel: float = 1.0, damp: float = 0.01,
@@ -80,9 +75,14 @@ def unit_score(inputs: CriterionInputs, *, lambda_rel: float = 1.0, damp: float 
     by one; a head's channels leave together, and their joint effect includes the correlations
     between them. MLP channels are units already, so their scores are the paper's.
     """
+    return _scores(inputs, True, lambda_rel=lambda_rel, damp=damp, iterations=iterations)
+
+
+def _scores(inputs: CriterionInputs, variable_per_head: bool, **options) -> LayerScores:
     keep = 1.0 - inputs.ratio
-    options = dict(lambda_rel=lambda_rel, damp=damp, iterations=iterations)
-    heads = newton_score(inputs.stats.attention.second_moment, inputs.attention_weight, keep,
-                         unit_size=inputs.layout.head_dim, **options)
+    layout = inputs.layout
+    z_attn = newton_score(inputs.stats.attention.second_moment, inputs.attention_weight, keep,
+                          unit_size=layout.head_dim if variable_per_head else 1, **options)
+    heads = z_attn if variable_per_head else z_attn.reshape(layout.num_heads, layout.head_dim).mean(1)
     channels = newton_score(inputs.stats.mlp.second_moment, inputs.mlp_weight, keep, **options)
     return LayerScores(heads=heads, channels=channels)

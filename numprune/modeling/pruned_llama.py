@@ -12,6 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 
+PER_LAYER_FIELDS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes")
+
+
 @strict
 class NumpruneLlamaConfig(LlamaConfig):
     """A LlamaConfig plus one head count, KV-head count and MLP width per decoder layer.
@@ -49,8 +52,7 @@ class NumpruneLlamaConfig(LlamaConfig):
     def layer_config(self, layer_idx: int) -> LlamaConfig:
         """A stock LlamaConfig with this layer's counts, for building its decoder layer."""
         fields = self.to_dict()
-        for key in ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes", "model_type",
-                    "architectures", "auto_map", "transformers_version"):
+        for key in (*PER_LAYER_FIELDS, "model_type", "architectures", "auto_map", "transformers_version"):
             fields.pop(key, None)
         heads = self.layer_num_attention_heads[layer_idx]
         kv_heads = self.layer_num_key_value_heads[layer_idx]
