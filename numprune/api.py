@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from numprune import compensate
 from numprune.adapters import Adapter, LayerPlan, adapter_for
+from numprune.adapters.base import projection_weight
 from numprune.allocate import ALLOCATIONS, GQA_UNITS, allocate
 from numprune.calibrate import LayerStats, LayerStream, collect_statistics
 from numprune.criteria import CriterionInputs, get_method
@@ -113,8 +114,8 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
 
 def _criterion_inputs(adapter: Adapter, i: int, stats: LayerStats, ratio: float) -> CriterionInputs:
     layer = adapter.layers()[i]
-    return CriterionInputs(i, stats, adapter.attention_output(layer).weight.detach(),
-                           adapter.mlp_output(layer).weight.detach(), adapter.attention_layout(i), ratio)
+    return CriterionInputs(i, stats, projection_weight(adapter.attention_output(layer)).detach(),
+                           projection_weight(adapter.mlp_output(layer)).detach(), adapter.attention_layout(i), ratio)
 
 
 def _compensate(adapter: Adapter, plans: list[LayerPlan], stats: Sequence[LayerStats], tokens, opts: PruneOptions,

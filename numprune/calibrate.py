@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from numprune.adapters import Adapter
+from numprune.adapters.base import projection_weight
 
 
 @dataclass
@@ -157,7 +158,7 @@ class _StatsHooks:
 
     def __init__(self, adapter: Adapter, layer: nn.Module):
         attn, mlp = adapter.attention_output(layer), adapter.mlp_output(layer)
-        self.stats = LayerStats(InputStats.empty(attn.in_features), InputStats.empty(mlp.in_features))
+        self.stats = LayerStats(*(InputStats.empty(projection_weight(m).shape[1]) for m in (attn, mlp)))
         self.targets = [(attn, self.stats.attention), (mlp, self.stats.mlp)]
         self.handles = []
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from numprune.adapters.base import projection_weight
+
 COMPENSATIONS = ("least-squares", "bias", "none")
 
 
@@ -33,30 +35,32 @@ def least_squares(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, 
     return (w[:, keep] + update.T).to(weight.dtype)
 
 
-def apply(linear: torch.nn.Linear, keep: torch.Tensor, gram: torch.Tensor | None, damp: float = 0.01) -> None:
-    """Write the compensated kept columns into ``linear`` and zero the removed ones, in place.
+def apply(linear: torch.nn.Module, keep: torch.Tensor, gram: torch.Tensor | None, damp: float = 0.01) -> None:
+    """Write the compensated kept input columns into ``linear`` and zero the removed ones, in place.
 
     With ``gram=None`` the kept columns are left as they are (no compensation). Either way the
     layer then computes exactly what the shrunk layer will: the removed inputs no longer count.
     """
     with torch.no_grad():
-        new = least_squares(linear.weight, gram, keep, damp) if gram is not None else linear.weight[:, keep].clone()
-        linear.weight.zero_()
-        linear.weight[:, keep] = new
+        weight = projection_weight(linear)
+        new = least_squares(weight, gram, keep, damp) if gram is not None else weight[:, keep].clone()
+        weight.zero_()
+        weight[:, keep] = new
 
 
-def add_bias(linear: torch.nn.Linear, keep: torch.Tensor, mean: torch.Tensor) -> None:
+def add_bias(linear: torch.nn.Module, keep: torch.Tensor, mean: torch.Tensor) -> None:
     """FLAP's bias compensation: the removed inputs' mean contribution moves into the bias.
 
     b += W[:, P] E[x_P], then the removed columns are zeroed. Creates the bias if there is none.
     """
     with torch.no_grad():
-        pruned = _complement(keep, linear.in_features)
-        shift = (linear.weight[:, pruned].double() @ mean[pruned].double()).to(linear.weight.dtype)
+        weight = projection_weight(linear)
+        pruned = _complement(keep, weight.shape[1])
+        shift = (weight[:, pruned].double() @ mean[pruned].double()).to(weight.dtype)
         if linear.bias is None:
             linear.bias = torch.nn.Parameter(torch.zeros_like(shift))
         linear.bias += shift
-        linear.weight[:, pruned] = 0
+        weight[:, pruned] = 0
 
 
 def _complement(keep: torch.Tensor, dim: int) -> torch.Tensor:

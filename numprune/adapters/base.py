@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from numprune.errors import NumpruneError
 
@@ -73,12 +74,12 @@ class Adapter(ABC):
     def mlp_width(self, layer_idx: int) -> int: ...
 
     @abstractmethod
-    def attention_output(self, layer: nn.Module) -> nn.Linear:
-        """The projection whose input channels are the heads' outputs (o_proj)."""
+    def attention_output(self, layer: nn.Module) -> nn.Module:
+        """The projection whose input channels are the heads' outputs (o_proj): nn.Linear or Conv1D."""
 
     @abstractmethod
-    def mlp_output(self, layer: nn.Module) -> nn.Linear:
-        """The projection whose input channels are the MLP channels (down_proj)."""
+    def mlp_output(self, layer: nn.Module) -> nn.Module:
+        """The projection whose input channels are the MLP channels (down_proj): nn.Linear or Conv1D."""
 
     @abstractmethod
     def unit_costs(self, layer_idx: int) -> UnitCosts: ...
@@ -111,6 +112,14 @@ class Adapter(ABC):
         layout = self.attention_layout(layer_idx)
         return LayerPlan(tuple(range(layout.num_heads)), tuple(range(layout.num_kv_heads)),
                          tuple(range(self.mlp_width(layer_idx))))
+
+
+def projection_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a projection as ``[out, in]`` (a view: in-place edits reach the module).
+
+    ``nn.Linear`` stores that layout already; GPT-2's ``Conv1D`` stores ``[in, out]``.
+    """
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 
 def head_channels(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
