@@ -1,4 +1,9 @@
-"""Speed and memory of a LLaMA-7B-shaped model pruned 0-50%, beside the paper's figure 5.
+"""Pruning cost on the GPU, and speed and memory of a LLaMA-7B-shaped model pruned 0-50% beside the paper's figure 5.
+
+First, numprune prunes the random model by 30% with ``device="cuda"`` (the ``--device cuda`` of
+the command line): the fp32 weights wait in CPU memory, each decoder layer's pass runs on the GPU in
+``--prune-dtype`` (statistics in float64), and the report's stage times, calibration tokens per
+second and peak GPU and CPU memory are printed.
 
 Speed depends only on shapes, so the weights are random and the plans uniform: every layer keeps
 its first heads and MLP channels. Protocol as in the paper: fp16, batch 1, a 64-token prompt and
@@ -7,6 +12,7 @@ check the script without a GPU.
 
     python benchmarks/gpu_llama7b.py --json llama7b.json
     python benchmarks/gpu_llama7b.py --small
+    python benchmarks/gpu_llama7b.py --prune-only --prune-layers 32   # the pruning stage alone, all 32 layers
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.initialization import no_init_weights
 
+import numprune
 from numprune.adapters import LayerPlan, adapter_for
 from numprune.api import parameter_counts
 from numprune.bench import measure
@@ -91,6 +98,20 @@ def run(shape: dict, device: str, dtype: torch.dtype, **measure_options) -> list
     return rows
 
 
+def prune_on_device(shape: dict, device: str, dtype: torch.dtype, nsamples: int, seqlen: int) -> dict:
+    """Prune the random model by 30% with its layer passes on ``device``; the report's cost figures."""
+    model = build_model(shape, "cpu", torch.float32)  # the weights wait on the CPU
+    tokens = torch.randint(0, shape["vocab_size"], (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    _, report = numprune.prune(model, tokens, ratio=0.3, device=device, dtype=dtype, inplace=True)
+    gib = 2**30
+    print(f"pruned {shape['num_hidden_layers']} layers by 30% on {device} in {dtype}: "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in report["time_s"].items())
+          + f"; calibration {report['calibration']['tokens_per_s']:.0f} tokens/s; peak GPU "
+          f"{report.get('peak_gpu_bytes', 0) / gib:.2f} GiB, peak RSS {report['peak_rss_bytes'] / gib:.2f} GiB", flush=True)
+    return {key: report[key] for key in ("time_s", "calibration", "compute", "parameters", "peak_rss_bytes")} | {
+        "peak_gpu_bytes": report.get("peak_gpu_bytes"), "nsamples": nsamples, "seqlen": seqlen}
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: measured speed and memory and their ratios to dense, beside the paper's."""
     dense, paper_dense = rows[0], rows[0]["paper"]
@@ -112,6 +133,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a small LLaMA shape in float32 on the CPU")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--prune-layers", type=int, default=8, help="decoder layers of the model the pruning stage "
+                        "prunes (default 8 of 32, so the one-shot run fits its time: the scores and least-squares "
+                        "solves run on the CPU in float64; times grow in proportion; the speed stage uses all 32)")
+    parser.add_argument("--prune-samples", type=int, default=128, help="calibration windows of the pruning stage")
+    parser.add_argument("--prune-seqlen", type=int, default=512, help="their length in tokens")
+    parser.add_argument("--prune-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
+                        help="precision of the pruning stage's layer passes (default bfloat16)")
+    parser.add_argument("--prune-only", action="store_true", help="skip the speed and memory table")
     args = parser.parse_args(argv)
     if args.small:
         shape, device, dtype = SMALL, "cpu", torch.float32
@@ -119,6 +148,13 @@ def main(argv: list[str] | None = None) -> None:
         shape, device, dtype = LLAMA_7B, "cuda", torch.float16
     else:
         parser.error("the LLaMA-7B run needs a CUDA GPU; use --small on the CPU")
+    prune_shape = {**shape, "num_hidden_layers": min(args.prune_layers, shape["num_hidden_layers"])}
+    pruning = prune_on_device(prune_shape, device, getattr(torch, args.prune_dtype),
+                              *((8, 64) if args.small else (args.prune_samples, args.prune_seqlen)))
+    if args.prune_only:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"shape": prune_shape, "pruning": pruning}, indent=2) + "\n")
+        return
     rows = run(shape, device, dtype, batch_size=1, prompt_len=64, new_tokens=128)
     p = rows[0]["protocol"]
     print(f"\n{p['device']}, {p['dtype']}, batch {p['batch_size']}, {p['prompt_len']}-token prompt, "
@@ -126,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
           "peak = weights + growth during generation; paper: LLaMA-7B, fp16, batch 1\n")
     print(table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"shape": shape, "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"shape": shape, "pruning": pruning, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

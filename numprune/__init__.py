@@ -8,6 +8,7 @@ from numprune import modeling  # noqa: F401  (registers the Auto classes)
 from numprune.api import PruneOptions, calibrate, prune
 from numprune.errors import NumpruneError
 from numprune.save import save_pruned
+from numprune.stream import prune_streaming
 
 __version__ = "0.1.0"
-__all__ = ["NumpruneError", "PruneOptions", "calibrate", "prune", "save_pruned", "__version__"]
+__all__ = ["NumpruneError", "PruneOptions", "calibrate", "prune", "prune_streaming", "save_pruned", "__version__"]

@@ -1,22 +1,29 @@
-"""The Python API: the pruning run read top to bottom (calibrate, score, allocate, compensate, shrink)."""
+"""The Python API: the pruning run read top to bottom (calibrate, score, allocate, compensate, shrink).
+
+The run visits one decoder layer at a time through a *layer source*: ``InMemory`` hands out the
+layers of a loaded model; numprune.stream's ``StreamedModel`` reads each from disk and frees it
+after, and writes each shrunk layer as soon as it is compensated. Both go through the same body
+(``_select`` then ``_compensate``), so they give the same result.
+"""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 import resource
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from numprune import compensate
+from numprune import compensate, distributed
 from numprune.adapters import Adapter, LayerPlan, adapter_for
 from numprune.adapters.base import projection_weight
 from numprune.allocate import ALLOCATIONS, GQA_UNITS, allocate
-from numprune.calibrate import LayerStats, LayerStream, collect_statistics
+from numprune.calibrate import LayerStats, LayerStream, StatsStore, collect_statistics
 from numprune.criteria import CriterionInputs, get_method
 from numprune.errors import NumpruneError
 from numprune.shrink import shrink
@@ -56,60 +63,141 @@ class PruneOptions:
             raise NumpruneError("compensation damping must be >= 0")
 
 
-def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, progress: bool = True) -> Sequence[LayerStats]:
+@dataclass
+class Compute:
+    """Where and how the layer passes run; none of it changes the result beyond float rounding."""
+
+    batch_size: int = 8
+    progress: bool = True
+    device: torch.device | str | None = None  # None: where the model's input embeddings are
+    dtype: torch.dtype | None = None  # None: the weights' own
+
+    def stream(self, adapter: Adapter, tokens: torch.Tensor) -> LayerStream:
+        """This process's share of ``tokens`` streamed into the first layer, statistics summed over processes."""
+        return LayerStream(adapter.model, adapter, distributed.shard(tokens), self.batch_size, self.device, self.dtype,
+                           distributed.reducer())
+
+    def describe(self, adapter: Adapter) -> dict:
+        device = self.device if self.device is not None else adapter.model.get_input_embeddings().weight.device
+        dtype = self.dtype or next(p for p in adapter.model.parameters()).dtype
+        return {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "world_size": distributed.world().size}
+
+
+class InMemory:
+    """The layer source of a loaded model: its layers as they are."""
+
+    def __init__(self, model: nn.Module):
+        self.adapter = adapter_for(model)
+
+    @contextmanager
+    def layer(self, i: int) -> Iterator[nn.Module]:
+        yield self.adapter.layers()[i]
+
+    def inputs(self):
+        """What the first layer's inputs need is loaded already."""
+        return nullcontext()
+
+    def done(self, i: int, layer: nn.Module, plan: LayerPlan) -> None:
+        """Nothing to do: ``shrink`` slices the whole model at the end."""
+
+
+def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, progress: bool = True,
+              device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Sequence[LayerStats]:
     """Statistics of every layer on the dense model; reusable for several ratios and methods."""
-    return collect_statistics(model, adapter_for(model), tokens, batch_size, progress)
+    adapter = adapter_for(model)
+    return collect_statistics(model, adapter, distributed.shard(tokens), batch_size, progress, device=device,
+                              dtype=dtype, reduce=distributed.reducer())
 
 
 def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float, stats: Sequence[LayerStats] | None = None,
           inplace: bool = False, batch_size: int = 8, progress: bool = True, calibration_info: dict | None = None,
-          **options) -> tuple[nn.Module, dict]:
+          device: torch.device | str | None = None, dtype: torch.dtype | None = None, **options) -> tuple[nn.Module, dict]:
     """Prune ``model`` and return the narrower model and its report.
 
     ``tokens`` ([samples, seqlen] token ids) calibrate the run unless ``stats`` from ``calibrate``
     are given; sequential compensation statistics always need ``tokens``. ``options`` are the
     fields of PruneOptions. Unless ``inplace``, ``model`` is left untouched (it is copied first).
+    ``device``/``dtype`` say where and in what precision the layer passes run (the model stays
+    where it is; statistics and solves stay in float64). Inside a torch.distributed process group
+    each process calibrates on its share of ``tokens`` and all return the same result.
     """
-    opts = PruneOptions(ratio=ratio, **options)
-    opts.resolve()
-    adapter = adapter_for(model)
-    if tokens is None and (stats is None or opts.compensation_stats == "sequential"):
-        raise NumpruneError("calibration tokens are needed" + (" for sequential compensation statistics"
-                                                               if stats is not None else ""))
-    clock = _Clock()
-    before = parameter_counts(adapter)
-
-    if stats is None:
-        stats = collect_statistics(model, adapter, tokens, batch_size, progress)
-        clock.lap("calibration")
-
-    criterion = get_method(opts.method).criterion
-    scores = [criterion(_criterion_inputs(adapter, i, s, ratio), **opts.score_options)
-              for i, s in enumerate(tqdm(stats, desc="scoring", unit="layer", disable=not progress))]
-    plans = allocate(adapter, scores, ratio, opts.allocation, opts.gqa_unit, opts.round_to)
-    clock.lap("scoring")
+    opts = _resolve(ratio, options, tokens, stats)
+    compute = Compute(batch_size, progress, device, dtype)
+    clock = _Clock(device)
+    source = InMemory(model)
+    before = parameter_counts(source.adapter)
+    plans, stats = _select(source, tokens, stats, opts, compute, clock)
 
     if not inplace:
         model = copy.deepcopy(model)
-        adapter = adapter_for(model)
-    _compensate(adapter, plans, stats, tokens, opts, batch_size, progress)
-    clock.lap("compensation")
+        source = InMemory(model)
+    _compensate(source.adapter, plans, stats, tokens, opts, batch_size, progress, source=source, compute=compute,
+                clock=clock)
+    with clock.timed("surgery"):
+        pruned = shrink(source.adapter, plans)
+    return pruned, _report(opts, tokens, calibration_info, before, pruned, plans, clock, compute.describe(source.adapter))
 
-    pruned = shrink(adapter, plans)
-    clock.lap("surgery")
 
-    report = {
+def _resolve(ratio: float, options: dict, tokens, stats) -> PruneOptions:
+    """Checked options; the calibration tokens are there when needed."""
+    opts = PruneOptions(ratio=ratio, **options)
+    opts.resolve()
+    if tokens is None and (stats is None or opts.compensation_stats == "sequential"):
+        raise NumpruneError("calibration tokens are needed" + (" for sequential compensation statistics"
+                                                               if stats is not None else ""))
+    return opts
+
+
+def _select(source, tokens: torch.Tensor | None, stats: Sequence[LayerStats] | None, opts: PruneOptions,
+            compute: Compute, clock: _Clock) -> tuple[list[LayerPlan], Sequence[LayerStats]]:
+    """Calibrate (unless ``stats`` are given), score and allocate, visiting each layer once."""
+    adapter = source.adapter
+    distributed.agree("the options", asdict(opts))
+    distributed.agree("the model's shape", [adapter.prunable_parameters(i) for i in range(adapter.num_layers())])
+    stream = None
+    if stats is None:
+        distributed.agree("the calibration tokens", tokens)
+        with source.inputs(), clock.timed("calibration"):
+            stream = compute.stream(adapter, tokens)
+        stats = StatsStore()
+    criterion = get_method(opts.method).criterion
+    scores = []
+    for i in tqdm(range(adapter.num_layers()), desc="calibrating" if stream else "scoring", unit="layer",
+                  disable=not compute.progress):
+        with source.layer(i) as layer:
+            if stream is not None:
+                with clock.timed("calibration"):
+                    stats.append(stream.run(layer, collect=True, advance=True))
+            with clock.timed("scoring"):
+                scores.append(criterion(_criterion_inputs(adapter, i, stats[i], opts.ratio), **opts.score_options))
+    del stream
+    with clock.timed("scoring"):
+        plans = allocate(adapter, scores, opts.ratio, opts.allocation, opts.gqa_unit, opts.round_to)
+    distributed.agree("the allocation", [asdict(p) for p in plans])
+    return plans, stats
+
+
+def _report(opts: PruneOptions, tokens, calibration_info: dict | None, before: dict, pruned: nn.Module,
+            plans: list[LayerPlan], clock: _Clock, compute: dict) -> dict:
+    """pruning_report.json: options, parameters, per-layer widths, time and memory."""
+    calibration = {**(calibration_info or {})}
+    if tokens is not None:
+        calibration["tokens"] = int(tokens.numel())
+        if "calibration" in clock.laps:
+            calibration["tokens_per_s"] = round(tokens.numel() / max(clock.laps["calibration"], 1e-9), 1)
+    return {
         "method": opts.method,
         "options": asdict(opts),
-        "calibration": {**(calibration_info or {}), **({"tokens": int(tokens.numel())} if tokens is not None else {})},
-        "parameters": _parameter_report(before, parameter_counts(adapter_for(pruned)), ratio),
+        "calibration": calibration,
+        "parameters": _parameter_report(before, parameter_counts(adapter_for(pruned)), opts.ratio),
         "layers": [_layer_report(p) for p in plans],
         "config_class": type(pruned.config).__name__,
         "loads_without_numprune": not type(pruned.config).__module__.startswith("numprune"),
-        "time_s": {**clock.laps, "total": clock.total},
+        "compute": compute,
+        "time_s": {**{k: round(v, 3) for k, v in clock.laps.items()}, "total": clock.total},
         "peak_rss_bytes": clock.peak_rss,
+        **({"peak_gpu_bytes": clock.peak_gpu} if clock.peak_gpu is not None else {}),
     }
-    return pruned, report
 
 
 def _criterion_inputs(adapter: Adapter, i: int, stats: LayerStats, ratio: float) -> CriterionInputs:
@@ -119,27 +207,37 @@ def _criterion_inputs(adapter: Adapter, i: int, stats: LayerStats, ratio: float)
 
 
 def _compensate(adapter: Adapter, plans: list[LayerPlan], stats: Sequence[LayerStats], tokens, opts: PruneOptions,
-                batch_size: int, progress: bool) -> None:
+                batch_size: int, progress: bool, *, source=None, compute: Compute | None = None,
+                clock: _Clock | None = None) -> None:
     """Mask (and, unless disabled, refit) every layer's output projections in place.
 
     ``dense`` statistics come from the unpruned model (the calibration pass); ``sequential`` ones
     are re-collected with the layers upstream already pruned and compensated, so each layer
-    corrects the drift of those before it.
+    corrects the drift of those before it. ``source.done`` receives each layer once compensated.
     """
-    stream = LayerStream(adapter.model, adapter, tokens, batch_size) if opts.compensation_stats == "sequential" else None
-    layers = adapter.layers()
-    for i in tqdm(range(len(layers)), desc="compensating", unit="layer", disable=not progress):
-        layer_stats = stats[i] if stream is None else stream.run(layers[i], collect=True, advance=False)
-        kept = adapter.kept_inputs(i, plans[i])
-        outputs = (adapter.attention_output(layers[i]), adapter.mlp_output(layers[i]))
-        for linear, keep, s in zip(outputs, kept, (layer_stats.attention, layer_stats.mlp)):
-            if opts.compensation == "bias":
-                compensate.add_bias(linear, keep, s.mean)
-            else:
-                compensate.apply(linear, keep, s.gram if opts.compensation == "least-squares" else None,
-                                 opts.compensation_damp)
-        if stream is not None:
-            stream.run(layers[i], collect=False, advance=True)
+    source = source or InMemory(adapter.model)
+    compute = compute or Compute(batch_size, progress)
+    clock = clock or _Clock()
+    stream = None
+    if opts.compensation_stats == "sequential":
+        with source.inputs(), clock.timed("compensation"):
+            stream = compute.stream(adapter, tokens)
+    for i in tqdm(range(adapter.num_layers()), desc="compensating", unit="layer", disable=not progress):
+        with source.layer(i) as layer:
+            with clock.timed("compensation"):
+                layer_stats = stats[i] if stream is None else stream.run(layer, collect=True, advance=False)
+                kept = adapter.kept_inputs(i, plans[i])
+                outputs = (adapter.attention_output(layer), adapter.mlp_output(layer))
+                for linear, keep, s in zip(outputs, kept, (layer_stats.attention, layer_stats.mlp)):
+                    if opts.compensation == "bias":
+                        compensate.add_bias(linear, keep, s.mean)
+                    else:
+                        compensate.apply(linear, keep, s.gram if opts.compensation == "least-squares" else None,
+                                         opts.compensation_damp)
+                if stream is not None:
+                    stream.run(layer, collect=False, advance=True)
+            with clock.timed("surgery"):
+                source.done(i, layer, plans[i])
 
 
 def parameter_counts(adapter: Adapter) -> dict:
@@ -161,16 +259,22 @@ def _layer_report(plan: LayerPlan) -> dict:
 
 
 class _Clock:
-    """Wall time per stage and the process's peak resident memory."""
+    """Wall time per stage (summed over every visit) and the process's peak CPU and GPU memory."""
 
-    def __init__(self):
-        self.start = self.last = time.perf_counter()
+    def __init__(self, device: torch.device | str | None = None):
+        self.start = time.perf_counter()
         self.laps: dict[str, float] = {}
+        self.cuda = device is not None and torch.device(device).type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
 
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.laps[stage] = round(now - self.last, 3)
-        self.last = now
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.laps[stage] = self.laps.get(stage, 0.0) + time.perf_counter() - start
 
     @property
     def total(self) -> float:
@@ -179,3 +283,7 @@ class _Clock:
     @property
     def peak_rss(self) -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+    @property
+    def peak_gpu(self) -> int | None:
+        return torch.cuda.max_memory_allocated() if self.cuda else None

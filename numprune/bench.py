@@ -61,6 +61,48 @@ def measure(model, *, batch_size: int = 1, prompt_len: int = 64, new_tokens: int
     }
 
 
+def measure_images(model, *, batch_size: int = 8, warmup: int = 1, repeats: int = 3, seed: int = 0,
+                   **sampling) -> dict:
+    """Images/s (and image tokens/s) of class-conditional generation, and memory, as ``measure`` does for text.
+
+    Each run samples ``batch_size`` whole images (labels cycling through the classes) with
+    ``numprune.image.sampling.generate`` and ``sampling`` options (guidance doubles the batch inside).
+    """
+    from numprune.image.sampling import generate
+
+    device = next(model.parameters()).device
+    labels = torch.arange(batch_size) % model.config.num_classes
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run() -> float:
+        sync()
+        start = time.perf_counter()
+        generate(model, labels, seed=seed, batch_size=batch_size, progress=False, **sampling)
+        sync()
+        return time.perf_counter() - start
+
+    with _PeakMemory(device) as memory:
+        for _ in range(warmup):
+            run()
+        seconds = [run() for _ in range(repeats)]
+    rates = [batch_size / s for s in seconds]
+    weight_bytes = _weight_bytes(model)
+    return {
+        "protocol": {"batch_size": batch_size, "image_tokens": model.config.image_tokens, "warmup": warmup,
+                     "repeats": repeats, "seed": seed, "sampling": sampling, "device": _device_name(device),
+                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                     "torch_threads": torch.get_num_threads()},
+        "generation": {"images_per_s": statistics.median(rates), "images_per_s_min": min(rates),
+                       "images_per_s_max": max(rates),
+                       "tokens_per_s": statistics.median(rates) * model.config.image_tokens},
+        "weight_bytes": weight_bytes,
+        "memory_kind": memory.kind,
+        "memory_before_bytes": memory.before,
+        "memory_peak_bytes": memory.peak,
+        "model_peak_bytes": weight_bytes + memory.peak - memory.before,
+    }
+
+
 @torch.inference_mode()
 def _generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, int]:
     """Seconds for prefill and for ``new_tokens`` decode steps, and the bytes of the final KV cache.
@@ -146,13 +188,24 @@ def bench(models, batch_sizes=(1, 8), ratios=None, **measure_options) -> dict:
     comes: with ``del`` below, only one model is held at a time. ``ratios`` are the models'
     pruning ratios where known (``pruning_ratio`` reads a saved folder's).
     """
+    from numprune.evaluate.image import is_image_generator
+
     runs, reference = [], {}
     for index, (name, model) in enumerate(models):
         parameters = sum(p.numel() for p in model.parameters())
         for batch_size in batch_sizes:
-            run = {"model": name, "ratio": ratios[index] if ratios else None, "parameters": parameters,
-                   **measure(model, batch_size=batch_size, **measure_options)}
+            run = {"model": name, "ratio": ratios[index] if ratios else None, "parameters": parameters}
             ref = reference.setdefault(batch_size, run)
+            if is_image_generator(model):  # prompt length and new tokens do not apply: a whole image is sampled
+                image_options = {k: v for k, v in measure_options.items() if k not in ("prompt_len", "new_tokens")}
+                run.update(measure_images(model, batch_size=batch_size, **image_options))
+                run["vs_reference"] = {
+                    "images_speedup": run["generation"]["images_per_s"] / ref["generation"]["images_per_s"],
+                    "weight_ratio": run["weight_bytes"] / ref["weight_bytes"],
+                    "peak_ratio": run["model_peak_bytes"] / ref["model_peak_bytes"]}
+                runs.append(run)
+                continue
+            run.update(measure(model, batch_size=batch_size, **measure_options))
             run["vs_reference"] = {
                 "prefill_speedup": run["prefill"]["tokens_per_s"] / ref["prefill"]["tokens_per_s"],
                 "decode_speedup": run["decode"]["tokens_per_s"] / ref["decode"]["tokens_per_s"],
@@ -167,6 +220,8 @@ def bench(models, batch_sizes=(1, 8), ratios=None, **measure_options) -> dict:
 
 def format_table(results: dict) -> str:
     """A markdown table, one row per model and batch size."""
+    if results["runs"] and "generation" in results["runs"][0]:
+        return format_image_table(results)
     columns = ("model", "ratio", "params", "batch", "prefill tok/s", "decode tok/s (median [min-max])",
                "decode ms/token", "weight MiB", "KV MiB", "peak MiB", "decode speed-up", "weight ratio")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -181,6 +236,22 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_image_table(results: dict) -> str:
+    """The image generators' table: images/s and memory, one row per model and batch size."""
+    columns = ("model", "ratio", "params", "batch", "images/s (median [min-max])", "image tokens/s", "weight MiB",
+               "peak MiB", "speed-up", "weight ratio")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in results["runs"]:
+        gen, vs = r["generation"], r["vs_reference"]
+        cells = (r["model"], "?" if r["ratio"] is None else f"{r['ratio']:.1%}", f"{r['parameters'] / 1e6:.2f}M",
+                 r["protocol"]["batch_size"],
+                 f"{gen['images_per_s']:.2f} [{gen['images_per_s_min']:.2f}-{gen['images_per_s_max']:.2f}]",
+                 f"{gen['tokens_per_s']:.1f}", f"{r['weight_bytes'] / MiB:.2f}", f"{r['model_peak_bytes'] / MiB:.1f}",
+                 f"{vs['images_speedup']:.2f}x", f"{vs['weight_ratio']:.2f}")
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
 def plot(results: dict, path) -> None:
     """Decode throughput and memory against pruning ratio, one line per batch size (the paper's figure 5)."""
     import matplotlib
@@ -191,22 +262,24 @@ def plot(results: dict, path) -> None:
     runs = results["runs"]
     if any(r["ratio"] is None for r in runs):
         raise NumpruneError("plotting needs every model's pruning ratio")
+    images = "generation" in runs[0]
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
     for batch_size in sorted({r["protocol"]["batch_size"] for r in runs}):
         points = sorted((r for r in runs if r["protocol"]["batch_size"] == batch_size), key=lambda r: r["ratio"])
         ratios = [100 * r["ratio"] for r in points]
-        speed.plot(ratios, [r["decode"]["tokens_per_s"] for r in points], "o-", label=f"batch {batch_size}")
+        speed.plot(ratios, [r["generation"]["images_per_s"] if images else r["decode"]["tokens_per_s"] for r in points],
+                   "o-", label=f"batch {batch_size}")
         memory.plot(ratios, [r["model_peak_bytes"] / MiB for r in points], "o-", label=f"peak, batch {batch_size}")
     points = sorted({(r["ratio"], r["weight_bytes"]) for r in runs})
     memory.plot([100 * p[0] for p in points], [p[1] / MiB for p in points], "k--", label="weights")
     protocol = runs[0]["protocol"]
-    for ax, ylabel in ((speed, "decode tokens/s"), (memory, "memory (MiB)")):
+    for ax, ylabel in ((speed, "images/s" if images else "decode tokens/s"), (memory, "memory (MiB)")):
         ax.set_xlabel("pruning ratio (%)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{protocol['device']}, {protocol['dtype']}: {protocol['prompt_len']}-token prompt, "
-                 f"{protocol['new_tokens']} new tokens")
+    fig.suptitle(f"{protocol['device']}, {protocol['dtype']}: " + (f"{protocol['image_tokens']} tokens an image"
+                 if images else f"{protocol['prompt_len']}-token prompt, {protocol['new_tokens']} new tokens"))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

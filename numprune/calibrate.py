@@ -6,12 +6,19 @@ are alive, and each layer's statistics go to a temporary folder as soon as they 
 criterion and the compensation need: the Gram matrix X^T X and the sum of the inputs, in float64
 (each batch's product is formed in float32 over a few thousand tokens, then added in float64, so
 sums over hundreds of thousands of tokens keep their precision).
+
+Where the layer pass runs is the stream's choice (``device``, ``dtype``): each layer is copied there
+for its pass while the weights themselves stay where they are (CPU memory or disk), and the
+statistics accumulate on that device in float64, whatever the compute precision. Under
+torch.distributed each process streams its share of the samples and ``reduce`` sums the
+statistics across processes before anyone reads them.
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +42,12 @@ class InputStats:
     count: int = 0
 
     @classmethod
-    def empty(cls, dim: int) -> InputStats:
-        return cls(torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64))
+    def empty(cls, dim: int, device: torch.device | str | None = None) -> InputStats:
+        return cls(torch.zeros(dim, dim, dtype=torch.float64, device=device),
+                   torch.zeros(dim, dtype=torch.float64, device=device))
+
+    def to(self, device: torch.device | str) -> InputStats:
+        return InputStats(self.gram.to(device), self.total.to(device), self.count)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -63,6 +74,9 @@ class InputStats:
 class LayerStats:
     attention: InputStats  # inputs of the attention output projection: the heads' channels
     mlp: InputStats  # inputs of the MLP output projection: the intermediate channels
+
+    def to(self, device: torch.device | str) -> LayerStats:
+        return LayerStats(self.attention.to(device), self.mlp.to(device))
 
 
 class StatsStore(Sequence):
@@ -96,13 +110,23 @@ class StatsStore(Sequence):
 
 
 class LayerStream:
-    """Calibration activations entering one decoder layer, advanced layer by layer."""
+    """Calibration activations entering one decoder layer, advanced layer by layer.
 
-    def __init__(self, model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size: int = 8):
+    The first layer's inputs are computed where the input embeddings are, then moved to ``device``
+    (default: there too) in ``dtype`` (default: the layers' own). ``reduce`` sums collected
+    statistics across processes (see numprune.distributed).
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size: int = 8,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 reduce: Callable[[LayerStats], None] | None = None):
         self.adapter = adapter
         self.hidden: list[torch.Tensor] = []
         self.kwargs: list[dict] = []
-        device = next(model.parameters()).device
+        source = model.get_input_embeddings().weight.device
+        self.device = torch.device(device) if device is not None else source
+        self.dtype = dtype
+        self.reduce = reduce
         first = adapter.layers()[0]
 
         def catch(_module, args, kwargs):
@@ -115,38 +139,67 @@ class LayerStream:
             with torch.inference_mode():
                 for batch in tokens.split(batch_size):
                     try:
-                        model(batch.to(device), use_cache=False)
+                        model(batch.to(source), use_cache=False)
                     except _Captured:
                         pass
         finally:
             handle.remove()
+        self.hidden = [_moved(h, self.device, dtype) for h in self.hidden]
+        self.kwargs = [_moved(k, self.device, dtype) for k in self.kwargs]
 
     @property
     def tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
     def run(self, layer: nn.Module, *, collect: bool, advance: bool) -> LayerStats | None:
-        """Run ``layer`` over every batch; collect its projection-input statistics and/or move on."""
-        hooks = _StatsHooks(self.adapter, layer) if collect else nullcontext()
+        """Run ``layer`` over every batch; collect its projection-input statistics and/or move on.
+
+        The statistics come back on the CPU, summed over all processes when the stream has ``reduce``.
+        """
+        work = self._working_copy(layer)
+        hooks = _StatsHooks(self.adapter, work, self.device) if collect else nullcontext()
         with hooks as stats, torch.inference_mode():
             outputs = []
             for hidden, kwargs in zip(self.hidden, self.kwargs):
-                out = layer(hidden, **kwargs)
+                out = work(hidden, **kwargs)
                 if advance:
                     outputs.append(out[0] if isinstance(out, tuple) else out)
         if advance:
             self.hidden = outputs
-        return stats
+        if stats is not None and self.reduce is not None:
+            self.reduce(stats)
+        return stats.to("cpu") if stats is not None else None
+
+    def _working_copy(self, layer: nn.Module) -> nn.Module:
+        """``layer`` itself if it already lives on the stream's device in its dtype, else a copy there."""
+        weight = next(layer.parameters())
+        if weight.device == self.device and self.dtype in (None, weight.dtype):
+            return layer
+        return copy.deepcopy(layer).to(self.device, self.dtype)
 
 
 def collect_statistics(model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size: int = 8,
-                       progress: bool = True) -> StatsStore:
-    """Statistics of every layer's output-projection inputs on the dense model, one layer at a time."""
-    stream = LayerStream(model, adapter, tokens, batch_size)
+                       progress: bool = True, **stream_options) -> StatsStore:
+    """Statistics of every layer's output-projection inputs on the dense model, one layer at a time.
+
+    ``stream_options`` (device, dtype, reduce) go to LayerStream.
+    """
+    stream = LayerStream(model, adapter, tokens, batch_size, **stream_options)
     stats = StatsStore()
     for layer in tqdm(adapter.layers(), desc="calibrating", unit="layer", disable=not progress):
         stats.append(stream.run(layer, collect=True, advance=True))
     return stats
+
+
+def _moved(value, device: torch.device, dtype: torch.dtype | None):
+    """``value`` (a tensor, or tuples/lists/dicts of them) on ``device``; floating tensors in ``dtype``."""
+    if torch.is_tensor(value):
+        return value.to(device, dtype if dtype is not None and value.is_floating_point() else None)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(v, device, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _moved(v, device, dtype) for k, v in value.items()}
+    return value
 
 
 class _Captured(Exception):
@@ -156,9 +209,9 @@ class _Captured(Exception):
 class _StatsHooks:
     """Forward pre-hooks that feed the two output projections' inputs into LayerStats."""
 
-    def __init__(self, adapter: Adapter, layer: nn.Module):
+    def __init__(self, adapter: Adapter, layer: nn.Module, device: torch.device):
         attn, mlp = adapter.attention_output(layer), adapter.mlp_output(layer)
-        self.stats = LayerStats(*(InputStats.empty(projection_weight(m).shape[1]) for m in (attn, mlp)))
+        self.stats = LayerStats(*(InputStats.empty(projection_weight(m).shape[1], device) for m in (attn, mlp)))
         self.targets = [(attn, self.stats.attention), (mlp, self.stats.mlp)]
         self.handles = []
 

@@ -8,7 +8,10 @@ import sys
 
 from numprune.errors import NumpruneError
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 DATA_HELP = "sotu, moby-dick, sotu-val, emails, wikitext2, ptb, c4, or a .txt / .jsonl file"
+IMAGE_EVAL = "digits"  # --eval digits: image measures of an image generator
+CALIB_CFG_SCALE = 2.0  # guidance of an image generator's self-generated calibration samples
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except NumpruneError as error:
-        print(f"numprune: error: {error}", file=sys.stderr)
+        print(f"numprune: error: {error}{_process_note()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("numprune: interrupted; nothing was written", file=sys.stderr)
@@ -34,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="numprune", description="Numerical structured pruning of autoregressive "
                                      "transformers: whole heads and MLP channels removed, kept weights corrected.")
     commands = parser.add_subparsers(dest="command", required=True)
-    model_help = "model: 'smollm2' (embedded default), a local folder, or a hub id"
+    model_help = "model: 'smollm2' (embedded default), 'gemma3-270m' (optional package), a local folder, or a hub id"
 
     p = commands.add_parser("prune", help="prune a model and save the narrower one")
     p.add_argument("--model", default=None, help=model_help)
@@ -61,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_eval_options(p, ("--eval", "--eval-seqlen", "--eval-windows"), None,
                       "also measure dense and pruned perplexity on these (comma-separated)")
+    _add_image_eval_options(p)
+    p.add_argument("--stream", action="store_true", help="read the weights from the --model safetensors folder one "
+                   "decoder layer at a time and write the result layer by layer: the model never sits in memory whole")
+    p.add_argument("--device", default="cpu", help="where each layer's pass runs: cpu (default), cuda or cuda:N; "
+                   "the weights wait in CPU memory or on disk")
+    p.add_argument("--dtype", default=None, choices=sorted(COMPUTE_DTYPES), help="precision of the layer passes "
+                   "(default: the weights' own); statistics and solves stay in float64")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_prune)
 
@@ -78,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_calibration_options(p)
     _add_eval_options(p, ("--data", "--eval-seqlen", "--eval-windows"), "sotu,moby-dick",
                       "evaluation data (comma-separated)")
+    _add_image_eval_options(p)
     p.add_argument("--out", required=True, help="output folder for results.json/.csv/.md and perplexity.png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -90,6 +101,15 @@ def _parser() -> argparse.ArgumentParser:
     from numprune.bench import add_bench_parser
 
     add_bench_parser(commands)
+    from numprune.evaluate.zeroshot import add_eval_parser
+
+    add_eval_parser(commands)
+    from numprune.image.grid import add_generate_parser
+
+    add_generate_parser(commands)
+    from numprune.image.digits import add_train_digits_parser
+
+    add_train_digits_parser(commands)
     return parser
 
 
@@ -101,6 +121,42 @@ def _add_eval_options(p: argparse.ArgumentParser, flags: tuple[str, str, str], d
                    help="at most this many non-overlapping windows (default: all)")
 
 
+def _add_image_eval_options(p: argparse.ArgumentParser) -> None:
+    from numprune.image.grid import add_sampling_options
+
+    group = p.add_argument_group(
+        "image generators", f"measured against the held-out real digits (Fréchet distance, class accuracy, held-out "
+        f"NLL) instead of perplexity: always in compare (--data is then not used), in prune with --eval {IMAGE_EVAL}")
+    group.add_argument("--eval-per-class", type=int, default=50, help="generated images per class (default 50)")
+    group.add_argument("--eval-seed", type=int, default=1, help="sampling seed of the measured images (default 1, "
+                       "apart from calibration's); the guidance is --calib-cfg-scale's unless --cfg-scale is given")
+    add_sampling_options(group)
+
+
+def _image_evaluator(args, model, always: bool):
+    """The image measures for an image generator (always, or on ``--eval digits``); None for a language model."""
+    from numprune.evaluate.image import DigitsEvaluator, DigitsProtocol, is_image_generator
+    from numprune.image.grid import is_digits_model, sampling_options
+
+    specs = _eval_specs(args)
+    if not is_image_generator(model):
+        if IMAGE_EVAL in specs:
+            raise NumpruneError(f"--eval {IMAGE_EVAL} measures image generators; this is a language model")
+        return None
+    if not always and set(specs) - {IMAGE_EVAL}:
+        raise NumpruneError(f"an image generator is measured with --eval {IMAGE_EVAL}, not on text")
+    if not (always or specs):
+        return None
+    if not is_digits_model(model):
+        raise NumpruneError("image measures are built in for the digits model only; for an ImageNet LlamaGen use "
+                            "numprune.evaluate.image.inception_metrics (FID, IS, precision, recall)")
+    _check_positive(eval_per_class=args.eval_per_class)
+    # Unless told otherwise, the measured images are sampled with the calibration samples' guidance.
+    sampling = {"cfg_scale": args.calib_cfg_scale, **sampling_options(args)}
+    protocol = DigitsProtocol(per_class=args.eval_per_class, seed=args.eval_seed, **sampling)
+    return DigitsEvaluator(protocol, progress=not args.quiet)
+
+
 def _add_calibration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="sotu", help=f"calibration data: {DATA_HELP} (default: sotu, addresses before 2000)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
@@ -108,26 +164,89 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows and for the random "
                    "method (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    p.add_argument("--calib-per-class", type=int, default=128, help="image generators: calibrate on this many "
+                   "sequences per class sampled by the dense model itself (default 128; --calib is not used)")
+    p.add_argument("--calib-cfg-scale", type=float, default=CALIB_CFG_SCALE, help="image generators: guidance scale "
+                   f"of the calibration samples (default {CALIB_CFG_SCALE})")
 
 
 def _run_prune(args) -> int:
-    from numprune.api import PruneOptions, prune
-    from numprune.save import save_pruned
+    """Prune in memory or streaming from disk; under torchrun every process calibrates on its share."""
+    from numprune.distributed import process_group
+
+    dtype = _compute_dtype(args)
+    with process_group(args.device) as device:
+        return (_prune_streaming if args.stream else _prune_in_memory)(args, device, dtype)
+
+
+def _prune_options(args) -> dict:
+    from numprune.api import PruneOptions
 
     options = dict(method=args.method, allocation=args.allocation, gqa_unit=args.gqa_unit, round_to=args.round_to,
                    compensation="none" if args.no_compensate else args.compensation,
                    compensation_stats=args.compensation_stats, compensation_damp=args.damp,
                    score_options=_score_options(args))
     PruneOptions(ratio=args.ratio, **options).resolve()
-    model, tokenizer, source, tokens, calib_info, eval_sets = _prepare(args)
+    return options
+
+
+def _compute_dtype(args):
+    """The layer passes' dtype; a CUDA device that is not there fails here, before any work."""
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise NumpruneError(f"--device {args.device}: torch sees no CUDA device")
+    if not args.device.startswith(("cpu", "cuda")):
+        raise NumpruneError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    return getattr(torch, args.dtype) if args.dtype else None
+
+
+def _prune_streaming(args, device: str, dtype) -> int:
+    from numprune.data.assets import smollm2_folder
+    from numprune.data.corpora import calibration_windows, get_source
+    from numprune.distributed import world
+    from numprune.models import EMBEDDED_MODEL
+    from numprune.save import check_output
+    from numprune.stream import check_folder, load_tokenizer, prune_streaming
+
+    options = _prune_options(args)
+    if args.eval_data:
+        raise NumpruneError("--eval needs the whole model in memory; with --stream, run `numprune ppl` on the output")
+    _check_positive(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size)
+    check_output(args.out, args.overwrite)
+    get_source(args.calib)
+    folder = check_folder(smollm2_folder() if args.model in (None, EMBEDDED_MODEL) else args.model)
+    tokenizer = load_tokenizer(folder)
+    tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    report = prune_streaming(folder, tokens, ratio=args.ratio, out=args.out, overwrite=args.overwrite,
+                             tokenizer=tokenizer, batch_size=args.batch_size, progress=not args.quiet and world().writer,
+                             calibration_info=calib_info, device=device, dtype=dtype, **options)
+    if world().writer:
+        _print_prune_summary(report, args.out)
+    return 0
+
+
+def _prune_in_memory(args, device: str, dtype) -> int:
+    from numprune.api import prune
+    from numprune.distributed import world
+    from numprune.save import save_pruned
+
+    options = _prune_options(args)
+    model, tokenizer, source, tokens, calib_info, eval_sets, images = _prepare(args)
     dense_ppl = {spec: _ppl(model, w, args) for spec, (w, _) in eval_sets.items()}
-    pruned, report = prune(model, tokens, ratio=args.ratio, batch_size=args.batch_size, progress=not args.quiet,
-                           calibration_info=calib_info, **options)
+    dense_images = images(model)[0] if images else None
+    pruned, report = prune(model, tokens, ratio=args.ratio, batch_size=args.batch_size,
+                           progress=not args.quiet and world().writer, calibration_info=calib_info, device=device,
+                           dtype=dtype, **options)
     del model
+    if not world().writer:
+        return 0
     report["model"] = source
     if eval_sets:
         report["perplexity"] = {spec: {"dense": dense_ppl[spec], "pruned": _ppl(pruned, w, args), "protocol": info}
                                 for spec, (w, info) in eval_sets.items()}
+    if images:
+        report["image_measures"] = {"dense": dense_images, "pruned": images(pruned)[0], "protocol": images.describe()}
     out = save_pruned(pruned, tokenizer, report, args.out, args.overwrite)
     _print_prune_summary(report, out)
     return 0
@@ -140,31 +259,42 @@ def _run_compare(args) -> int:
     for entry in methods:
         compare.parse_method(entry)
     ratios = _ratios(args.ratios)
-    model, _, source, tokens, calib_info, eval_sets = _prepare(args)
+    model, _, source, tokens, calib_info, eval_sets, images = _prepare(args)
     results = compare.run_grid(model, tokens, methods, ratios, eval_sets, calibration_info=calib_info,
-                               batch_size=args.batch_size, progress=not args.quiet)
+                               batch_size=args.batch_size, progress=not args.quiet, images=images)
     results["model"] = source
     out = compare.write(results, args.out, args.overwrite)
     print(compare.markdown(results))
     print(f"calibration {results['calibration_s']:.0f}s once for {len(methods) * len(ratios)} runs "
           f"(saved about {results['calibration_saved_s']:.0f}s); whole sweep {results['sweep_s']:.0f}s")
-    print(f"saved: {out}/results.json, results.csv, results.md, perplexity.png")
+    pictures = "measures.png, samples.png" if images else "perplexity.png"
+    print(f"saved: {out}/results.json, results.csv, results.md, {pictures}")
     return 0
 
 
 def _prepare(args):
-    """Check everything cheap first, then load the model and draw calibration and evaluation windows."""
+    """Check everything cheap first, then load the model and draw calibration and evaluation windows
+    (for an image generator: self-generated calibration, and the image measures' evaluator)."""
     from numprune.data.corpora import calibration_windows, get_source
+    from numprune.evaluate.image import is_image_generator
+    from numprune.image.calibration import self_generated_calibration
     from numprune.save import check_output
 
-    _check_positive(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size)
+    _check_positive(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
+                    calib_per_class=args.calib_per_class)
     check_output(args.out, args.overwrite)
     get_source(args.calib)
     specs = _eval_specs(args)
     model, tokenizer, source = _load(args.model)
-    tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
-    eval_sets = {spec: _eval_windows(tokenizer, spec, args) for spec in specs}
-    return model, tokenizer, source, tokens, calib_info, eval_sets
+    images = _image_evaluator(args, model, always=args.command == "compare")  # None for a language model
+    if is_image_generator(model):  # calibrates on sequences it samples itself, class by class (the paper's way)
+        tokens, calib_info = self_generated_calibration(model, args.calib_per_class, cfg_scale=args.calib_cfg_scale,
+                                                        seed=args.seed, progress=not args.quiet)
+    else:
+        tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    text_specs = [] if is_image_generator(model) else [spec for spec in specs if spec != IMAGE_EVAL]
+    eval_sets = {spec: _eval_windows(tokenizer, spec, args) for spec in text_specs}
+    return model, tokenizer, source, tokens, calib_info, eval_sets, images
 
 
 def _ratios(text: str) -> list[float]:
@@ -211,11 +341,12 @@ def _run_info(args) -> int:
 
 def _load(spec):
     from numprune.adapters import adapter_for
+    from numprune.evaluate.image import is_image_generator
     from numprune.models import load_model
 
     model, tokenizer, source = load_model(spec)
     adapter_for(model)  # an unsupported family fails here, before any long work
-    if tokenizer is None:
+    if tokenizer is None and not is_image_generator(model):  # an image generator's tokens need none
         raise NumpruneError(f"model {source} has no tokenizer; save one beside it")
     return model, tokenizer, source
 
@@ -228,7 +359,8 @@ def _eval_specs(args) -> list[str]:
     _check_positive(eval_seqlen=args.eval_seqlen, **({"eval_windows": args.eval_windows} if args.eval_windows else {}))
     specs = [s.strip() for s in args.eval_data.split(",") if s.strip()]
     for spec in specs:
-        get_source(spec)
+        if spec != IMAGE_EVAL:
+            get_source(spec)
     return specs
 
 
@@ -251,6 +383,14 @@ def _score_options(args) -> dict:
     return {"seed": args.seed} if args.method == "random" else {}
 
 
+def _process_note() -> str:
+    """Under torchrun, which process speaks (none for process 0, which prints the summary)."""
+    import os
+
+    rank, size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return f" (process {rank} of {size})" if rank != "0" else ""
+
+
 def _check_positive(**values) -> None:
     for name, value in values.items():
         if value is None or value < 1:
@@ -269,8 +409,17 @@ def _print_prune_summary(report: dict, out) -> None:
         protocol = ppl["protocol"]
         print(f"perplexity on {spec} ({protocol['windows']} x {protocol['seqlen']} tokens): "
               f"dense {ppl['dense']:.2f} -> pruned {ppl['pruned']:.2f}")
+    if "image_measures" in report:
+        dense, pruned = report["image_measures"]["dense"], report["image_measures"]["pruned"]
+        print(f"image measures ({report['image_measures']['protocol']['per_class']} per class vs held-out digits): "
+              f"Fréchet distance {dense['frechet_distance']:.2f} -> {pruned['frechet_distance']:.2f}, class accuracy "
+              f"{dense['class_accuracy']:.1%} -> {pruned['class_accuracy']:.1%}, held-out NLL "
+              f"{dense['heldout_nll']:.4f} -> {pruned['heldout_nll']:.4f} nats/token")
     times = ", ".join(f"{k} {v:.1f}s" for k, v in report["time_s"].items())
-    print(f"time: {times}; peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB")
+    gpu = f", peak GPU {report['peak_gpu_bytes'] / 2**30:.2f} GiB" if "peak_gpu_bytes" in report else ""
+    compute = report.get("compute", {})
+    print(f"time: {times}; peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB{gpu}; layer passes on "
+          f"{compute.get('device')} in {compute.get('dtype')}, {compute.get('world_size')} process(es)")
     loader = ("plain transformers" if report["loads_without_numprune"]
               else "AutoModelForCausalLM after `import numprune`")
     print(f"saved: {out} (loads with {loader}; report in {out}/pruning_report.json)")

@@ -5,6 +5,9 @@ variances of the output projections' inputs); each method and ratio then reuses 
 costs one calibration plus one cheap scoring/compensation/surgery per cell. A method entry is a
 name with optional overrides, e.g. ``numerical``, ``numerical:compensation=none`` or
 ``numerical:compensation_stats=sequential:iterations=1``.
+
+On an image generator the columns are image measures (``numprune.evaluate.image``) instead of
+perplexities, and each model's samples are kept for one side-by-side picture, ``samples.png``.
 """
 
 from __future__ import annotations
@@ -18,11 +21,15 @@ from pathlib import Path
 from numprune.api import PruneOptions, calibrate, prune
 from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import perplexity
+from numprune.image.grid import by_class, grid_image, save_png, side_by_side
 from numprune.save import atomic_folder
 
 SCORE_OPTIONS = {"lambda_rel": float, "damp": float, "iterations": int, "seed": int}
 PRUNE_OPTIONS = {"allocation": str, "gqa_unit": str, "round_to": int, "compensation": str,
                  "compensation_stats": str, "compensation_damp": float}
+IMAGE_MEASURES = {"frechet_distance": "Fréchet distance", "class_accuracy": "class accuracy",
+                  "heldout_nll": "held-out NLL"}
+GRID_COLUMNS = 8  # samples per class shown in samples.png
 
 
 def parse_method(entry: str) -> tuple[str, dict]:
@@ -47,17 +54,27 @@ def parse_method(entry: str) -> tuple[str, dict]:
 
 
 def run_grid(model, tokens, methods: list[str], ratios: list[float], eval_sets: dict, *, calibration_info: dict,
-             batch_size: int = 8, progress: bool = True) -> dict:
-    """Prune and evaluate every method at every ratio; returns the results with their protocol."""
-    parsed = [(entry, *parse_method(entry)) for entry in methods]
+             batch_size: int = 8, progress: bool = True, images=None) -> dict:
+    """Prune and evaluate every method at every ratio; returns the results with their protocol.
 
-    def ppl(m):
-        return {spec: perplexity(m, windows, progress=False)["ppl"] for spec, (windows, _) in eval_sets.items()}
+    ``images``, a ``DigitsEvaluator``, replaces perplexity on ``eval_sets`` with image measures and
+    keeps each model's samples under ``results["samples"]`` (not saved in results.json).
+    """
+    parsed = [(entry, *parse_method(entry)) for entry in methods]
+    samples = {}
+
+    def evaluate(m, name: str) -> dict:
+        if images is None:
+            return {"ppl": {spec: perplexity(m, windows, progress=False)["ppl"]
+                            for spec, (windows, _) in eval_sets.items()}}
+        measures, pictures, labels = images(m)
+        samples[name] = (pictures, labels)
+        return {"measures": measures}
 
     start = time.perf_counter()
     stats = calibrate(model, tokens, batch_size, progress)
     calibration_s = time.perf_counter() - start
-    rows = [{"method": "dense", "ratio": 0.0, "achieved_ratio": 0.0, "ppl": ppl(model),
+    rows = [{"method": "dense", "ratio": 0.0, "achieved_ratio": 0.0, **evaluate(model, "dense"),
              "params": sum(p.numel() for p in model.parameters())}]
     for entry, name, options in parsed:
         for ratio in ratios:
@@ -70,61 +87,79 @@ def run_grid(model, tokens, methods: list[str], ratios: list[float], eval_sets: 
                 continue
             row.update(achieved_ratio=report["parameters"]["achieved_ratio"],
                        params=report["parameters"]["total_after"], options=report["options"],
-                       time_s=report["time_s"], ppl=ppl(pruned))
+                       time_s=report["time_s"], **evaluate(pruned, f"{entry} {ratio:.0%}"))
             rows.append(row)
             if progress:
-                print(f"{entry} @ {ratio:.0%}: " + ", ".join(f"{k} {v:.2f}" for k, v in row["ppl"].items()), flush=True)
+                print(f"{entry} @ {ratio:.0%}: " + ", ".join(f"{k} {v:.3g}" for k, v in
+                                                               row.get("ppl", row.get("measures")).items()), flush=True)
     sweep_s = time.perf_counter() - start
-    runs = sum(1 for r in rows[1:] if "ppl" in r)
-    return {"calibration": {**calibration_info, "tokens": int(tokens.numel())},
-            "evaluation": {spec: info for spec, (_, info) in eval_sets.items()},
+    runs = sum(1 for r in rows[1:] if "error" not in r)
+    evaluation = images.describe() if images is not None else {spec: info for spec, (_, info) in eval_sets.items()}
+    return {"calibration": {**calibration_info, "tokens": int(tokens.numel())}, "evaluation": evaluation,
             "calibration_s": round(calibration_s, 2), "sweep_s": round(sweep_s, 2),
-            "calibration_saved_s": round(calibration_s * max(runs - 1, 0), 2), "rows": rows}
+            "calibration_saved_s": round(calibration_s * max(runs - 1, 0), 2), "rows": rows,
+            **({"samples": samples} if images is not None else {})}
+
+
+def _columns(results: dict) -> list[tuple[str, str, str]]:
+    """``(row key, name, title)`` of each result column: perplexity per evaluation set, or the image measures."""
+    if "samples" in results or any("measures" in r for r in results["rows"]):
+        return [("measures", name, title) for name, title in IMAGE_MEASURES.items()]
+    return [("ppl", spec, spec) for spec in results["evaluation"]]
+
+
+def _cell(key: str, name: str, row: dict) -> str:
+    if key not in row:
+        return row["error"]
+    value = row[key][name]
+    return f"{value:.1%}" if name == "class_accuracy" else f"{value:.3f}" if key == "measures" else f"{value:.2f}"
 
 
 def markdown(results: dict) -> str:
-    specs = list(results["evaluation"])
-    lines = ["| method | ratio | achieved | " + " | ".join(specs) + " |", "|---" * (3 + len(specs)) + "|"]
+    columns = _columns(results)
+    lines = ["| method | ratio | achieved | " + " | ".join(c[2] for c in columns) + " |", "|---" * (3 + len(columns)) + "|"]
     for row in results["rows"]:
-        cells = [f"{row['ppl'][s]:.2f}" for s in specs] if "ppl" in row else [row["error"]] * len(specs)
+        cells = [_cell(key, name, row) for key, name, _ in columns]
         achieved = f"{row['achieved_ratio']:.1%}" if "achieved_ratio" in row else "-"
         lines.append(f"| {row['method']} | {row['ratio']:.0%} | {achieved} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def table_csv(results: dict) -> str:
-    specs = list(results["evaluation"])
+    columns = _columns(results)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["method", "ratio", "achieved_ratio", "params", *[f"ppl_{s}" for s in specs], "error"])
+    writer.writerow(["method", "ratio", "achieved_ratio", "params",
+                     *[f"ppl_{name}" if key == "ppl" else name for key, name, _ in columns], "error"])
     for row in results["rows"]:
         writer.writerow([row["method"], row["ratio"], row.get("achieved_ratio", ""), row.get("params", ""),
-                         *[row["ppl"][s] if "ppl" in row else "" for s in specs], row.get("error", "")])
+                         *[row[key][name] if key in row else "" for key, name, _ in columns], row.get("error", "")])
     return buffer.getvalue()
 
 
 def plot(results: dict, path: Path) -> None:
-    """Perplexity against ratio, log scale, one line per method, one panel per evaluation set."""
+    """Each column (perplexity on a log scale, or an image measure) against ratio, one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    specs = list(results["evaluation"])
-    fig, axes = plt.subplots(1, len(specs), figsize=(5.5 * len(specs), 4.2), squeeze=False)
+    columns = _columns(results)
+    fig, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns), 4.2), squeeze=False)
     dense = results["rows"][0]
     methods = list(dict.fromkeys(r["method"] for r in results["rows"][1:]))
-    for ax, spec in zip(axes[0], specs):
+    for ax, (key, name, title) in zip(axes[0], columns):
         for method in methods:
-            points = [(r["achieved_ratio"], r["ppl"][spec]) for r in results["rows"] if r["method"] == method
-                      and "ppl" in r]
+            points = [(r["achieved_ratio"], r[key][name]) for r in results["rows"] if r["method"] == method
+                      and key in r]
             if points:
                 ax.plot(*zip(*points), marker="o", label=method)
-        ax.axhline(dense["ppl"][spec], color="black", linestyle="--", label="dense")
-        ax.set_yscale("log")
+        ax.axhline(dense[key][name], color="black", linestyle="--", label="dense")
+        if key == "ppl":
+            ax.set_yscale("log")
         ax.set_xlabel("removed share of attention+MLP parameters")
-        ax.set_ylabel("perplexity (log scale)")
-        ax.set_title(spec)
+        ax.set_ylabel("perplexity (log scale)" if key == "ppl" else title)
+        ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -133,11 +168,22 @@ def plot(results: dict, path: Path) -> None:
 
 
 def write(results: dict, out: Path, overwrite: bool) -> Path:
-    """results.json, results.csv, results.md and perplexity.png, written atomically into ``out``."""
+    """results.json, results.csv, results.md and perplexity.png (an image generator: measures.png and
+    samples.png, every model's samples side by side), written atomically into ``out``."""
     with atomic_folder(out, overwrite) as tmp:
-        (tmp / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        saved = {k: v for k, v in results.items() if k != "samples"}
+        (tmp / "results.json").write_text(json.dumps(saved, indent=2) + "\n")
         (tmp / "results.csv").write_text(table_csv(results))
         (tmp / "results.md").write_text(markdown(results))
-        plot(results, tmp / "perplexity.png")
+        plot(results, tmp / ("measures.png" if "samples" in results else "perplexity.png"))
+        if "samples" in results:
+            save_png(samples_picture(results["samples"], results["evaluation"]["classes"]), tmp / "samples.png")
     return Path(out)
+
+
+def samples_picture(samples: dict, classes: list[int]):
+    """Every model's samples as a grid (rows: classes), the grids side by side, captioned with the model."""
+    per_row = min(GRID_COLUMNS, min(int((labels == c).sum()) for _, labels in samples.values() for c in classes))
+    return side_by_side({name: grid_image(by_class(images, labels, classes, per_row))
+                         for name, (images, labels) in samples.items()})
 

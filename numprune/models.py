@@ -7,10 +7,16 @@ from pathlib import Path
 
 import torch
 
-from numprune.data.assets import SMOLLM2_PACKAGE, smollm2_folder
+from numprune.data.assets import GEMMA3_PACKAGE, SMOLLM2_PACKAGE, gemma3_270m_folder, smollm2_folder
 from numprune.errors import NumpruneError
 
 EMBEDDED_MODEL = "smollm2"
+DIGITS_MODEL = "digits"  # a small LlamaGen trained on scikit-learn's digits (numprune.image.digits)
+# Models that reach this machine as PyPI packages: spec -> (cached folder, name, role, package).
+REGISTRY_MODELS = {
+    EMBEDDED_MODEL: (smollm2_folder, "SmolLM2-135M-Instruct", "embedded", SMOLLM2_PACKAGE),
+    "gemma3-270m": (gemma3_270m_folder, "Gemma 3 270M", "optional", GEMMA3_PACKAGE),
+}
 # Files whose presence means a folder ships a tokenizer (fast, sentencepiece or BPE vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -18,16 +24,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
     """Return ``(model, tokenizer, description)`` for ``spec``, the model in eval mode.
 
-    ``None`` or ``"smollm2"`` is the embedded SmolLM2-135M-Instruct (works offline); an existing
-    folder is loaded as saved (its tokenizer is None if it has none, as a pruned model saved
-    without one); anything else is a hub id. The description says where the model came from, for
-    reports.
+    ``None`` or ``"smollm2"`` is the embedded SmolLM2-135M-Instruct (works offline), ``"gemma3-270m"``
+    Gemma 3 270M when its optional package is installed, ``"digits"`` the embedded digits image
+    generator (trained and cached on first use; tokenizer None); an existing folder is loaded as saved (its
+    tokenizer is None if it has none, as a pruned model saved without one); anything else is a hub
+    id. The description says where the model came from, for reports.
     """
-    if spec is None or spec == EMBEDDED_MODEL:
-        folder = smollm2_folder()
-        version = importlib.metadata.version(SMOLLM2_PACKAGE)
-        description = f"SmolLM2-135M-Instruct (embedded, {SMOLLM2_PACKAGE} {version})"
+    if spec is None or spec in REGISTRY_MODELS:
+        folder_of, name, role, package = REGISTRY_MODELS[spec or EMBEDDED_MODEL]
+        folder = folder_of()  # a clear error first when the package is missing
+        description = f"{name} ({role}, {package} {importlib.metadata.version(package)})"
         return *_load(str(folder), dtype, with_tokenizer=True), description
+    if spec == DIGITS_MODEL:  # the embedded image generator: no tokenizer (its tokens are grey levels)
+        from numprune.image.digits import DIGITS_DESCRIPTION, digits_model_folder
+
+        return *_load(str(digits_model_folder()), dtype, with_tokenizer=False), DIGITS_DESCRIPTION
     folder = Path(spec).expanduser()
     if folder.is_dir():
         has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)

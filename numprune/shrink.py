@@ -14,13 +14,18 @@ from transformers.initialization import no_init_weights
 from numprune.adapters import Adapter, LayerPlan
 
 
+def kept_slices(state: dict[str, torch.Tensor], kept: dict[str, tuple[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``state`` with the tensors named in ``kept`` (``adapter.kept_indices``) cut down to their kept slices."""
+    return {**state, **{name: state[name].index_select(dim, index.to(state[name].device)).contiguous()
+                        for name, (dim, index) in kept.items()}}
+
+
 def shrink(adapter: Adapter, plans: list[LayerPlan]) -> PreTrainedModel:
     """A new model with only the kept heads and channels of ``adapter.model``."""
     model = adapter.model
     state = model.state_dict()
     for i, plan in enumerate(plans):
-        for name, (dim, index) in adapter.kept_indices(i, plan).items():
-            state[name] = state[name].index_select(dim, index.to(state[name].device)).contiguous()
+        state = kept_slices(state, adapter.kept_indices(i, plan))
     config = adapter.pruned_config(plans)
     config._attn_implementation = model.config._attn_implementation
     dtype = next(model.parameters()).dtype

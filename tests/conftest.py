@@ -20,8 +20,12 @@ def tiny_llama(shape: str = "gqa", layers: int = 3, seed: int = 0, **overrides) 
     torch.manual_seed(seed)
     fields = dict(vocab_size=97, num_hidden_layers=layers, max_position_embeddings=128, tie_word_embeddings=True)
     config = LlamaConfig(**{**fields, **SHAPES[shape], **overrides})
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # break the symmetric default init so that scores differ between units
+    return break_symmetry(LlamaForCausalLM(config).eval())
+
+
+def break_symmetry(model):
+    """``model`` with its matrices redrawn: the default init is too symmetric for scores to differ between units."""
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.2)

@@ -79,12 +79,12 @@ def test_existing_output_and_unsupported_models_are_refused(tiny_folder, tmp_pat
     assert done.returncode == 2 and "already exists" in done.stderr
     assert list(out.iterdir()) == []
 
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BloomConfig, BloomForCausalLM
 
-    gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(gpt2)
-    done = numprune("prune", "--model", gpt2, "--ratio", "0.3", "--out", tmp_path / "o")
-    assert done.returncode == 2 and "model type 'gpt2' is not supported" in done.stderr
+    bloom = tmp_path / "bloom"
+    BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=50)).save_pretrained(bloom)
+    done = numprune("prune", "--model", bloom, "--ratio", "0.3", "--out", tmp_path / "o")
+    assert done.returncode == 2 and "model type 'bloom' is not supported" in done.stderr
     assert not (tmp_path / "o").exists()
 
     done = numprune("info", "--model", tmp_path / "nowhere")

@@ -15,25 +15,38 @@ from numprune.errors import NumpruneError
 from numprune.save import REPORT_NAME, save_pruned
 
 RELOAD = """
-import sys, torch{extra}
+import sys, torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
-probe = load_file(sys.argv[2])["probe"]
-with torch.no_grad():
-    save_file({{"logits": model(probe).logits.contiguous()}}, sys.argv[3])
-print(type(model).__name__, "numprune" in sys.modules)
+probe = load_file(sys.argv[1])["probe"]
+logits = {}
+for i, folder in enumerate(sys.argv[3:]):
+    if folder == "--import-numprune":
+        import numprune
+        continue
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits[str(len(logits))] = model(probe).logits.contiguous()
+    print(type(model).__name__, "numprune" in sys.modules)
+save_file(logits, sys.argv[2])
 """
 
 
-def reload_logits(folder: Path, probe: torch.Tensor, tmp_path: Path, import_numprune: bool):
+def reload_all(plain: list[Path], with_numprune: list[Path], probe: torch.Tensor, tmp_path: Path):
+    """Load ``plain`` folders, then ``import numprune`` and load ``with_numprune``, in one fresh process
+    with AutoModelForCausalLM: [(logits, (class name, whether numprune was imported))], in that order."""
     from safetensors.torch import save_file
 
     save_file({"probe": probe}, tmp_path / "probe.safetensors")
-    script = RELOAD.format(extra="\nimport numprune" if import_numprune else "")
-    done = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "probe.safetensors"),
-                           str(tmp_path / "logits.safetensors")], capture_output=True, text=True, check=True)
-    return load_file(tmp_path / "logits.safetensors")["logits"], done.stdout.split()
+    folders = [*map(str, plain), "--import-numprune", *map(str, with_numprune)]
+    done = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "probe.safetensors"),
+                           str(tmp_path / "logits.safetensors"), *folders], capture_output=True, text=True, check=True)
+    logits = load_file(tmp_path / "logits.safetensors")
+    return [(logits[str(i)], tuple(line.split())) for i, line in enumerate(done.stdout.splitlines())]
+
+
+def reload_logits(folder: Path, probe: torch.Tensor, tmp_path: Path, import_numprune: bool):
+    return reload_all([] if import_numprune else [folder], [folder] if import_numprune else [], probe, tmp_path)[0]
 
 
 @pytest.mark.parametrize("allocation,plain", [("uniform", True), ("global", False)])

@@ -5,10 +5,19 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from numprune.adapters.base import Adapter, AttentionLayout, LayerPlan, UnitCosts
+from numprune.adapters.gemma import Gemma2Adapter, Gemma3TextAdapter
+from numprune.adapters.gpt2 import GPT2Adapter
 from numprune.adapters.llama import LlamaAdapter
+from numprune.adapters.llamagen import LlamaGenAdapter
+from numprune.adapters.mistral import MistralAdapter
+from numprune.adapters.opt import OPTAdapter
+from numprune.adapters.phi3 import Phi3Adapter
+from numprune.adapters.qwen2 import Qwen2Adapter
+from numprune.adapters.qwen3 import Qwen3Adapter
 from numprune.errors import NumpruneError
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter,)
+ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Gemma2Adapter,
+                                       Gemma3TextAdapter, Phi3Adapter, OPTAdapter, GPT2Adapter, LlamaGenAdapter)
 
 
 def supported_model_types() -> list[str]:

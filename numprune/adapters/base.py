@@ -122,6 +122,18 @@ def projection_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 
+def fused_indices(*blocks: tuple[int, torch.Tensor]) -> torch.Tensor:
+    """Kept indices into a fused dimension of consecutive blocks, given (block size, kept indices in it) each.
+
+    E.g. Phi-3's ``qkv_proj`` rows [q; k; v] or GPT-2's ``c_attn`` columns [q | k | v].
+    """
+    kept, offset = [], 0
+    for size, index in blocks:
+        kept.append(index + offset)
+        offset += size
+    return torch.cat(kept)
+
+
 def head_channels(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
     """The projection channels of the given heads, in head order."""
     return (torch.tensor(heads, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)

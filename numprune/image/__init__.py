@@ -1,0 +1,1 @@
+"""Class-conditional image generation: sampling, self-generated calibration, the embedded digits model."""

@@ -1,0 +1,197 @@
+"""Pictures of generated samples: a PNG grid (rows = classes, columns = samples) and panels side by side.
+
+Token ids become pixels through a decoder: the digits tokenizer (17 grey levels on an 8x8 grid)
+for the digits model, or, for any other image generator (a LlamaGen with its VQ decoder, say), a
+hook named as ``module:function`` whose function takes a LongTensor ``[N, image_tokens]`` and
+returns floats in [0, 1], ``[N, H, W]`` (grey) or ``[N, 3, H, W]`` (colour). Only PIL is used
+(it comes with matplotlib), so the pixel size of a grid is exact: each image is enlarged by an
+integer ``scale`` (nearest neighbour, so that single pixels stay visible) and separated by ``pad``
+background pixels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from numprune.errors import NumpruneError
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def decoder_for(model, hook: str | None = None) -> Decoder:
+    """How ``model``'s tokens become images: ``hook`` (``module:function``) if given, else the digits tokenizer."""
+    if hook:
+        module_name, _, function = hook.partition(":")
+        try:
+            decode = getattr(importlib.import_module(module_name), function) if function else None
+        except (ImportError, AttributeError) as e:
+            raise NumpruneError(f"decoder hook {hook!r} cannot be loaded: {e}") from None
+        if not callable(decode):
+            raise NumpruneError(f"decoder hook {hook!r} must name a function, as module:function")
+        return decode
+    from numprune.image.digits import tokens_to_images
+
+    if not is_digits_model(model):
+        raise NumpruneError("this image model has no built-in decoder (only the digits model has one); name one "
+                            "with --decoder module:function (token ids [N, T] -> floats in [0, 1], [N, H, W] or "
+                            "[N, 3, H, W])")
+    return tokens_to_images
+
+
+def is_digits_model(model) -> bool:
+    """Whether ``model`` speaks the digits tokenizer's language: 10 classes, 17 grey levels, 8x8 tokens."""
+    from numprune.image.digits import DIGITS_CLASSES, DIGITS_LEVELS, DIGITS_TOKENS
+
+    config = model.config
+    return (config.vocab_size, config.num_classes, config.image_tokens) == (DIGITS_LEVELS, DIGITS_CLASSES, DIGITS_TOKENS)
+
+
+def grid_image(images: torch.Tensor, *, scale: int = 4, pad: int = 2, background: int = 255):
+    """A PIL image of ``images`` laid out as a grid: ``[rows, cols, H, W]`` or ``[rows, cols, 3, H, W]`` in [0, 1].
+
+    The result is ``cols * (W * scale + pad) + pad`` pixels wide and ``rows * (H * scale + pad) + pad`` high.
+    """
+    from PIL import Image
+
+    if images.dim() == 4:
+        images = images[:, :, None].expand(-1, -1, 3, -1, -1)
+    if images.dim() != 5 or images.shape[2] != 3:
+        raise NumpruneError(f"a grid needs images shaped [rows, cols, H, W] or [rows, cols, 3, H, W], "
+                            f"got {tuple(images.shape)}")
+    if scale < 1 or pad < 0:
+        raise NumpruneError(f"grid scale must be >= 1 and padding >= 0, got {scale} and {pad}")
+    rows, cols, _, height, width = images.shape
+    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = pixels.repeat_interleave(scale, dim=3).repeat_interleave(scale, dim=4)
+    cell_h, cell_w = height * scale + pad, width * scale + pad
+    canvas = np.full((rows * cell_h + pad, cols * cell_w + pad, 3), background, dtype=np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            top, left = pad + r * cell_h, pad + c * cell_w
+            canvas[top:top + height * scale, left:left + width * scale] = pixels[r, c].permute(1, 2, 0).numpy()
+    return Image.fromarray(canvas)
+
+
+def side_by_side(panels: dict, *, gap: int = 8, caption_height: int = 14):
+    """One PIL image with ``panels`` (caption -> PIL image) in a row, each captioned above."""
+    from PIL import Image, ImageDraw
+
+    width = sum(p.width for p in panels.values()) + gap * (len(panels) + 1)
+    height = max(p.height for p in panels.values()) + caption_height + 2 * gap
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    left = gap
+    for caption, panel in panels.items():
+        draw.text((left, gap // 2), caption, fill="black")
+        canvas.paste(panel, (left, gap + caption_height))
+        left += panel.width + gap
+    return canvas
+
+
+def by_class(images: torch.Tensor, labels: torch.Tensor, classes: list[int], per_row: int) -> torch.Tensor:
+    """``[len(classes), per_row, ...]``: the first ``per_row`` images of each class, in class order."""
+    rows = []
+    for c in classes:
+        chosen = images[labels == c][:per_row]
+        if len(chosen) < per_row:
+            raise NumpruneError(f"class {c} has {len(chosen)} images, fewer than the {per_row} a grid row needs")
+        rows.append(chosen)
+    return torch.stack(rows)
+
+
+def save_png(image, path: str | os.PathLike) -> Path:
+    """Write a PIL image as PNG, atomically (a temporary file beside it, renamed when complete)."""
+    path = Path(path)
+    if not path.resolve().parent.is_dir():
+        raise NumpruneError(f"no folder to write {path} into")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.resolve().parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def parse_classes(text: str, num_classes: int) -> list[int]:
+    """``"0-9"``, ``"3"`` or ``"0-4,7"`` -> class ids, each checked against ``num_classes``."""
+    classes = []
+    for part in (p.strip() for p in text.split(",")):
+        first, sep, last = part.partition("-")
+        try:
+            classes += list(range(int(first), int(last) + 1)) if sep else [int(first)]
+        except ValueError:
+            raise NumpruneError(f"--classes must look like 0-9 or 1,3,5, got {text!r}") from None
+    if not classes or min(classes) < 0 or max(classes) >= num_classes:
+        raise NumpruneError(f"--classes {text!r} must name classes between 0 and {num_classes - 1}")
+    return classes
+
+
+def add_sampling_options(p) -> None:
+    """Sampling options of an image generator; unset ones fall back to ``numprune.image.sampling.generate``'s."""
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (1: all)")
+
+
+def sampling_options(args) -> dict:
+    names = ("cfg_scale", "temperature", "top_k", "top_p")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def add_generate_parser(commands) -> None:
+    """The ``generate`` subcommand: samples of an image generator as a PNG grid."""
+    p = commands.add_parser("generate", help="sample an image generator and save a PNG grid (rows: classes)")
+    p.add_argument("--model", required=True, help="image generator: 'digits' or a local folder")
+    p.add_argument("--classes", default="0-9", help="classes, e.g. 0-9 or 1,3,5 (default 0-9)")
+    p.add_argument("--per-class", type=int, default=8, help="samples per class: the grid's columns (default 8)")
+    add_sampling_options(p)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences generated at once (default 64)")
+    p.add_argument("--decoder", default=None, help="module:function turning token ids [N, T] into images in "
+                   "[0, 1] (default: the digits tokenizer, for the digits model)")
+    p.add_argument("--scale", type=int, default=4, help="enlarge each pixel to N x N (default 4)")
+    p.add_argument("--grid", required=True, help="PNG file to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_generate)
+
+
+def run_generate(args) -> int:
+    import time
+
+    from numprune.cli import _check_positive
+    from numprune.evaluate.image import is_image_generator
+    from numprune.image.sampling import generate
+    from numprune.models import load_model
+
+    _check_positive(per_class=args.per_class, batch_size=args.batch_size, scale=args.scale)
+    if not Path(args.grid).resolve().parent.is_dir():
+        raise NumpruneError(f"no folder to write {args.grid} into")
+    model, _, source = load_model(args.model)
+    if not is_image_generator(model):
+        raise NumpruneError(f"{source} is not an image generator (model type {model.config.model_type})")
+    classes = parse_classes(args.classes, model.config.num_classes)
+    decode = decoder_for(model, args.decoder)
+    labels = torch.tensor(classes).repeat_interleave(args.per_class)
+    start = time.perf_counter()
+    tokens = generate(model, labels, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+                      **sampling_options(args))
+    seconds = time.perf_counter() - start
+    images = decode(tokens)
+    path = save_png(grid_image(images.reshape(len(classes), args.per_class, *images.shape[1:]), scale=args.scale),
+                    args.grid)
+    print(f"model: {source}")
+    print(f"generated {len(labels)} images ({len(classes)} classes x {args.per_class}) in {seconds:.1f}s "
+          f"({len(labels) / seconds:.1f} images/s)")
+    print(f"saved: {path}")
+    return 0

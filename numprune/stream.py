@@ -1,0 +1,273 @@
+"""Pruning a model larger than memory: weights read from disk one decoder layer at a time.
+
+The model is built as a skeleton on the meta device from its config (buffers such as rotary
+frequencies are real; they are tiny). ``StreamedModel`` is a layer source for numprune.api's run:
+it materialises, from the memory-mapped safetensors files, the modules before the first layer
+while the first layer's inputs are captured, then layer i for its statistics and scores, and
+after the global allocation layer i again for compensation; each compensated layer is sliced and
+written to its own output shard at once, and every layer is freed (back to meta) after its visit.
+Tensors outside the decoder layers (embeddings, final norm, LM head) are copied as they are.
+Weights keep the checkpoint's dtype; ``dtype`` only sets the precision of the layer passes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import sys
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.initialization import no_init_weights
+
+from numprune import distributed
+from numprune.adapters import LayerPlan, adapter_for
+from numprune.api import Compute, _Clock, _compensate, _report, _resolve, _select, parameter_counts
+from numprune.errors import NumpruneError
+from numprune.models import TOKENIZER_FILES
+from numprune.save import REPORT_NAME, atomic_folder, check_output
+from numprune.shrink import kept_slices
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+# Files copied beside the pruned weights as they are (the tokenizer's, and generation defaults).
+SIDE_FILES = (*TOKENIZER_FILES, "special_tokens_map.json", "merges.txt", "added_tokens.json", "generation_config.json")
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, and peak RSS creeps up layer by layer)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _allocate_large_blocks_apart() -> None:
+    """Serve blocks of 1 MiB and more with their own mappings, returned to the OS when freed.
+
+    glibc raises its mmap threshold each time such a block is freed, after which layer-sized
+    tensors come from the heap and stay resident; a fixed threshold (as MALLOC_MMAP_THRESHOLD_
+    would set) keeps peak memory at about one layer's work.
+    """
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
+def check_folder(folder: str | os.PathLike) -> Path:
+    """``folder`` if it holds a config and safetensors weights; else one clear error, before any work."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise NumpruneError(f"--stream needs a local model folder; {folder} is not one")
+    if not (folder / "config.json").is_file():
+        raise NumpruneError(f"{folder} has no config.json")
+    if not ((folder / INDEX_NAME).is_file() or (folder / WEIGHTS_NAME).is_file()):
+        raise NumpruneError(f"streaming needs a folder of safetensors weights ({WEIGHTS_NAME} or {INDEX_NAME}); "
+                            f"{folder} has neither")
+    return folder
+
+
+def load_tokenizer(folder: Path):
+    """The tokenizer saved in ``folder`` (for drawing calibration windows)."""
+    from transformers import AutoTokenizer
+
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise NumpruneError(f"model {folder} has no tokenizer; save one beside it")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+class Checkpoint:
+    """The tensors of a safetensors folder (one file, or shards with an index), read a few at a time.
+
+    Files are memory-mapped only while tensors are read from them: a mapping kept open would keep
+    every page ever read resident, and the process would end up holding the whole model.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        if (folder / INDEX_NAME).is_file():
+            try:
+                self.weight_map: dict[str, str] = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError):
+                raise NumpruneError(f"{folder / INDEX_NAME} is not a safetensors index (no weight_map)") from None
+        else:
+            with self._open(WEIGHTS_NAME) as f:
+                self.weight_map = dict.fromkeys(f.keys(), WEIGHTS_NAME)
+
+    def _open(self, file: str):
+        path = self.folder / file
+        try:
+            return safe_open(path, "pt")
+        except (OSError, SafetensorError) as e:
+            raise NumpruneError(f"cannot read safetensors file {path}: {e}") from None
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names``: views of the files' pages, which stay mapped only while a tensor lives."""
+        missing = [n for n in names if n not in self.weight_map]
+        if missing:
+            raise NumpruneError(f"the checkpoint has no tensor {missing[0]!r} (streaming needs the checkpoint's tensor "
+                                "names to match the model's)")
+        tensors = {}
+        for file in sorted({self.weight_map[n] for n in names}):
+            with self._open(file) as f:
+                tensors |= {n: f.get_tensor(n) for n in names if self.weight_map[n] == file}
+        return tensors
+
+    def dtype(self) -> torch.dtype:
+        """The dtype most of the tensors have (read from the file headers only)."""
+        names = Counter()
+        for file in sorted(set(self.weight_map.values())):
+            with self._open(file) as f:
+                names.update(f.get_slice(n).get_dtype() for n in f.keys())
+        name = names.most_common(1)[0][0]
+        if name not in SAFETENSORS_DTYPES:
+            raise NumpruneError(f"cannot prune weights stored as {name}")
+        return SAFETENSORS_DTYPES[name]
+
+
+class StreamedModel:
+    """A layer source (see numprune.api) whose layers wait on disk until visited."""
+
+    def __init__(self, folder: str | os.PathLike, clock: _Clock):
+        self.folder = check_folder(folder)
+        self.checkpoint = Checkpoint(self.folder)
+        try:
+            config = AutoConfig.from_pretrained(self.folder)
+        except (OSError, ValueError, KeyError) as e:
+            raise NumpruneError(f"cannot read the config of {folder}: {str(e).splitlines()[0]}") from None
+        from accelerate import init_empty_weights
+
+        self.dtype = self.checkpoint.dtype()
+        with init_empty_weights(include_buffers=False), no_init_weights():  # buffers (rotary tables) are real
+            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype).eval()
+        self.model.tie_weights()
+        self.adapter = adapter_for(self.model)
+        modules = {id(m): name for name, m in self.model.named_modules()}
+        self.layers_prefix = modules[id(self.adapter.layers())] + "."
+        output = self.model.get_output_embeddings()
+        self.output_prefix = modules[id(output)] + "." if output is not None else None
+        self.clock = clock
+        self.out: Path | None = None  # set while the output is written; None on processes that do not write
+        self.weight_map: dict[str, str] = {}
+
+    def _shard(self, number: int) -> str:
+        return f"model-{number:05d}-of-{self.adapter.num_layers() + 1:05d}.safetensors"
+
+    @contextmanager
+    def _loaded(self, module: nn.Module, prefix: str, names: list[str]) -> Iterator[None]:
+        """``module``'s tensors ``names`` read from the checkpoint (``prefix`` + name) while the block runs."""
+        with self.clock.timed("loading"):
+            tensors = self.checkpoint.read([prefix + n for n in names])
+            module.load_state_dict({n: tensors[prefix + n] for n in names}, strict=False, assign=True)
+        try:
+            yield
+        finally:  # back to meta, with whatever the block added (a compensation bias): memory is freed
+            state = module.state_dict()
+            module.load_state_dict({n: torch.empty_like(t, device="meta") for n, t in state.items() if not t.is_meta},
+                                   strict=False, assign=True)
+            del state
+            _release_freed_memory()
+
+    @contextmanager
+    def layer(self, i: int) -> Iterator[nn.Module]:
+        layer = self.adapter.layers()[i]
+        with self._loaded(layer, f"{self.layers_prefix}{i}.", list(layer.state_dict())):
+            yield layer
+
+    @contextmanager
+    def inputs(self) -> Iterator[None]:
+        """The modules outside the decoder layers (but the output head), loaded while the block runs."""
+        names = [n for n in self.model.state_dict() if not n.startswith(self.layers_prefix)
+                 and not (self.output_prefix and n.startswith(self.output_prefix))]
+        with self._loaded(self.model, "", names):
+            yield
+
+    def done(self, i: int, layer: nn.Module, plan: LayerPlan) -> None:
+        """Slice the compensated layer and write it to its own shard (on the writing process)."""
+        if self.out is None:
+            return
+        prefix = f"{self.layers_prefix}{i}."
+        state = kept_slices({prefix + n: t for n, t in layer.state_dict().items()}, self.adapter.kept_indices(i, plan))
+        self._write(state, self._shard(i + 1))
+
+    def _write(self, state: dict[str, torch.Tensor], shard: str) -> None:
+        save_file({n: t.contiguous() for n, t in state.items()}, self.out / shard, metadata={"format": "pt"})
+        self.weight_map |= dict.fromkeys(state, shard)
+
+    def finish(self, plans: list[LayerPlan]) -> nn.Module:
+        """Write the tensors outside the layers, the index and the config; return the pruned skeleton.
+
+        Biases the pruned config implies but no layer has (q/k/v beside a bias-compensated o_proj)
+        are written as zeros, as ``shrink`` does in memory.
+        """
+        config = self.adapter.pruned_config(plans)
+        with torch.device("meta"), no_init_weights():
+            pruned = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        pruned.tie_weights()
+        rest = self.checkpoint.read([n for n in self.checkpoint.weight_map if not n.startswith(self.layers_prefix)])
+        state = pruned.state_dict()
+        expected = {n for n, _ in pruned.named_parameters()} | {n for n, _ in pruned.named_buffers() if n in state}
+        missing = expected - set(self.weight_map) - set(rest)
+        unexpected = set(self.weight_map) - set(state)
+        if unexpected or any(not n.endswith(".bias") for n in missing):
+            raise RuntimeError(f"pruned tensors do not fit the pruned config: {sorted(missing | unexpected)}")
+        rest |= {n: torch.zeros(state[n].shape, dtype=state[n].dtype) for n in missing}
+        self._write(rest, self._shard(self.adapter.num_layers() + 1))
+        total = sum((self.out / f).stat().st_size for f in set(self.weight_map.values()))
+        (self.out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
+                                                       "weight_map": dict(sorted(self.weight_map.items()))}, indent=2))
+        config.dtype = self.dtype
+        config.save_pretrained(self.out)
+        for name in SIDE_FILES:
+            if (self.folder / name).is_file() and not (self.out / name).exists():
+                shutil.copy2(self.folder / name, self.out / name)
+        return pruned
+
+
+def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, *, ratio: float, out: str | os.PathLike,
+                    overwrite: bool = False, tokenizer=None, batch_size: int = 8, progress: bool = True,
+                    calibration_info: dict | None = None, device: torch.device | str | None = "cpu",
+                    dtype: torch.dtype | None = None, **options) -> dict:
+    """Prune the safetensors model in ``folder`` into ``out`` without ever loading it whole; return the report.
+
+    Same options and same result as ``numprune.prune`` on the loaded model followed by
+    ``save_pruned``. ``tokenizer`` is saved beside the weights if given (else the folder's
+    tokenizer files are copied). In a process group only process 0 writes ``out``.
+    """
+    opts = _resolve(ratio, options, tokens, None)
+    _allocate_large_blocks_apart()
+    world = distributed.world()
+    if world.writer:
+        check_output(out, overwrite)
+    compute = Compute(batch_size, progress, device, dtype)
+    clock = _Clock(device)
+    source = StreamedModel(folder, clock)
+    before = parameter_counts(source.adapter)
+    plans, stats = _select(source, tokens, None, opts, compute, clock)
+    if not world.writer and opts.compensation_stats == "dense":
+        return {}  # compensation needs no other process: process 0 does it alone
+    with atomic_folder(out, overwrite) if world.writer else nullcontext() as tmp:
+        source.out = tmp
+        _compensate(source.adapter, plans, stats, tokens, opts, batch_size, progress, source=source,
+                    compute=compute, clock=clock)
+        if not world.writer:
+            return {}
+        with clock.timed("surgery"):
+            pruned = source.finish(plans)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        report = _report(opts, tokens, calibration_info, before, pruned, plans, clock,
+                         {**compute.describe(source.adapter), "streaming": True})
+        report["model"] = str(source.folder.resolve())
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,132 @@
+"""Streaming from disk gives exactly the in-memory result; compute precision; report fields; bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_llama, tiny_tokens
+from numprune import NumpruneError, prune, prune_streaming, save_pruned
+from numprune.adapters import adapter_for
+from numprune.calibrate import collect_statistics
+from numprune.cli import main
+
+
+def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved folder, whichever way it is sharded."""
+    return {name: t for shard in sorted(folder.glob("*.safetensors")) for name, t in load_file(shard).items()}
+
+
+def save_input(model, folder: Path, sharded: bool) -> Path:
+    model.save_pretrained(folder, max_shard_size="20KB" if sharded else "1GB")
+    assert (folder / "model.safetensors.index.json").exists() == sharded
+    return folder
+
+
+@pytest.mark.parametrize("shape,sharded,options", [
+    ("gqa", True, dict(allocation="global")),
+    ("gqa9", False, dict(allocation="global", gqa_unit="kv-group")),
+    ("mha", True, dict(method="flap")),  # bias compensation: new o_proj/down_proj biases, zero q/k/v biases
+    ("gqa", False, dict(compensation_stats="sequential", allocation="uniform")),
+])
+def test_streaming_equals_in_memory(shape, sharded, options, tmp_path):
+    model = tiny_llama(shape, layers=3)
+    tokens = tiny_tokens(6, 16)
+    folder = save_input(model, tmp_path / "dense", sharded)
+    dense = saved_tensors(folder)
+    pruned, report = prune(model, tokens, ratio=0.3, batch_size=4, progress=False, **options)
+    save_pruned(pruned, None, report, tmp_path / "memory")
+    streamed = prune_streaming(folder, tokens, ratio=0.3, out=tmp_path / "streamed", batch_size=4, progress=False,
+                               **options)
+
+    assert streamed["layers"] == report["layers"] and streamed["parameters"] == report["parameters"]
+    assert streamed["config_class"] == report["config_class"]
+    expected, got = saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "streamed")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    config = [json.loads((tmp_path / f / "config.json").read_text()) for f in ("memory", "streamed")]
+    assert config[0] == config[1]
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(got)
+    assert json.loads((tmp_path / "streamed" / "pruning_report.json").read_text())["layers"] == report["layers"]
+    assert all(torch.equal(t, dense[n]) for n, t in saved_tensors(folder).items())  # the input is left as it was
+
+
+def test_streamed_folder_loads_in_a_fresh_process(tmp_path):
+    model = tiny_llama("gqa", layers=3)
+    tokens = tiny_tokens(6, 16)
+    folder = save_input(model, tmp_path / "dense", sharded=True)
+    pruned, _ = prune(model, tokens, ratio=0.4, batch_size=4, progress=False)
+    prune_streaming(folder, tokens, ratio=0.4, out=tmp_path / "out", batch_size=4, progress=False)
+    probe = tiny_tokens(2, 10, seed=3)
+    save_file({"probe": probe}, tmp_path / "probe.safetensors")
+    script = ("import sys, numprune, torch; from safetensors.torch import load_file, save_file; "
+              "from transformers import AutoModelForCausalLM; "
+              "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); "
+              "p = load_file(sys.argv[2])['probe']; "
+              "save_file({'logits': m(p).logits.detach().contiguous()}, sys.argv[3])")
+    done = subprocess.run([sys.executable, "-c", script, tmp_path / "out", tmp_path / "probe.safetensors",
+                           tmp_path / "logits.safetensors"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with torch.no_grad():
+        torch.testing.assert_close(load_file(tmp_path / "logits.safetensors")["logits"], pruned(probe).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_report_states_compute_time_and_memory(tmp_path):
+    model = tiny_llama("gqa", layers=2)
+    tokens = tiny_tokens(6, 16)
+    _, report = prune(model, tokens, ratio=0.3, batch_size=4, progress=False, dtype=torch.bfloat16)
+    assert report["compute"] == {"device": "cpu", "dtype": "bfloat16", "world_size": 1}
+    assert set(report["time_s"]) >= {"calibration", "scoring", "compensation", "surgery", "total"}
+    assert 0 < sum(v for k, v in report["time_s"].items() if k != "total") <= report["time_s"]["total"] + 1e-3
+    assert report["calibration"]["tokens"] == 96 and report["calibration"]["tokens_per_s"] > 0
+    assert report["peak_rss_bytes"] > 50 * 2**20 and "peak_gpu_bytes" not in report  # no CUDA here
+    streamed = prune_streaming(save_input(model, tmp_path / "dense", False), tokens, ratio=0.3, out=tmp_path / "out",
+                               batch_size=4, progress=False)
+    assert streamed["compute"]["dtype"] == "float32" and streamed["compute"]["streaming"] is True
+    assert streamed["time_s"]["loading"] > 0 and streamed["model"] == str((tmp_path / "dense").resolve())
+
+
+def test_bfloat16_pass_keeps_float64_statistics(tokens):
+    model = tiny_llama("gqa", layers=2)
+    adapter = adapter_for(model)
+    full = collect_statistics(model, adapter, tokens, 4, progress=False)
+    half = collect_statistics(model, adapter, tokens, 4, progress=False, dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.float32  # the model itself is left as it was
+    for i in range(2):
+        a, b = full[i].mlp, half[i].mlp
+        assert b.gram.dtype == torch.float64 and b.count == a.count
+        assert not torch.equal(a.gram, b.gram)  # the pass really ran in bfloat16 ...
+        torch.testing.assert_close(b.gram, a.gram, rtol=0.1, atol=0.05 * a.gram.abs().max().item())  # ... and is close
+
+
+def test_bad_streaming_input_is_one_clear_error(tmp_path, capsys):
+    model = tiny_llama("gqa", layers=2)
+    tokens = tiny_tokens(6, 16)
+    (tmp_path / "bin").mkdir()
+    model.config.save_pretrained(tmp_path / "bin")
+    with pytest.raises(NumpruneError, match="safetensors weights"):
+        prune_streaming(tmp_path / "bin", tokens, ratio=0.3, out=tmp_path / "o1", progress=False)
+    folder = save_input(model, tmp_path / "dense", False)
+    state = load_file(folder / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(NumpruneError, match="no tensor 'model.layers.1.mlp.up_proj.weight'"):
+        prune_streaming(folder, tokens, ratio=0.3, out=tmp_path / "o2", progress=False)
+    assert not (tmp_path / "o2").exists()
+    capsys.readouterr()
+
+    for args, message in ((["--model", tmp_path / "nowhere", "--stream"], "is not one"),
+                          (["--model", tmp_path / "bin", "--stream"], "safetensors weights"),
+                          (["--model", folder, "--stream", "--eval", "sotu"], "--eval needs the whole model"),
+                          (["--model", folder, "--device", "cuda:0"], "no CUDA device"),
+                          (["--model", folder, "--device", "tpu"], "--device must be")):
+        assert main(["prune", "--ratio", "0.3", "--out", str(tmp_path / "o3"), *map(str, args)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("numprune: error:") and message in err and "\n" not in err
