@@ -33,6 +33,9 @@ from numprune.adapters import Adapter
 from numprune.adapters.base import projection_weight
 
 
+GRAM_BLOCK = 2048  # rows of X^T X formed at once (float32, then float64): bounds the temporaries to 2048 x D
+
+
 @dataclass
 class InputStats:
     """Sufficient statistics of the inputs of one linear layer."""
@@ -51,7 +54,8 @@ class InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self.gram += (x.T @ x).double()
+        for start in range(0, x.shape[1], GRAM_BLOCK):  # a block of rows at a time: no [D, D] temporaries
+            self.gram[start:start + GRAM_BLOCK] += (x[:, start:start + GRAM_BLOCK].T @ x).double()
         self.total += x.sum(0).double()
         self.count += x.shape[0]
 

@@ -190,3 +190,15 @@ def test_statistics_wait_on_disk_and_come_back_exactly(tokens):
             assert torch.equal(a.gram, b.gram) and torch.equal(a.total, b.total) and a.count == b.count
     with pytest.raises(IndexError):
         stats[len(stats)]
+
+
+def test_gram_matrix_formed_in_row_blocks_equals_the_whole_product(monkeypatch):
+    from numprune.calibrate import InputStats
+
+    monkeypatch.setitem(InputStats.add.__globals__, "GRAM_BLOCK", 3)  # 7 channels: blocks of 3, 3 and 1 rows
+    x = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(0))
+    stats = InputStats.empty(7)
+    stats.add(x)
+    flat = x.reshape(-1, 7).double()
+    torch.testing.assert_close(stats.gram, flat.T @ flat, rtol=1e-6, atol=1e-6)
+    assert stats.count == 10
