@@ -103,10 +103,28 @@ class Adapter(ABC):
         return (layout.num_heads * costs.query_head + layout.num_kv_heads * costs.kv_head
                 + self.mlp_width(layer_idx) * costs.channel)
 
+    def kept_channels(self, layer_idx: int, plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projection channels the plan keeps: the query heads', the KV heads' and the MLP channels."""
+        head_dim = self.attention_layout(layer_idx).head_dim
+        return (head_channels(plan.heads, head_dim), head_channels(plan.kv_heads, head_dim),
+                torch.tensor(plan.channels, dtype=torch.long))
+
+    def kept_qkv(self, layer_idx: int, plan: LayerPlan) -> torch.Tensor:
+        """The kept channels of a fused [q; k; v] projection (Phi-3's qkv_proj, GPT-2's c_attn, LlamaGen's wqkv)."""
+        layout = self.attention_layout(layer_idx)
+        q, kv, _ = self.kept_channels(layer_idx, plan)
+        q_size, kv_size = layout.num_heads * layout.head_dim, layout.num_kv_heads * layout.head_dim
+        return fused_indices((q_size, q), (kv_size, kv), (kv_size, kv))
+
     def kept_inputs(self, layer_idx: int, plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Input channels the plan keeps in the attention and MLP output projections."""
-        head_dim = self.attention_layout(layer_idx).head_dim
-        return head_channels(plan.heads, head_dim), torch.tensor(plan.channels, dtype=torch.long)
+        q, _, channels = self.kept_channels(layer_idx, plan)
+        return q, channels
+
+    def output_biases(self) -> tuple[bool, bool]:
+        """Whether any layer's attention / MLP output projection has a bias (FLAP's compensation adds one)."""
+        return tuple(any(get(layer).bias is not None for layer in self.layers())
+                     for get in (self.attention_output, self.mlp_output))
 
     def full_plan(self, layer_idx: int) -> LayerPlan:
         layout = self.attention_layout(layer_idx)

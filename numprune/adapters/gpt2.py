@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from numprune.adapters.base import AttentionLayout, LayerPlan, UnitCosts, fused_indices, head_channels
+from numprune.adapters.base import AttentionLayout, LayerPlan, UnitCosts
 from numprune.adapters.stock import StockAdapter
 from numprune.modeling.families import GPT2
 
@@ -29,12 +29,8 @@ class GPT2Adapter(StockAdapter):
                          channel=2 * hidden + 1)  # a c_fc column + bias and a c_proj row
 
     def kept_indices(self, layer_idx: int, plan: LayerPlan) -> dict[str, tuple[int, torch.Tensor]]:
-        layout = self.attention_layout(layer_idx)
-        hd = layout.head_dim
-        q = head_channels(plan.heads, hd)
-        kv = head_channels(plan.kv_heads, hd)
-        qkv = fused_indices((layout.num_heads * hd, q), (layout.num_kv_heads * hd, kv), (layout.num_kv_heads * hd, kv))
-        ch = torch.tensor(plan.channels, dtype=torch.long)
+        q, _, ch = self.kept_channels(layer_idx, plan)
+        qkv = self.kept_qkv(layer_idx, plan)
         p = self.prefix(layer_idx)
         return {p + "attn.c_attn.weight": (1, qkv), p + "attn.c_attn.bias": (0, qkv), p + "attn.c_proj.weight": (0, q),
                 p + "mlp.c_fc.weight": (1, ch), p + "mlp.c_fc.bias": (0, ch), p + "mlp.c_proj.weight": (0, ch)}

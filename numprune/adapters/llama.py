@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from numprune.adapters.base import AttentionLayout, LayerPlan, UnitCosts, head_channels
+from numprune.adapters.base import AttentionLayout, LayerPlan, UnitCosts
 from numprune.adapters.stock import StockAdapter, sliced_rows
 from numprune.modeling.families import LLAMA
 
@@ -30,10 +30,7 @@ class LlamaAdapter(StockAdapter):
         )
 
     def kept_indices(self, layer_idx: int, plan: LayerPlan) -> dict[str, tuple[int, torch.Tensor]]:
-        hd = self.attention_layout(layer_idx).head_dim
-        q = head_channels(plan.heads, hd)
-        kv = head_channels(plan.kv_heads, hd)
-        ch = torch.tensor(plan.channels, dtype=torch.long)
+        q, kv, ch = self.kept_channels(layer_idx, plan)
         kept = {"self_attn.q_proj": q, "self_attn.k_proj": kv, "self_attn.v_proj": kv,
                 "mlp.gate_proj": ch, "mlp.up_proj": ch}
         return {**sliced_rows(self.layers()[layer_idx], self.prefix(layer_idx), kept),

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from numprune.adapters.base import Adapter, AttentionLayout, LayerPlan, UnitCosts, fused_indices, head_channels
+from numprune.adapters.base import Adapter, AttentionLayout, LayerPlan, UnitCosts
 from numprune.modeling.llamagen import LlamaGenConfig
 from numprune.modeling.per_layer import PER_LAYER_FIELDS
 
@@ -38,16 +38,10 @@ class LlamaGenAdapter(Adapter):
         return UnitCosts(query_head=2 * hidden * hd, kv_head=2 * hidden * hd, channel=3 * hidden)
 
     def kept_indices(self, layer_idx: int, plan: LayerPlan) -> dict[str, tuple[int, torch.Tensor]]:
-        layout = self.attention_layout(layer_idx)
-        hd = layout.head_dim
-        q = head_channels(plan.heads, hd)
-        kv = head_channels(plan.kv_heads, hd)
-        q_rows, kv_rows = layout.num_heads * hd, layout.num_kv_heads * hd
-        fused = fused_indices((q_rows, q), (kv_rows, kv), (kv_rows, kv))  # rows of [q; k; v] that stay
-        ch = torch.tensor(plan.channels, dtype=torch.long)
+        q, _, ch = self.kept_channels(layer_idx, plan)
         p = f"layers.{layer_idx}."
         return {
-            p + "attention.wqkv.weight": (0, fused),
+            p + "attention.wqkv.weight": (0, self.kept_qkv(layer_idx, plan)),
             p + "attention.wo.weight": (1, q),
             p + "feed_forward.w1.weight": (0, ch),
             p + "feed_forward.w3.weight": (0, ch),
@@ -57,16 +51,14 @@ class LlamaGenAdapter(Adapter):
     def pruned_config(self, plans: list[LayerPlan]) -> PretrainedConfig:
         base = {k: v for k, v in self.config.to_dict().items()
                 if k not in ("model_type", "architectures", "transformers_version", *PER_LAYER_FIELDS)}
-        layers = self.layers()
+        attention_bias, mlp_bias = self.output_biases()  # FLAP's bias compensation gives wo / w2 a bias
         heads = [len(p.heads) for p in plans]
         kv_heads = [len(p.kv_heads) for p in plans]
         widths = [len(p.channels) for p in plans]
         config = LlamaGenConfig(**{
             **base, "num_attention_heads": max(heads), "num_key_value_heads": max(kv_heads),
             "intermediate_size": max(widths), "head_dim": self.attention_layout(0).head_dim,
-            # FLAP's bias compensation gives wo / w2 a bias.
-            "attention_output_bias": any(layer.attention.wo.bias is not None for layer in layers),
-            "mlp_output_bias": any(layer.feed_forward.w2.bias is not None for layer in layers),
+            "attention_output_bias": attention_bias, "mlp_output_bias": mlp_bias,
             "layer_num_attention_heads": heads, "layer_num_key_value_heads": kv_heads,
             "layer_intermediate_sizes": widths})
         config.architectures = ["LlamaGenForCausalLM"]

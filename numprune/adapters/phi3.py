@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from numprune.adapters.base import AttentionLayout, LayerPlan, UnitCosts, fused_indices, head_channels
+from numprune.adapters.base import AttentionLayout, LayerPlan, UnitCosts, fused_indices
 from numprune.adapters.llama import LlamaAdapter
 from numprune.adapters.stock import StockAdapter
 from numprune.modeling.families import PHI3
@@ -25,15 +25,11 @@ class Phi3Adapter(LlamaAdapter):
         return UnitCosts(query_head=2 * hidden * hd, kv_head=2 * hidden * hd, channel=3 * hidden)
 
     def kept_indices(self, layer_idx: int, plan: LayerPlan) -> dict[str, tuple[int, torch.Tensor]]:
-        layout = self.attention_layout(layer_idx)
-        hd, width = layout.head_dim, self.mlp_width(layer_idx)
-        q = head_channels(plan.heads, hd)
-        kv = head_channels(plan.kv_heads, hd)
-        ch = torch.tensor(plan.channels, dtype=torch.long)
+        q, _, ch = self.kept_channels(layer_idx, plan)
+        width = self.mlp_width(layer_idx)
         p = self.prefix(layer_idx)
         return {
-            p + "self_attn.qkv_proj.weight": (0, fused_indices((layout.num_heads * hd, q), (layout.num_kv_heads * hd, kv),
-                                                               (layout.num_kv_heads * hd, kv))),
+            p + "self_attn.qkv_proj.weight": (0, self.kept_qkv(layer_idx, plan)),
             p + "self_attn.o_proj.weight": (1, q),
             p + "mlp.gate_up_proj.weight": (0, fused_indices((width, ch), (width, ch))),
             p + "mlp.down_proj.weight": (1, ch),

@@ -58,8 +58,7 @@ class StockAdapter(Adapter):
         kv_heads = [len(p.kv_heads) for p in plans]
         widths = [len(p.channels) for p in plans]
         head_dim = self.attention_layout(0).head_dim
-        biases = [any(get(layer).bias is not None for layer in self.layers())
-                  for get in (self.attention_output, self.mlp_output)]
+        biases = self.output_biases()
         base = {k: v for k, v in self.config.to_dict().items() if k not in _NOT_CARRIED}
         if len(set(zip(heads, kv_heads, widths))) == 1:
             config = self._stock_config(base, heads[0], kv_heads[0], widths[0], head_dim, *biases)
