@@ -43,21 +43,14 @@ def measure(model, *, batch_size: int = 1, prompt_len: int = 64, new_tokens: int
         runs = [_generate(model, prompt, new_tokens) for _ in range(repeats)]
     prefill_s = [r[0] for r in runs]
     decode_s = [r[1] for r in runs]
-    weight_bytes = _weight_bytes(model)
     return {
         "protocol": {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "warmup": warmup,
-                     "repeats": repeats, "seed": seed, "device": _device_name(device),
-                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                     "torch_threads": torch.get_num_threads()},
+                     "repeats": repeats, "seed": seed, **_runtime(model)},
         "prefill": {**_throughput(batch_size * prompt_len, prefill_s), "latency_s": statistics.median(prefill_s)},
         "decode": {**_throughput(batch_size * new_tokens, decode_s),
                    "ms_per_token": 1000 * statistics.median(decode_s) / new_tokens},
-        "weight_bytes": weight_bytes,
         "kv_cache_bytes": runs[-1][2],
-        "memory_kind": memory.kind,
-        "memory_before_bytes": memory.before,
-        "memory_peak_bytes": memory.peak,
-        "model_peak_bytes": weight_bytes + memory.peak - memory.before,
+        **_memory_report(model, memory),
     }
 
 
@@ -86,20 +79,13 @@ def measure_images(model, *, batch_size: int = 8, warmup: int = 1, repeats: int 
             run()
         seconds = [run() for _ in range(repeats)]
     rates = [batch_size / s for s in seconds]
-    weight_bytes = _weight_bytes(model)
     return {
         "protocol": {"batch_size": batch_size, "image_tokens": model.config.image_tokens, "warmup": warmup,
-                     "repeats": repeats, "seed": seed, "sampling": sampling, "device": _device_name(device),
-                     "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                     "torch_threads": torch.get_num_threads()},
+                     "repeats": repeats, "seed": seed, "sampling": sampling, **_runtime(model)},
         "generation": {"images_per_s": statistics.median(rates), "images_per_s_min": min(rates),
                        "images_per_s_max": max(rates),
                        "tokens_per_s": statistics.median(rates) * model.config.image_tokens},
-        "weight_bytes": weight_bytes,
-        "memory_kind": memory.kind,
-        "memory_before_bytes": memory.before,
-        "memory_peak_bytes": memory.peak,
-        "model_peak_bytes": weight_bytes + memory.peak - memory.before,
+        **_memory_report(model, memory),
     }
 
 
@@ -128,6 +114,20 @@ def _generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, floa
 def _throughput(tokens: int, seconds: list[float]) -> dict:
     rates = [tokens / s for s in seconds]
     return {"tokens_per_s": statistics.median(rates), "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates)}
+
+
+def _runtime(model) -> dict:
+    """Where and how a measurement ran, for its protocol."""
+    weight = next(model.parameters())
+    return {"device": _device_name(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
+            "torch_threads": torch.get_num_threads()}
+
+
+def _memory_report(model, memory: _PeakMemory) -> dict:
+    """The weights' bytes and the memory before and at the peak; ``model_peak_bytes`` is the one to compare."""
+    weight_bytes = _weight_bytes(model)
+    return {"weight_bytes": weight_bytes, "memory_kind": memory.kind, "memory_before_bytes": memory.before,
+            "memory_peak_bytes": memory.peak, "model_peak_bytes": weight_bytes + memory.peak - memory.before}
 
 
 def _weight_bytes(model) -> int:
