@@ -202,10 +202,9 @@ def _compute_dtype(args):
 
 
 def _prune_streaming(args, device: str, dtype) -> int:
-    from numprune.data.assets import smollm2_folder
     from numprune.data.corpora import calibration_windows, get_source
     from numprune.distributed import world
-    from numprune.models import EMBEDDED_MODEL
+    from numprune.models import registry_folder
     from numprune.save import check_output
     from numprune.stream import check_folder, load_tokenizer, prune_streaming
 
@@ -215,7 +214,7 @@ def _prune_streaming(args, device: str, dtype) -> int:
     _check_positive(nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size)
     check_output(args.out, args.overwrite)
     get_source(args.calib)
-    folder = check_folder(smollm2_folder() if args.model in (None, EMBEDDED_MODEL) else args.model)
+    folder = check_folder(registry_folder(args.model) or args.model)
     tokenizer = load_tokenizer(folder)
     tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     report = prune_streaming(folder, tokens, ratio=args.ratio, out=args.out, overwrite=args.overwrite,

