@@ -12,7 +12,7 @@ The same run as ``numprune compare --model digits --methods numerical,flap --rat
 --calib-per-class 64 --eval-per-class 100``. Protocol (the command line's defaults, none tuned on
 the held-out split): calibration on 64 self-generated images per class (seed 0); evaluation on 100
 generated images per class (seed 1, so no calibration draw is reused) against the held-out split;
-both sampled with the calibration guidance scale (``numprune.cli.CALIB_CFG_SCALE``), temperature 1,
+both sampled with the calibration guidance scale (``numprune.image.calibration.CALIB_CFG_SCALE``), temperature 1,
 no top-k/top-p; each method with its own defaults (numerical: global allocation, least-squares
 compensation; FLAP: global allocation, bias compensation); fp32 on the CPU.
 """
@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 
 from numprune import compare
-from numprune.cli import CALIB_CFG_SCALE
 from numprune.evaluate.image import DigitsEvaluator, DigitsProtocol
-from numprune.image.calibration import self_generated_calibration
+from numprune.image.calibration import CALIB_CFG_SCALE, self_generated_calibration
 from numprune.models import load_model
 
 

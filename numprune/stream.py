@@ -68,7 +68,7 @@ def check_folder(folder: str | os.PathLike) -> Path:
     """``folder`` if it holds a config and safetensors weights; else one clear error, before any work."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise NumpruneError(f"--stream needs a local model folder; {folder} is not one")
+        raise NumpruneError(f"streaming needs a local model folder; {folder} is not one")
     if not (folder / "config.json").is_file():
         raise NumpruneError(f"{folder} has no config.json")
     if not ((folder / INDEX_NAME).is_file() or (folder / WEIGHTS_NAME).is_file()):

@@ -1,6 +1,5 @@
 """Speed and memory measurement on tiny models: the numbers are there, consistent, and compared to the reference."""
 
-import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -11,7 +10,8 @@ import torch
 from conftest import tiny_llama, tiny_tokens
 from numprune.adapters import adapter_for
 from numprune.api import prune
-from numprune.bench import add_bench_parser, bench, format_table, measure, plot, pruning_ratio
+from numprune.bench import bench, format_table, measure, plot, pruning_ratio
+from numprune.cli import main, parser
 from numprune.errors import NumpruneError
 from numprune.save import save_pruned
 from numprune.shrink import shrink
@@ -80,9 +80,7 @@ def test_plot_writes_a_png(results, tmp_path):
 
 
 def bench_args(*argv):
-    parser = argparse.ArgumentParser()
-    add_bench_parser(parser.add_subparsers())
-    return parser.parse_args(["bench", *argv])
+    return parser().parse_args(["bench", *argv])
 
 
 def test_run_bench_on_saved_folders(pair, tmp_path, capsys):
@@ -107,11 +105,14 @@ def test_run_bench_on_saved_folders(pair, tmp_path, capsys):
     (["--repeats", "0"], "--repeats"), (["--warmup", "-1"], "--warmup"), (["--threads", "0"], "--threads"),
     (["--json", "/no/such/dir/x.json"], "/no/such"),
 ])
-def test_run_bench_rejects_bad_options(argv, message):
-    args = bench_args(*argv)
-    with pytest.raises(NumpruneError, match=message) as error:
-        args.run(args)
-    assert "\n" not in str(error.value)
+def test_run_bench_rejects_bad_options(argv, message, capsys):
+    """Refused in one line with exit status 2, by the parser or before any model is loaded."""
+    try:
+        status = main(["bench", *argv])
+    except SystemExit as exit_:
+        status = exit_.code
+    lines = capsys.readouterr().err.splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("numprune: error:") and message in lines[0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

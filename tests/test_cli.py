@@ -50,14 +50,14 @@ def test_prune_writes_a_loadable_folder_with_a_report(tiny_folder, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--ratio", "1.2"], "ratio must be between 0 and 1"),
-    (["--ratio", "0"], "ratio must be between 0 and 1"),
+    (["--ratio", "1.2"], "--ratio: must be between 0 and 1"),
+    (["--ratio", "0"], "--ratio: must be between 0 and 1"),
     (["--ratio", "0.99"], "would leave"),
     (["--ratio", "0.3", "--calib", "missing.txt"], "missing.txt"),
     (["--ratio", "0.3", "--calib", "TOO_SHORT"], "tokens"),
     (["--ratio", "0.3", "--method", "nope"], "unknown method"),
     (["--ratio", "0.3", "--eval", "nosuchcorpus"], "nosuchcorpus"),
-    (["--ratio", "0.3", "--nsamples", "0"], "--nsamples must be a positive integer"),
+    (["--ratio", "0.3", "--nsamples", "0"], "--nsamples: must be a positive integer"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_folder, tmp_path, capsys, extra, message):
     short = tmp_path / "short.txt"

@@ -137,7 +137,7 @@ def test_grid_png_has_the_exact_pixel_size_and_content(tmp_path):
 def test_parse_classes():
     assert parse_classes("0-3,7", 10) == [0, 1, 2, 3, 7]
     for bad in ("0-10", "x", "-1"):
-        with pytest.raises(Exception, match="--classes"):
+        with pytest.raises(Exception, match="classes"):
             parse_classes(bad, 10)
 
 

@@ -323,4 +323,4 @@ def test_prune_an_image_generator_on_self_generated_calibration(trained, tmp_pat
     assert abs(report["parameters"]["achieved_ratio"] - 0.2) < 0.05
     assert main(["prune", "--model", str(trained / "a"), "--ratio", "0.2", "--calib-per-class", "0",
                  "--out", str(tmp_path / "x")]) == 2
-    assert "--calib-per-class must be a positive integer" in capsys.readouterr().err
+    assert "--calib-per-class: must be a positive integer" in capsys.readouterr().err

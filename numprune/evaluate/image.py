@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from numprune.errors import NumpruneError
+from numprune.image.calibration import CALIB_CFG_SCALE
 
 CLASSIFIER_VERSION = 1  # part of the cache folder's name: bump when the architecture or training changes
 FEATURES = 32
@@ -172,7 +173,7 @@ class DigitsProtocol:
 
     per_class: int = 50
     classes: list[int] = field(default_factory=lambda: list(range(DIGIT_CLASSES)))
-    cfg_scale: float = 4.0
+    cfg_scale: float = CALIB_CFG_SCALE
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0

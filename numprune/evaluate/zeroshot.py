@@ -70,9 +70,9 @@ def evaluate(model, tokenizer=None, tasks=PAPER_TASKS, *, mmlu: bool = False, li
 
     for name, value in (("limit", limit), ("batch_size", batch_size)):
         if value is not None and value < 1:
-            raise NumpruneError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+            raise NumpruneError(f"{name.replace('_', ' ')} must be a positive integer, got {value}")
     if num_fewshot is not None and num_fewshot < 0:
-        raise NumpruneError(f"--num-fewshot must be 0 or more, got {num_fewshot}")
+        raise NumpruneError(f"the number of few-shot examples must be 0 or more, got {num_fewshot}")
     names = list(dict.fromkeys(list(tasks) + (["mmlu"] if mmlu else [])))
     manager, task_objects = load_tasks(names)
     if isinstance(model, str):
@@ -137,29 +137,3 @@ def format_table(results: dict) -> str:
     if results["mean_acc"] is not None:
         lines.append(f"| mean over tasks | acc | {results['mean_acc']:.4f} | - |")
     return "\n".join(lines)
-
-
-def add_eval_parser(commands) -> None:
-    p = commands.add_parser("eval", help="zero-shot accuracy through lm-evaluation-harness")
-    p.add_argument("--model", default=None, help="model: 'smollm2' (embedded default), 'gemma3-270m', a local "
-                   "folder, or a hub id")
-    p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated lm-eval tasks (default: the "
-                   f"paper's seven; offline: {', '.join(packaged_tasks())})")
-    p.add_argument("--mmlu", action="store_true", help="also evaluate MMLU (57 subjects)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items of each task (a quick look)")
-    p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
-    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default 0)")
-    p.add_argument("--out", default=None, help="write the results to this JSON file")
-    p.set_defaults(run=run_eval)
-
-
-def run_eval(args) -> int:
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    results = evaluate(args.model or "smollm2", tasks=names, mmlu=args.mmlu, limit=args.limit,
-                       batch_size=args.batch_size, num_fewshot=args.num_fewshot, out=args.out)
-    print(f"model: {results['model']} ({results['harness']}, {results['protocol']['num_fewshot']}-shot"
-          f"{', limit ' + str(args.limit) if args.limit else ''}, {results['time_s']:.0f}s)")
-    print(format_table(results))
-    if args.out:
-        print(f"saved: {args.out}")
-    return 0

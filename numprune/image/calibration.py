@@ -14,8 +14,12 @@ import torch
 from numprune.errors import NumpruneError
 from numprune.image.sampling import generate
 
+# Guidance of the calibration samples, and by default of the images the measures sample: the API's and the
+# command line's default alike.
+CALIB_CFG_SCALE = 2.0
 
-def self_generated_tokens(model, samples_per_class: int, *, cfg_scale: float = 4.0, temperature: float = 1.0,
+
+def self_generated_tokens(model, samples_per_class: int, *, cfg_scale: float = CALIB_CFG_SCALE, temperature: float = 1.0,
                           top_k: int = 0, top_p: float = 1.0, seed: int = 0, classes: Sequence[int] | None = None,
                           batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """``[N, 1 + image_tokens]`` calibration sequences: the class label, then the tokens sampled for it.
@@ -34,7 +38,7 @@ def self_generated_tokens(model, samples_per_class: int, *, cfg_scale: float = 4
     return torch.cat([labels[:, None], tokens], dim=1)
 
 
-def self_generated_calibration(model, samples_per_class: int, *, cfg_scale: float = 4.0, seed: int = 0,
+def self_generated_calibration(model, samples_per_class: int, *, cfg_scale: float = CALIB_CFG_SCALE, seed: int = 0,
                                batch_size: int = 64, progress: bool = True) -> tuple[torch.Tensor, dict]:
     """``self_generated_tokens`` over all classes with plain sampling (temperature 1, no top-k/top-p),
     and the description that goes into the pruning report."""

@@ -205,33 +205,3 @@ def digits_model_folder(progress: bool = True) -> Path:
         model, report = train_digits(progress=progress)
         save_digits_model(model, report, folder, overwrite=True)
     return folder
-
-
-def add_train_digits_parser(commands) -> None:
-    """``numprune train-digits``: the subcommand, its options and its run function."""
-    p = commands.add_parser("train-digits", help="train the small LlamaGen on scikit-learn's digits")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
-    p.add_argument("--seed", type=int, default=0, help="seed for the initial weights, batches and class dropout")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"images per step (default {DEFAULT_BATCH})")
-    p.add_argument("--out", default=None, help="output folder (written atomically; default: the cache folder that "
-                   "`--model digits` loads, which needs the default steps and seed)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=_run_train_digits)
-
-
-def _run_train_digits(args) -> int:
-    from numprune.save import check_output
-
-    if args.out is None:
-        if (args.steps, args.seed, args.batch_size) != (DEFAULT_STEPS, 0, DEFAULT_BATCH):
-            raise NumpruneError("--out is needed unless the default recipe is trained (it becomes `--model digits`)")
-        args.out, args.overwrite = default_digits_folder(), True
-    check_output(args.out, args.overwrite)
-    model, report = train_digits(steps=args.steps, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
-    out = save_digits_model(model, report, args.out, args.overwrite)
-    print(f"trained {report['parameters']:,} parameters for {args.steps} steps in {report['training_s']:.0f}s "
-          f"({report['threads']} threads)")
-    print(f"held-out NLL {report['heldout_nll']:.4f} nats/token (unigram baseline {report['unigram_nll']:.4f})")
-    print(f"saved: {out}")
-    return 0

@@ -39,8 +39,8 @@ def decoder_for(model, hook: str | None = None) -> Decoder:
     from numprune.image.digits import tokens_to_images
 
     if not is_digits_model(model):
-        raise NumpruneError("this image model has no built-in decoder (only the digits model has one); name one "
-                            "with --decoder module:function (token ids [N, T] -> floats in [0, 1], [N, H, W] or "
+        raise NumpruneError("this image model has no built-in decoder (only the digits model has one); name a "
+                            "decoder hook module:function (token ids [N, T] -> floats in [0, 1], [N, H, W] or "
                             "[N, 3, H, W])")
     return tokens_to_images
 
@@ -130,68 +130,7 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
         try:
             classes += list(range(int(first), int(last) + 1)) if sep else [int(first)]
         except ValueError:
-            raise NumpruneError(f"--classes must look like 0-9 or 1,3,5, got {text!r}") from None
+            raise NumpruneError(f"classes must look like 0-9 or 1,3,5, got {text!r}") from None
     if not classes or min(classes) < 0 or max(classes) >= num_classes:
-        raise NumpruneError(f"--classes {text!r} must name classes between 0 and {num_classes - 1}")
+        raise NumpruneError(f"classes {text!r} must name classes between 0 and {num_classes - 1}")
     return classes
-
-
-def add_sampling_options(p) -> None:
-    """Sampling options of an image generator; unset ones fall back to ``numprune.image.sampling.generate``'s."""
-    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1: none)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (1: all)")
-
-
-def sampling_options(args) -> dict:
-    names = ("cfg_scale", "temperature", "top_k", "top_p")
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-
-
-def add_generate_parser(commands) -> None:
-    """The ``generate`` subcommand: samples of an image generator as a PNG grid."""
-    p = commands.add_parser("generate", help="sample an image generator and save a PNG grid (rows: classes)")
-    p.add_argument("--model", required=True, help="image generator: 'digits' or a local folder")
-    p.add_argument("--classes", default="0-9", help="classes, e.g. 0-9 or 1,3,5 (default 0-9)")
-    p.add_argument("--per-class", type=int, default=8, help="samples per class: the grid's columns (default 8)")
-    add_sampling_options(p)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=64, help="sequences generated at once (default 64)")
-    p.add_argument("--decoder", default=None, help="module:function turning token ids [N, T] into images in "
-                   "[0, 1] (default: the digits tokenizer, for the digits model)")
-    p.add_argument("--scale", type=int, default=4, help="enlarge each pixel to N x N (default 4)")
-    p.add_argument("--grid", required=True, help="PNG file to write")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=run_generate)
-
-
-def run_generate(args) -> int:
-    import time
-
-    from numprune.cli import _check_positive
-    from numprune.evaluate.image import is_image_generator
-    from numprune.image.sampling import generate
-    from numprune.models import load_model
-
-    _check_positive(per_class=args.per_class, batch_size=args.batch_size, scale=args.scale)
-    if not Path(args.grid).resolve().parent.is_dir():
-        raise NumpruneError(f"no folder to write {args.grid} into")
-    model, _, source = load_model(args.model)
-    if not is_image_generator(model):
-        raise NumpruneError(f"{source} is not an image generator (model type {model.config.model_type})")
-    classes = parse_classes(args.classes, model.config.num_classes)
-    decode = decoder_for(model, args.decoder)
-    labels = torch.tensor(classes).repeat_interleave(args.per_class)
-    start = time.perf_counter()
-    tokens = generate(model, labels, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
-                      **sampling_options(args))
-    seconds = time.perf_counter() - start
-    images = decode(tokens)
-    path = save_png(grid_image(images.reshape(len(classes), args.per_class, *images.shape[1:]), scale=args.scale),
-                    args.grid)
-    print(f"model: {source}")
-    print(f"generated {len(labels)} images ({len(classes)} classes x {args.per_class}) in {seconds:.1f}s "
-          f"({len(labels) / seconds:.1f} images/s)")
-    print(f"saved: {path}")
-    return 0

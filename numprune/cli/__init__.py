@@ -1,0 +1,60 @@
+"""The command line: one module per command, parsing and printing only; the library does the work.
+
+This package is the only code that knows flag names. A ``NumpruneError`` from the library, or a
+value the parser refuses, becomes one line ``numprune: error: ...`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+from transformers.utils import logging as transformers_logging
+
+from numprune.cli import bench, compare, generate, info, ppl, prune, train_digits, zeroshot
+from numprune.errors import NumpruneError
+
+COMMANDS = (prune, ppl, compare, info, bench, zeroshot, generate, train_digits)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a refused argument prints one line instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"numprune: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a value the parser refused (already printed)
+        return done.code
+    if getattr(args, "quiet", False):
+        transformers_logging.disable_progress_bar()
+    # SIGTERM unwinds like Ctrl-C, so temporary output folders are removed on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return args.run(args)
+    except NumpruneError as error:
+        print(f"numprune: error: {error}{_process_note()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("numprune: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def parser() -> argparse.ArgumentParser:
+    root = Parser(prog="numprune", description="Numerical structured pruning of autoregressive transformers: whole "
+                  "heads and MLP channels removed, kept weights corrected.")
+    commands = root.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(commands)
+    return root
+
+
+def _process_note() -> str:
+    """Under torchrun, which process speaks (none for process 0, which prints the summary)."""
+    rank, size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return f" (process {rank} of {size})" if rank != "0" else ""

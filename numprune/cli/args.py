@@ -1,0 +1,133 @@
+"""Argument types and the option groups several commands share.
+
+Each converter turns one flag's text into a checked value or raises ``argparse.ArgumentTypeError``,
+so a bad value is refused by the parser, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from numprune.image.calibration import CALIB_CFG_SCALE
+
+DATA_HELP = "sotu, moby-dick, sotu-val, emails, wikitext2, ptb, c4, or a .txt / .jsonl file"
+MODEL_HELP = "model: 'smollm2' (embedded default), 'gemma3-270m' (optional package), a local folder, or a hub id"
+IMAGE_EVAL = "digits"  # --eval digits: image measures of an image generator
+
+
+def _number(text: str, cast):
+    try:
+        value = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if cast is int else 'a number'}, got {text!r}") from None
+    if cast is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    return _number(text, float)
+
+
+def nonnegative_float(text: str) -> float:
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
+    return value
+
+
+def ratio(text: str) -> float:
+    value = _number(text, float)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
+    return value
+
+
+def comma_list(item=str):
+    """A converter for ``a,b,c``: every item non-empty and converted by ``item``."""
+
+    def convert(text: str) -> list:
+        parts = [part.strip() for part in text.split(",")]
+        if not text.strip() or any(not part for part in parts):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list without empty items, got {text!r}")
+        return [item(part) for part in parts]
+
+    convert.__name__ = f"comma-separated {getattr(item, '__name__', 'value')} list"
+    return convert
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_output_folder(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--out", required=True, help=f"{what} (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def add_calibration(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="sotu", help=f"calibration data: {DATA_HELP} (default: sotu, addresses before 2000)")
+    p.add_argument("--nsamples", type=positive_int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=positive_int, default=512, help="calibration window length in tokens (default 512)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for drawing calibration windows and for the "
+                   "random method (default 0)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="calibration batch size")
+    p.add_argument("--calib-per-class", type=positive_int, default=128, help="image generators: calibrate on this "
+                   "many sequences per class sampled by the dense model itself (default 128; --calib is not used)")
+    p.add_argument("--calib-cfg-scale", type=nonnegative_float, default=CALIB_CFG_SCALE, help="image generators: "
+                   f"guidance scale of the calibration samples (default {CALIB_CFG_SCALE})")
+
+
+def add_evaluation(p: argparse.ArgumentParser, flags: tuple[str, str, str], default: str | None, text: str) -> None:
+    """Perplexity data, window length and window count, under each command's own flag names."""
+    data, seqlen, windows = flags
+    p.add_argument(data, dest="eval_data", type=comma_list(), default=default,
+                   help=f"{text}: {DATA_HELP}")
+    p.add_argument(seqlen, dest="eval_seqlen", type=positive_int, default=2048,
+                   help="perplexity window length (default 2048)")
+    p.add_argument(windows, dest="eval_windows", type=positive_int, default=None,
+                   help="at most this many non-overlapping windows (default: all)")
+
+
+def add_sampling(p) -> None:
+    """Sampling options of an image generator; unset ones fall back to ``numprune.image.sampling.generate``'s."""
+    p.add_argument("--cfg-scale", type=nonnegative_float, default=None, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--temperature", type=nonnegative_float, default=None, help="sampling temperature")
+    p.add_argument("--top-k", type=nonnegative_int, default=None, help="sample among the K likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=finite_float, default=None, help="nucleus sampling threshold (1: all)")
+
+
+def sampling_options(args) -> dict:
+    names = ("cfg_scale", "temperature", "top_k", "top_p")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def add_image_evaluation(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group(
+        "image generators", f"measured against the held-out real digits (Fréchet distance, class accuracy, held-out "
+        f"NLL) instead of perplexity: always in compare (--data is then not used), in prune with --eval {IMAGE_EVAL}")
+    group.add_argument("--eval-per-class", type=positive_int, default=50,
+                       help="generated images per class (default 50)")
+    group.add_argument("--eval-seed", type=nonnegative_int, default=1, help="sampling seed of the measured images "
+                       "(default 1, apart from calibration's); the guidance is --calib-cfg-scale's unless --cfg-scale "
+                       "is given")
+    add_sampling(group)

@@ -1,0 +1,55 @@
+"""``numprune bench``: prefill/decode speed and memory of dense and pruned models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from numprune import bench
+from numprune.cli import args as a
+from numprune.errors import NumpruneError
+from numprune.models import load_model
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("bench", help="prefill/decode speed and memory of dense and pruned models")
+    p.add_argument("--model", action="append", default=None,
+                   help="model: 'smollm2' (embedded default), a local folder, or a hub id; repeat to compare, "
+                   "the first is the reference")
+    p.add_argument("--batch", type=a.comma_list(a.positive_int), default="1,8",
+                   help="batch sizes, comma-separated (default 1,8)")
+    p.add_argument("--prompt-len", type=a.positive_int, default=64, help="prompt tokens (default 64)")
+    p.add_argument("--new-tokens", type=a.positive_int, default=128, help="decode steps (default 128)")
+    p.add_argument("--warmup", type=a.nonnegative_int, default=1, help="untimed runs first (default 1)")
+    p.add_argument("--repeats", type=a.positive_int, default=3, help="timed runs (default 3)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=tuple(bench.DTYPES), default="float32", help="default float32")
+    p.add_argument("--threads", type=a.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--plot", default=None, help="also plot speed and memory against pruning ratio to this PNG")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise NumpruneError("--device cuda asked for, but torch sees no CUDA GPU")
+    for path in (args.json, args.plot):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise NumpruneError(f"no folder to write {path} into")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = args.model or [None]
+    # Loaded lazily, one at a time, so that each model's memory is measured without the others.
+    models = ((spec or "smollm2", load_model(spec, bench.DTYPES[args.dtype])[0].to(args.device)) for spec in specs)
+    results = bench.bench(models, args.batch, ratios=[bench.pruning_ratio(spec) for spec in specs],
+                          prompt_len=args.prompt_len, new_tokens=args.new_tokens, warmup=args.warmup,
+                          repeats=args.repeats)
+    print(bench.format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if args.plot:
+        bench.plot(results, args.plot)
+    return 0

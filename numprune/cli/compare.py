@@ -1,0 +1,39 @@
+"""``numprune compare``: methods x ratios x evaluation sets on one calibration."""
+
+from __future__ import annotations
+
+from numprune import compare
+from numprune.cli import args as a
+from numprune.cli.inputs import prepare
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("compare", help="methods x ratios x evaluation sets, calibrated once")
+    a.add_model(p)
+    p.add_argument("--methods", type=a.comma_list(), default="numerical,flap,wanda-sp,magnitude",
+                   help="comma-separated; each a method with optional overrides, e.g. numerical:compensation=none")
+    p.add_argument("--ratios", type=a.comma_list(a.ratio), default="0.1,0.2,0.3,0.4,0.5",
+                   help="comma-separated pruning ratios")
+    a.add_calibration(p)
+    a.add_evaluation(p, ("--data", "--eval-seqlen", "--eval-windows"), "sotu,moby-dick",
+                     "evaluation data (comma-separated)")
+    a.add_image_evaluation(p)
+    a.add_output_folder(p, "output folder for results.json/.csv/.md and perplexity.png")
+    a.add_quiet(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    for entry in args.methods:
+        compare.parse_method(entry)
+    model, _, source, tokens, calib_info, eval_sets, images = prepare(args)
+    results = compare.run_grid(model, tokens, args.methods, args.ratios, eval_sets, calibration_info=calib_info,
+                               batch_size=args.batch_size, progress=not args.quiet, images=images)
+    results["model"] = source
+    out = compare.write(results, args.out, args.overwrite)
+    print(compare.markdown(results))
+    print(f"calibration {results['calibration_s']:.0f}s once for {len(args.methods) * len(args.ratios)} runs "
+          f"(saved about {results['calibration_saved_s']:.0f}s); whole sweep {results['sweep_s']:.0f}s")
+    pictures = "measures.png, samples.png" if images else "perplexity.png"
+    print(f"saved: {out}/results.json, results.csv, results.md, {pictures}")
+    return 0

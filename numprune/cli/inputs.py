@@ -1,0 +1,81 @@
+"""What several commands load before their work: the model, calibration windows, evaluation sets.
+
+Everything cheap is checked first (output path, data names), then the model is loaded once.
+"""
+
+from __future__ import annotations
+
+from numprune.adapters import adapter_for
+from numprune.cli.args import IMAGE_EVAL, sampling_options
+from numprune.data.corpora import calibration_windows, evaluation_windows, get_source
+from numprune.errors import NumpruneError
+from numprune.evaluate.image import DigitsEvaluator, DigitsProtocol, is_image_generator
+from numprune.evaluate.perplexity import perplexity
+from numprune.image.calibration import self_generated_calibration
+from numprune.image.grid import is_digits_model
+from numprune.models import load_model
+from numprune.save import check_output
+
+
+def load(spec):
+    """The model, its tokenizer and a description; an unsupported family fails here, before any long work."""
+    model, tokenizer, source = load_model(spec)
+    adapter_for(model)
+    if tokenizer is None and not is_image_generator(model):  # an image generator's tokens need none
+        raise NumpruneError(f"model {source} has no tokenizer; save one beside it")
+    return model, tokenizer, source
+
+
+def prepare(args):
+    """Check everything cheap first, then load the model and draw calibration and evaluation windows
+    (for an image generator: self-generated calibration, and the image measures' evaluator)."""
+    check_output(args.out, args.overwrite)
+    get_source(args.calib)
+    specs = eval_specs(args)
+    model, tokenizer, source = load(args.model)
+    images = image_evaluator(args, model, always=args.command == "compare")  # None for a language model
+    if is_image_generator(model):  # calibrates on sequences it samples itself, class by class (the paper's way)
+        tokens, calib_info = self_generated_calibration(model, args.calib_per_class, cfg_scale=args.calib_cfg_scale,
+                                                        seed=args.seed, progress=not args.quiet)
+    else:
+        tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    text_specs = [] if is_image_generator(model) else [spec for spec in specs if spec != IMAGE_EVAL]
+    eval_sets = {spec: eval_windows(tokenizer, spec, args) for spec in text_specs}
+    return model, tokenizer, source, tokens, calib_info, eval_sets, images
+
+
+def eval_specs(args) -> list[str]:
+    """The requested evaluation sets, each name checked before anything is loaded."""
+    specs = args.eval_data or []
+    for spec in specs:
+        if spec != IMAGE_EVAL:
+            get_source(spec)
+    return specs
+
+
+def eval_windows(tokenizer, spec, args):
+    return evaluation_windows(tokenizer, spec, args.eval_seqlen, args.eval_windows)
+
+
+def ppl(model, windows, args) -> float:
+    return perplexity(model, windows, progress=not args.quiet)["ppl"]
+
+
+def image_evaluator(args, model, always: bool):
+    """The image measures for an image generator (always, or on ``--eval digits``); None for a language model."""
+    specs = eval_specs(args)
+    if not is_image_generator(model):
+        if IMAGE_EVAL in specs:
+            raise NumpruneError(f"--eval {IMAGE_EVAL} measures image generators; this is a language model")
+        return None
+    if not always and set(specs) - {IMAGE_EVAL}:
+        raise NumpruneError(f"an image generator is measured with --eval {IMAGE_EVAL}, not on text")
+    if not (always or specs):
+        return None
+    if not is_digits_model(model):
+        raise NumpruneError("image measures are built in for the digits model only; for an ImageNet LlamaGen use "
+                            "numprune.evaluate.image.inception_metrics (FID, IS, precision, recall)")
+    # Unless told otherwise, the measured images are sampled with the calibration samples' guidance.
+    sampling = {"cfg_scale": args.calib_cfg_scale, **sampling_options(args)}
+    protocol = DigitsProtocol(per_class=args.eval_per_class, seed=args.eval_seed, **sampling)
+    return DigitsEvaluator(protocol, progress=not args.quiet)

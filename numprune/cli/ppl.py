@@ -1,0 +1,25 @@
+"""``numprune ppl``: perplexity of a model on evaluation texts."""
+
+from __future__ import annotations
+
+from numprune.cli import args as a
+from numprune.cli.inputs import eval_specs, eval_windows, load, ppl
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("ppl", help="perplexity of a model")
+    a.add_model(p)
+    a.add_evaluation(p, ("--data", "--seqlen", "--max-windows"), "sotu", "evaluation data (comma-separated)")
+    a.add_quiet(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    specs = eval_specs(args)
+    model, tokenizer, source = load(args.model)
+    print(f"model: {source}")
+    for spec in specs:
+        windows, info = eval_windows(tokenizer, spec, args)
+        print(f"{spec}: perplexity {ppl(model, windows, args):.3f} ({info['windows']} windows of "
+              f"{info['seqlen']} tokens, no special tokens)")
+    return 0

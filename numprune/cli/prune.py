@@ -1,0 +1,156 @@
+"""``numprune prune``: prune a model (in memory or streamed from disk) and save the narrower one."""
+
+from __future__ import annotations
+
+import torch
+
+from numprune.api import PruneOptions, prune
+from numprune.cli import args as a
+from numprune.cli.inputs import ppl, prepare
+from numprune.data.corpora import calibration_windows, get_source
+from numprune.distributed import process_group, world
+from numprune.errors import NumpruneError
+from numprune.models import registry_folder
+from numprune.save import check_output, save_pruned
+from numprune.stream import check_folder, load_tokenizer, prune_streaming
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("prune", help="prune a model and save the narrower one")
+    a.add_model(p)
+    p.add_argument("--ratio", type=a.ratio, required=True, help="fraction of attention+MLP parameters to remove, in (0, 1)")
+    p.add_argument("--method", default="numerical", help="numerical (default; the paper's), numerical-unit (one "
+                   "Newton variable per head), flap, wanda-sp, magnitude or random")
+    p.add_argument("--allocation", default=None, help="global or uniform (default: the method's own; numerical "
+                   "and flap: global, the others: uniform)")
+    p.add_argument("--gqa-unit", default="query", help="grouped-query attention unit: query (one query head per KV "
+                   "group; default) or kv-group (a KV head with all its query heads)")
+    p.add_argument("--round-to", type=a.positive_int, default=1, help="keep each layer's MLP width a multiple of N "
+                   "(default 1)")
+    a.add_calibration(p)
+    p.add_argument("--compensation", default=None, help="least-squares, bias (FLAP's) or none (default: the "
+                   "method's own; numerical: least-squares, flap: bias, the others: none)")
+    p.add_argument("--no-compensate", action="store_true", help="same as --compensation none")
+    p.add_argument("--compensation-stats", default="dense", help="dense (default) or sequential: statistics from the "
+                   "unpruned model, or re-collected with upstream layers already pruned")
+    p.add_argument("--damp", type=a.nonnegative_float, default=None, help="least-squares damping, relative to mean "
+                   "diag X^T X (default: the method's own, 0.01 for numerical)")
+    p.add_argument("--score-damp", type=a.nonnegative_float, default=0.01, help="Newton score damping, relative to "
+                   "mean diag A")
+    p.add_argument("--lambda-rel", type=a.nonnegative_float, default=1.0, help="Newton penalty lambda relative to "
+                   "tr(A)/D")
+    p.add_argument("--iterations", type=a.positive_int, default=50, help="maximum Newton iterations (default 50)")
+    a.add_output_folder(p, "output folder")
+    a.add_evaluation(p, ("--eval", "--eval-seqlen", "--eval-windows"), None,
+                     "also measure dense and pruned perplexity on these (comma-separated)")
+    a.add_image_evaluation(p)
+    p.add_argument("--stream", action="store_true", help="read the weights from the --model safetensors folder one "
+                   "decoder layer at a time and write the result layer by layer: the model never sits in memory whole")
+    p.add_argument("--device", default="cpu", help="where each layer's pass runs: cpu (default), cuda or cuda:N; "
+                   "the weights wait in CPU memory or on disk")
+    p.add_argument("--dtype", default=None, choices=sorted(COMPUTE_DTYPES), help="precision of the layer passes "
+                   "(default: the weights' own); statistics and solves stay in float64")
+    a.add_quiet(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    """Prune in memory or streaming from disk; under torchrun every process calibrates on its share."""
+    dtype = _compute_dtype(args)
+    with process_group(args.device) as device:
+        return (_streaming if args.stream else _in_memory)(args, device, dtype)
+
+
+def prune_options(args) -> dict:
+    """The run's options as ``numprune.prune`` takes them, checked before anything is loaded."""
+    options = dict(method=args.method, allocation=args.allocation, gqa_unit=args.gqa_unit, round_to=args.round_to,
+                   compensation="none" if args.no_compensate else args.compensation,
+                   compensation_stats=args.compensation_stats, compensation_damp=args.damp,
+                   score_options=_score_options(args))
+    PruneOptions(ratio=args.ratio, **options).resolve()
+    return options
+
+
+def _score_options(args) -> dict:
+    """The criterion's own options: Newton's for numerical, the seed for random, none for the others."""
+    if args.method.startswith("numerical"):
+        return {"lambda_rel": args.lambda_rel, "damp": args.score_damp, "iterations": args.iterations}
+    return {"seed": args.seed} if args.method == "random" else {}
+
+
+def _compute_dtype(args):
+    """The layer passes' dtype; a CUDA device that is not there fails here, before any work."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise NumpruneError(f"--device {args.device}: torch sees no CUDA device")
+    if not args.device.startswith(("cpu", "cuda")):
+        raise NumpruneError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    return getattr(torch, args.dtype) if args.dtype else None
+
+
+def _streaming(args, device: str, dtype) -> int:
+    options = prune_options(args)
+    if args.eval_data:
+        raise NumpruneError("--eval needs the whole model in memory; with --stream, run `numprune ppl` on the output")
+    check_output(args.out, args.overwrite)
+    get_source(args.calib)
+    folder = check_folder(registry_folder(args.model) or args.model)
+    tokenizer = load_tokenizer(folder)
+    tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    report = prune_streaming(folder, tokens, ratio=args.ratio, out=args.out, overwrite=args.overwrite,
+                             tokenizer=tokenizer, batch_size=args.batch_size, progress=not args.quiet and world().writer,
+                             calibration_info=calib_info, device=device, dtype=dtype, **options)
+    if world().writer:
+        _print_summary(report, args.out)
+    return 0
+
+
+def _in_memory(args, device: str, dtype) -> int:
+    options = prune_options(args)
+    model, tokenizer, source, tokens, calib_info, eval_sets, images = prepare(args)
+    dense_ppl = {spec: ppl(model, w, args) for spec, (w, _) in eval_sets.items()}
+    dense_images = images(model)[0] if images else None
+    pruned, report = prune(model, tokens, ratio=args.ratio, batch_size=args.batch_size,
+                           progress=not args.quiet and world().writer, calibration_info=calib_info, device=device,
+                           dtype=dtype, **options)
+    del model
+    if not world().writer:
+        return 0
+    report["model"] = source
+    if eval_sets:
+        report["perplexity"] = {spec: {"dense": dense_ppl[spec], "pruned": ppl(pruned, w, args), "protocol": info}
+                                for spec, (w, info) in eval_sets.items()}
+    if images:
+        report["image_measures"] = {"dense": dense_images, "pruned": images(pruned)[0], "protocol": images.describe()}
+    out = save_pruned(pruned, tokenizer, report, args.out, args.overwrite)
+    _print_summary(report, out)
+    return 0
+
+
+def _print_summary(report: dict, out) -> None:
+    params = report["parameters"]
+    print(f"model:  {report['model']}")
+    print(f"method: {report['method']} ({report['options']['allocation']} allocation, compensation "
+          f"{report['options']['compensation']})")
+    print(f"parameters: {params['total_before']:,} -> {params['total_after']:,} "
+          f"(attention+MLP {params['attention_mlp_before']:,} -> {params['attention_mlp_after']:,}, "
+          f"removed {params['achieved_ratio']:.1%}, target {params['target_ratio']:.0%})")
+    for spec, result in report.get("perplexity", {}).items():
+        protocol = result["protocol"]
+        print(f"perplexity on {spec} ({protocol['windows']} x {protocol['seqlen']} tokens): "
+              f"dense {result['dense']:.2f} -> pruned {result['pruned']:.2f}")
+    if "image_measures" in report:
+        dense, pruned = report["image_measures"]["dense"], report["image_measures"]["pruned"]
+        print(f"image measures ({report['image_measures']['protocol']['per_class']} per class vs held-out digits): "
+              f"Fréchet distance {dense['frechet_distance']:.2f} -> {pruned['frechet_distance']:.2f}, class accuracy "
+              f"{dense['class_accuracy']:.1%} -> {pruned['class_accuracy']:.1%}, held-out NLL "
+              f"{dense['heldout_nll']:.4f} -> {pruned['heldout_nll']:.4f} nats/token")
+    times = ", ".join(f"{k} {v:.1f}s" for k, v in report["time_s"].items())
+    gpu = f", peak GPU {report['peak_gpu_bytes'] / 2**30:.2f} GiB" if "peak_gpu_bytes" in report else ""
+    compute = report.get("compute", {})
+    print(f"time: {times}; peak RSS {report['peak_rss_bytes'] / 2**30:.2f} GiB{gpu}; layer passes on "
+          f"{compute.get('device')} in {compute.get('dtype')}, {compute.get('world_size')} process(es)")
+    loader = ("plain transformers" if report["loads_without_numprune"]
+              else "AutoModelForCausalLM after `import numprune`")
+    print(f"saved: {out} (loads with {loader}; report in {out}/pruning_report.json)")
