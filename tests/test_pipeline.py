@@ -29,7 +29,9 @@ def test_statistics_equal_a_brute_force_pass(tokens):
     stats = collect_statistics(model, adapter, tokens, batch_size=4, progress=False)
     for i, s in enumerate(stats):
         x = torch.cat(seen[i]).double()
-        torch.testing.assert_close(s.mlp.gram, x.T @ x, rtol=1e-5, atol=1e-6)
+        # The layer-by-layer pass in batches of 4 and the whole-model pass round float32 differently.
+        reference = x.T @ x
+        torch.testing.assert_close(s.mlp.gram, reference, rtol=1e-4, atol=1e-6 * reference.abs().max().item())
         torch.testing.assert_close(s.mlp.total, x.sum(0), rtol=1e-5, atol=1e-6)
         assert s.mlp.count == tokens.numel()
 

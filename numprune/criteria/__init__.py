@@ -10,26 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
-from numprune.adapters import AttentionLayout
-from numprune.calibrate import LayerStats
-
-
-@dataclass
-class CriterionInputs:
-    layer_idx: int
-    stats: LayerStats
-    attention_weight: torch.Tensor  # output projection of attention, [hidden, heads * head_dim]
-    mlp_weight: torch.Tensor  # output projection of the MLP, [hidden, channels]
-    layout: AttentionLayout
-    ratio: float  # the global fraction of parameters to remove
-
-
-@dataclass
-class LayerScores:
-    heads: torch.Tensor  # float64 [num_heads]: one score per query head
-    channels: torch.Tensor  # float64 [mlp channels]
+from numprune.criteria import flap, magnitude, numerical, random, wanda_sp
+from numprune.criteria.base import CriterionInputs, LayerScores
+from numprune.errors import NumpruneError
 
 
 Criterion = Callable[..., LayerScores]
@@ -46,8 +29,6 @@ class Method:
 
 
 def methods() -> dict[str, Method]:
-    from numprune.criteria import flap, magnitude, numerical, random, wanda_sp
-
     return {
         "numerical": Method(numerical.score, "global", "least-squares"),
         "numerical-unit": Method(numerical.unit_score, "global", "least-squares"),
@@ -59,8 +40,6 @@ def methods() -> dict[str, Method]:
 
 
 def get_method(name: str) -> Method:
-    from numprune.errors import NumpruneError
-
     table = methods()
     if name not in table:
         raise NumpruneError(f"unknown method {name!r}; available: {', '.join(table)}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from numprune.criteria import CriterionInputs, LayerScores
+from numprune.criteria.base import CriterionInputs, LayerScores
 
 
 def wifv(variance: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

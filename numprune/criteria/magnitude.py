@@ -5,7 +5,7 @@ A head scores the sum of its columns' norms. Needs no calibration data for the s
 
 from __future__ import annotations
 
-from numprune.criteria import CriterionInputs, LayerScores
+from numprune.criteria.base import CriterionInputs, LayerScores
 
 
 def score(inputs: CriterionInputs) -> LayerScores:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from numprune.criteria import CriterionInputs, LayerScores
+from numprune.criteria.base import CriterionInputs, LayerScores
 
 
 def newton_score(second_moment: torch.Tensor, weight: torch.Tensor, keep_fraction: float, *,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from numprune.criteria import CriterionInputs, LayerScores
+from numprune.criteria.base import CriterionInputs, LayerScores
 
 
 def score(inputs: CriterionInputs, *, seed: int = 0) -> LayerScores:

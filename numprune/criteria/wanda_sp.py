@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from numprune.criteria import CriterionInputs, LayerScores
+from numprune.criteria.base import CriterionInputs, LayerScores
 
 
 def metric(second_moment_diag: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

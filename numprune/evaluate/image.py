@@ -22,11 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from numprune.data.assets import _build_atomically, cache_dir
 from numprune.errors import NumpruneError
+from numprune.evaluate.perplexity import summed_nll
 from numprune.image.calibration import CALIB_CFG_SCALE
+from numprune.image.digits import digits_split, one_thread, tokens_to_images
+from numprune.image.sampling import generate
+from numprune.modeling.llamagen import LlamaGenConfig
 
 CLASSIFIER_VERSION = 1  # part of the cache folder's name: bump when the architecture or training changes
 FEATURES = 32
@@ -35,8 +41,6 @@ DIGIT_CLASSES = 10
 
 def is_image_generator(model) -> bool:
     """Whether ``model`` is a class-conditional image generator (LlamaGen layout): image measures, not perplexity."""
-    from numprune.modeling.llamagen import LlamaGenConfig
-
     return getattr(model.config, "model_type", None) == LlamaGenConfig.model_type
 
 
@@ -60,8 +64,6 @@ class DigitsClassifier(nn.Module):
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0, epochs: int = 30,
                      batch_size: int = 64, lr: float = 3e-3) -> DigitsClassifier:
     """Adam on ``images`` ``[N, 8, 8]``, one thread; initialisation and batch order come from ``seed`` alone."""
-    from numprune.image.digits import one_thread
-
     with torch.random.fork_rng(), one_thread():  # leaves the caller's global random state as it was
         torch.manual_seed(seed)
         model = DigitsClassifier()
@@ -82,11 +84,6 @@ def digits_classifier() -> DigitsClassifier:
     The cache folder's name carries a hash of the training split, so a different split never
     reuses a classifier that saw other images.
     """
-    from safetensors.torch import load_file, save_file
-
-    from numprune.data.assets import _build_atomically, cache_dir
-    from numprune.image.digits import digits_split, tokens_to_images
-
     split = digits_split()
     tokens, labels = split["train_tokens"], split["train_labels"]
     digest = hashlib.sha256(tokens.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()[:12]
@@ -143,27 +140,20 @@ def frechet_distance_from_stats(mu_a, cov_a, mu_b, cov_b) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
 
 
-@torch.inference_mode()
 def heldout_nll(model, tokens: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 128,
                 progress: bool = False) -> dict:
     """Mean NLL per image token (nats and bits) of real images ``tokens`` ``[N, T]`` given their ``labels``.
 
     Teacher forcing: the model reads ``[label, t_1 .. t_T]`` and the logits at each position
     score the next token, so every one of the ``T`` image tokens is scored, the first given the
-    label alone. Log-softmax in float32, sum in float64, as for perplexity.
+    label alone (the same loop as perplexity's).
     """
     if tokens.dim() != 2 or len(tokens) != len(labels) or len(tokens) == 0:
         raise NumpruneError(f"held-out NLL needs tokens [N, T] and N labels, got {tuple(tokens.shape)} "
                             f"and {tuple(labels.shape)}")
-    total = torch.zeros((), dtype=torch.float64)
-    device = next(model.parameters()).device
-    for start in tqdm(range(0, len(tokens), batch_size), desc="held-out NLL", unit="batch", disable=not progress):
-        image = tokens[start:start + batch_size].to(device)
-        ids = torch.cat([labels[start:start + batch_size, None].to(device), image], dim=1)
-        logits = model(ids, use_cache=False).logits[:, :-1].float()
-        nll = nn.functional.cross_entropy(logits.flatten(0, 1), image.flatten(), reduction="none")
-        total += nll.double().sum().cpu()
-    mean = total.item() / tokens.numel()
+    ids = torch.cat([labels[:, None].to(tokens.device), tokens], dim=1)
+    total = summed_nll(model, ids, batch_size, progress, desc="held-out NLL")
+    mean = total / tokens.numel()
     return {"nll": mean, "bits": mean / math.log(2), "tokens": tokens.numel(), "images": len(tokens)}
 
 
@@ -193,8 +183,6 @@ class DigitsEvaluator:
     """
 
     def __init__(self, protocol: DigitsProtocol | None = None, progress: bool = False):
-        from numprune.image.digits import digits_split, tokens_to_images
-
         self.protocol = protocol or DigitsProtocol()
         if self.protocol.per_class < 2 or not self.protocol.classes:
             raise NumpruneError(f"image measures need at least 2 samples per class and one class, got "
@@ -214,9 +202,6 @@ class DigitsEvaluator:
 
     def __call__(self, model) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """``(measures, images [N, 8, 8], labels [N])`` for ``model``."""
-        from numprune.image.digits import tokens_to_images
-        from numprune.image.sampling import generate
-
         p = self.protocol
         labels = torch.tensor(p.classes).repeat_interleave(p.per_class)
         images = tokens_to_images(generate(model, labels, batch_size=64, progress=self.progress, **p.sampling()))

@@ -13,23 +13,31 @@ from numprune.errors import NumpruneError
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> dict:
     """Perplexity of ``model`` on ``windows`` (``[n, L]`` token ids), each window scored on its own.
 
-    Each window contributes its ``L - 1`` next-token predictions. The log-softmax runs in float32
-    whatever the model's dtype (bf16/fp16 log-probabilities are too coarse to compare pruned models),
-    and the summed negative log-likelihood is kept in float64 so that long evaluations do not drift.
+    Each window contributes its ``L - 1`` next-token predictions (``summed_nll``).
     Returns ``ppl``, ``nll`` (mean per predicted token), ``tokens`` (``n * (L - 1)``), ``windows``, ``seqlen``.
     """
     count, seqlen = windows.shape
     if count < 1 or seqlen < 2:
         raise NumpruneError(f"perplexity needs at least one window of two or more tokens, "
                             f"got shape {tuple(windows.shape)}")
-    total = torch.zeros((), dtype=torch.float64)
-    with torch.inference_mode():
-        for start in tqdm(range(0, count, batch_size), desc="perplexity", unit="batch", disable=not progress):
-            ids = windows[start:start + batch_size].to(model.device)
-            logits = model(ids, use_cache=False).logits[:, :-1].float()
-            targets = ids[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-            total += nll.double().sum().cpu()
+    total = summed_nll(model, windows, batch_size, progress)
     tokens = count * (seqlen - 1)
-    mean = total.item() / tokens
+    mean = total / tokens
     return dict(ppl=math.exp(mean), nll=mean, tokens=tokens, windows=count, seqlen=seqlen)
+
+
+@torch.inference_mode()
+def summed_nll(model, ids: torch.Tensor, batch_size: int = 1, progress: bool = True, desc: str = "perplexity") -> float:
+    """Summed negative log-likelihood of every token of ``ids`` ``[n, L]`` after the first, teacher-forced.
+
+    The log-softmax runs in float32 whatever the model's dtype (bf16/fp16 log-probabilities are too
+    coarse to compare pruned models); the sum is kept in float64 so that long evaluations do not drift.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(ids), batch_size), desc=desc, unit="batch", disable=not progress):
+        batch = ids[start:start + batch_size].to(device)
+        logits = model(batch, use_cache=False).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+        total += nll.double().sum().cpu()
+    return total.item()

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from numprune.data.assets import cache_dir
 from numprune.errors import NumpruneError
+from numprune.evaluate.perplexity import summed_nll
 from numprune.modeling.llamagen import LlamaGenConfig, LlamaGenForCausalLM
 from numprune.save import atomic_folder
 
@@ -84,13 +85,11 @@ def sequences(tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, None], tokens], dim=1)
 
 
-@torch.inference_mode()
 def heldout_nll(model: LlamaGenForCausalLM) -> float:
     """Mean negative log-likelihood per image token (nats) of the held-out digits, given their class."""
-    from numprune.evaluate.image import heldout_nll as nll_of
-
     split = digits_split()
-    return nll_of(model, split["heldout_tokens"], split["heldout_labels"])["nll"]
+    tokens = split["heldout_tokens"]
+    return summed_nll(model, sequences(tokens, split["heldout_labels"]), 128, progress=False) / tokens.numel()
 
 
 def unigram_nll() -> float:
