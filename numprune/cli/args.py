@@ -26,36 +26,23 @@ def _number(text: str, cast):
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _checked(cast, accept, rule: str):
+    """A converter to ``cast`` that refuses values ``accept`` rejects, saying ``rule``."""
+
+    def convert(text: str):
+        value = _number(text, cast)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return value
+
+    return convert
 
 
-def nonnegative_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    return _number(text, float)
-
-
-def nonnegative_float(text: str) -> float:
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
-    return value
-
-
-def ratio(text: str) -> float:
-    value = _number(text, float)
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
-    return value
+positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+nonnegative_int = _checked(int, lambda v: v >= 0, "zero or more")
+finite_float = _checked(float, lambda v: True, "a finite number")
+nonnegative_float = _checked(float, lambda v: v >= 0, "zero or more")
+ratio = _checked(float, lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
 
 
 def comma_list(item=str):
