@@ -95,6 +95,25 @@ def test_unit_costs_count_the_parameters_that_leave(family, tokens):
     assert abs(p["achieved_ratio"] - 0.3) < 0.1
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_unit_cost_is_what_its_removal_takes(family):
+    """Brute force per unit kind: shrink away exactly one MLP channel, then one KV group, and count."""
+    model = tiny(family)
+    adapter = adapter_for(model)
+    full = [adapter.full_plan(i) for i in range(adapter.num_layers())]
+    costs, layout = adapter.unit_costs(1), adapter.attention_layout(1)
+    group = tuple(range(layout.group_size))
+    fewer = {
+        "channel": LayerPlan(full[1].heads, full[1].kv_heads, full[1].channels[1:]),
+        "group": LayerPlan(full[1].heads[len(group):], full[1].kv_heads[1:], full[1].channels),
+    }
+    expected = {"channel": costs.channel, "group": len(group) * costs.query_head + costs.kv_head}
+    dense = sum(p.numel() for p in model.parameters())
+    for kind, plan in fewer.items():
+        shrunk = shrink(adapter, [full[0], plan, full[2]])
+        assert dense - sum(p.numel() for p in shrunk.parameters()) == expected[kind], kind
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma3_text", "gpt2"])
 def test_bias_compensation_fits_every_family(family, tokens):
     """FLAP's bias on the output projections: numprune's config carries it where the stock one cannot."""

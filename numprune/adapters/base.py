@@ -15,6 +15,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from numprune.errors import NumpruneError
+from numprune.modeling.layout import KV, MLP, QUERY, LayerModules
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,16 @@ class LayerPlan:
 
 
 class Adapter(ABC):
-    """Where a family keeps its layers, projections and head layout."""
+    """Where a family keeps its layers and what pruning cuts in them (``modules``).
+
+    A family names ``layers_path`` and ``modules`` and says how its pruned config looks; the head
+    layout, the unit costs and the slices of every tensor are worked out here, once for all families.
+    """
 
     family: str = ""
     model_types: tuple[str, ...] = ()
+    layers_path: str = ""  # the decoder layers' ModuleList in the causal LM
+    modules: LayerModules
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
@@ -64,38 +71,68 @@ class Adapter(ABC):
                                     "is not a grouped-query layout numprune can keep valid")
 
     @abstractmethod
-    def layers(self) -> nn.ModuleList:
-        """The decoder layers, in order."""
-
-    @abstractmethod
-    def attention_layout(self, layer_idx: int) -> AttentionLayout: ...
-
-    @abstractmethod
-    def mlp_width(self, layer_idx: int) -> int: ...
-
-    @abstractmethod
-    def attention_output(self, layer: nn.Module) -> nn.Module:
-        """The projection whose input channels are the heads' outputs (o_proj): nn.Linear or Conv1D."""
-
-    @abstractmethod
-    def mlp_output(self, layer: nn.Module) -> nn.Module:
-        """The projection whose input channels are the MLP channels (down_proj): nn.Linear or Conv1D."""
-
-    @abstractmethod
-    def unit_costs(self, layer_idx: int) -> UnitCosts: ...
-
-    @abstractmethod
-    def kept_indices(self, layer_idx: int, plan: LayerPlan) -> dict[str, tuple[int, torch.Tensor]]:
-        """For each parameter of the layer that shrinks: (its state-dict name, the dim, indices kept)."""
-
-    @abstractmethod
     def pruned_config(self, plans: list[LayerPlan]) -> PretrainedConfig:
         """The config of the shrunk model: the stock class when it can describe it, else numprune's."""
 
-    # Derived helpers shared by all families.
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers, in order."""
+        return self.model.get_submodule(self.layers_path)
 
     def num_layers(self) -> int:
         return len(self.layers())
+
+    def attention_output(self, layer: nn.Module) -> nn.Module:
+        """The projection whose input channels are the heads' outputs (o_proj): nn.Linear or Conv1D."""
+        return layer.get_submodule(self.modules.attention_output)
+
+    def mlp_output(self, layer: nn.Module) -> nn.Module:
+        """The projection whose input channels are the MLP channels (down_proj): nn.Linear or Conv1D."""
+        return layer.get_submodule(self.modules.mlp_output)
+
+    def mlp_width(self, layer_idx: int) -> int:
+        return projection_weight(self.mlp_output(self.layers()[layer_idx])).shape[1]
+
+    def attention_layout(self, layer_idx: int) -> AttentionLayout:
+        """Heads from the attention output's width; KV heads from the rows of the projection that holds them."""
+        layer = self.layers()[layer_idx]
+        head_dim = layer.get_submodule(self.modules.attention).head_dim
+        heads = projection_weight(self.attention_output(layer)).shape[1] // head_dim
+        path, blocks = next((path, blocks) for path, blocks in self.modules.inputs if KV in blocks)
+        rows = projection_weight(layer.get_submodule(path)).shape[0] - blocks.count(QUERY) * heads * head_dim
+        return AttentionLayout(heads, rows // (blocks.count(KV) * head_dim), head_dim)
+
+    def unit_costs(self, layer_idx: int) -> UnitCosts:
+        """Each input block loses a row (+ its bias) per channel; each output projection a column."""
+        layer = self.layers()[layer_idx]
+        head_dim = self.attention_layout(layer_idx).head_dim
+        per_channel = {QUERY: 0, KV: 0, MLP: 0}
+        for path, blocks in self.modules.inputs:
+            projection = layer.get_submodule(path)
+            row = projection_weight(projection).shape[1] + (projection.bias is not None)
+            for block in blocks:
+                per_channel[block] += row
+        per_channel[QUERY] += projection_weight(self.attention_output(layer)).shape[0]
+        per_channel[MLP] += projection_weight(self.mlp_output(layer)).shape[0]
+        return UnitCosts(per_channel[QUERY] * head_dim, per_channel[KV] * head_dim, per_channel[MLP])
+
+    def kept_indices(self, layer_idx: int, plan: LayerPlan) -> dict[str, tuple[int, torch.Tensor]]:
+        """For each parameter of the layer that shrinks: (its state-dict name, the dim, indices kept)."""
+        layer = self.layers()[layer_idx]
+        layout = self.attention_layout(layer_idx)
+        q, kv, channels = self.kept_channels(layer_idx, plan)
+        blocks = {QUERY: (layout.num_heads * layout.head_dim, q), KV: (layout.num_kv_heads * layout.head_dim, kv),
+                  MLP: (self.mlp_width(layer_idx), channels)}
+        prefix = f"{self.layers_path}.{layer_idx}."
+        kept = {}
+        for path, kinds in self.modules.inputs:
+            projection = layer.get_submodule(path)
+            rows = fused_indices(*(blocks[kind] for kind in kinds))
+            kept[f"{prefix}{path}.weight"] = (_out_dim(projection), rows)
+            if projection.bias is not None:
+                kept[f"{prefix}{path}.bias"] = (0, rows)
+        for path, columns in ((self.modules.attention_output, q), (self.modules.mlp_output, channels)):
+            kept[f"{prefix}{path}.weight"] = (1 - _out_dim(layer.get_submodule(path)), columns)
+        return kept
 
     def prunable_parameters(self, layer_idx: int) -> int:
         """Parameters that heads and channels carry in this layer (what the ratio is a fraction of)."""
@@ -108,13 +145,6 @@ class Adapter(ABC):
         head_dim = self.attention_layout(layer_idx).head_dim
         return (head_channels(plan.heads, head_dim), head_channels(plan.kv_heads, head_dim),
                 torch.tensor(plan.channels, dtype=torch.long))
-
-    def kept_qkv(self, layer_idx: int, plan: LayerPlan) -> torch.Tensor:
-        """The kept channels of a fused [q; k; v] projection (Phi-3's qkv_proj, GPT-2's c_attn, LlamaGen's wqkv)."""
-        layout = self.attention_layout(layer_idx)
-        q, kv, _ = self.kept_channels(layer_idx, plan)
-        q_size, kv_size = layout.num_heads * layout.head_dim, layout.num_kv_heads * layout.head_dim
-        return fused_indices((q_size, q), (kv_size, kv), (kv_size, kv))
 
     def kept_inputs(self, layer_idx: int, plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Input channels the plan keeps in the attention and MLP output projections."""
@@ -130,6 +160,11 @@ class Adapter(ABC):
         layout = self.attention_layout(layer_idx)
         return LayerPlan(tuple(range(layout.num_heads)), tuple(range(layout.num_kv_heads)),
                          tuple(range(self.mlp_width(layer_idx))))
+
+
+def _out_dim(projection: nn.Module) -> int:
+    """The weight dimension of a projection's outputs: 0 for nn.Linear ([out, in]), 1 for Conv1D ([in, out])."""
+    return 1 if isinstance(projection, Conv1D) else 0
 
 
 def projection_weight(module: nn.Module) -> torch.Tensor:

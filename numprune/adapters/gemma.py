@@ -5,15 +5,16 @@ What else differs leaves head and channel slicing alone: extra norms around atte
 query_pre_attn_scalar scaling and the sliding/full layer types all stay as they are.
 """
 
-from numprune.adapters.llama import LlamaAdapter, attention_bias_fields
+from numprune.adapters.llama import attention_bias_fields
+from numprune.adapters.stock import StockAdapter
 from numprune.modeling.families import GEMMA2, GEMMA3_TEXT
 
 
-class Gemma2Adapter(LlamaAdapter):
+class Gemma2Adapter(StockAdapter):
     spec = GEMMA2
     stock_bias_fields = attention_bias_fields
 
 
-class Gemma3TextAdapter(LlamaAdapter):
+class Gemma3TextAdapter(StockAdapter):
     spec = GEMMA3_TEXT
     stock_bias_fields = attention_bias_fields

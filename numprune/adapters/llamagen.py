@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
 from transformers import PretrainedConfig
 
-from numprune.adapters.base import Adapter, AttentionLayout, LayerPlan, UnitCosts
+from numprune.adapters.base import Adapter, LayerPlan
+from numprune.modeling.layout import KV, MLP, QUERY, LayerModules
 from numprune.modeling.llamagen import LlamaGenConfig
 from numprune.modeling.per_layer import PER_LAYER_FIELDS
 
@@ -15,38 +14,10 @@ from numprune.modeling.per_layer import PER_LAYER_FIELDS
 class LlamaGenAdapter(Adapter):
     family = "llamagen"
     model_types = (LlamaGenConfig.model_type,)
-
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
-
-    def attention_layout(self, layer_idx: int) -> AttentionLayout:
-        attn = self.layers()[layer_idx].attention
-        return AttentionLayout(attn.n_head, attn.n_kv_head, attn.head_dim)
-
-    def mlp_width(self, layer_idx: int) -> int:
-        return self.layers()[layer_idx].feed_forward.w2.in_features
-
-    def attention_output(self, layer: nn.Module) -> nn.Linear:
-        return layer.attention.wo
-
-    def mlp_output(self, layer: nn.Module) -> nn.Linear:
-        return layer.feed_forward.w2
-
-    def unit_costs(self, layer_idx: int) -> UnitCosts:
-        hidden, hd = self.config.hidden_size, self.attention_layout(layer_idx).head_dim
-        # wqkv has no bias; a bias on wo / w2 does not depend on how many heads or channels remain.
-        return UnitCosts(query_head=2 * hidden * hd, kv_head=2 * hidden * hd, channel=3 * hidden)
-
-    def kept_indices(self, layer_idx: int, plan: LayerPlan) -> dict[str, tuple[int, torch.Tensor]]:
-        q, _, ch = self.kept_channels(layer_idx, plan)
-        p = f"layers.{layer_idx}."
-        return {
-            p + "attention.wqkv.weight": (0, self.kept_qkv(layer_idx, plan)),
-            p + "attention.wo.weight": (1, q),
-            p + "feed_forward.w1.weight": (0, ch),
-            p + "feed_forward.w3.weight": (0, ch),
-            p + "feed_forward.w2.weight": (1, ch),
-        }
+    layers_path = "layers"
+    # wqkv has no bias; a bias on wo / w2 does not depend on how many heads or channels remain.
+    modules = LayerModules("attention", (("attention.wqkv", (QUERY, KV, KV)), ("feed_forward.w1", (MLP,)),
+                                         ("feed_forward.w3", (MLP,))), "attention.wo", "feed_forward.w2")
 
     def pruned_config(self, plans: list[LayerPlan]) -> PretrainedConfig:
         base = {k: v for k, v in self.config.to_dict().items()

@@ -1,10 +1,8 @@
 """Qwen2: the LLaMA layout with q/k/v biases (always on, sliced with their heads) and none on o_proj."""
 
-from numprune.adapters.llama import LlamaAdapter
 from numprune.adapters.stock import StockAdapter
 from numprune.modeling.families import QWEN2
 
 
-class Qwen2Adapter(LlamaAdapter):
+class Qwen2Adapter(StockAdapter):
     spec = QWEN2
-    stock_bias_fields = StockAdapter.stock_bias_fields

@@ -3,10 +3,11 @@
 The norms' weights are shared by all heads (one per head channel), so they stay whole.
 """
 
-from numprune.adapters.llama import LlamaAdapter, attention_bias_fields
+from numprune.adapters.llama import attention_bias_fields
+from numprune.adapters.stock import StockAdapter
 from numprune.modeling.families import QWEN3
 
 
-class Qwen3Adapter(LlamaAdapter):
+class Qwen3Adapter(StockAdapter):
     spec = QWEN3
     stock_bias_fields = attention_bias_fields

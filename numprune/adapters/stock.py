@@ -1,18 +1,16 @@
 """What every family built from transformers' own model classes shares: module paths and the pruned config.
 
-A family's ``Family`` (numprune.modeling.families) names where its layers and output projections
-live and which config fields hold the widths; a subclass adds the head layout, the unit costs,
-the slicing (``kept_indices``) and which stock config fields can give the output projections a bias.
+A family's ``Family`` (numprune.modeling.families) names where its layers live, what pruning cuts in
+them and which config fields hold the widths; a subclass adds only which stock config fields can
+give the output projections a bias.
 """
 
 from __future__ import annotations
 
-import torch
 from huggingface_hub.errors import StrictDataclassError
-from torch import nn
 from transformers import PretrainedConfig
 
-from numprune.adapters.base import Adapter, LayerPlan, projection_weight
+from numprune.adapters.base import Adapter, LayerPlan
 from numprune.modeling.families import PER_LAYER_CLASSES
 from numprune.modeling.per_layer import BIAS_FIELDS, PER_LAYER_FIELDS, Family
 
@@ -30,22 +28,7 @@ class StockAdapter(Adapter):
         super().__init_subclass__(**kwargs)
         cls.family = cls.spec.model_type
         cls.model_types = (cls.spec.model_type, cls.spec.numprune_model_type)
-
-    def layers(self) -> nn.ModuleList:
-        return self.model.get_submodule(self.spec.layers)
-
-    def attention_output(self, layer: nn.Module) -> nn.Module:
-        return layer.get_submodule(self.spec.attention_output)
-
-    def mlp_output(self, layer: nn.Module) -> nn.Module:
-        return layer.get_submodule(self.spec.mlp_output)
-
-    def mlp_width(self, layer_idx: int) -> int:
-        return projection_weight(self.mlp_output(self.layers()[layer_idx])).shape[1]
-
-    def prefix(self, layer_idx: int) -> str:
-        """The state-dict prefix of a decoder layer."""
-        return f"{self.spec.layers}.{layer_idx}."
+        cls.layers_path, cls.modules = cls.spec.layers, cls.spec.modules
 
     def stock_bias_fields(self, attention: bool, mlp: bool) -> dict | None:
         """Stock config fields under which the output projections have a bias where ``attention`` / ``mlp``
@@ -94,13 +77,3 @@ class StockAdapter(Adapter):
             return None
         config.architectures = [spec.causal_lm_class.__name__]
         return config
-
-
-def sliced_rows(layer: nn.Module, prefix: str, kept: dict[str, torch.Tensor]) -> dict[str, tuple[int, torch.Tensor]]:
-    """``kept_indices`` entries for projections (module path -> kept output rows): weight rows, and bias if any."""
-    out = {}
-    for path, index in kept.items():
-        out[f"{prefix}{path}.weight"] = (0, index)
-        if layer.get_submodule(path).bias is not None:
-            out[f"{prefix}{path}.bias"] = (0, index)
-    return out

@@ -18,6 +18,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 from transformers.pytorch_utils import Conv1D
 
+from numprune.modeling.layout import KV, LLAMA_MODULES, MLP, QUERY, LayerModules
 from numprune.modeling.per_layer import Family, per_layer_classes
 
 
@@ -44,7 +45,13 @@ def _narrow_gpt2(layer: nn.Module, heads: int, head_dim: int) -> None:
     attn.c_proj = narrowed(attn.c_proj, in_features=heads * head_dim)
 
 
-_LLAMA_LAYOUT = dict(layers="model.layers", attention_output="self_attn.o_proj", mlp_output="mlp.down_proj")
+_LLAMA_LAYOUT = dict(layers="model.layers", modules=LLAMA_MODULES)
+PHI3_MODULES = LayerModules("self_attn", (("self_attn.qkv_proj", (QUERY, KV, KV)), ("mlp.gate_up_proj", (MLP, MLP))),
+                            "self_attn.o_proj", "mlp.down_proj")
+OPT_MODULES = LayerModules("self_attn", (("self_attn.q_proj", (QUERY,)), ("self_attn.k_proj", (KV,)),
+                                         ("self_attn.v_proj", (KV,)), ("fc1", (MLP,))), "self_attn.out_proj", "fc2")
+GPT2_MODULES = LayerModules("attn", (("attn.c_attn", (QUERY, KV, KV)), ("mlp.c_fc", (MLP,))), "attn.c_proj",
+                            "mlp.c_proj")
 
 LLAMA = Family("Llama", "llama", LlamaConfig, LlamaForCausalLM, LlamaDecoderLayer, **_LLAMA_LAYOUT)
 MISTRAL = Family("Mistral", "mistral", MistralConfig, MistralForCausalLM, MistralDecoderLayer, **_LLAMA_LAYOUT)
@@ -53,10 +60,10 @@ QWEN3 = Family("Qwen3", "qwen3", Qwen3Config, Qwen3ForCausalLM, Qwen3DecoderLaye
 GEMMA2 = Family("Gemma2", "gemma2", Gemma2Config, Gemma2ForCausalLM, Gemma2DecoderLayer, **_LLAMA_LAYOUT)
 GEMMA3_TEXT = Family("Gemma3Text", "gemma3_text", Gemma3TextConfig, Gemma3ForCausalLM, Gemma3DecoderLayer,
                      **_LLAMA_LAYOUT)
-PHI3 = Family("Phi3", "phi3", Phi3Config, Phi3ForCausalLM, Phi3DecoderLayer, **_LLAMA_LAYOUT)
-OPT = Family("OPT", "opt", OPTConfig, OPTForCausalLM, OPTDecoderLayer, "model.decoder.layers",
-             "self_attn.out_proj", "fc2", width_field="ffn_dim", kv_field=None, narrow_attention=_narrow_opt)
-GPT2 = Family("GPT2", "gpt2", GPT2Config, GPT2LMHeadModel, GPT2Block, "transformer.h", "attn.c_proj", "mlp.c_proj",
+PHI3 = Family("Phi3", "phi3", Phi3Config, Phi3ForCausalLM, Phi3DecoderLayer, "model.layers", PHI3_MODULES)
+OPT = Family("OPT", "opt", OPTConfig, OPTForCausalLM, OPTDecoderLayer, "model.decoder.layers", OPT_MODULES,
+             width_field="ffn_dim", kv_field=None, narrow_attention=_narrow_opt)
+GPT2 = Family("GPT2", "gpt2", GPT2Config, GPT2LMHeadModel, GPT2Block, "transformer.h", GPT2_MODULES,
               width_field="n_inner", heads_field="n_head", kv_field=None, narrow_attention=_narrow_gpt2)
 
 FAMILIES = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3_TEXT, PHI3, OPT, GPT2)

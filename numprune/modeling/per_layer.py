@@ -23,6 +23,8 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from numprune.modeling.layout import LayerModules
+
 PER_LAYER_FIELDS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes")
 BIAS_FIELDS = ("attention_output_bias", "mlp_output_bias")
 
@@ -37,8 +39,7 @@ class Family:
     causal_lm_class: type[PreTrainedModel]
     layer_class: type[nn.Module]  # built as layer_class(config, layer_idx)
     layers: str  # path of the decoder layers' ModuleList in the causal LM
-    attention_output: str  # path of the heads' output projection inside a layer
-    mlp_output: str  # path of the MLP output projection inside a layer
+    modules: LayerModules  # what pruning cuts inside a layer
     width_field: str = "intermediate_size"
     heads_field: str = "num_attention_heads"
     kv_field: str | None = "num_key_value_heads"  # None: no grouped-query attention
@@ -130,7 +131,7 @@ def _decoder_layer(family: Family, config, layer_idx: int) -> nn.Module:
     if family.narrow_attention is not None:
         family.narrow_attention(layer, config.layer_num_attention_heads[layer_idx], config.head_dim)
     for wanted, path in zip((config.attention_output_bias, config.mlp_output_bias),
-                            (family.attention_output, family.mlp_output)):
+                            (family.modules.attention_output, family.modules.mlp_output)):
         projection = layer.get_submodule(path)
         if wanted and projection.bias is None:  # Conv1D always has one; an nn.Linear may not
             projection.bias = nn.Parameter(torch.zeros(projection.out_features))
