@@ -5,8 +5,8 @@ the command line): the fp32 weights wait in CPU memory, each decoder layer's pas
 ``--prune-dtype`` (statistics in float64), and the report's stage times, calibration tokens per
 second and peak GPU and CPU memory are printed.
 
-Speed depends only on shapes, so the weights are random and the plans uniform: every layer keeps
-its first heads and MLP channels. Protocol as in the paper: fp16, batch 1, a 64-token prompt and
+Speed depends only on shapes, so the weights are random and the plans uniform (numprune's uniform
+allocation with equal scores). Protocol as in the paper: fp16, batch 1, a 64-token prompt and
 128 generated tokens. ``--small`` runs a small LLaMA shape on the CPU in well under a minute, to
 check the script without a GPU.
 
@@ -27,8 +27,11 @@ from transformers.initialization import no_init_weights
 
 import numprune
 from numprune.adapters import LayerPlan, adapter_for
+from numprune.allocate import allocate
 from numprune.api import parameter_counts
 from numprune.bench import measure
+from numprune.cli.args import dtype as dtype_arg
+from numprune.criteria import LayerScores
 from numprune.shrink import shrink
 
 LLAMA_7B = dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096,
@@ -57,21 +60,12 @@ def build_model(shape: dict, device: str, dtype: torch.dtype):
 
 
 def uniform_plans(adapter, ratio: float) -> list[LayerPlan]:
-    """Keep the first heads (whole KV groups) and channels in every layer, removing about ``ratio`` of them.
-
-    Heads are rounded to whole KV groups first; the MLP channels then make up the rest of the
-    target, rounded to a multiple of 64 as fast kernels like.
-    """
-    plans = []
-    for i in range(adapter.num_layers()):
-        layout, costs, width = adapter.attention_layout(i), adapter.unit_costs(i), adapter.mlp_width(i)
-        kv_heads = max(1, round((1 - ratio) * layout.num_kv_heads))
-        heads = kv_heads * layout.group_size
-        attention = heads * costs.query_head + kv_heads * costs.kv_head
-        channels = ((1 - ratio) * adapter.prunable_parameters(i) - attention) / costs.channel
-        channels = min(width, max(CHANNEL_MULTIPLE, CHANNEL_MULTIPLE * round(channels / CHANNEL_MULTIPLE)))
-        plans.append(LayerPlan(tuple(range(heads)), tuple(range(kv_heads)), tuple(range(channels))))
-    return plans
+    """numprune's uniform allocation with equal scores: whole KV groups, then MLP channels in multiples of 64
+    (as fast kernels like), about ``ratio`` of every layer removed."""
+    scores = [LayerScores(torch.zeros(adapter.attention_layout(i).num_heads, device="cpu"),
+                          torch.zeros(adapter.mlp_width(i), device="cpu"))
+              for i in range(adapter.num_layers())]
+    return allocate(adapter, scores, ratio, "uniform", gqa_unit="kv-group", round_to=CHANNEL_MULTIPLE)
 
 
 def removed_fraction(dense, pruned) -> float:
@@ -138,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
                         "solves run on the CPU in float64; times grow in proportion; the speed stage uses all 32)")
     parser.add_argument("--prune-samples", type=int, default=128, help="calibration windows of the pruning stage")
     parser.add_argument("--prune-seqlen", type=int, default=512, help="their length in tokens")
-    parser.add_argument("--prune-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--prune-dtype", default="bfloat16", type=dtype_arg,
                         help="precision of the pruning stage's layer passes (default bfloat16)")
     parser.add_argument("--prune-only", action="store_true", help="skip the speed and memory table")
     args = parser.parse_args(argv)
@@ -149,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         parser.error("the LLaMA-7B run needs a CUDA GPU; use --small on the CPU")
     prune_shape = {**shape, "num_hidden_layers": min(args.prune_layers, shape["num_hidden_layers"])}
-    pruning = prune_on_device(prune_shape, device, getattr(torch, args.prune_dtype),
+    pruning = prune_on_device(prune_shape, device, args.prune_dtype,
                               *((8, 64) if args.small else (args.prune_samples, args.prune_seqlen)))
     if args.prune_only:
         if args.json:

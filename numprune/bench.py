@@ -19,7 +19,6 @@ import torch
 from numprune.errors import NumpruneError
 from numprune.save import REPORT_NAME
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MiB = 2**20
 
 

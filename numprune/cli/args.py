@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import math
 
+import torch
+
 from numprune.image.calibration import CALIB_CFG_SCALE
 
 DATA_HELP = "sotu, moby-dick, sotu-val, emails, wikitext2, ptb, c4, or a .txt / .jsonl file"
 MODEL_HELP = "model: 'smollm2' (embedded default), 'gemma3-270m' (optional package), a local folder, or a hub id"
 IMAGE_EVAL = "digits"  # --eval digits: image measures of an image generator
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _number(text: str, cast):
@@ -43,6 +46,12 @@ nonnegative_int = _checked(int, lambda v: v >= 0, "zero or more")
 finite_float = _checked(float, lambda v: True, "a finite number")
 nonnegative_float = _checked(float, lambda v: v >= 0, "zero or more")
 ratio = _checked(float, lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
+
+
+def dtype(text: str) -> torch.dtype:
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(DTYPES)}, got {text!r}")
+    return DTYPES[text]
 
 
 def comma_list(item=str):

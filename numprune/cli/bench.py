@@ -26,7 +26,7 @@ def add_parser(commands) -> None:
     p.add_argument("--repeats", type=a.positive_int, default=3, help="timed runs (default 3)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=tuple(bench.DTYPES), default="float32", help="default float32")
+    p.add_argument("--dtype", type=a.dtype, default="float32", help=f"{', '.join(a.DTYPES)} (default float32)")
     p.add_argument("--threads", type=a.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--plot", default=None, help="also plot speed and memory against pruning ratio to this PNG")
@@ -43,7 +43,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     specs = args.model or [None]
     # Loaded lazily, one at a time, so that each model's memory is measured without the others.
-    models = ((spec or "smollm2", load_model(spec, bench.DTYPES[args.dtype])[0].to(args.device)) for spec in specs)
+    models = ((spec or "smollm2", load_model(spec, args.dtype)[0].to(args.device)) for spec in specs)
     results = bench.bench(models, args.batch, ratios=[bench.pruning_ratio(spec) for spec in specs],
                           prompt_len=args.prompt_len, new_tokens=args.new_tokens, warmup=args.warmup,
                           repeats=args.repeats)

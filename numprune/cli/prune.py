@@ -14,9 +14,6 @@ from numprune.models import registry_folder
 from numprune.save import check_output, save_pruned
 from numprune.stream import check_folder, load_tokenizer, prune_streaming
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-
 def add_parser(commands) -> None:
     p = commands.add_parser("prune", help="prune a model and save the narrower one")
     a.add_model(p)
@@ -50,7 +47,7 @@ def add_parser(commands) -> None:
                    "decoder layer at a time and write the result layer by layer: the model never sits in memory whole")
     p.add_argument("--device", default="cpu", help="where each layer's pass runs: cpu (default), cuda or cuda:N; "
                    "the weights wait in CPU memory or on disk")
-    p.add_argument("--dtype", default=None, choices=sorted(COMPUTE_DTYPES), help="precision of the layer passes "
+    p.add_argument("--dtype", type=a.dtype, default=None, help=f"{', '.join(a.DTYPES)}: precision of the layer passes "
                    "(default: the weights' own); statistics and solves stay in float64")
     a.add_quiet(p)
     p.set_defaults(run=run)
@@ -86,7 +83,7 @@ def _compute_dtype(args):
         raise NumpruneError(f"--device {args.device}: torch sees no CUDA device")
     if not args.device.startswith(("cpu", "cuda")):
         raise NumpruneError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
-    return getattr(torch, args.dtype) if args.dtype else None
+    return args.dtype
 
 
 def _streaming(args, device: str, dtype) -> int:
