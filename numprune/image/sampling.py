@@ -2,13 +2,10 @@
 
 Each step runs the conditional and the null-class sequences as one batch and combines their
 next-token logits as ``uncond + cfg_scale * (cond - uncond)`` (LlamaGen's rule; a scale of 1.0 is
-plain conditional sampling and skips the null-class half). Temperature, then top-k, then top-p
-(transformers' logits warpers) shape the distribution.
-
-Determinism: all randomness is one uniform number per sample and token, drawn up front from a
-CPU ``torch.Generator`` seeded with ``seed``, and each token is read off the inverse CDF at that
-number. Sample ``i`` therefore sees the same numbers whatever the batch size or device, and the
-same seed gives the same tokens.
+plain conditional sampling and skips the null-class half). Temperature, top-k and top-p shape the
+distribution and the seeded inverse-CDF draw picks each token (``numprune.sampling``, shared with
+text generation): sample ``i`` sees the same random numbers whatever the batch size or device, and
+the same seed gives the same tokens.
 
 Pixels are the tokenizer's job: ``numprune.image.digits.tokens_to_images`` for the digits model,
 and ``llamagen_vq_decoder`` wraps LlamaGen's VQ tokenizer for those who have it.
@@ -20,40 +17,21 @@ from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from numprune.errors import NumpruneError
+from numprune.sampling import check_warping, pick_tokens, uniform_draws
 
 
 def check_sampling_options(cfg_scale: float, temperature: float, top_k: int, top_p: float) -> None:
     """Fail early on options that do not describe a distribution."""
     if cfg_scale < 0:
         raise NumpruneError(f"cfg scale must be >= 0, got {cfg_scale}")
-    if temperature < 0:
-        raise NumpruneError(f"temperature must be >= 0 (0: greedy), got {temperature}")
-    if top_k < 0:
-        raise NumpruneError(f"top-k must be >= 0 (0: off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise NumpruneError(f"top-p must be in (0, 1], got {top_p}")
+    check_warping(temperature, top_k, top_p)
 
 
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: float) -> torch.Tensor:
     """Classifier-free guidance: ``uncond + cfg_scale * (cond - uncond)``; ``cond`` itself at scale 1."""
     return cond if uncond is None or cfg_scale == 1.0 else uncond + cfg_scale * (cond - uncond)
-
-
-def pick_tokens(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """One token per row of ``logits`` [B, V]: inverse-CDF sampling at ``uniform`` [B] (argmax if temperature is 0)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    scores = logits.float() / temperature
-    if top_k:
-        scores = TopKLogitsWarper(top_k)(None, scores)
-    if top_p < 1.0:
-        scores = TopPLogitsWarper(top_p)(None, scores)
-    cdf = scores.softmax(-1).double().cumsum(-1)
-    index = torch.searchsorted(cdf, (uniform.double() * cdf[:, -1]).unsqueeze(-1), right=True)
-    return index.squeeze(-1).clamp_max(logits.shape[-1] - 1)
 
 
 @torch.inference_mode()
@@ -71,7 +49,7 @@ def generate(model, labels: torch.Tensor, *, cfg_scale: float = 4.0, temperature
     if batch_size < 1:
         raise NumpruneError(f"batch size must be a positive integer, got {batch_size}")
     length = config.image_tokens
-    uniform = torch.rand(len(labels), length, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    uniform = uniform_draws(len(labels), length, seed)
     device = next(model.parameters()).device
     guided = cfg_scale != 1.0
     was_training = model.training
