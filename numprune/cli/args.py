@@ -11,9 +11,13 @@ import math
 
 import torch
 
+from numprune.data.self_generated import Sampling
 from numprune.image.calibration import CALIB_CFG_SCALE
 
 DATA_HELP = "sotu, moby-dick, sotu-val, emails, wikitext2, ptb, c4, or a .txt / .jsonl file"
+EVAL_DATA_HELP = f"{DATA_HELP}; in prune and compare also self: text the dense model samples (--eval-seed)"
+CALIB_HELP = (f"calibration data: {DATA_HELP}; self: the model's own samples (data-free); or a mixture, sotu+emails "
+              "(equal shares of --nsamples) or sotu:3+emails:1 (shares by weight) (default: sotu, addresses before 2000)")
 MODEL_HELP = "model: 'smollm2' (embedded default), 'gemma3-270m' (optional package), a local folder, or a hub id"
 IMAGE_EVAL = "digits"  # --eval digits: image measures of an image generator
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,6 +50,7 @@ nonnegative_int = _checked(int, lambda v: v >= 0, "zero or more")
 finite_float = _checked(float, lambda v: True, "a finite number")
 nonnegative_float = _checked(float, lambda v: v >= 0, "zero or more")
 ratio = _checked(float, lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
+probability = _checked(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
 
 
 def dtype(text: str) -> torch.dtype:
@@ -81,23 +86,38 @@ def add_output_folder(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_calibration(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", default="sotu", help=f"calibration data: {DATA_HELP} (default: sotu, addresses before 2000)")
+    p.add_argument("--calib", default="sotu", help=CALIB_HELP)
     p.add_argument("--nsamples", type=positive_int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=positive_int, default=512, help="calibration window length in tokens (default 512)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for drawing calibration windows and for the "
-                   "random method (default 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for drawing calibration windows, for the "
+                   "model's own calibration samples and for the random method (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="calibration batch size")
     p.add_argument("--calib-per-class", type=positive_int, default=128, help="image generators: calibrate on this "
                    "many sequences per class sampled by the dense model itself (default 128; --calib is not used)")
     p.add_argument("--calib-cfg-scale", type=nonnegative_float, default=CALIB_CFG_SCALE, help="image generators: "
                    f"guidance scale of the calibration samples (default {CALIB_CFG_SCALE})")
+    group = p.add_argument_group("self-generated text", "how a language model samples its own text for --calib self "
+                                 "and --eval self / --data self")
+    group.add_argument("--calib-temperature", type=nonnegative_float, default=Sampling.temperature,
+                       help=f"sampling temperature (default {Sampling.temperature}; 0: greedy)")
+    group.add_argument("--calib-top-p", type=probability, default=Sampling.top_p,
+                       help=f"nucleus sampling threshold (default {Sampling.top_p}; 1: the whole distribution)")
+    group.add_argument("--sample-batch-size", type=positive_int, default=Sampling.batch_size,
+                       help=f"sequences sampled together (default {Sampling.batch_size})")
+    group.add_argument("--eval-seed", type=nonnegative_int, default=1, help="sampling seed of the self-generated "
+                       "validation text and of an image generator's measured images (default 1, apart from --seed's); "
+                       "an image's guidance is --calib-cfg-scale's unless --cfg-scale is given")
+
+
+def self_sampling(args) -> Sampling:
+    return Sampling(temperature=args.calib_temperature, top_p=args.calib_top_p, batch_size=args.sample_batch_size)
 
 
 def add_evaluation(p: argparse.ArgumentParser, flags: tuple[str, str, str], default: str | None, text: str) -> None:
     """Perplexity data, window length and window count, under each command's own flag names."""
     data, seqlen, windows = flags
     p.add_argument(data, dest="eval_data", type=comma_list(), default=default,
-                   help=f"{text}: {DATA_HELP}")
+                   help=f"{text}: {EVAL_DATA_HELP}")
     p.add_argument(seqlen, dest="eval_seqlen", type=positive_int, default=2048,
                    help="perplexity window length (default 2048)")
     p.add_argument(windows, dest="eval_windows", type=positive_int, default=None,
@@ -123,7 +143,4 @@ def add_image_evaluation(p: argparse.ArgumentParser) -> None:
         f"NLL) instead of perplexity: always in compare (--data is then not used), in prune with --eval {IMAGE_EVAL}")
     group.add_argument("--eval-per-class", type=positive_int, default=50,
                        help="generated images per class (default 50)")
-    group.add_argument("--eval-seed", type=nonnegative_int, default=1, help="sampling seed of the measured images "
-                       "(default 1, apart from calibration's); the guidance is --calib-cfg-scale's unless --cfg-scale "
-                       "is given")
     add_sampling(group)

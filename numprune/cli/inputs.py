@@ -6,8 +6,9 @@ Everything cheap is checked first (output path, data names), then the model is l
 from __future__ import annotations
 
 from numprune.adapters import adapter_for
-from numprune.cli.args import IMAGE_EVAL, sampling_options
-from numprune.data.corpora import calibration_windows, evaluation_windows, get_source
+from numprune.cli.args import IMAGE_EVAL, sampling_options, self_sampling
+from numprune.data.corpora import calibration_parts, calibration_windows, check_evaluation_source, evaluation_windows
+from numprune.data.self_generated import SELF
 from numprune.errors import NumpruneError
 from numprune.evaluate.image import DigitsEvaluator, DigitsProtocol, is_image_generator
 from numprune.evaluate.perplexity import perplexity
@@ -30,7 +31,7 @@ def prepare(args):
     """Check everything cheap first, then load the model and draw calibration and evaluation windows
     (for an image generator: self-generated calibration, and the image measures' evaluator)."""
     check_output(args.out, args.overwrite)
-    get_source(args.calib)
+    check_calibration(args)
     specs = eval_specs(args)
     model, tokenizer, source = load(args.model)
     images = image_evaluator(args, model, always=args.command == "compare")  # None for a language model
@@ -38,10 +39,20 @@ def prepare(args):
         tokens, calib_info = self_generated_calibration(model, args.calib_per_class, cfg_scale=args.calib_cfg_scale,
                                                         seed=args.seed, progress=not args.quiet)
     else:
-        tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+        tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed,
+                                                 model=model, sampling=self_sampling(args), progress=not args.quiet)
     text_specs = [] if is_image_generator(model) else [spec for spec in specs if spec != IMAGE_EVAL]
-    eval_sets = {spec: eval_windows(tokenizer, spec, args) for spec in text_specs}
+    eval_sets = {spec: eval_windows(tokenizer, spec, args, model) for spec in text_specs}
     return model, tokenizer, source, tokens, calib_info, eval_sets, images
+
+
+def check_calibration(args) -> list[tuple[str, float]]:
+    """The calibration spec's parts, checked (and the held-out seed apart from calibration's) before any work."""
+    parts = calibration_parts(args.calib)
+    if SELF in dict(parts) and SELF in (args.eval_data or []) and args.eval_seed == args.seed:
+        raise NumpruneError(f"--eval-seed {args.eval_seed} is the calibration seed: the self-generated validation "
+                            "text would repeat the calibration samples")
+    return parts
 
 
 def eval_specs(args) -> list[str]:
@@ -49,12 +60,16 @@ def eval_specs(args) -> list[str]:
     specs = args.eval_data or []
     for spec in specs:
         if spec != IMAGE_EVAL:
-            get_source(spec)
+            check_evaluation_source(spec)
     return specs
 
 
-def eval_windows(tokenizer, spec, args):
-    return evaluation_windows(tokenizer, spec, args.eval_seqlen, args.eval_windows)
+def eval_windows(tokenizer, spec, args, model=None):
+    """Evaluation windows; ``self`` is sampled from ``model`` (the dense one) with ``--eval-seed``."""
+    if spec != SELF:
+        return evaluation_windows(tokenizer, spec, args.eval_seqlen, args.eval_windows)
+    return evaluation_windows(tokenizer, spec, args.eval_seqlen, args.eval_windows, model=model, seed=args.eval_seed,
+                              sampling=self_sampling(args), progress=not args.quiet)
 
 
 def ppl(model, windows, args) -> float:

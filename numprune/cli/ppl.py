@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from numprune.cli import args as a
 from numprune.cli.inputs import eval_specs, eval_windows, load, ppl
+from numprune.data.self_generated import SELF
+from numprune.errors import NumpruneError
 
 
 def add_parser(commands) -> None:
@@ -16,6 +18,9 @@ def add_parser(commands) -> None:
 
 def run(args) -> int:
     specs = eval_specs(args)
+    if SELF in specs:
+        raise NumpruneError(f"--data {SELF} is text a dense model samples, measured before and after pruning: use it "
+                            f"with `numprune compare --data {SELF}` or `numprune prune --eval {SELF}`")
     model, tokenizer, source = load(args.model)
     print(f"model: {source}")
     for spec in specs:

@@ -6,8 +6,8 @@ import torch
 
 from numprune.api import PruneOptions, prune
 from numprune.cli import args as a
-from numprune.cli.inputs import ppl, prepare
-from numprune.data.corpora import calibration_windows, get_source
+from numprune.cli.inputs import check_calibration, load, ppl, prepare
+from numprune.data.corpora import calibration_windows, needs_model
 from numprune.distributed import process_group, world
 from numprune.errors import NumpruneError
 from numprune.models import registry_folder
@@ -91,10 +91,14 @@ def _streaming(args, device: str, dtype) -> int:
     if args.eval_data:
         raise NumpruneError("--eval needs the whole model in memory; with --stream, run `numprune ppl` on the output")
     check_output(args.out, args.overwrite)
-    get_source(args.calib)
+    check_calibration(args)
     folder = check_folder(registry_folder(args.model) or args.model)
     tokenizer = load_tokenizer(folder)
-    tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    # The model's own samples need the whole model once, before the layer-by-layer run.
+    model = load(str(folder))[0] if needs_model(args.calib) else None
+    tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed, model=model,
+                                             sampling=a.self_sampling(args), progress=not args.quiet and world().writer)
+    del model
     report = prune_streaming(folder, tokens, ratio=args.ratio, out=args.out, overwrite=args.overwrite,
                              tokenizer=tokenizer, batch_size=args.batch_size, progress=not args.quiet and world().writer,
                              calibration_info=calib_info, device=device, dtype=dtype, **options)

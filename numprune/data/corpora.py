@@ -25,9 +25,9 @@ is judged on:
 A calibration spec may also be a mixture, ``sotu+emails`` or with weights ``sotu:3+emails:1``: the
 ``nsamples`` windows are shared out in proportion to the weights (equal without them) by largest
 remainders, the first parts taking the leftover windows on a tie, and each part's windows are drawn
-from its own calibration side with the same seed. ``+`` and ``:`` keep their plain meaning in a file
-name: a spec (or a part) that names an existing file is that file, and a part's weight is read only
-after its last ``:`` when the text before it is a source.
+from its own calibration side with the same seed. A spec that names an existing file is that file,
+whatever ``+`` or ``:`` its name holds; inside a mixture a file name may hold ``:`` (a part is a
+weight only after its last ``:``, and only when the text before names a source) but not ``+``.
 
 Text is tokenized without special tokens (no BOS): SmolLM2's GGUF says ``add_bos_token=False`` and
 transformers 4.x and 5.x disagree on honouring it, so the windows are made explicit instead.
