@@ -39,3 +39,13 @@ def tiny_tokens(n: int = 6, length: int = 16, seed: int = 1) -> torch.Tensor:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return tiny_tokens()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: a token step of a tiny model is too small to share, and on busy cores two threads wait on
+    each other (sampling 16 tokens took 100x longer with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -38,12 +38,8 @@ def model():
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: a token step of a tiny model is too small to share, and on busy cores two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def single_thread(one_thread):
+    """Every test here samples token by token from a tiny model (see conftest.one_thread)."""
 
 
 @pytest.fixture

@@ -145,3 +145,51 @@ def test_compare_rejects_bad_method_options(tiny_folder, tmp_path, capsys):
                    str(tmp_path / "x")])
     assert status == 2 and "bad method option" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_self_and_mixture_calibration_are_recorded(tiny_folder, tmp_path, one_thread):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_folder), "--ratio", "0.3", "--calib", "self+moby-dick:3", "--nsamples",
+                 "4", "--seqlen", "16", "--calib-top-p", "0.9", "--eval", "self", "--eval-seqlen", "16",
+                 "--eval-windows", "2", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "pruning_report.json").read_text())
+    calibration = report["calibration"]
+    assert calibration["source"] == "self+moby-dick:3" and calibration["tokens"] == 4 * 16
+    own, text = calibration["mixture"]
+    assert (own["source"], own["nsamples"], own["share"], own["seed"]) == ("self", 1, 0.25, 0)
+    assert (own["temperature"], own["top_p"]) == (1.0, 0.9) and own["sampling_s"] >= 0
+    assert (text["source"], text["nsamples"], text["weight"]) == ("moby-dick", 3, 3.0)
+    assert report["perplexity"]["self"]["protocol"]["seed"] == 1
+
+    streamed = tmp_path / "streamed"
+    assert main(["prune", "--stream", "--model", str(tiny_folder), "--ratio", "0.3", "--calib", "self", "--nsamples",
+                 "2", "--seqlen", "16", "--out", str(streamed), "--quiet"]) == 0
+    assert json.loads((streamed / "pruning_report.json").read_text())["calibration"]["source"] == "self"
+
+    compared = tmp_path / "compared"
+    assert main(["compare", "--model", str(tiny_folder), "--methods", "numerical", "--ratios", "0.2", "--calib",
+                 "self", "--nsamples", "2", "--seqlen", "16", "--data", "self", "--eval-seqlen", "16",
+                 "--eval-windows", "1", "--out", str(compared), "--quiet"]) == 0
+    results = json.loads((compared / "results.json").read_text())
+    assert results["calibration"]["seed"] == 0 and results["evaluation"]["self"]["seed"] == 1
+
+
+@pytest.mark.parametrize("command,extra,message", [
+    ("prune", ["--calib", "sotu+nosuch"], "unknown text source 'nosuch'"),
+    ("prune", ["--calib", "sotu:0+emails"], "bad weight '0' for 'sotu'"),
+    ("prune", ["--calib", "sotu+sotu"], "names a source twice"),
+    ("prune", ["--calib", "self", "--eval", "self", "--eval-seed", "0"], "--eval-seed 0 is the calibration seed"),
+    ("prune", ["--eval", "sotu+emails"], "a mixture is for calibration"),
+    ("prune", ["--stream", "--calib", "emails:x+sotu"], "bad weight 'x'"),
+    ("prune", ["--calib-top-p", "0"], "--calib-top-p: must be in (0, 1]"),
+    ("compare", ["--calib", "self+nosuch"], "unknown text source 'nosuch'"),
+    ("ppl", ["--data", "self"], "--data self is text a dense model samples"),
+])
+def test_bad_calibration_specs_are_one_line(tiny_folder, tmp_path, capsys, command, extra, message):
+    out = tmp_path / "out"
+    status = main([command, "--model", str(tiny_folder), *(["--ratio", "0.3"] if command == "prune" else []),
+                   *(["--out", str(out)] if command != "ppl" else []), "--quiet", *extra])
+    assert status == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("numprune: error:") and message in lines[0], lines
+    assert not out.exists()
