@@ -46,13 +46,12 @@ def prepare(args):
     return model, tokenizer, source, tokens, calib_info, eval_sets, images
 
 
-def check_calibration(args) -> list[tuple[str, float]]:
-    """The calibration spec's parts, checked (and the held-out seed apart from calibration's) before any work."""
-    parts = calibration_parts(args.calib)
-    if SELF in dict(parts) and SELF in (args.eval_data or []) and args.eval_seed == args.seed:
+def check_calibration(args) -> None:
+    """The calibration spec (and the held-out seed apart from calibration's), checked before any work."""
+    parts = dict(calibration_parts(args.calib))
+    if SELF in parts and SELF in (args.eval_data or []) and args.eval_seed == args.seed:
         raise NumpruneError(f"--eval-seed {args.eval_seed} is the calibration seed: the self-generated validation "
                             "text would repeat the calibration samples")
-    return parts
 
 
 def eval_specs(args) -> list[str]:
