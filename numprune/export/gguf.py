@@ -78,7 +78,7 @@ def export_gguf(model_or_folder, out: str | os.PathLike, outtype: str = "f16", *
         raise NumpruneError(f"unknown GGUF output type {outtype!r}; choose from {', '.join(OUTTYPES)}")
     out = Path(out)
     folder = Path(model_or_folder) if isinstance(model_or_folder, (str, os.PathLike)) else None
-    _check_target(out, overwrite, folder)
+    check_target(out, overwrite, folder)
     if folder is not None:
         if not (folder / "config.json").is_file():
             raise NumpruneError(f"no model folder at {folder} (config.json missing)")
@@ -124,10 +124,14 @@ def check_exportable(config) -> None:
                             "graphs use SiLU")
 
 
-def _check_target(out: Path, overwrite: bool, folder: Path | None) -> None:
+def check_target(out: str | os.PathLike, overwrite: bool, folder: Path | None = None) -> None:
+    """Fail early if ``out`` cannot take the GGUF: a folder, an existing file (unless ``overwrite``), or an input."""
+    out = Path(out)
     inputs = {smollm2_gguf().resolve()} if _smollm2_installed() else set()
-    if folder is not None and folder.is_dir():
-        inputs |= {folder.resolve(), *(p.resolve() for p in folder.iterdir())}
+    if folder is not None:
+        inputs.add(folder.resolve())
+        if folder.is_dir():
+            inputs |= {p.resolve() for p in folder.iterdir()}
     if out.resolve() in inputs:
         raise NumpruneError(f"output {out} is one of the export's inputs; choose another path")
     if out.is_dir():

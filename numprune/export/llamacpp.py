@@ -13,11 +13,13 @@ import statistics
 import time
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
-from numprune.bench import PeakMemory, throughput
+from numprune.bench import MiB, PeakMemory, throughput
 from numprune.errors import NumpruneError
+from numprune.export.gguf import export_gguf
 from numprune.save import atomic_file
 
 try:
@@ -141,3 +143,60 @@ def _timed_generation(llm, prompt: list[int], new_tokens: int) -> tuple[float, f
         if count == new_tokens + 1:
             break
     return first - start, time.perf_counter() - first
+
+
+def parameter_count(path: str | os.PathLike) -> int:
+    """Elements of every tensor in a GGUF file (what llama.cpp holds, whatever their type)."""
+    return sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
+
+
+def bench(models, quants=("f16", "q8_0", "q4_k_m"), *, workdir: str | os.PathLike, windows: torch.Tensor | None = None,
+          n_threads: int | None = None, **measure_options) -> dict:
+    """Measure ``(name, folder)`` models in llama.cpp at each of ``quants``; ratios against the first model.
+
+    Each folder is exported once to an f16 GGUF in ``workdir``; the other types come from it through
+    llama.cpp's own quantiser. With ``windows`` (token ids), llama.cpp's perplexity on them too.
+    """
+    workdir = Path(workdir)
+    runs, reference = [], {}
+    for index, (name, folder) in enumerate(models):
+        f16 = export_gguf(folder, workdir / f"{index}-f16.gguf", "f16", overwrite=True).path
+        for quant in quants:
+            path = f16 if quant == "f16" else quantize(f16, workdir / f"{index}-{quant}.gguf", quant, n_threads)
+            run = {"model": name, "quant": quant, "parameters": parameter_count(path),
+                   **measure(path, n_threads=n_threads, **measure_options)}
+            if windows is not None:
+                llm = load(path, n_ctx=windows.shape[1], n_threads=n_threads)
+                run["perplexity"] = perplexity(llm, windows)
+                llm.close()
+            ref = reference.setdefault(quant, run)
+            run["vs_reference"] = {"decode_speedup": run["decode"]["tokens_per_s"] / ref["decode"]["tokens_per_s"],
+                                   "prefill_speedup": run["prefill"]["tokens_per_s"] / ref["prefill"]["tokens_per_s"],
+                                   "parameter_ratio": ref["parameters"] / run["parameters"],
+                                   "file_ratio": run["file_bytes"] / ref["file_bytes"]}
+            runs.append(run)
+    return {"reference": runs[0]["model"] if runs else None, "runs": runs}
+
+
+def format_table(results: dict) -> str:
+    """A markdown table, one row per model and quantisation."""
+    with_ppl = any("perplexity" in r for r in results["runs"])
+    columns = ("model", "type", "params", "file MiB", "prefill tok/s", "decode tok/s (median [min-max])",
+               "decode ms/token", "peak MiB", "decode speed-up", "params dense/pruned", "file ratio",
+               *(("perplexity",) if with_ppl else ()))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in results["runs"]:
+        decode, vs = r["decode"], r["vs_reference"]
+        cells = [r["model"], r["quant"], f"{r['parameters'] / 1e6:.1f}M", f"{r['file_bytes'] / MiB:.1f}",
+                 f"{r['prefill']['tokens_per_s']:.1f}",
+                 f"{decode['tokens_per_s']:.1f} [{decode['tokens_per_s_min']:.1f}-{decode['tokens_per_s_max']:.1f}]",
+                 f"{decode['ms_per_token']:.2f}", f"{r['model_peak_bytes'] / MiB:.1f}",
+                 f"{vs['decode_speedup']:.2f}x", f"{vs['parameter_ratio']:.2f}", f"{vs['file_ratio']:.2f}"]
+        if with_ppl:
+            cells.append(f"{r['perplexity']['ppl']:.2f}" if "perplexity" in r else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    protocol = results["runs"][0]["protocol"] if results["runs"] else {}
+    lines.append(f"\nllama.cpp (llama-cpp-python {protocol.get('llama_cpp_python')}), {protocol.get('threads')} threads, "
+                 f"batch 1, {protocol.get('prompt_len')}-token prompt, {protocol.get('new_tokens')} greedy new tokens, "
+                 f"{protocol.get('warmup')} warm-up + {protocol.get('repeats')} timed runs")
+    return "\n".join(lines)
