@@ -267,7 +267,7 @@ def _bpe_pre_tokenizer(tokenizer_json: dict) -> str:
     kinds = [step.get("type") for step in steps]
     byte_level_regex = kinds[-1:] == ["ByteLevel"] and steps[-1].get("use_regex", True)
     if kinds == ["ByteLevel"] and byte_level_regex:
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level_regex:
         return "smollm"  # single digits, then GPT-2's split
     raise NumpruneError(f"cannot describe this tokenizer to llama.cpp: its pre-tokenizer ({' + '.join(map(str, kinds))}) "
