@@ -3,11 +3,10 @@ next-token log-probabilities, perplexity, greedy tokens and tokenizer agree with
 
 Tolerances, |log p(llama.cpp) - log p(transformers)| with llama.cpp's KV cache in float32:
 f32 files, every vocabulary entry within 1e-3 (tiny models: 1e-4) and perplexity within 0.1%;
-f16, the observed next tokens within 0.05 and perplexity within 0.5%; q8_0, the observed next
-tokens within 1.0 and perplexity within 1%.
+f16 (a tiny model), the observed next tokens within 0.05; q8_0 (SmolLM2), the observed next
+tokens within 0.2 on average and perplexity within 1%.
 """
 
-import difflib
 import os
 
 import gguf
@@ -51,6 +50,12 @@ def transformers_greedy(model, prompt: torch.Tensor, new_tokens: int) -> list[in
         for _ in range(new_tokens):
             ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
     return ids[0, len(prompt):].tolist()
+
+
+def ppl_of(log_probs: list[np.ndarray], windows: torch.Tensor) -> float:
+    """Perplexity from per-window log-probabilities, each window's L - 1 next tokens."""
+    nll = [-lp[np.arange(len(w) - 1), w[1:].numpy()] for lp, w in zip(log_probs, windows)]
+    return float(np.exp(np.concatenate(nll).mean()))
 
 
 def metadata(path) -> dict:
@@ -100,6 +105,9 @@ def test_pruned_tiny_models_run_in_llama_cpp_as_in_transformers(case, tmp_path, 
     difference = np.abs(llamacpp.log_probs(llm, probe) - transformers_log_probs(pruned, probe)).max()
     assert difference < 1e-4, f"{case}: llama.cpp and transformers differ by {difference:.2e} in log-probability"
     assert llamacpp.greedy(llm, probe[:6], 12) == transformers_greedy(pruned, probe[:6], 12)
+    windows = tiny_tokens(3, 32, seed=9)
+    assert llamacpp.perplexity(llm, windows)["ppl"] == pytest.approx(
+        perplexity(pruned, windows, progress=False)["ppl"], rel=1e-5)
     llm.close()
 
 
@@ -150,8 +158,9 @@ def test_smollm2_in_llama_cpp_matches_transformers(tmp_path):
     f32 = export_gguf(folder, tmp_path / "smollm2-f32.gguf", "f32")
     assert f32.architecture == "llama" and f32.tokenizer.startswith("copied from")
     llm = llamacpp.load(f32.path, n_ctx=256, exact=True)
-    assert max(np.abs(llamacpp.log_probs(llm, w) - e).max() for w, e in zip(windows, expected)) < 1e-3
-    assert llamacpp.perplexity(llm, windows)["ppl"] == pytest.approx(reference, rel=1e-3)
+    got = [llamacpp.log_probs(llm, w) for w in windows]
+    assert max(np.abs(g - e).max() for g, e in zip(got, expected)) < 1e-3
+    assert ppl_of(got, windows) == pytest.approx(reference, rel=1e-3)
     prompt = windows[0, :16]
     assert llamacpp.greedy(llm, prompt, 16) == transformers_greedy(model, prompt, 16)
 
@@ -165,19 +174,23 @@ def test_smollm2_in_llama_cpp_matches_transformers(tmp_path):
     # before a digit stays one token there; the folder's tokenizer (from transformers' GGUF conversion)
     # lacks that step and splits it in two. Everything else must be identical.
     newline, double = tokenizer.convert_tokens_to_ids(["Ċ", "ĊĊ"])
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ours, theirs, autojunk=False).get_opcodes():
-        if tag != "equal":
-            assert (ours[i1:i2], theirs[j1:j2]) == ([newline, newline], [double]), (tag, ours[i1:i2], theirs[j1:j2])
-            assert tokenizer.decode(ours[i2:i2 + 1])[:1].isdigit()
+    i = j = 0
+    while i < len(ours) and j < len(theirs):
+        if ours[i] == theirs[j]:
+            i, j = i + 1, j + 1
+        else:
+            assert (ours[i:i + 2], theirs[j]) == ([newline, newline], double), (i, ours[i:i + 3], theirs[j:j + 3])
+            assert tokenizer.decode(ours[i + 2:i + 3])[:1].isdigit()
+            i, j = i + 2, j + 1
+    assert (i, j) == (len(ours), len(theirs))
     llm.close()
 
     q8 = export_gguf(folder, tmp_path / "smollm2-q8_0.gguf", "q8_0")
     assert q8.bytes < 0.3 * f32.bytes and not q8.f16_fallback
     llm = llamacpp.load(q8.path, n_ctx=256, exact=True)
-    observed = max(np.abs((llamacpp.log_probs(llm, w) - e)[targets[0], t]).max()
-                   for w, e, t in zip(windows, expected, targets[1]))
-    assert observed < 1.0
-    assert llamacpp.perplexity(llm, windows)["ppl"] == pytest.approx(reference, rel=1e-2)
+    got = [llamacpp.log_probs(llm, w) for w in windows]
+    assert np.mean([np.abs(g - e)[targets[0], t] for g, e, t in zip(got, expected, targets[1])]) < 0.2
+    assert ppl_of(got, windows) == pytest.approx(reference, rel=1e-2)
     llm.close()
 
 
