@@ -23,6 +23,7 @@ from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import perplexity
 from numprune.export import export_gguf, llamacpp
 from numprune.save import save_pruned
+from test_cli import numprune as run_cli
 from test_families import tiny
 
 
@@ -230,3 +231,26 @@ def test_existing_output_and_the_input_itself_are_refused(tmp_path, tokens):
     with pytest.raises(NumpruneError, match="unknown GGUF output type 'q4'"):
         export_gguf(folder, tmp_path / "x.gguf", "q4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned", "taken.gguf"]  # no temporary file left
+
+
+@needs_llama_cpp
+def test_command_line_prune_with_gguf_then_export(tmp_path):
+    folder, out, gguf_path = tmp_path / "tiny", tmp_path / "pruned", tmp_path / "pruned.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+    tiny_llama("gqa9", layers=2, vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    done = run_cli("prune", "--model", folder, "--ratio", "0.3", "--nsamples", "4", "--seqlen", "32", "--out", out,
+                   "--gguf", gguf_path, "--outtype", "f32", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert f"gguf: {gguf_path}" in done.stdout and "tokenizer copied from" in done.stdout
+
+    again = run_cli("export", "--model", out, "--gguf", gguf_path)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already exists" in again.stderr
+    refused = run_cli("export", "--model", out, "--gguf", out / "model.safetensors", "--overwrite")
+    assert refused.returncode == 2 and "one of the export's inputs" in refused.stderr
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    llm = llamacpp.load(gguf_path, n_ctx=128, exact=True)
+    probe = torch.tensor(tokenizer("The State of the Union is strong.").input_ids)
+    assert np.abs(llamacpp.log_probs(llm, probe) - transformers_log_probs(model, probe)).max() < 1e-4
+    llm.close()
