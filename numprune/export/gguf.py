@@ -10,6 +10,7 @@ the q and k rows of every head are reordered (the reordering llama.cpp's own con
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -227,12 +228,18 @@ def _source_gguf_tokenizer(tokenizer) -> dict | None:
     has exactly its vocabulary, else None."""
     if not _smollm2_installed():
         return None
-    fields = gguf.GGUFReader(smollm2_gguf()).fields
-    tokens = fields["tokenizer.ggml.tokens"].contents()
+    fields = _tokenizer_fields(smollm2_gguf())
+    tokens = fields["tokenizer.ggml.tokens"][0]
     if len(tokenizer) != len(tokens) or tokenizer.convert_ids_to_tokens(list(range(len(tokens)))) != tokens:
         return None
+    return fields
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer_fields(path: Path) -> dict:
+    """A GGUF's ``tokenizer.*`` fields, read once per process (gguf's reader takes seconds over 100k strings)."""
     return {key: (f.contents(), f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
-            for key, f in fields.items() if key.startswith("tokenizer.")}
+            for key, f in gguf.GGUFReader(path).fields.items() if key.startswith("tokenizer.")}
 
 
 def _add_vocab_from_files(writer: gguf.GGUFWriter, path: Path, vocab_size: int) -> None:
