@@ -45,10 +45,14 @@ def transformers_log_probs(model, ids: torch.Tensor) -> np.ndarray:
 
 
 def transformers_greedy(model, prompt: torch.Tensor, new_tokens: int) -> list[int]:
-    """transformers' own greedy decoding, not stopping at an end token."""
+    """Greedy continuation with transformers' KV cache, not stopping at an end token."""
+    tokens = []
     with torch.no_grad():
-        out = model.generate(prompt[None], do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    return out[0, len(prompt):].tolist()
+        out = model(prompt[None], use_cache=True)
+        for _ in range(new_tokens):
+            tokens.append(int(out.logits[0, -1].argmax()))
+            out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
 
 
 def ppl_of(log_probs: list[np.ndarray], windows: torch.Tensor) -> float:
