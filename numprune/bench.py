@@ -36,7 +36,7 @@ def measure(model, *, batch_size: int = 1, prompt_len: int = 64, new_tokens: int
     device = next(model.parameters()).device
     prompt = torch.randint(0, model.get_input_embeddings().num_embeddings, (batch_size, prompt_len),
                            generator=torch.Generator().manual_seed(seed)).to(device)
-    with _PeakMemory(device) as memory:  # from before the warm-up: its allocations are the run's too
+    with PeakMemory(device) as memory:  # from before the warm-up: its allocations are the run's too
         for _ in range(warmup):
             _generate(model, prompt, new_tokens)
         runs = [_generate(model, prompt, new_tokens) for _ in range(repeats)]
@@ -45,8 +45,8 @@ def measure(model, *, batch_size: int = 1, prompt_len: int = 64, new_tokens: int
     return {
         "protocol": {"batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens, "warmup": warmup,
                      "repeats": repeats, "seed": seed, **_runtime(model)},
-        "prefill": {**_throughput(batch_size * prompt_len, prefill_s), "latency_s": statistics.median(prefill_s)},
-        "decode": {**_throughput(batch_size * new_tokens, decode_s),
+        "prefill": {**throughput(batch_size * prompt_len, prefill_s), "latency_s": statistics.median(prefill_s)},
+        "decode": {**throughput(batch_size * new_tokens, decode_s),
                    "ms_per_token": 1000 * statistics.median(decode_s) / new_tokens},
         "kv_cache_bytes": runs[-1][2],
         **_memory_report(model, memory),
@@ -73,7 +73,7 @@ def measure_images(model, *, batch_size: int = 8, warmup: int = 1, repeats: int 
         sync()
         return time.perf_counter() - start
 
-    with _PeakMemory(device) as memory:
+    with PeakMemory(device) as memory:
         for _ in range(warmup):
             run()
         seconds = [run() for _ in range(repeats)]
@@ -110,7 +110,7 @@ def _generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, floa
     return prefilled - start, decoded - prefilled, cache_bytes
 
 
-def _throughput(tokens: int, seconds: list[float]) -> dict:
+def throughput(tokens: int, seconds: list[float]) -> dict:
     rates = [tokens / s for s in seconds]
     return {"tokens_per_s": statistics.median(rates), "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates)}
 
@@ -122,7 +122,7 @@ def _runtime(model) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-def _memory_report(model, memory: _PeakMemory) -> dict:
+def _memory_report(model, memory: PeakMemory) -> dict:
     """The weights' bytes and the memory before and at the peak; ``model_peak_bytes`` is the one to compare."""
     weight_bytes = _weight_bytes(model)
     return {"weight_bytes": weight_bytes, "memory_kind": memory.kind, "memory_before_bytes": memory.before,
@@ -139,7 +139,7 @@ def _device_name(device: torch.device) -> str:
     return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
 
 
-class _PeakMemory:
+class PeakMemory:
     """Memory before and at its peak within the block: CUDA allocator statistics, or sampled RSS on the CPU."""
 
     def __init__(self, device: torch.device):

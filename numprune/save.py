@@ -52,6 +52,23 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         raise
 
 
+@contextmanager
+def atomic_file(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``out`` that replaces ``out`` only if the block completes."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(0o644)  # mkstemp's 0600 would hide the file from other users
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_pruned(model, tokenizer, report: dict, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``model`` (safetensors), its tokenizer and the report to ``out`` atomically."""
     with atomic_folder(out, overwrite) as tmp:

@@ -13,10 +13,10 @@ import sys
 
 from transformers.utils import logging as transformers_logging
 
-from numprune.cli import bench, compare, generate, info, ppl, prune, train_digits, zeroshot
+from numprune.cli import bench, compare, export, generate, info, ppl, prune, train_digits, zeroshot
 from numprune.errors import NumpruneError
 
-COMMANDS = (prune, ppl, compare, info, bench, zeroshot, generate, train_digits)
+COMMANDS = (prune, ppl, compare, info, bench, export, zeroshot, generate, train_digits)
 
 
 class Parser(argparse.ArgumentParser):

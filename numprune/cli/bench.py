@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -10,7 +11,8 @@ import torch
 from numprune import bench
 from numprune.cli import args as a
 from numprune.errors import NumpruneError
-from numprune.models import load_model
+from numprune.export import llamacpp
+from numprune.models import load_model, registry_folder
 
 
 def add_parser(commands) -> None:
@@ -18,8 +20,14 @@ def add_parser(commands) -> None:
     p.add_argument("--model", action="append", default=None,
                    help="model: 'smollm2' (embedded default), a local folder, or a hub id; repeat to compare, "
                    "the first is the reference")
-    p.add_argument("--batch", type=a.comma_list(a.positive_int), default="1,8",
-                   help="batch sizes, comma-separated (default 1,8)")
+    p.add_argument("--backend", choices=("transformers", "llama.cpp"), default="transformers",
+                   help="transformers (default), or llama.cpp: each model folder exported to GGUF and measured there "
+                   "at each --quant, batch 1")
+    p.add_argument("--quant", type=a.comma_list(), default="f16,q8_0,q4_k_m",
+                   help=f"llama.cpp backend: GGUF types, comma-separated, from {', '.join(llamacpp.QUANTS)} (default "
+                   "f16,q8_0,q4_k_m; all but f16 made by llama.cpp's quantiser)")
+    p.add_argument("--batch", type=a.comma_list(a.positive_int), default=None,
+                   help="batch sizes, comma-separated (default 1,8; llama.cpp backend: 1 only)")
     p.add_argument("--prompt-len", type=a.positive_int, default=64, help="prompt tokens (default 64)")
     p.add_argument("--new-tokens", type=a.positive_int, default=128, help="decode steps (default 128)")
     p.add_argument("--warmup", type=a.nonnegative_int, default=1, help="untimed runs first (default 1)")
@@ -27,13 +35,16 @@ def add_parser(commands) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", type=a.dtype, default="float32", help=f"{', '.join(a.DTYPES)} (default float32)")
-    p.add_argument("--threads", type=a.positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=a.positive_int, default=None, help="CPU threads (default: torch's choice; "
+                   "llama.cpp backend: the cores this process may use)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--plot", default=None, help="also plot speed and memory against pruning ratio to this PNG")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    if args.backend == "llama.cpp":
+        return run_llama_cpp(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise NumpruneError("--device cuda asked for, but torch sees no CUDA GPU")
     for path in (args.json, args.plot):
@@ -44,7 +55,7 @@ def run(args) -> int:
     specs = args.model or [None]
     # Loaded lazily, one at a time, so that each model's memory is measured without the others.
     models = ((spec or "smollm2", load_model(spec, args.dtype)[0].to(args.device)) for spec in specs)
-    results = bench.bench(models, args.batch, ratios=[bench.pruning_ratio(spec) for spec in specs],
+    results = bench.bench(models, args.batch or [1, 8], ratios=[bench.pruning_ratio(spec) for spec in specs],
                           prompt_len=args.prompt_len, new_tokens=args.new_tokens, warmup=args.warmup,
                           repeats=args.repeats)
     print(bench.format_table(results))
@@ -52,4 +63,29 @@ def run(args) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.plot:
         bench.plot(results, args.plot)
+    return 0
+
+
+def run_llama_cpp(args) -> int:
+    """``--backend llama.cpp``: export, quantise and measure each model in llama.cpp."""
+    if not llamacpp.available():
+        raise NumpruneError(llamacpp.INSTALL_HINT)
+    if args.batch not in (None, [1]):
+        raise NumpruneError("--backend llama.cpp measures batch 1 only")
+    if args.plot:
+        raise NumpruneError("--plot is for the transformers backend")
+    unknown = [q for q in args.quant if q not in llamacpp.QUANTS]
+    if unknown:
+        raise NumpruneError(f"unknown --quant {', '.join(unknown)}; choose from {', '.join(llamacpp.QUANTS)}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise NumpruneError(f"no folder to write {args.json} into")
+    specs = args.model or [None]
+    models = [(spec or "smollm2", registry_folder(spec) or spec) for spec in specs]
+    with tempfile.TemporaryDirectory(prefix="numprune-bench-") as workdir:
+        results = llamacpp.bench(models, args.quant, workdir=workdir, n_threads=args.threads,
+                                 prompt_len=args.prompt_len, new_tokens=args.new_tokens, warmup=args.warmup,
+                                 repeats=args.repeats)
+    print(llamacpp.format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

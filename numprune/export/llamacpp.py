@@ -1,0 +1,202 @@
+"""Running GGUF files in llama.cpp itself, through its Python bindings (llama-cpp-python, an optional extra).
+
+What the exporter is judged by: llama.cpp's next-token log-probabilities, perplexity and greedy
+tokens on our files, its own quantiser (q8_0, Q4_K_M, ...), and its speed and memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from numprune.bench import MiB, PeakMemory, throughput
+from numprune.errors import NumpruneError
+from numprune.export.gguf import export_gguf
+from numprune.save import atomic_file
+
+try:
+    import llama_cpp
+except ImportError:  # an optional extra: `bash scripts/setup.sh --llama-cpp` builds it
+    llama_cpp = None
+
+INSTALL_HINT = "llama.cpp's Python bindings (llama-cpp-python 0.3.36) are not installed; scripts/setup.sh builds them"
+# llama.cpp's quantiser targets by name (its llama_ftype values).
+QUANTS = {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+
+
+def available() -> bool:
+    return llama_cpp is not None
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def load(path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None, all_logits: bool = True,
+         exact: bool = False):
+    """A ``llama_cpp.Llama`` on ``path``; ``exact`` keeps the KV cache in float32 (llama.cpp's default
+    f16 cache rounds K and V, which is most of its difference from transformers on an f32 file)."""
+    if llama_cpp is None:
+        raise NumpruneError(INSTALL_HINT)
+    cache_type = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if exact else {}
+    try:
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=n_threads or default_threads(),
+                               logits_all=all_logits, verbose=False, **cache_type)
+    except ValueError as e:  # llama-cpp-python's message when llama.cpp refuses the file
+        raise NumpruneError(f"llama.cpp could not load {path}: {e}") from None
+
+
+def log_probs(llm, ids) -> np.ndarray:
+    """llama.cpp's next-token log-probabilities (float64, ``[len(ids), vocab]``) for one window from position 0."""
+    llm.reset()
+    llm.eval(list(map(int, ids)))
+    logits = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
+    return logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+
+
+def perplexity(llm, windows: torch.Tensor) -> dict:
+    """Perplexity as ``numprune.evaluate.perplexity`` computes it (each window on its own), from llama.cpp."""
+    total = 0.0
+    for window in windows.tolist():
+        lp = log_probs(llm, window)
+        total -= lp[np.arange(len(window) - 1), window[1:]].sum()
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    return dict(ppl=math.exp(total / tokens), nll=total / tokens, tokens=tokens, windows=windows.shape[0],
+                seqlen=windows.shape[1])
+
+
+def greedy(llm, prompt, new_tokens: int) -> list[int]:
+    """``new_tokens`` greedy continuations of ``prompt`` by llama.cpp's own sampler (top-1)."""
+    llm.reset()
+    out = []
+    for token in llm.generate(list(map(int, prompt)), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(token)
+        if len(out) == new_tokens:
+            break
+    return out
+
+
+def quantize(source: str | os.PathLike, out: str | os.PathLike, quant: str, n_threads: int | None = None) -> Path:
+    """llama.cpp's quantiser (``llama_model_quantize``) from an f32/f16/bf16 GGUF to ``quant``, written atomically.
+
+    Matrices whose rows do not divide a k-quant's 256-wide blocks get llama.cpp's own fallback type.
+    """
+    if llama_cpp is None:
+        raise NumpruneError(INSTALL_HINT)
+    if quant not in QUANTS:
+        raise NumpruneError(f"unknown llama.cpp quantisation {quant!r}; choose from {', '.join(QUANTS)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANTS[quant]
+    params.nthread = n_threads or default_threads()
+    with atomic_file(out) as tmp:
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+            raise NumpruneError(f"llama.cpp could not quantise {source} to {quant}")
+    return Path(out)
+
+
+def measure(path: str | os.PathLike, *, prompt_len: int = 64, new_tokens: int = 128, warmup: int = 1,
+            repeats: int = 3, n_threads: int | None = None, seed: int = 0) -> dict:
+    """Prefill and decode tokens/s (batch 1, greedy, llama.cpp's sampler), latency, file size and memory.
+
+    As ``numprune.bench.measure`` does for transformers: a random prompt, ``warmup`` untimed runs,
+    then the median, min and max of ``repeats``. Prefill is the time to the first new token (the
+    prompt's forward pass), decode the time of the ``new_tokens`` steps after it. Memory is the
+    process's resident set, sampled, from before loading to its peak (the mapped weights count once read).
+    """
+    n_threads = n_threads or default_threads()
+    with PeakMemory(torch.device("cpu")) as memory:
+        started = time.perf_counter()
+        llm = load(path, n_ctx=prompt_len + new_tokens + 8, n_threads=n_threads, all_logits=False)
+        load_s = time.perf_counter() - started
+        prompt = np.random.default_rng(seed).integers(0, llm.n_vocab(), prompt_len).tolist()
+        runs = [_timed_generation(llm, prompt, new_tokens) for _ in range(warmup + repeats)][warmup:]
+        llm.close()
+    prefill_s, decode_s = [r[0] for r in runs], [r[1] for r in runs]
+    return {
+        "protocol": {"backend": "llama.cpp", "llama_cpp_python": llama_cpp.__version__, "batch_size": 1,
+                     "prompt_len": prompt_len, "new_tokens": new_tokens, "warmup": warmup, "repeats": repeats,
+                     "seed": seed, "threads": n_threads},
+        "file_bytes": Path(path).stat().st_size,
+        "load_s": load_s,
+        "prefill": {**throughput(prompt_len, prefill_s), "latency_s": statistics.median(prefill_s)},
+        "decode": {**throughput(new_tokens, decode_s), "ms_per_token": 1000 * statistics.median(decode_s) / new_tokens},
+        "memory_kind": memory.kind, "memory_before_bytes": memory.before, "memory_peak_bytes": memory.peak,
+        "model_peak_bytes": memory.peak - memory.before,
+    }
+
+
+def _timed_generation(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    llm.reset()
+    start = time.perf_counter()
+    first = None
+    for count, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True), 1):
+        if first is None:
+            first = time.perf_counter()  # the prompt's forward pass and the first token
+        if count == new_tokens + 1:
+            break
+    return first - start, time.perf_counter() - first
+
+
+def parameter_count(path: str | os.PathLike) -> int:
+    """Elements of every tensor in a GGUF file (what llama.cpp holds, whatever their type)."""
+    return sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors)
+
+
+def bench(models, quants=("f16", "q8_0", "q4_k_m"), *, workdir: str | os.PathLike, windows: torch.Tensor | None = None,
+          n_threads: int | None = None, **measure_options) -> dict:
+    """Measure ``(name, folder)`` models in llama.cpp at each of ``quants``; ratios against the first model.
+
+    Each folder is exported once to an f16 GGUF in ``workdir``; the other types come from it through
+    llama.cpp's own quantiser. With ``windows`` (token ids), llama.cpp's perplexity on them too.
+    """
+    workdir = Path(workdir)
+    runs, reference = [], {}
+    for index, (name, folder) in enumerate(models):
+        f16 = export_gguf(folder, workdir / f"{index}-f16.gguf", "f16", overwrite=True).path
+        for quant in quants:
+            path = f16 if quant == "f16" else quantize(f16, workdir / f"{index}-{quant}.gguf", quant, n_threads)
+            run = {"model": name, "quant": quant, "parameters": parameter_count(path),
+                   **measure(path, n_threads=n_threads, **measure_options)}
+            if windows is not None:
+                llm = load(path, n_ctx=windows.shape[1], n_threads=n_threads)
+                run["perplexity"] = perplexity(llm, windows)
+                llm.close()
+            ref = reference.setdefault(quant, run)
+            run["vs_reference"] = {"decode_speedup": run["decode"]["tokens_per_s"] / ref["decode"]["tokens_per_s"],
+                                   "prefill_speedup": run["prefill"]["tokens_per_s"] / ref["prefill"]["tokens_per_s"],
+                                   "parameter_ratio": ref["parameters"] / run["parameters"],
+                                   "file_ratio": run["file_bytes"] / ref["file_bytes"]}
+            runs.append(run)
+    return {"reference": runs[0]["model"] if runs else None, "runs": runs}
+
+
+def format_table(results: dict) -> str:
+    """A markdown table, one row per model and quantisation."""
+    with_ppl = any("perplexity" in r for r in results["runs"])
+    columns = ("model", "type", "params", "file MiB", "prefill tok/s", "decode tok/s (median [min-max])",
+               "decode ms/token", "peak MiB", "decode speed-up", "params dense/pruned", "file ratio",
+               *(("perplexity",) if with_ppl else ()))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in results["runs"]:
+        decode, vs = r["decode"], r["vs_reference"]
+        cells = [r["model"], r["quant"], f"{r['parameters'] / 1e6:.1f}M", f"{r['file_bytes'] / MiB:.1f}",
+                 f"{r['prefill']['tokens_per_s']:.1f}",
+                 f"{decode['tokens_per_s']:.1f} [{decode['tokens_per_s_min']:.1f}-{decode['tokens_per_s_max']:.1f}]",
+                 f"{decode['ms_per_token']:.2f}", f"{r['model_peak_bytes'] / MiB:.1f}",
+                 f"{vs['decode_speedup']:.2f}x", f"{vs['parameter_ratio']:.2f}", f"{vs['file_ratio']:.2f}"]
+        if with_ppl:
+            cells.append(f"{r['perplexity']['ppl']:.2f}" if "perplexity" in r else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    protocol = results["runs"][0]["protocol"] if results["runs"] else {}
+    lines.append(f"\nllama.cpp (llama-cpp-python {protocol.get('llama_cpp_python')}), {protocol.get('threads')} threads, "
+                 f"batch 1, {protocol.get('prompt_len')}-token prompt, {protocol.get('new_tokens')} greedy new tokens, "
+                 f"{protocol.get('warmup')} warm-up + {protocol.get('repeats')} timed runs")
+    return "\n".join(lines)
