@@ -10,11 +10,25 @@ Pruning units and the GQA rule. A unit is what leaves together:
 A unit's score is the mean of its heads' scores. Every layer keeps at least one attention unit and
 one MLP channel: a ratio that cannot be reached otherwise is an error, never an empty layer.
 
-Modes: ``global`` ranks the units of all layers together and removes the lowest-scoring ones until
-the removed parameters reach ``ratio`` of all attention+MLP parameters (FLAP's cumulative
-parameter count, which is what the paper's head weight alpha = 4 D_h / 3 stands for: each unit
-counts with its exact parameter cost). ``uniform`` removes the same share from every layer: the
-nearest whole number of attention units, then MLP channels to make up the layer's parameter share.
+Modes. Allocation decides how many units each layer and kind loses; inside a layer and kind the
+criterion's ranking always decides which (any criterion works under any allocation).
+- ``global`` ranks the units of all layers together by the criterion's raw scores and removes the
+  lowest-scoring ones until the removed parameters reach ``ratio`` of all attention+MLP parameters
+  (FLAP's cumulative parameter count, which is what the paper's head weight alpha = 4 D_h / 3
+  stands for: each unit counts with its exact parameter cost).
+- ``uniform`` removes the same share from every layer: the nearest whole number of attention
+  units, then MLP channels to make up the layer's parameter share.
+- ``flap-widths`` takes the per-layer widths that ``global`` gives FLAP's standardised fluctuation
+  scores (exact unit costs, as the ``flap`` method), then removes that many of the criterion's
+  lowest-ranked units in each layer and kind (all units of one layer and kind cost the same, so the
+  removed parameters are FLAP's to the parameter).
+- ``compensated-error`` ranks by what removal costs after compensation: for each layer and kind,
+  the calibration error the compensation leaves when the criterion's k lowest-ranked units go
+  (every k, exactly; see compensate.removal_errors), divided by the layer's output energy
+  E||W_attn x||^2 + E||W_mlp x||^2 so that layers compare on the same relative scale. Each unit
+  then scores the marginal relative error per parameter of its step along the lower convex hull
+  of that curve (so scores rise along the criterion's order) and ``global``'s exact-cost greedy
+  removes the cheapest.
 """
 
 from __future__ import annotations
@@ -23,11 +37,14 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from numprune import compensate
 from numprune.adapters import Adapter, AttentionLayout, LayerPlan, UnitCosts
-from numprune.criteria import LayerScores
+from numprune.adapters.base import head_channels
+from numprune.criteria import flap
+from numprune.criteria.base import CriterionInputs, LayerScores
 from numprune.errors import NumpruneError
 
-ALLOCATIONS = ("global", "uniform")
+ALLOCATIONS = ("global", "uniform", "flap-widths", "compensated-error")
 GQA_UNITS = ("query", "kv-group")
 
 
@@ -71,11 +88,38 @@ def mlp_units(layer: int, channel_scores: torch.Tensor, costs: UnitCosts) -> lis
     return [Unit(layer, i, False, (), (), c, scores[c], costs.channel) for i, c in enumerate(order)]
 
 
+def layer_guide(mode: str, adapter: Adapter, inputs: CriterionInputs, scores: LayerScores, compensation: str,
+                compensation_options, gqa_unit: str = "query"):
+    """What ``mode`` needs of one layer besides the criterion's scores, computed while the layer is at hand.
+
+    ``flap-widths``: FLAP's scores of the layer. ``compensated-error``: the relative error after
+    removing the k lowest-ranked attention units and MLP channels, k = 0..n (two tensors).
+    Other modes: None.
+    """
+    if mode == "flap-widths":
+        return flap.score(inputs)
+    if mode != "compensated-error":
+        return None
+    i, stats, layout = inputs.layer_idx, inputs.stats, inputs.layout
+    costs = adapter.unit_costs(i)
+    attn = attention_units(i, scores.heads, layout, costs, gqa_unit)
+    mlp = mlp_units(i, scores.channels, costs)
+    errors = compensate.REGISTRY[compensation].removal_errors
+    attn_order = torch.cat([head_channels(u.heads, layout.head_dim) for u in attn])
+    attn_errors = errors(inputs.attention_weight, stats.attention, attn_order, compensation_options)
+    bounds = torch.tensor([0] + [len(u.heads) * layout.head_dim for u in attn]).cumsum(0)
+    mlp_errors = errors(inputs.mlp_weight, stats.mlp, torch.tensor([u.channel for u in mlp]), compensation_options)
+    energy = sum(_output_energy(w, s.second_moment) for w, s in ((inputs.attention_weight, stats.attention),
+                                                                  (inputs.mlp_weight, stats.mlp)))
+    energy = energy.clamp_min(torch.finfo(torch.float64).tiny)
+    return attn_errors[bounds] / energy, mlp_errors / energy
+
+
 def allocate(adapter: Adapter, scores: list[LayerScores], ratio: float, mode: str = "global",
-             gqa_unit: str = "query", round_to: int = 1) -> list[LayerPlan]:
+             gqa_unit: str = "query", round_to: int = 1, guides: list | None = None) -> list[LayerPlan]:
     """Which units every layer keeps so that ``ratio`` of the attention+MLP parameters go.
 
-    ``round_to`` > 1 then moves each layer's kept MLP width to the nearest multiple of it (the
+    ``guides`` holds each layer's ``layer_guide`` for the modes that need one. ``round_to`` > 1 then moves each layer's kept MLP width to the nearest multiple of it (the
     highest-scoring channels are the ones kept), for hardware-friendly matrix shapes; the
     achieved ratio, which the report states, moves with it.
     """
@@ -92,7 +136,19 @@ def allocate(adapter: Adapter, scores: list[LayerScores], ratio: float, mode: st
         costs = adapter.unit_costs(i)
         layers.append((attention_units(i, s.heads, adapter.attention_layout(i), costs, gqa_unit),
                        mlp_units(i, s.channels, costs)))
-    removed = _global(adapter, layers, ratio) if mode == "global" else _uniform(adapter, layers, ratio)
+    if mode in ("flap-widths", "compensated-error") and (guides is None or len(guides) != len(scores)):
+        raise NumpruneError(f"the {mode} allocation needs a guide for every layer")
+    if mode == "global":
+        removed = _global(adapter, layers, ratio)
+    elif mode == "uniform":
+        removed = _uniform(adapter, layers, ratio)
+    elif mode == "flap-widths":
+        flap_layers = [(attention_units(i, g.heads, adapter.attention_layout(i), adapter.unit_costs(i), gqa_unit),
+                        mlp_units(i, g.channels, adapter.unit_costs(i))) for i, g in enumerate(guides)]
+        removed = _same_widths(layers, _global(adapter, flap_layers, ratio))
+    else:
+        removed = _global(adapter, [(_hull_scored(attn, a), _hull_scored(mlp, m))
+                                    for (attn, mlp), (a, m) in zip(layers, guides)], ratio)
     if round_to > 1:
         removed = _round_widths(layers, removed, round_to)
     return [_plan(adapter, i, [u for u in removed if u.layer == i]) for i in range(len(scores))]
@@ -124,6 +180,44 @@ def _uniform(adapter: Adapter, layers: list[tuple[list[Unit], list[Unit]]], rati
             raise NumpruneError(f"ratio {ratio} would leave layer {i} with no attention or no MLP channel")
         removed += attn[:n_attn] + mlp[:n_mlp]
     return removed
+
+
+def _same_widths(layers: list[tuple[list[Unit], list[Unit]]], reference: list[Unit]) -> list[Unit]:
+    """As many of each layer's lowest-ranked units of each kind as ``reference`` removes there."""
+    removed = []
+    for i, (attn, mlp) in enumerate(layers):
+        removed += attn[:sum(1 for u in reference if u.layer == i and u.attention)]
+        removed += mlp[:sum(1 for u in reference if u.layer == i and not u.attention)]
+    return removed
+
+
+def _hull_scored(units: list[Unit], errors: torch.Tensor) -> list[Unit]:
+    """``units`` (in removal order) scored by the slope of the lower convex hull of (parameters removed, error).
+
+    errors[k] is the error once the first k units are gone; the hull's slopes only rise, so the
+    scores keep the units' order and a global greedy on them stays on each curve.
+    """
+    cost = [0]
+    for u in units:
+        cost.append(cost[-1] + u.cost)
+    err = errors.tolist()
+    hull = [0]
+    for k in range(1, len(cost)):
+        while len(hull) >= 2 and ((err[hull[-1]] - err[hull[-2]]) * (cost[k] - cost[hull[-2]])
+                                  >= (err[k] - err[hull[-2]]) * (cost[hull[-1]] - cost[hull[-2]])):
+            hull.pop()
+        hull.append(k)
+    scored = []
+    for a, b in zip(hull, hull[1:]):
+        slope = (err[b] - err[a]) / (cost[b] - cost[a])
+        scored += [replace(u, score=slope) for u in units[a:b]]
+    return scored
+
+
+def _output_energy(weight: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
+    """E||W x||^2 = tr(W E[x x^T] W^T)."""
+    w = weight.double()
+    return ((w @ second_moment.double()) * w).sum()
 
 
 def _round_widths(layers: list[tuple[list[Unit], list[Unit]]], removed: list[Unit], multiple: int) -> list[Unit]:

@@ -13,7 +13,7 @@ import resource
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from numprune import compensate, distributed
 from numprune.adapters import Adapter, LayerPlan, adapter_for
 from numprune.adapters.base import projection_weight
-from numprune.allocate import ALLOCATIONS, GQA_UNITS, allocate
+from numprune.allocate import ALLOCATIONS, GQA_UNITS, allocate, layer_guide
 from numprune.calibrate import LayerStats, LayerStream, StatsStore, collect_statistics
 from numprune.criteria import CriterionInputs, get_method
 from numprune.errors import NumpruneError
@@ -51,16 +51,26 @@ class PruneOptions:
             raise NumpruneError(f"ratio must be between 0 and 1 (exclusive), got {self.ratio}")
         method = get_method(self.method)
         self.allocation = self.allocation or method.allocation
+        own_compensation = self.compensation in (None, method.compensation)
         self.compensation = self.compensation or method.compensation
-        if self.compensation_damp is None:
-            self.compensation_damp = method.compensation_damp
+        if self.compensation not in compensate.REGISTRY:
+            raise NumpruneError(f"unknown compensation {self.compensation!r}; choose from "
+                                f"{', '.join(compensate.COMPENSATIONS)}")
+        if self.compensation_damp is None:  # the method's own damping goes with its own compensation
+            self.compensation_damp = (method.compensation_damp if own_compensation
+                                      else compensate.Damped.compensation_damp)
+        self.score_options = {**method.score_options, **self.score_options}
         for value, allowed, what in ((self.allocation, ALLOCATIONS, "allocation"), (self.gqa_unit, GQA_UNITS, "GQA unit"),
-                                     (self.compensation, compensate.COMPENSATIONS, "compensation"),
                                      (self.compensation_stats, COMPENSATION_STATS, "compensation statistics")):
             if value not in allowed:
                 raise NumpruneError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
         if self.compensation_damp < 0:
             raise NumpruneError("compensation damping must be >= 0")
+
+    def compensation_options(self):
+        """The resolved options of the compensation, as its registry entry declares them."""
+        options = compensate.REGISTRY[self.compensation].options
+        return options(**{f.name: getattr(self, f.name) for f in fields(options)})
 
 
 @dataclass
@@ -161,7 +171,7 @@ def _select(source, tokens: torch.Tensor | None, stats: Sequence[LayerStats] | N
             stream = compute.stream(adapter, tokens)
         stats = StatsStore()
     criterion = get_method(opts.method).criterion
-    scores = []
+    scores, guides = [], []
     for i in tqdm(range(adapter.num_layers()), desc="calibrating" if stream else "scoring", unit="layer",
                   disable=not compute.progress):
         with source.layer(i) as layer:
@@ -169,10 +179,13 @@ def _select(source, tokens: torch.Tensor | None, stats: Sequence[LayerStats] | N
                 with clock.timed("calibration"):
                     stats.append(stream.run(layer, collect=True, advance=True))
             with clock.timed("scoring"):
-                scores.append(criterion(_criterion_inputs(adapter, i, stats[i], opts.ratio), **opts.score_options))
+                inputs = _criterion_inputs(adapter, i, stats[i], opts.ratio)
+                scores.append(criterion(inputs, **opts.score_options))
+                guides.append(layer_guide(opts.allocation, adapter, inputs, scores[-1], opts.compensation,
+                                          opts.compensation_options(), opts.gqa_unit))
     del stream
     with clock.timed("scoring"):
-        plans = allocate(adapter, scores, opts.ratio, opts.allocation, opts.gqa_unit, opts.round_to)
+        plans = allocate(adapter, scores, opts.ratio, opts.allocation, opts.gqa_unit, opts.round_to, guides)
     distributed.agree("the allocation", [asdict(p) for p in plans])
     return plans, stats
 
@@ -219,21 +232,25 @@ def _compensate(adapter: Adapter, plans: list[LayerPlan], stats: Sequence[LayerS
     compute = compute or Compute(batch_size, progress)
     clock = clock or _Clock()
     stream = None
+    compensation, options = compensate.REGISTRY[opts.compensation], opts.compensation_options()
     if opts.compensation_stats == "sequential":
         with source.inputs(), clock.timed("compensation"):
             stream = compute.stream(adapter, tokens)
     for i in tqdm(range(adapter.num_layers()), desc="compensating", unit="layer", disable=not progress):
         with source.layer(i) as layer:
             with clock.timed("compensation"):
-                layer_stats = stats[i] if stream is None else stream.run(layer, collect=True, advance=False)
+                if not compensation.needs:
+                    layer_stats = None
+                elif stream is None:
+                    layer_stats = stats[i]
+                else:
+                    layer_stats = stream.run(layer, collect=True, advance=False)
                 kept = adapter.kept_inputs(i, plans[i])
                 outputs = (adapter.attention_output(layer), adapter.mlp_output(layer))
-                for linear, keep, s in zip(outputs, kept, (layer_stats.attention, layer_stats.mlp)):
-                    if opts.compensation == "bias":
-                        compensate.add_bias(linear, keep, s.mean)
-                    else:
-                        compensate.apply(linear, keep, s.gram if opts.compensation == "least-squares" else None,
-                                         opts.compensation_damp)
+                parts = (layer_stats.attention, layer_stats.mlp) if layer_stats is not None else (None, None)
+                for linear, keep, s in zip(outputs, kept, parts):
+                    fit = compensation.fit(projection_weight(linear).detach(), s, keep, options)
+                    compensate.apply(linear, keep, fit)
                 if stream is not None:
                     stream.run(layer, collect=False, advance=True)
             with clock.timed("surgery"):

@@ -54,12 +54,14 @@ def test_apply_zeroes_removed_columns_in_place():
     with torch.no_grad():
         linear.weight.copy_(w)
     keep = torch.tensor([0, 1, 4, 5, 9])
-    compensate.apply(linear, keep, x.T @ x, damp=0.0)
+    compensate.apply(linear, keep, (compensate.least_squares(w, x.T @ x, keep, damp=0.0), None))
     removed = torch.tensor([2, 3, 6, 7, 8])
     assert torch.count_nonzero(linear.weight[:, removed]) == 0
     torch.testing.assert_close(linear.weight[:, keep], compensate.least_squares(w, x.T @ x, keep, damp=0.0))
-    compensate.apply(linear, torch.tensor([0, 1]), None)
+    assert linear.bias is None
+    compensate.apply(linear, torch.tensor([0, 1]), (linear.weight[:, :2].clone(), torch.ones(6, dtype=torch.float64)))
     assert torch.count_nonzero(linear.weight[:, 2:]) == 0
+    torch.testing.assert_close(linear.bias.detach(), torch.ones(6, dtype=torch.float64))
 
 
 def test_damping_keeps_rank_deficient_inputs_solvable():

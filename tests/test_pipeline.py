@@ -8,7 +8,7 @@ import torch
 from conftest import SHAPES, tiny_llama, tiny_tokens
 from numprune.adapters import adapter_for
 from numprune.adapters.base import head_channels
-from numprune.allocate import allocate
+from numprune.allocate import allocate, layer_guide
 from numprune.api import _compensate, _criterion_inputs, PruneOptions, prune
 from numprune.calibrate import LayerStream, collect_statistics
 from numprune.criteria import get_method
@@ -44,8 +44,11 @@ def stages(model, tokens, ratio=0.3, **options):
     adapter = adapter_for(model)
     stats = collect_statistics(model, adapter, tokens, batch_size=4, progress=False)
     criterion = get_method(opts.method).criterion
-    scores = [criterion(_criterion_inputs(adapter, i, s, ratio)) for i, s in enumerate(stats)]
-    plans = allocate(adapter, scores, ratio, opts.allocation, opts.gqa_unit, opts.round_to)
+    inputs = [_criterion_inputs(adapter, i, s, ratio) for i, s in enumerate(stats)]
+    scores = [criterion(x, **opts.score_options) for x in inputs]
+    guides = [layer_guide(opts.allocation, adapter, x, sc, opts.compensation, opts.compensation_options(), opts.gqa_unit)
+              for x, sc in zip(inputs, scores)]
+    plans = allocate(adapter, scores, ratio, opts.allocation, opts.gqa_unit, opts.round_to, guides)
     masked = copy.deepcopy(model)
     masked_adapter = adapter_for(masked)
     _compensate(masked_adapter, plans, stats, tokens, opts, 4, False)
@@ -53,11 +56,12 @@ def stages(model, tokens, ratio=0.3, **options):
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("allocation", ["global", "uniform", "flap-widths", "compensated-error"])
 @pytest.mark.parametrize("gqa_unit", ["query", "kv-group"])
 def test_shrunk_model_equals_masked_model(shape, allocation, gqa_unit, tokens):
     model = tiny_llama(shape)
-    masked, shrunk, plans = stages(model, tokens, allocation=allocation, gqa_unit=gqa_unit)
+    compensation = "affine" if allocation == "compensated-error" else None  # affine's bias survives the surgery
+    masked, shrunk, plans = stages(model, tokens, allocation=allocation, gqa_unit=gqa_unit, compensation=compensation)
     assert sum(p.numel() for p in shrunk.parameters()) < sum(p.numel() for p in model.parameters())
     probe = tiny_tokens(3, 20, seed=7)
     with torch.no_grad():
@@ -70,8 +74,9 @@ def test_gqa_groups_stay_valid(shape, tokens):
     model = tiny_llama(shape)
     for unit in ("query", "kv-group"):
         for ratio in (0.2, 0.5, 0.7):
-            _, shrunk, plans = stages(model, tokens, ratio=ratio, gqa_unit=unit)
-            assert_valid_groups(adapter_for(model), plans, unit)
+            for allocation in ("global", "flap-widths", "compensated-error"):
+                _, shrunk, plans = stages(model, tokens, ratio=ratio, gqa_unit=unit, allocation=allocation)
+                assert_valid_groups(adapter_for(model), plans, unit)
 
 
 def assert_valid_groups(adapter, plans, gqa_unit):
@@ -88,7 +93,7 @@ def assert_valid_groups(adapter, plans, gqa_unit):
         assert plan.heads and plan.channels  # never empty
 
 
-@pytest.mark.parametrize("allocation", ["global", "uniform"])
+@pytest.mark.parametrize("allocation", ["global", "uniform", "flap-widths", "compensated-error"])
 def test_achieved_ratio_is_close_to_the_target(allocation, tokens):
     model = tiny_llama("mha", hidden_size=64, intermediate_size=128)
     for ratio in (0.1, 0.3, 0.5):

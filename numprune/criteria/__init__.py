@@ -7,7 +7,7 @@ is none of a criterion's business.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from numprune.criteria import flap, magnitude, numerical, random, wanda_sp
@@ -20,12 +20,13 @@ Criterion = Callable[..., LayerScores]
 
 @dataclass(frozen=True)
 class Method:
-    """A criterion with the allocation and compensation its own paper uses (the defaults)."""
+    """A criterion with the allocation, compensation and score options it prunes with by default."""
 
     criterion: Criterion
     allocation: str
     compensation: str
     compensation_damp: float = 0.01
+    score_options: dict = field(default_factory=dict)
 
 
 def methods() -> dict[str, Method]:

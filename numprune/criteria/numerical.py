@@ -19,12 +19,18 @@ are removed first. Choices the paper leaves open (documented in README, "Method 
   minimiser; further steps (up to ``iterations``) act as iterative refinement and stop once the
   step is below ``tol``;
 - no clipping to [0, 1] (Algorithm 1 has none); the ranking is what matters.
+
+Beyond the paper, ``centred=True`` puts the centred covariance C = E[x x^T] - mu mu^T in place of
+E[x x^T] in A: the error a channel's removal leaves once its mean moves into the bias, which is
+the score consistent with the ``affine`` and ``bias`` compensations. The paper's uncentred score
+stays the default.
 """
 
 from __future__ import annotations
 
 import torch
 
+from numprune.compensate import centred_covariance
 from numprune.criteria.base import CriterionInputs, LayerScores
 
 
@@ -62,27 +68,29 @@ def gradient(a: torch.Tensor, lam: torch.Tensor | float, r: float, z: torch.Tens
     return a @ (z - 1) + lam * (z.sum() - r)
 
 
-def score(inputs: CriterionInputs, *, lambda_rel: float = 1.0, damp: float = 0.01, iterations: int = 50) -> LayerScores:
+def score(inputs: CriterionInputs, *, lambda_rel: float = 1.0, damp: float = 0.01, iterations: int = 50,
+          centred: bool = False) -> LayerScores:
     """Channel scores from the two Newton problems; a head scores the mean of its channels (Eq. 8)."""
-    return _scores(inputs, False, lambda_rel=lambda_rel, damp=damp, iterations=iterations)
+    return _scores(inputs, False, centred, lambda_rel=lambda_rel, damp=damp, iterations=iterations)
 
 
 def unit_score(inputs: CriterionInputs, *, lambda_rel: float = 1.0, damp: float = 0.01,
-               iterations: int = 50) -> LayerScores:
+               iterations: int = 50, centred: bool = False) -> LayerScores:
     """Beyond the paper: the attention problem solved with one variable per head (E^T A E).
 
     The paper's head score averages channel scores that were each found as if channels left one
     by one; a head's channels leave together, and their joint effect includes the correlations
     between them. MLP channels are units already, so their scores are the paper's.
     """
-    return _scores(inputs, True, lambda_rel=lambda_rel, damp=damp, iterations=iterations)
+    return _scores(inputs, True, centred, lambda_rel=lambda_rel, damp=damp, iterations=iterations)
 
 
-def _scores(inputs: CriterionInputs, variable_per_head: bool, **options) -> LayerScores:
+def _scores(inputs: CriterionInputs, variable_per_head: bool, centred: bool, **options) -> LayerScores:
     keep = 1.0 - inputs.ratio
     layout = inputs.layout
-    z_attn = newton_score(inputs.stats.attention.second_moment, inputs.attention_weight, keep,
+    moment = centred_covariance if centred else (lambda s: s.second_moment)
+    z_attn = newton_score(moment(inputs.stats.attention), inputs.attention_weight, keep,
                           unit_size=layout.head_dim if variable_per_head else 1, **options)
     heads = z_attn if variable_per_head else z_attn.reshape(layout.num_heads, layout.head_dim).mean(1)
-    channels = newton_score(inputs.stats.mlp.second_moment, inputs.mlp_weight, keep, **options)
+    channels = newton_score(moment(inputs.stats.mlp), inputs.mlp_weight, keep, **options)
     return LayerScores(heads=heads, channels=channels)
