@@ -5,7 +5,10 @@ import itertools
 import pytest
 import torch
 
-from numprune.criteria.numerical import gradient, newton_score
+from numprune.adapters import AttentionLayout
+from numprune.calibrate import InputStats, LayerStats
+from numprune.criteria.base import CriterionInputs
+from numprune.criteria.numerical import gradient, newton_score, score
 
 
 def random_problem(n=256, d=12, out=7, seed=0):
@@ -112,3 +115,35 @@ def test_unit_level_score_finds_the_best_head_more_often_than_the_channel_mean()
             excess[name] += float(errors[pick] / best - 1)
     assert hits["unit"] >= hits["mean"]
     assert excess["unit"] < excess["mean"]
+
+
+def test_centred_score_solves_eq3_on_the_centred_data():
+    """centred=True: z minimises Eq. 3 with the mean-removed tokens (a direct least-squares solve over tokens)."""
+    g = torch.Generator().manual_seed(3)
+    n, heads, head_dim, hidden, channels = 300, 2, 3, 5, 7
+    xa = torch.randn(n, heads * head_dim, generator=g, dtype=torch.float64) + 1.5
+    xm = torch.randn(n, channels, generator=g, dtype=torch.float64) @ torch.randn(channels, channels, generator=g,
+                                                                               dtype=torch.float64) - 0.7
+    wa = torch.randn(hidden, heads * head_dim, generator=g, dtype=torch.float64)
+    wm = torch.randn(hidden, channels, generator=g, dtype=torch.float64)
+    stats = LayerStats(*(InputStats(x.T @ x, x.sum(0), n) for x in (xa, xm)))
+    ratio = 0.4
+    inputs = CriterionInputs(0, stats, wa, wm, AttentionLayout(heads, heads, head_dim), ratio)
+    got = score(inputs, damp=0.0, centred=True)
+
+    def direct(x, w):
+        xc = x - x.mean(0)
+        d = x.shape[1]
+        # rows over (token, output): the output lost when u = 1 - z of each channel goes
+        rows = (xc[:, None, :] * w[None, :, :]).reshape(-1, d) / n ** 0.5
+        a = rows.T @ rows
+        lam = a.diagonal().sum() / d
+        system = torch.cat([rows, lam.sqrt() * torch.ones(1, d, dtype=torch.float64)])
+        target = torch.cat([torch.zeros(len(rows), dtype=torch.float64),
+                            (lam.sqrt() * ratio * d).reshape(1)])  # 1^T u = D - r = ratio * D
+        return 1 - torch.linalg.lstsq(system, target[:, None]).solution[:, 0]
+
+    torch.testing.assert_close(got.channels, direct(xm, wm), rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(got.heads, direct(xa, wa).reshape(heads, head_dim).mean(1), rtol=1e-7, atol=1e-8)
+    uncentred = score(inputs, damp=0.0)
+    assert not torch.allclose(uncentred.channels, got.channels, atol=1e-3)  # the means matter here

@@ -1,0 +1,121 @@
+"""The flap-widths and compensated-error allocations against hand computations and brute force."""
+
+import copy
+
+import torch
+
+from conftest import tiny_llama, tiny_tokens
+from numprune import compensate
+from numprune.adapters import adapter_for
+from numprune.adapters.base import projection_weight
+from numprune.allocate import allocate, layer_guide
+from numprune.api import _criterion_inputs, prune
+from numprune.calibrate import collect_statistics
+from numprune.criteria import numerical
+
+
+def calibrated(shape="mha", layers=3, **overrides):
+    model = tiny_llama(shape, layers=layers, **overrides)
+    adapter = adapter_for(model)
+    tokens = tiny_tokens(8, 24)
+    return model, adapter, tokens, collect_statistics(model, adapter, tokens, batch_size=4, progress=False)
+
+
+def test_flap_widths_by_hand():
+    """FLAP's standardised metric ranked globally with exact costs gives the widths; the Newton score picks inside."""
+    model, adapter, _, stats = calibrated()
+    ratio = 0.35
+    inputs = [_criterion_inputs(adapter, i, s, ratio) for i, s in enumerate(stats)]
+    candidates = []  # (standardised score, layer, kind, cost) of every unit but each layer's best of its kind
+    for i, x in enumerate(inputs):
+        layout, costs = x.layout, adapter.unit_costs(i)
+        var_a, var_m = x.stats.attention.variance, x.stats.mlp.variance
+        attn = (var_a * (x.attention_weight.double() ** 2).sum(0)) ** 2
+        mlp = var_m * (x.mlp_weight.double() ** 2).sum(0)
+        za = (attn - attn.mean()) / attn.std()
+        zm = (mlp - mlp.mean()) / mlp.std()
+        heads = sorted(za.reshape(layout.num_heads, layout.head_dim).mean(1).tolist())
+        candidates += [(h, i, "attn", costs.query_head + costs.kv_head) for h in heads[:-1]]
+        candidates += [(c, i, "mlp", costs.channel) for c in sorted(zm.tolist())[:-1]]
+    target = ratio * sum(adapter.prunable_parameters(i) for i in range(len(inputs)))
+    removed, total = {}, 0
+    for score, i, kind, cost in sorted(candidates):
+        if total >= target:
+            break
+        removed[i, kind] = removed.get((i, kind), 0) + 1
+        total += cost
+
+    scores = [numerical.score(x) for x in inputs]
+    guides = [layer_guide("flap-widths", adapter, x, s, "least-squares", compensate.Damped()) for x, s in zip(inputs, scores)]
+    plans = allocate(adapter, scores, ratio, "flap-widths", guides=guides)
+    for i, (plan, s) in enumerate(zip(plans, scores)):
+        layout = adapter.attention_layout(i)
+        assert layout.num_heads - len(plan.heads) == removed.get((i, "attn"), 0)
+        assert adapter.mlp_width(i) - len(plan.channels) == removed.get((i, "mlp"), 0)
+        # inside the layer, the Newton score's lowest go
+        assert set(plan.heads) == set(s.heads.argsort(stable=True)[layout.num_heads - len(plan.heads):].tolist())
+        assert set(plan.channels) == set(s.channels.argsort(stable=True)[-len(plan.channels):].tolist())
+
+
+def test_compensated_error_guide_equals_compensating_and_measuring():
+    """The guide's curve: remove the k lowest-ranked units, compensate the real projection, measure, divide."""
+    model, adapter, _, stats = calibrated("gqa9")
+    i = 1
+    x = _criterion_inputs(adapter, i, stats[i], 0.3)
+    s = numerical.score(x)
+    options = compensate.Damped(0.0)
+    attn_curve, mlp_curve = layer_guide("compensated-error", adapter, x, s, "affine", options)
+    layer = adapter.layers()[i]
+    parts = ((adapter.attention_output(layer), stats[i].attention), (adapter.mlp_output(layer), stats[i].mlp))
+    energy = sum(float(((projection_weight(m).detach().double() @ st.second_moment) * projection_weight(m).detach().double()).sum())
+                 for m, st in parts)
+
+    def measured(module, st, keep):
+        probe = copy.deepcopy(module).double()
+        w = projection_weight(module).detach().double()
+        compensate.apply(probe, keep, compensate.REGISTRY["affine"].fit(w, st, keep, options))
+        d = projection_weight(probe).detach() - w  # output change on inputs x: d x + bias
+        b = probe.bias.detach() if probe.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+        mu = st.mean
+        return float(((d @ st.second_moment) * d).sum() + 2 * b @ (d @ mu) + b @ b) / energy
+
+    order = sorted(range(adapter.mlp_width(i)), key=lambda c: (s.channels[c].item(), c))
+    for k in (0, 1, 5, 20, 44):
+        keep = torch.tensor(sorted(order[k:]))
+        torch.testing.assert_close(mlp_curve[k].item(), measured(parts[1][0], parts[1][1], keep), rtol=1e-6, atol=1e-9)
+    layout = x.layout
+    slots = [sorted(range(g * 3, g * 3 + 3), key=lambda h: (s.heads[h].item(), h)) for g in range(layout.num_kv_heads)]
+    slot_scores = [sum(s.heads[group[r]].item() for group in slots) / 3 for r in range(3)]
+    removal = sorted(range(3), key=lambda r: (slot_scores[r], tuple(sorted(group[r] for group in slots))))
+    for k in range(3):
+        gone = {group[r] for r in removal[:k] for group in slots}
+        keep = torch.tensor([h * layout.head_dim + c for h in range(layout.num_heads) if h not in gone
+                             for c in range(layout.head_dim)])
+        torch.testing.assert_close(attn_curve[k].item(), measured(parts[0][0], parts[0][1], keep), rtol=1e-6, atol=1e-9)
+
+
+def test_compensated_error_removes_where_the_relative_error_per_parameter_is_lowest():
+    """A layer whose MLP is made redundant (duplicated channels) loses the most channels."""
+    model = tiny_llama("mha", layers=3)
+    with torch.no_grad():
+        layer = adapter_for(model).layers()[1]
+        half = layer.mlp.up_proj.weight.shape[0] // 2
+        for proj in (layer.mlp.up_proj, layer.mlp.gate_proj):
+            proj.weight[half:2 * half] = proj.weight[:half]
+    _, report = prune(model, tiny_tokens(8, 24), ratio=0.2, allocation="compensated-error", progress=False)
+    widths = [l["channels"] for l in report["layers"]]
+    assert widths[1] == min(widths) and widths[1] <= 48 - 20  # the duplicates went almost for free
+
+
+def test_exact_cost_accounting_for_the_new_allocations():
+    model, _, tokens, _ = calibrated("gqa", layers=4)
+    for allocation in ("flap-widths", "compensated-error"):
+        for ratio in (0.2, 0.5):
+            pruned, report = prune(model, tokens, ratio=ratio, allocation=allocation, compensation="affine",
+                                   progress=False)
+            p = report["parameters"]
+            removed = sum(q.numel() for q in model.parameters()) - sum(q.numel() for q in pruned.parameters())
+            biases = sum(q.numel() for n, q in pruned.named_parameters() if n.endswith("o_proj.bias")
+                         or n.endswith("down_proj.bias"))
+            assert p["attention_mlp_before"] - p["attention_mlp_after"] == removed + biases
+            assert p["achieved_ratio"] >= ratio
