@@ -43,6 +43,7 @@ class PruneOptions:
     compensation: str | None = None  # None: the method's own
     compensation_stats: str = "dense"
     compensation_damp: float | None = None  # None: the method's own
+    allocation_compensation: str | None = None  # compensated-error: whose error curves guide it (None: the run's own)
     score_options: dict = field(default_factory=dict)
 
     def resolve(self) -> None:
@@ -56,6 +57,10 @@ class PruneOptions:
         if self.compensation not in compensate.REGISTRY:
             raise NumpruneError(f"unknown compensation {self.compensation!r}; choose from "
                                 f"{', '.join(compensate.COMPENSATIONS)}")
+        self.allocation_compensation = self.allocation_compensation or self.compensation
+        if self.allocation_compensation not in compensate.REGISTRY:
+            raise NumpruneError(f"unknown compensation {self.allocation_compensation!r} for the allocation; choose "
+                                f"from {', '.join(compensate.COMPENSATIONS)}")
         if self.compensation_damp is None:  # the method's own damping goes with its own compensation
             self.compensation_damp = (method.compensation_damp if own_compensation
                                       else compensate.Damped.compensation_damp)
@@ -67,9 +72,9 @@ class PruneOptions:
         if self.compensation_damp < 0:
             raise NumpruneError("compensation damping must be >= 0")
 
-    def compensation_options(self):
-        """The resolved options of the compensation, as its registry entry declares them."""
-        options = compensate.REGISTRY[self.compensation].options
+    def compensation_options(self, name: str | None = None):
+        """The resolved options of compensation ``name`` (default: the run's), as its registry entry declares them."""
+        options = compensate.REGISTRY[name or self.compensation].options
         return options(**{f.name: getattr(self, f.name) for f in fields(options)})
 
 
@@ -181,8 +186,8 @@ def _select(source, tokens: torch.Tensor | None, stats: Sequence[LayerStats] | N
             with clock.timed("scoring"):
                 inputs = _criterion_inputs(adapter, i, stats[i], opts.ratio)
                 scores.append(criterion(inputs, **opts.score_options))
-                guides.append(layer_guide(opts.allocation, adapter, inputs, scores[-1], opts.compensation,
-                                          opts.compensation_options(), opts.gqa_unit))
+                guides.append(layer_guide(opts.allocation, adapter, inputs, scores[-1], opts.allocation_compensation,
+                                          opts.compensation_options(opts.allocation_compensation), opts.gqa_unit))
     del stream
     with clock.timed("scoring"):
         plans = allocate(adapter, scores, opts.ratio, opts.allocation, opts.gqa_unit, opts.round_to, guides)

@@ -25,25 +25,32 @@ def add_parser(commands) -> None:
     p.add_argument("--ratio", type=a.ratio, required=True, help="fraction of attention+MLP parameters to remove, in (0, 1)")
     p.add_argument("--method", default="numerical", help="numerical (default; the paper's), numerical-unit (one "
                    "Newton variable per head), flap, wanda-sp, magnitude or random")
-    p.add_argument("--allocation", default=None, help="global or uniform (default: the method's own; numerical "
-                   "and flap: global, the others: uniform)")
+    p.add_argument("--allocation", default=None, help="global, uniform, flap-widths (FLAP's per-layer widths, the "
+                   "method's ranking inside each layer) or compensated-error (by the relative error left after "
+                   "compensation) (default: the method's own; numerical and flap: global, the others: uniform)")
+    p.add_argument("--allocation-compensation", default=None, help="compensated-error allocation: the compensation "
+                   "whose error curves guide it (default: the run's own)")
     p.add_argument("--gqa-unit", default="query", help="grouped-query attention unit: query (one query head per KV "
                    "group; default) or kv-group (a KV head with all its query heads)")
     p.add_argument("--round-to", type=a.positive_int, default=1, help="keep each layer's MLP width a multiple of N "
                    "(default 1)")
     a.add_calibration(p)
-    p.add_argument("--compensation", default=None, help="least-squares, bias (FLAP's) or none (default: the "
-                   "method's own; numerical: least-squares, flap: bias, the others: none)")
+    p.add_argument("--compensation", default=None, help="least-squares, affine (least squares with an intercept, "
+                   "ridge --damp), bias (FLAP's) or none (default: the method's own; numerical: least-squares, flap: "
+                   "bias, the others: none)")
     p.add_argument("--no-compensate", action="store_true", help="same as --compensation none")
     p.add_argument("--compensation-stats", default="dense", help="dense (default) or sequential: statistics from the "
                    "unpruned model, or re-collected with upstream layers already pruned")
-    p.add_argument("--damp", type=a.nonnegative_float, default=None, help="least-squares damping, relative to mean "
-                   "diag X^T X (default: the method's own, 0.01 for numerical)")
+    p.add_argument("--damp", type=a.nonnegative_float, default=None, help="least-squares / affine ridge, relative to "
+                   "the mean diagonal of X^T X (affine: of the centred covariance) (default: the method's own, 0.01 "
+                   "for numerical)")
     p.add_argument("--score-damp", type=a.nonnegative_float, default=0.01, help="Newton score damping, relative to "
                    "mean diag A")
     p.add_argument("--lambda-rel", type=a.nonnegative_float, default=1.0, help="Newton penalty lambda relative to "
                    "tr(A)/D")
     p.add_argument("--iterations", type=a.positive_int, default=50, help="maximum Newton iterations (default 50)")
+    p.add_argument("--centred", action="store_true", help="Newton score on the centred covariance "
+                   "(default: the method's own; numerical: uncentred, as the paper)")
     a.add_output_folder(p, "output folder")
     add_gguf_options(p, required=False)
     a.add_evaluation(p, ("--eval", "--eval-seqlen", "--eval-windows"), None,
@@ -73,6 +80,7 @@ def prune_options(args) -> dict:
     options = dict(method=args.method, allocation=args.allocation, gqa_unit=args.gqa_unit, round_to=args.round_to,
                    compensation="none" if args.no_compensate else args.compensation,
                    compensation_stats=args.compensation_stats, compensation_damp=args.damp,
+                   allocation_compensation=args.allocation_compensation,
                    score_options=_score_options(args))
     PruneOptions(ratio=args.ratio, **options).resolve()
     return options
@@ -81,7 +89,8 @@ def prune_options(args) -> dict:
 def _score_options(args) -> dict:
     """The criterion's own options: Newton's for numerical, the seed for random, none for the others."""
     if args.method.startswith("numerical"):
-        return {"lambda_rel": args.lambda_rel, "damp": args.score_damp, "iterations": args.iterations}
+        newton = {"lambda_rel": args.lambda_rel, "damp": args.score_damp, "iterations": args.iterations}
+        return {**newton, "centred": True} if args.centred else newton
     return {"seed": args.seed} if args.method == "random" else {}
 
 
