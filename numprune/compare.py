@@ -111,6 +111,8 @@ def run_grid(model, tokens, methods: list[str], ratios: list[float], eval_sets: 
     calibration_s = time.perf_counter() - start
     rows = [{"method": "dense", "ratio": 0.0, "achieved_ratio": 0.0, **evaluate(model, "dense"),
              "params": sum(p.numel() for p in model.parameters())}]
+    if progress:
+        _print_row(rows[0])
     for entry, name, options in parsed:
         for ratio in ratios:
             row = {"method": entry, "ratio": ratio}
@@ -125,8 +127,7 @@ def run_grid(model, tokens, methods: list[str], ratios: list[float], eval_sets: 
                        time_s=report["time_s"], **evaluate(pruned, f"{entry} {ratio:.0%}"))
             rows.append(row)
             if progress:
-                print(f"{entry} @ {ratio:.0%}: " + ", ".join(f"{k} {v:.3g}" for k, v in
-                                                               row.get("ppl", row.get("measures")).items()), flush=True)
+                _print_row(row)
     sweep_s = time.perf_counter() - start
     runs = sum(1 for r in rows[1:] if "error" not in r)
     evaluation = images.describe() if images is not None else {spec: info for spec, (_, info) in eval_sets.items()}
@@ -134,6 +135,12 @@ def run_grid(model, tokens, methods: list[str], ratios: list[float], eval_sets: 
             "calibration_s": round(calibration_s, 2), "sweep_s": round(sweep_s, 2),
             "calibration_saved_s": round(calibration_s * max(runs - 1, 0), 2), "rows": rows,
             **({"samples": samples} if images is not None else {})}
+
+
+def _print_row(row: dict) -> None:
+    """One finished cell, as soon as it is measured (a long grid shows its results as it goes)."""
+    print(f"{row['method']} @ {row['ratio']:.0%}: " + ", ".join(f"{k} {v:.3g}" for k, v in
+                                                               row.get("ppl", row.get("measures")).items()), flush=True)
 
 
 def _columns(results: dict) -> list[tuple[str, str, str]]:

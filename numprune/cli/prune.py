@@ -23,7 +23,8 @@ def add_parser(commands) -> None:
     p = commands.add_parser("prune", help="prune a model and save the narrower one")
     a.add_model(p)
     p.add_argument("--ratio", type=a.ratio, required=True, help="fraction of attention+MLP parameters to remove, in (0, 1)")
-    p.add_argument("--method", default="numerical", help="numerical (default; the paper's), numerical-unit (one "
+    p.add_argument("--method", default="numerical-robust", help="numerical-robust (default: the paper's score and "
+                   "least squares inside FLAP's per-layer widths), numerical (the paper's), numerical-unit (one "
                    "Newton variable per head), flap, wanda-sp, magnitude or random")
     p.add_argument("--allocation", default=None, help="global, uniform, flap-widths (FLAP's per-layer widths, the "
                    "method's ranking inside each layer) or compensated-error (by the relative error left after "
