@@ -119,9 +119,10 @@ def allocate(adapter: Adapter, scores: list[LayerScores], ratio: float, mode: st
              gqa_unit: str = "query", round_to: int = 1, guides: list | None = None) -> list[LayerPlan]:
     """Which units every layer keeps so that ``ratio`` of the attention+MLP parameters go.
 
-    ``guides`` holds each layer's ``layer_guide`` for the modes that need one. ``round_to`` > 1 then moves each layer's kept MLP width to the nearest multiple of it (the
-    highest-scoring channels are the ones kept), for hardware-friendly matrix shapes; the
-    achieved ratio, which the report states, moves with it.
+    ``guides`` holds each layer's ``layer_guide`` for the modes that need one. ``round_to`` > 1
+    then moves each layer's kept MLP width to the nearest multiple of it (the highest-scoring
+    channels are the ones kept), for hardware-friendly matrix shapes; the achieved ratio, which
+    the report states, moves with it.
     """
     if mode not in ALLOCATIONS:
         raise NumpruneError(f"unknown allocation {mode!r}; choose from {', '.join(ALLOCATIONS)}")

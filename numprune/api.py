@@ -42,7 +42,7 @@ class PruneOptions:
     round_to: int = 1
     compensation: str | None = None  # None: the method's own
     compensation_stats: str = "dense"
-    compensation_damp: float | None = None  # None: the method's own
+    compensation_damp: float | None = None  # None: the method's own with its compensation, else 0.01
     allocation_compensation: str | None = None  # compensated-error: whose error curves guide it (None: the run's own)
     score_options: dict = field(default_factory=dict)
 

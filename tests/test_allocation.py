@@ -46,7 +46,8 @@ def test_flap_widths_by_hand():
         total += cost
 
     scores = [numerical.score(x) for x in inputs]
-    guides = [layer_guide("flap-widths", adapter, x, s, "least-squares", compensate.Damped()) for x, s in zip(inputs, scores)]
+    guides = [layer_guide("flap-widths", adapter, x, s, "least-squares", compensate.Damped())
+              for x, s in zip(inputs, scores)]
     plans = allocate(adapter, scores, ratio, "flap-widths", guides=guides)
     for i, (plan, s) in enumerate(zip(plans, scores)):
         layout = adapter.attention_layout(i)
@@ -67,8 +68,8 @@ def test_compensated_error_guide_equals_compensating_and_measuring():
     attn_curve, mlp_curve = layer_guide("compensated-error", adapter, x, s, "affine", options)
     layer = adapter.layers()[i]
     parts = ((adapter.attention_output(layer), stats[i].attention), (adapter.mlp_output(layer), stats[i].mlp))
-    energy = sum(float(((projection_weight(m).detach().double() @ st.second_moment) * projection_weight(m).detach().double()).sum())
-                 for m, st in parts)
+    weights = [projection_weight(m).detach().double() for m, _ in parts]
+    energy = sum(float(((w @ st.second_moment) * w).sum()) for w, (_, st) in zip(weights, parts))
 
     def measured(module, st, keep):
         probe = copy.deepcopy(module).double()

@@ -1,4 +1,4 @@
-"""Compensations (paper Eq. 9-11 least squares, affine with a ridge, FLAP's bias, none) against direct solves and brute force."""
+"""Compensations (least squares, affine with a ridge, FLAP's bias, none) against direct solves and brute force."""
 
 import pytest
 import torch
