@@ -17,6 +17,7 @@ import psutil
 import torch
 
 from numprune.errors import NumpruneError
+from numprune.io.output import check_target, output_file, write_text
 from numprune.save import REPORT_NAME
 
 MiB = 2**20
@@ -177,7 +178,13 @@ def pruning_ratio(spec: str | None) -> float:
     report = Path(spec).expanduser() / REPORT_NAME if spec else None
     if report is None or not report.is_file():
         return 0.0
-    return json.loads(report.read_text())["parameters"]["achieved_ratio"]
+    try:
+        ratio = json.loads(report.read_text())["parameters"]["achieved_ratio"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        ratio = None
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
+        raise NumpruneError(f"{report} is not a valid pruning report (no achieved ratio between 0 and 1)")
+    return float(ratio)
 
 
 def bench(models, batch_sizes=(1, 8), ratios=None, **measure_options) -> dict:

@@ -1,0 +1,1 @@
+"""Writing outputs: one writer for every file and folder numprune saves."""
