@@ -32,7 +32,8 @@ from transformers.initialization import no_init_weights
 
 from numprune import distributed
 from numprune.adapters import LayerPlan, adapter_for
-from numprune.api import Compute, _Clock, _compensate, _report, _resolve, _select, parameter_counts
+from numprune.api import (Compute, _check_compute, _Clock, _compensate, _report, _resolve, _select, check_run,
+                          parameter_counts)
 from numprune.errors import NumpruneError
 from numprune.models import TOKENIZER_FILES, WEIGHTS_FILE, WEIGHTS_INDEX, check_config, check_finite, check_model_folder
 from numprune.io.output import check_target, output_folder
@@ -243,9 +244,11 @@ def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, *, ratio: f
     world = distributed.world()
     if world.writer:
         check_target(out, overwrite=overwrite, inputs=[folder], marker=REPORT_NAME)
+    _check_compute(batch_size, device)
     compute = Compute(batch_size, progress, device, dtype)
     clock = _Clock(device)
     source = StreamedModel(folder, clock)
+    check_run(source.adapter, tokens, None, opts)
     before = parameter_counts(source.adapter)
     plans, stats = _select(source, tokens, None, opts, compute, clock)
     if not world.writer and opts.compensation_stats == "dense":

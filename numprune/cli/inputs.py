@@ -13,8 +13,10 @@ from numprune.evaluate.image import DigitsEvaluator, DigitsProtocol, is_image_ge
 from numprune.evaluate.perplexity import perplexity
 from numprune.image.calibration import self_generated_calibration
 from numprune.image.grid import is_digits_model
-from numprune.models import load_model
-from numprune.save import check_output
+from pathlib import Path
+
+from numprune.io.output import check_target
+from numprune.models import load_model, model_folder
 
 
 def load(spec):
@@ -26,13 +28,25 @@ def load(spec):
     return model, tokenizer, source
 
 
-def prepare(args):
+def protected_inputs(args) -> list[Path]:
+    """What the run reads and its output must never replace: the model's folder and the data files."""
+    files = [Path(s).expanduser() for s in [getattr(args, "calib", None), *(args.eval_data or [])] if s]
+    return [model_folder(args.model), *(f for f in files if f.is_file())]
+
+
+def prepare(args, marker: str):
     """Check everything cheap first, then load the model and draw calibration and evaluation windows
-    (for an image generator: self-generated calibration, and the image measures' evaluator)."""
-    check_output(args.out, args.overwrite)
+    (for an image generator: self-generated calibration, and the image measures' evaluator).
+    ``marker`` is the file every output of the command has (an existing folder without it is never replaced)."""
+    check_target(args.out, overwrite=args.overwrite, inputs=protected_inputs(args), marker=marker)
     get_source(args.calib)
     specs = eval_specs(args)
     model, tokenizer, source = load(args.model)
+    if not is_image_generator(model):  # windows past a position table are refused before any work
+        adapter = adapter_for(model)
+        adapter.check_window(args.seqlen)
+        if specs:
+            adapter.check_window(args.eval_seqlen)
     images = image_evaluator(args, model, always=args.command == "compare")  # None for a language model
     if is_image_generator(model):  # calibrates on sequences it samples itself, class by class (the paper's way)
         tokens, calib_info = self_generated_calibration(model, args.calib_per_class, cfg_scale=args.calib_cfg_scale,

@@ -6,12 +6,13 @@ import torch
 
 from numprune.api import PruneOptions, prune
 from numprune.cli import args as a
-from numprune.cli.inputs import ppl, prepare
+from numprune.cli.inputs import ppl, prepare, protected_inputs
 from numprune.data.corpora import calibration_windows, get_source
 from numprune.distributed import process_group, world
 from numprune.errors import NumpruneError
 from numprune.models import registry_folder
-from numprune.save import check_output, save_pruned
+from numprune.io.output import check_target
+from numprune.save import REPORT_NAME, save_pruned
 from numprune.stream import check_folder, load_tokenizer, prune_streaming
 
 def add_parser(commands) -> None:
@@ -45,7 +46,7 @@ def add_parser(commands) -> None:
     a.add_image_evaluation(p)
     p.add_argument("--stream", action="store_true", help="read the weights from the --model safetensors folder one "
                    "decoder layer at a time and write the result layer by layer: the model never sits in memory whole")
-    p.add_argument("--device", default="cpu", help="where each layer's pass runs: cpu (default), cuda or cuda:N; "
+    p.add_argument("--device", type=a.device, default="cpu", help="where each layer's pass runs: cpu (default), cuda or cuda:N; "
                    "the weights wait in CPU memory or on disk")
     p.add_argument("--dtype", type=a.dtype, default=None, help=f"{', '.join(a.DTYPES)}: precision of the layer passes "
                    "(default: the weights' own); statistics and solves stay in float64")
@@ -81,8 +82,6 @@ def _compute_dtype(args):
     """The layer passes' dtype; a CUDA device that is not there fails here, before any work."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise NumpruneError(f"--device {args.device}: torch sees no CUDA device")
-    if not args.device.startswith(("cpu", "cuda")):
-        raise NumpruneError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     return args.dtype
 
 
@@ -90,7 +89,7 @@ def _streaming(args, device: str, dtype) -> int:
     options = prune_options(args)
     if args.eval_data:
         raise NumpruneError("--eval needs the whole model in memory; with --stream, run `numprune ppl` on the output")
-    check_output(args.out, args.overwrite)
+    check_target(args.out, overwrite=args.overwrite, inputs=protected_inputs(args), marker=REPORT_NAME)
     get_source(args.calib)
     folder = check_folder(registry_folder(args.model) or args.model)
     tokenizer = load_tokenizer(folder)
@@ -105,7 +104,7 @@ def _streaming(args, device: str, dtype) -> int:
 
 def _in_memory(args, device: str, dtype) -> int:
     options = prune_options(args)
-    model, tokenizer, source, tokens, calib_info, eval_sets, images = prepare(args)
+    model, tokenizer, source, tokens, calib_info, eval_sets, images = prepare(args, REPORT_NAME)
     dense_ppl = {spec: ppl(model, w, args) for spec, (w, _) in eval_sets.items()}
     dense_images = images(model)[0] if images else None
     pruned, report = prune(model, tokens, ratio=args.ratio, batch_size=args.batch_size,
@@ -120,7 +119,7 @@ def _in_memory(args, device: str, dtype) -> int:
                                 for spec, (w, info) in eval_sets.items()}
     if images:
         report["image_measures"] = {"dense": dense_images, "pruned": images(pruned)[0], "protocol": images.describe()}
-    out = save_pruned(pruned, tokenizer, report, args.out, args.overwrite)
+    out = save_pruned(pruned, tokenizer, report, args.out, args.overwrite, inputs=protected_inputs(args))
     _print_summary(report, out)
     return 0
 

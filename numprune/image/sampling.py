@@ -27,9 +27,9 @@ from numprune.errors import NumpruneError
 
 def check_sampling_options(cfg_scale: float, temperature: float, top_k: int, top_p: float) -> None:
     """Fail early on options that do not describe a distribution."""
-    if cfg_scale < 0:
+    if not cfg_scale >= 0:  # NaN too
         raise NumpruneError(f"cfg scale must be >= 0, got {cfg_scale}")
-    if temperature < 0:
+    if not temperature >= 0:
         raise NumpruneError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     if top_k < 0:
         raise NumpruneError(f"top-k must be >= 0 (0: off), got {top_k}")
