@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from numprune.adapters import check_window
 from numprune.errors import NumpruneError
 from numprune.io.output import check_target, output_file, write_text
 from numprune.save import REPORT_NAME
@@ -34,6 +35,7 @@ def measure(model, *, batch_size: int = 1, prompt_len: int = 64, new_tokens: int
     may keep memory freed earlier). ``model_peak_bytes``, this model's weights plus the growth
     during generation, leaves out other models the process holds, so it is the one to compare.
     """
+    check_window(model, prompt_len + new_tokens)
     device = next(model.parameters()).device
     prompt = torch.randint(0, model.get_input_embeddings().num_embeddings, (batch_size, prompt_len),
                            generator=torch.Generator().manual_seed(seed)).to(device)

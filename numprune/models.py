@@ -5,10 +5,14 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from numprune.data.assets import GEMMA3_PACKAGE, SMOLLM2_PACKAGE, gemma3_270m_folder, smollm2_folder
 from numprune.errors import NumpruneError
@@ -94,16 +98,16 @@ def _looks_like_path(spec: str) -> bool:
 
 def _load(source: str, dtype: torch.dtype, with_tokenizer: bool):
     """The model (safetensors only, no code from the folder, every tensor checked) and its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if Path(source).is_dir():
         check_model_folder(Path(source))
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
-        check_config(config, source)
-        model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, trust_remote_code=False,
-                                                           use_safetensors=True, output_loading_info=True)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False) if with_tokenizer else None
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+            check_config(config, source)
+            model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
+                                                               trust_remote_code=False, use_safetensors=True,
+                                                               output_loading_info=True)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False) if with_tokenizer else None
     except NumpruneError:
         raise
     except Exception as e:  # noqa: BLE001  (a hostile folder makes transformers raise almost any type)
@@ -116,6 +120,21 @@ def _load(source: str, dtype: torch.dtype, with_tokenizer: bool):
             raise NumpruneError(f"the weights of '{source}' do not fit its config: {kind} tensor {names[0]}{more}")
     check_finite(model.state_dict(), source)
     return model.eval(), tokenizer
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' load report and progress bar off while loading: numprune's own check says what is wrong,
+    in one line."""
+    verbosity, bar = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bar:
+            transformers_logging.enable_progress_bar()
 
 
 def check_model_folder(folder: Path) -> None:

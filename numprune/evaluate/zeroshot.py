@@ -68,6 +68,9 @@ def evaluate(model, tokenizer=None, tasks=PAPER_TASKS, *, mmlu: bool = False, li
     ``tasks``; returns one row per requested task (metrics with their standard errors) and writes it
     as JSON to ``out`` when given (an existing file only with ``overwrite``; never inside the model's
     folder). ``limit`` evaluates only the first N items of each task."""
+    if out is not None:
+        inputs = [model_folder(model) if isinstance(model, str) else source_folder(model)]
+        check_target(out, overwrite=overwrite, folder=False, inputs=inputs)
     from lm_eval import __version__ as lm_eval_version
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -77,9 +80,6 @@ def evaluate(model, tokenizer=None, tasks=PAPER_TASKS, *, mmlu: bool = False, li
             raise NumpruneError(f"{name.replace('_', ' ')} must be a positive integer, got {value}")
     if num_fewshot is not None and num_fewshot < 0:
         raise NumpruneError(f"the number of few-shot examples must be 0 or more, got {num_fewshot}")
-    if out is not None:
-        inputs = [model_folder(model) if isinstance(model, str) else source_folder(model)]
-        check_target(out, overwrite=overwrite, folder=False, inputs=inputs)
     names = list(dict.fromkeys(list(tasks) + (["mmlu"] if mmlu else [])))
     manager, task_objects = load_tasks(names)
     if isinstance(model, str):

@@ -34,6 +34,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from numprune.errors import NumpruneError
 
 _AT_FDCWD = -100
@@ -64,6 +66,15 @@ def check_target(out: str | os.PathLike, *, overwrite: bool = False, folder: boo
     target = Path(os.path.abspath(Path(out).expanduser()))
     if target.parent == target:
         raise NumpruneError(f"cannot write the {kind} {target}: it is the root folder")
+    _check_names(target)
+    try:
+        return _check_target(target, overwrite, folder, inputs, marker, kind)
+    except OSError as e:  # a path the system refuses to look at (too long, a loop of links, ...)
+        raise NumpruneError(f"cannot write {str(target)[:80]}: {e.strerror or e}") from None
+
+
+def _check_target(target: Path, overwrite: bool, folder: bool, inputs: Iterable, marker: str | None,
+                  kind: str) -> Path:
     real = Path(os.path.realpath(target))
     if target.is_symlink() and not target.exists():
         raise NumpruneError(f"output path {target} is a symbolic link to a missing target; remove it or choose "
@@ -79,7 +90,6 @@ def check_target(out: str | os.PathLike, *, overwrite: bool = False, folder: boo
         if folder and marker and any(target.iterdir()) and not (target / marker).exists():
             raise NumpruneError(f"{target} is not empty and was not written by numprune (it has no {marker}); "
                                 "it is not replaced")
-    _check_names(target)
     ancestor = next(p for p in target.parents if os.path.lexists(p))
     if not ancestor.is_dir():
         raise NumpruneError(f"cannot write {target}: {ancestor} is not a folder")
@@ -103,12 +113,14 @@ def _check_not_an_input(target: Path, real: Path, inputs: Iterable, kind: str) -
 
 
 def _check_names(target: Path) -> None:
-    """Every name the output needs fits the file system (the temporary name is the longest)."""
-    ancestor = next(p for p in target.parents if p.exists())
+    """Every name the output needs fits the file system: the folders to create, and the target's name
+    with the temporary prefix (the longest name written)."""
+    ancestor = next(p for p in target.parents if os.path.isdir(p))
     limit = os.pathconf(ancestor, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
-    for name in [*(p.name for p in target.parents if not p.exists()), target.name]:
-        if len(os.fsencode(name)) + _TEMP_EXTRA > limit:
-            raise NumpruneError(f"output name {name[:40]}... is too long: at most {limit - _TEMP_EXTRA} bytes")
+    names = [(p.name, limit) for p in target.parents if p.name] + [(target.name, limit - _TEMP_EXTRA)]
+    for name, allowed in names:
+        if len(os.fsencode(name)) > allowed:
+            raise NumpruneError(f"output name {name[:40]}... is too long: at most {allowed} bytes")
 
 
 @contextmanager
@@ -151,8 +163,9 @@ def _output(out, overwrite: bool, inputs: Iterable, marker: str | None, *, folde
                 parent.rmdir()
             except OSError:
                 break
-        if isinstance(error, OSError):
-            raise NumpruneError(f"could not write {target}: {error.strerror or error}") from None
+        if isinstance(error, (OSError, SafetensorError)):  # a full disk, a lost mount, ...
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+            raise NumpruneError(f"could not write {target}: {reason}") from None
         raise
 
 
