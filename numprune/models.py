@@ -32,7 +32,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Config counts a model is built from (GPT-2's and OPT's own names map onto these).
 COUNT_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "intermediate_size",
                 "vocab_size", "max_position_embeddings", "head_dim", "ffn_dim", "layer_num_attention_heads",
-                "layer_num_key_value_heads", "layer_intermediate_sizes")
+                "layer_num_key_value_heads", "layer_intermediate_sizes", "n_layer", "n_head", "n_embd", "n_positions")
 
 
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
@@ -146,6 +146,7 @@ def check_model_folder(folder: Path) -> None:
         if (folder / name).is_file() and "auto_map" in _read_json(folder / name):
             raise NumpruneError(f"{folder / name} names Python code of its own (auto_map); numprune never runs "
                                 "a model folder's code")
+    check_config(_read_json(folder / "config.json"), folder)
     files = safetensors_files(folder)
     if not files:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -184,13 +185,17 @@ def check_safetensors(path: Path) -> None:
 
 
 def check_config(config, source) -> None:
-    """Counts a model is built from must be positive integers (a config with -1 layers builds an empty model)."""
+    """Counts a model is built from must be positive integers (a config with -1 layers builds an empty model).
+    ``config`` is a config object or config.json's raw dict (checked before transformers parses it)."""
+    def field(name):
+        return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
     for name in COUNT_FIELDS:
-        values = getattr(config, name, None)
+        values = field(name)
         for value in values if isinstance(values, (list, tuple)) else [values]:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise NumpruneError(f"the config of '{source}' has {name} = {values!r}; it must be a positive integer")
-    heads, kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    heads, kv = field("num_attention_heads"), field("num_key_value_heads")
     if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
         raise NumpruneError(f"the config of '{source}' has {heads} attention heads over {kv} KV heads, "
                             "which do not divide them")

@@ -104,13 +104,15 @@ def test_calibration_files_that_are_not_plain_text_files_are_refused(tiny_model_
         f.truncate(MAX_TEXT_FILE_BYTES + 1)
     folder = tmp_path / "folder.txt"
     folder.mkdir()
-    for case, path, message in [("--calib FIFO", fifo, "not a regular file"), ("--calib link to /dev/zero", zero,
-                                "not a regular file"), ("--calib huge file", huge, "text files are read whole"),
-                                ("--calib folder.txt", folder, "not a regular file")]:
+    # The FIFO and /dev/zero first, each in a fresh process with a time limit: a regression hangs or eats memory.
+    for case, path, message, fresh in [("--calib FIFO", fifo, "not a regular file", True),
+                                       ("--calib link to /dev/zero", zero, "not a regular file", True),
+                                       ("--calib huge file", huge, "text files are read whole", False),
+                                       ("--calib folder.txt", folder, "not a regular file", False)]:
         refused(f"prune {case}", message, "prune", "--model", tiny_model_folder, "--ratio", "0.3", "--calib", path,
-                "--out", tmp_path / "out", inputs=[tiny_model_folder], timeout=120)
+                "--out", tmp_path / "out", inputs=[tiny_model_folder], **({"timeout": 120} if fresh else {}))
     refused("ppl --data FIFO", "not a regular file", "ppl", "--model", tiny_model_folder, "--data", fifo,
-            inputs=[tiny_model_folder], timeout=120)
+            inputs=[tiny_model_folder])
     assert not (tmp_path / "out").exists()
 
 

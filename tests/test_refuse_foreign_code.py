@@ -38,10 +38,10 @@ def test_a_folder_with_its_own_code_is_refused_without_a_prompt(planted, file):
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
                           "AutoConfig": "modeling_evil.EvilConfig"}
     (folder / file).write_text(json.dumps(config))
-    for command in (["info", "--model", folder],
-                    ["prune", "--model", folder, "--ratio", "0.3", "--stream", "--out", folder.parent / "out"]):
-        refused(f"{command[0]}{' --stream' if '--stream' in command else ''}: auto_map in {file}",
-                "never runs a model folder's code", *command, input="y\n", inputs=[folder])
+    refused(f"info: auto_map in {file} (stdin answers y)", "never runs a model folder's code", "info", "--model",
+            folder, input="y\n", inputs=[folder])  # a fresh process whose stdin would say yes to a prompt
+    refused(f"prune --stream: auto_map in {file}", "never runs a model folder's code", "prune", "--model", folder,
+            "--ratio", "0.3", "--stream", "--out", folder.parent / "out", inputs=[folder])
     assert not marker.exists() and not (folder.parent / "out").exists()
 
 

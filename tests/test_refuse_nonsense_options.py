@@ -41,8 +41,8 @@ def test_the_parser_refuses_in_one_line(case, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# Decided by the model's shapes: refused after loading, before calibration (a calibration file that
-# does not exist yet would fail later, so reaching calibration would show in the message).
+# Decided by the model's shapes: refused after loading, before calibration (tests/test_api_errors.py
+# proves "before calibration" with a calibration pass that fails if it starts).
 SHAPE_CASES = {
     "--ratio 0.99 (would empty a layer)": (["--ratio", "0.99"], "would leave"),
     "--ratio 0.99 --allocation uniform": (["--ratio", "0.99", "--allocation", "uniform"], "would leave layer"),
@@ -54,9 +54,11 @@ SHAPE_CASES = {
 @pytest.mark.parametrize("case", list(SHAPE_CASES))
 def test_what_the_shapes_decide_is_refused_before_calibration(case, tiny_model_folder, tmp_path):
     args, message = SHAPE_CASES[case]
-    refused(f"prune {case}", message, *PRUNE, *args, "--model", tiny_model_folder, "--out", tmp_path / "out",
-            inputs=[tiny_model_folder])
-    assert list(tmp_path.iterdir()) == []
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    refused(f"prune {case}", message, *PRUNE, *args, "--model", tiny_model_folder, "--calib", text,
+            "--out", tmp_path / "out", inputs=[tiny_model_folder, text])
+    assert [p.name for p in tmp_path.iterdir()] == ["calib.txt"]
 
 
 def test_info_on_an_unknown_command_or_option_is_one_line(tmp_path):

@@ -195,10 +195,11 @@ def _read_file(path: Path) -> str:
         raise NumpruneError(f"no text file at {path}") from None
     except OSError as e:
         raise NumpruneError(f"cannot read {path}: {e.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise NumpruneError(f"{path} is not a regular file (a pipe, device or folder); give a text file")
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise NumpruneError(f"{path} is not a regular file (a pipe, device or folder); give a text file")
         if info.st_size > MAX_TEXT_FILE_BYTES:
             raise NumpruneError(f"{path} is {info.st_size / 2**20:.0f} MiB; text files are read whole, at most "
                                 f"{MAX_TEXT_FILE_BYTES // 2**20} MiB")
