@@ -165,3 +165,21 @@ def test_output_folders_get_normal_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_ctrl_c_while_starting_is_one_line_and_status_130(tiny_model_folder):
+    """SIGINT while torch and transformers are still being imported: no traceback, nothing written."""
+    import subprocess
+    import sys
+    import time
+
+    from hostile import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "numprune", "info", "--model", str(tiny_model_folder)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(1.0)  # the interpreter is up; torch's import alone takes longer than this
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err and proc.returncode == 130, (proc.returncode, err)
+    assert err.strip().splitlines() == ["numprune: interrupted while starting; nothing was written"]
