@@ -10,12 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from numprune.data.assets import GEMMA3_PACKAGE, SMOLLM2_PACKAGE, gemma3_270m_folder, smollm2_folder
 from numprune.errors import NumpruneError
+from numprune.io.inputs import check_safetensors
 
 EMBEDDED_MODEL = "smollm2"
 DIGITS_MODEL = "digits"  # a small LlamaGen trained on scikit-learn's digits (numprune.image.digits)
@@ -171,17 +171,6 @@ def safetensors_files(folder: Path) -> list[Path]:
             raise NumpruneError(f"{folder / WEIGHTS_INDEX} names a file outside the folder: {outside[0]}")
         return [folder / n for n in names]
     return [folder / WEIGHTS_FILE] if (folder / WEIGHTS_FILE).is_file() else []
-
-
-def check_safetensors(path: Path) -> None:
-    """A complete safetensors file: its header parses and its tensors fill the file (the library checks both)."""
-    if not path.is_file():
-        raise NumpruneError(f"the weights file {path} is missing")
-    try:
-        with safe_open(path, "pt") as f:
-            f.keys()
-    except (OSError, SafetensorError) as e:
-        raise NumpruneError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
 
 def check_config(config, source) -> None:

@@ -5,7 +5,7 @@ Everything cheap is checked first (output path, data names), then the model is l
 
 from __future__ import annotations
 
-from numprune.adapters import adapter_for
+from numprune.adapters import adapter_for, check_window
 from numprune.cli.args import IMAGE_EVAL, sampling_options
 from numprune.data.corpora import calibration_windows, evaluation_windows, get_source
 from numprune.errors import NumpruneError
@@ -72,6 +72,7 @@ def eval_windows(tokenizer, spec, args):
 
 
 def ppl(model, windows, args) -> float:
+    check_window(model, windows.shape[1])  # before any work, for `ppl` (prune and compare check in prepare)
     return perplexity(model, windows, progress=not args.quiet)["ppl"]
 
 

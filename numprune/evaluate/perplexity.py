@@ -7,7 +7,6 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from numprune.adapters import check_window
 from numprune.errors import NumpruneError
 
 
@@ -21,7 +20,6 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
     if count < 1 or seqlen < 2:
         raise NumpruneError(f"perplexity needs at least one window of two or more tokens, "
                             f"got shape {tuple(windows.shape)}")
-    check_window(model, seqlen)
     total = summed_nll(model, windows, batch_size, progress)
     tokens = count * (seqlen - 1)
     mean = total / tokens

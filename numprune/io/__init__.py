@@ -1,1 +1,1 @@
-"""Writing outputs: one writer for every file and folder numprune saves."""
+"""Reading and writing files: checks of inputs, and one writer for every file and folder numprune saves."""

@@ -32,7 +32,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from numprune.errors import NumpruneError
-from numprune.models import check_safetensors
+from numprune.io.inputs import check_safetensors
 from numprune.modeling.per_layer import PER_LAYER_FIELDS
 
 # LlamaGen's class-conditional sizes (n_layer, n_head, dim) and their published parameter counts.
