@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
+import psutil
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -223,6 +224,8 @@ def check_run(adapter: Adapter, tokens, stats, opts: PruneOptions) -> None:
     _check_tokens(adapter, tokens)
     if stats is not None:
         _check_stats(adapter, stats)
+    elif tokens is not None:
+        _check_activation_memory(adapter, tokens)
     layers = range(adapter.num_layers())
     equal = [LayerScores(torch.zeros(adapter.attention_layout(i).num_heads, dtype=torch.float64),
                          torch.zeros(adapter.mlp_width(i), dtype=torch.float64)) for i in layers]
@@ -233,6 +236,17 @@ def check_run(adapter: Adapter, tokens, stats, opts: PruneOptions) -> None:
         if abs(achieved - opts.ratio) > ROUND_TO_TOLERANCE * opts.ratio:
             raise NumpruneError(f"round_to {opts.round_to} would remove {achieved:.1%} of the attention+MLP parameters "
                                 f"against a target of {opts.ratio:.1%}; choose a smaller multiple")
+
+
+def _check_activation_memory(adapter: Adapter, tokens: torch.Tensor) -> None:
+    """Calibration keeps every window's hidden states (in and out of the layer being visited): refuse, before
+    any work, a token count whose activations could not fit in this machine's free memory."""
+    weight = adapter.model.get_input_embeddings().weight
+    needed = 2 * tokens.numel() * weight.shape[1] * weight.element_size()
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise NumpruneError(f"calibrating on {tokens.numel():,} tokens holds about {needed / 2**30:.1f} GiB of "
+                            f"activations; {available / 2**30:.1f} GiB of memory is free")
 
 
 def _removed_parameters(adapter: Adapter, i: int, plan: LayerPlan) -> int:

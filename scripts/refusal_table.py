@@ -4,7 +4,8 @@
     python scripts/refusal_table.py cases.jsonl
 
 ``NUMPRUNE_FRESH_PROCESS=1`` runs every case as its own ``python -m numprune`` process, so the exit
-status and stderr are the real process's.
+status and stderr are the real process's (slow: 5-25 s a case); without it most cases run through
+``numprune.cli.main`` in the test process (the process column says which).
 """
 
 import json
@@ -13,9 +14,9 @@ import sys
 
 def main(log: str) -> None:
     rows = [json.loads(line) for line in open(log)]
-    print("| case | exit | stderr lines |\n|---|---|---|")
+    print("| case | exit | stderr lines | process |\n|---|---|---|---|")
     for row in rows:
-        print(f"| `{row['case']}` | {row['exit']} | {row['stderr_lines']} |")
+        print(f"| `{row['case']}` | {row['exit']} | {row['stderr_lines']} | {row.get('process', 'fresh')} |")
 
 
 if __name__ == "__main__":

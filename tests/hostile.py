@@ -8,7 +8,7 @@ machine, so by default a case runs ``numprune.cli.main`` in this process (the sa
 traceback would). Cases that depend on the process itself (resource limits, stdin, signals, a
 possible hang) always get a fresh process; ``NUMPRUNE_FRESH_PROCESS=1`` gives every case one.
 
-With ``NUMPRUNE_CASE_LOG`` set, every case appends ``{case, exit, stderr_lines}`` as a JSON line
+With ``NUMPRUNE_CASE_LOG`` set, every case appends ``{case, exit, stderr_lines, process}`` as a JSON line
 there (``scripts/refusal_table.py`` turns the log into the table of cases).
 """
 
@@ -52,13 +52,14 @@ def hashes(*paths) -> dict[str, str]:
     return found
 
 
-def assert_refused(done: subprocess.CompletedProcess, message: str, case: str) -> None:
+def assert_refused(done: subprocess.CompletedProcess, message: str, case: str, process: str) -> None:
     """Exit status 2 and exactly one stderr line ``numprune: error: ...`` containing ``message``."""
     lines = done.stderr.splitlines()
     log = os.environ.get("NUMPRUNE_CASE_LOG")
     if log:
         with open(log, "a") as f:
-            f.write(json.dumps({"case": case, "exit": done.returncode, "stderr_lines": len(lines)}) + "\n")
+            f.write(json.dumps({"case": case, "exit": done.returncode, "stderr_lines": len(lines),
+                                "process": process}) + "\n")
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert len(lines) == 1 and lines[0].startswith("numprune: error:"), lines
@@ -83,11 +84,9 @@ def refused(case: str, message: str, *args, inputs=(), fresh: bool = False, **ru
     """Run ``numprune ARGS``; it must refuse with ``message`` and leave every file under ``inputs`` as it was.
     ``fresh`` (or any of ``preexec_fn``, ``input``, ``timeout``) runs it in a new process."""
     before = hashes(*inputs)
-    if fresh or run.keys() & {"preexec_fn", "input", "timeout"} or os.environ.get("NUMPRUNE_FRESH_PROCESS"):
-        done = numprune(*args, **run)
-    else:
-        done = in_process(*args, **run)
-    assert_refused(done, message, case)
+    fresh = fresh or bool(run.keys() & {"preexec_fn", "input", "timeout"} or os.environ.get("NUMPRUNE_FRESH_PROCESS"))
+    done = numprune(*args, **run) if fresh else in_process(*args, **run)
+    assert_refused(done, message, case, "fresh" if fresh else "in-process")
     assert hashes(*inputs) == before
     return done
 

@@ -79,6 +79,15 @@ def test_windows_past_a_position_table_are_refused():
         prune(gpt2, TOKENS, ratio=0.3, progress=False)
 
 
+def test_activations_that_cannot_fit_in_memory_are_refused(model, no_calibration, monkeypatch):
+    class Scarce:
+        available = 1000  # bytes
+
+    monkeypatch.setattr(numprune.api.psutil, "virtual_memory", lambda: Scarce)
+    with pytest.raises(NumpruneError, match="GiB of activations"):
+        prune(model, TOKENS, ratio=0.3, progress=False)
+
+
 def test_save_pruned_refuses_an_empty_path(model):
     for out in ("", "   "):
         with pytest.raises(NumpruneError, match="output path is empty"):

@@ -48,6 +48,7 @@ SHAPE_CASES = {
     "--ratio 0.99 --allocation uniform": (["--ratio", "0.99", "--allocation", "uniform"], "would leave layer"),
     "--round-to 100000": (["--round-to", "100000"], "against a target of 30.0%"),
     "--gqa-unit sideways": (["--gqa-unit", "sideways"], "unknown GQA unit"),
+    "--nsamples 1000000 --seqlen 512": (["--nsamples", "1000000", "--seqlen", "512"], "tokens; at most"),
 }
 
 

