@@ -4,11 +4,31 @@ Importing numprune registers its per-layer model classes with transformers' Auto
 pruned folders with different widths per layer load with ``AutoModelForCausalLM.from_pretrained``.
 """
 
-from numprune import modeling  # noqa: F401  (registers the Auto classes)
-from numprune.api import PruneOptions, calibrate, prune
-from numprune.errors import NumpruneError
-from numprune.save import save_pruned
-from numprune.stream import prune_streaming
+import sys
+
+INTERRUPTED_AT_START = "numprune: interrupted while starting; nothing was written"
+
+
+def exit_if_command_interrupted() -> None:
+    """Ctrl-C while the command line is still importing torch and transformers: one line and status 130,
+    not a traceback. Only when this process is the ``numprune`` command; an importing program gets the
+    KeyboardInterrupt as usual."""
+    argv = getattr(sys, "orig_argv", sys.argv)
+    as_module = any(flag == "-m" and name == "numprune" for flag, name in zip(argv, argv[1:]))
+    if as_module or sys.argv[0].rsplit("/", 1)[-1] == "numprune":
+        print(INTERRUPTED_AT_START, file=sys.stderr)
+        raise SystemExit(130)
+
+
+try:
+    from numprune import modeling  # noqa: F401  (registers the Auto classes)
+    from numprune.api import PruneOptions, calibrate, prune
+    from numprune.errors import NumpruneError
+    from numprune.save import save_pruned
+    from numprune.stream import prune_streaming
+except KeyboardInterrupt:
+    exit_if_command_interrupted()
+    raise
 
 __version__ = "0.1.0"
 __all__ = ["NumpruneError", "PruneOptions", "calibrate", "prune", "prune_streaming", "save_pruned", "__version__"]

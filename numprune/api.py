@@ -9,12 +9,15 @@ after, and writes each shrunk layer as soon as it is compensated. Both go throug
 from __future__ import annotations
 
 import copy
+import inspect
+import math
 import resource
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
+import psutil
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -24,11 +27,16 @@ from numprune.adapters import Adapter, LayerPlan, adapter_for
 from numprune.adapters.base import projection_weight
 from numprune.allocate import ALLOCATIONS, GQA_UNITS, allocate, layer_guide
 from numprune.calibrate import LayerStats, LayerStream, StatsStore, collect_statistics
-from numprune.criteria import CriterionInputs, get_method
+from numprune.criteria import CriterionInputs, LayerScores, get_method
 from numprune.errors import NumpruneError
 from numprune.shrink import shrink
 
 COMPENSATION_STATS = ("dense", "sequential")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# round_to is refused when the widths it rounds to would move the removed share by more than this
+# fraction of the target (e.g. 8.9% removed against 30%).
+ROUND_TO_TOLERANCE = 0.5
+MAX_SEED = 2**32 - 1  # seeds torch and numpy both take
 
 
 @dataclass
@@ -48,8 +56,12 @@ class PruneOptions:
 
     def resolve(self) -> None:
         """Check every option and fill in the method's defaults."""
+        if not _is_number(self.ratio):
+            raise NumpruneError(f"ratio must be a number, got {self.ratio!r}")
         if not 0.0 < self.ratio < 1.0:
             raise NumpruneError(f"ratio must be between 0 and 1 (exclusive), got {self.ratio}")
+        if not isinstance(self.method, str):
+            raise NumpruneError(f"method must be a name, got {self.method!r}")
         method = get_method(self.method)
         self.allocation = self.allocation or method.allocation
         own_compensation = self.compensation in (None, method.compensation)
@@ -69,8 +81,31 @@ class PruneOptions:
                                      (self.compensation_stats, COMPENSATION_STATS, "compensation statistics")):
             if value not in allowed:
                 raise NumpruneError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
-        if self.compensation_damp < 0:
-            raise NumpruneError("compensation damping must be >= 0")
+        if not _is_number(self.compensation_damp) or not 0 <= self.compensation_damp < math.inf:
+            raise NumpruneError(f"compensation damping must be a finite number >= 0, got {self.compensation_damp!r}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise NumpruneError(f"round_to must be a positive integer, got {self.round_to!r}")
+        _check_score_options(method.criterion, self.score_options, self.method)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _check_score_options(criterion, options, method: str) -> None:
+    """The criterion's own options: names it takes; iterations a positive integer; damping and lambda finite, >= 0."""
+    if not isinstance(options, dict):
+        raise NumpruneError(f"score options must be a dict, got {options!r}")
+    accepted = [n for n, p in inspect.signature(criterion).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    for name, value in options.items():
+        if name not in accepted:
+            raise NumpruneError(f"method {method} takes no option {name!r}; it takes {', '.join(accepted) or 'none'}")
+        if name == "iterations" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise NumpruneError(f"iterations must be a positive integer, got {value!r}")
+        if name in ("damp", "lambda_rel") and (not _is_number(value) or not 0 <= value < math.inf):
+            raise NumpruneError(f"{name} must be a finite number >= 0, got {value!r}")
+        if name == "seed" and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED):
+            raise NumpruneError(f"seed must be an integer between 0 and {MAX_SEED}, got {value!r}")
 
     def compensation_options(self, name: str | None = None):
         """The resolved options of compensation ``name`` (default: the run's), as its registry entry declares them."""
@@ -120,6 +155,8 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, progr
               device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Sequence[LayerStats]:
     """Statistics of every layer on the dense model; reusable for several ratios and methods."""
     adapter = adapter_for(model)
+    _check_tokens(adapter, tokens)
+    _check_compute(batch_size, device)
     return collect_statistics(model, adapter, distributed.shard(tokens), batch_size, progress, device=device,
                               dtype=dtype, reduce=distributed.reducer())
 
@@ -137,9 +174,11 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
     each process calibrates on its share of ``tokens`` and all return the same result.
     """
     opts = _resolve(ratio, options, tokens, stats)
+    _check_compute(batch_size, device)
     compute = Compute(batch_size, progress, device, dtype)
     clock = _Clock(device)
     source = InMemory(model)
+    check_run(source.adapter, tokens, stats, opts)
     before = parameter_counts(source.adapter)
     plans, stats = _select(source, tokens, stats, opts, compute, clock)
 
@@ -155,12 +194,94 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
 
 def _resolve(ratio: float, options: dict, tokens, stats) -> PruneOptions:
     """Checked options; the calibration tokens are there when needed."""
+    unknown = sorted(set(options) - {f.name for f in fields(PruneOptions)} - {"ratio"})
+    if unknown:
+        raise NumpruneError(f"unknown option {unknown[0]!r}; the options are "
+                            f"{', '.join(f.name for f in fields(PruneOptions) if f.name != 'ratio')}")
     opts = PruneOptions(ratio=ratio, **options)
     opts.resolve()
     if tokens is None and (stats is None or opts.compensation_stats == "sequential"):
         raise NumpruneError("calibration tokens are needed" + (" for sequential compensation statistics"
                                                                if stats is not None else ""))
     return opts
+
+
+def _check_compute(batch_size, device) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise NumpruneError(f"batch size must be a positive integer, got {batch_size!r}")
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError):
+            raise NumpruneError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+
+
+def _check_tokens(adapter: Adapter, tokens) -> None:
+    """Calibration tokens: a non-empty integer tensor [samples, seqlen] of ids the model has, windows it can read."""
+    if tokens is None:
+        return
+    if not torch.is_tensor(tokens) or tokens.dtype in (torch.bool, *FLOAT_DTYPES) or tokens.is_complex():
+        raise NumpruneError(f"calibration tokens must be an integer tensor of token ids, got "
+                            f"{tokens.dtype if torch.is_tensor(tokens) else type(tokens).__name__}")
+    if tokens.dim() != 2 or tokens.numel() == 0:
+        raise NumpruneError(f"calibration tokens must have shape [samples, seqlen], both at least 1, got "
+                            f"{tuple(tokens.shape)}")
+    vocab = adapter.model.get_input_embeddings().num_embeddings
+    if tokens.min() < 0 or tokens.max() >= vocab:
+        raise NumpruneError(f"calibration tokens must be ids between 0 and {vocab - 1}, got values from "
+                            f"{int(tokens.min())} to {int(tokens.max())}")
+    adapter.check_window(tokens.shape[1])
+
+
+def check_run(adapter: Adapter, tokens, stats, opts: PruneOptions) -> None:
+    """Everything the inputs' shapes decide, before calibration: the tokens, statistics of this model, and
+    an allocation that exists (a dry run on equal scores: feasibility and widths depend on shapes only)."""
+    _check_tokens(adapter, tokens)
+    if stats is not None:
+        _check_stats(adapter, stats)
+    elif tokens is not None:
+        _check_activation_memory(adapter, tokens)
+    layers = range(adapter.num_layers())
+    equal = [LayerScores(torch.zeros(adapter.attention_layout(i).num_heads, dtype=torch.float64),
+                         torch.zeros(adapter.mlp_width(i), dtype=torch.float64)) for i in layers]
+    plans = allocate(adapter, equal, opts.ratio, opts.allocation, opts.gqa_unit, opts.round_to)
+    if opts.round_to > 1:
+        removed = sum(_removed_parameters(adapter, i, plans[i]) for i in layers)
+        achieved = removed / sum(adapter.prunable_parameters(i) for i in layers)
+        if abs(achieved - opts.ratio) > ROUND_TO_TOLERANCE * opts.ratio:
+            raise NumpruneError(f"round_to {opts.round_to} would remove {achieved:.1%} of the attention+MLP parameters "
+                                f"against a target of {opts.ratio:.1%}; choose a smaller multiple")
+
+
+def _check_activation_memory(adapter: Adapter, tokens: torch.Tensor) -> None:
+    """Calibration keeps every window's hidden states (in and out of the layer being visited): refuse, before
+    any work, a token count whose activations could not fit in this machine's free memory."""
+    weight = adapter.model.get_input_embeddings().weight
+    needed = 2 * tokens.numel() * weight.shape[1] * weight.element_size()
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise NumpruneError(f"calibrating on {tokens.numel():,} tokens holds about {needed / 2**30:.1f} GiB of "
+                            f"activations; {available / 2**30:.1f} GiB of memory is free")
+
+
+def _removed_parameters(adapter: Adapter, i: int, plan: LayerPlan) -> int:
+    full, costs = adapter.full_plan(i), adapter.unit_costs(i)
+    return ((len(full.heads) - len(plan.heads)) * costs.query_head + (len(full.kv_heads) - len(plan.kv_heads))
+            * costs.kv_head + (len(full.channels) - len(plan.channels)) * costs.channel)
+
+
+def _check_stats(adapter: Adapter, stats) -> None:
+    """Statistics from ``calibrate`` on a model of this shape (one entry per layer, matching widths)."""
+    if len(stats) != adapter.num_layers():
+        raise NumpruneError(f"the statistics are for {len(stats)} layers; this model has {adapter.num_layers()}")
+    for i in sorted({0, adapter.num_layers() - 1}):
+        layer = adapter.layers()[i]
+        widths = [projection_weight(adapter.attention_output(layer)).shape[1],
+                  projection_weight(adapter.mlp_output(layer)).shape[1]]
+        got = [stats[i].attention.gram.shape[0], stats[i].mlp.gram.shape[0]]
+        if got != widths:
+            raise NumpruneError(f"the statistics do not belong to this model: layer {i} has inputs of widths "
+                                f"{widths[0]} and {widths[1]}, the statistics {got[0]} and {got[1]}")
 
 
 def _select(source, tokens: torch.Tensor | None, stats: Sequence[LayerStats] | None, opts: PruneOptions,

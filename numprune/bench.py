@@ -16,7 +16,9 @@ from pathlib import Path
 import psutil
 import torch
 
+from numprune.adapters import check_window
 from numprune.errors import NumpruneError
+from numprune.io.output import check_target, output_file, write_text
 from numprune.save import REPORT_NAME
 
 MiB = 2**20
@@ -33,6 +35,7 @@ def measure(model, *, batch_size: int = 1, prompt_len: int = 64, new_tokens: int
     may keep memory freed earlier). ``model_peak_bytes``, this model's weights plus the growth
     during generation, leaves out other models the process holds, so it is the one to compare.
     """
+    check_window(model, prompt_len + new_tokens)
     device = next(model.parameters()).device
     prompt = torch.randint(0, model.get_input_embeddings().num_embeddings, (batch_size, prompt_len),
                            generator=torch.Generator().manual_seed(seed)).to(device)
@@ -177,7 +180,13 @@ def pruning_ratio(spec: str | None) -> float:
     report = Path(spec).expanduser() / REPORT_NAME if spec else None
     if report is None or not report.is_file():
         return 0.0
-    return json.loads(report.read_text())["parameters"]["achieved_ratio"]
+    try:
+        ratio = json.loads(report.read_text())["parameters"]["achieved_ratio"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        ratio = None
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
+        raise NumpruneError(f"{report} is not a valid pruning report (no achieved ratio between 0 and 1)")
+    return float(ratio)
 
 
 def bench(models, batch_sizes=(1, 8), ratios=None, **measure_options) -> dict:

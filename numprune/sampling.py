@@ -26,7 +26,7 @@ CDF_BLOCK = 256  # vocabulary entries per block of the two-level inverse CDF
 
 def check_warping(temperature: float, top_k: int, top_p: float) -> None:
     """Fail early on a temperature, top-k or top-p that does not describe a distribution."""
-    if temperature < 0:
+    if not temperature >= 0:  # NaN too
         raise NumpruneError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     if top_k < 0:
         raise NumpruneError(f"top-k must be >= 0 (0: off), got {top_k}")

@@ -32,15 +32,15 @@ from transformers.initialization import no_init_weights
 
 from numprune import distributed
 from numprune.adapters import LayerPlan, adapter_for
-from numprune.api import Compute, _Clock, _compensate, _report, _resolve, _select, parameter_counts
+from numprune.api import (Compute, _check_compute, _Clock, _compensate, _report, _resolve, _select, check_run,
+                          parameter_counts)
 from numprune.errors import NumpruneError
-from numprune.models import TOKENIZER_FILES
-from numprune.save import REPORT_NAME, atomic_folder, check_output
+from numprune.models import TOKENIZER_FILES, WEIGHTS_FILE, WEIGHTS_INDEX, check_config, check_finite, check_model_folder
+from numprune.io.output import check_target, output_folder
+from numprune.save import REPORT_NAME
 from numprune.shrink import kept_slices
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 # Files copied beside the pruned weights as they are (the tokenizer's, and generation defaults).
@@ -69,11 +69,7 @@ def check_folder(folder: str | os.PathLike) -> Path:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise NumpruneError(f"streaming needs a local model folder; {folder} is not one")
-    if not (folder / "config.json").is_file():
-        raise NumpruneError(f"{folder} has no config.json")
-    if not ((folder / INDEX_NAME).is_file() or (folder / WEIGHTS_NAME).is_file()):
-        raise NumpruneError(f"streaming needs a folder of safetensors weights ({WEIGHTS_NAME} or {INDEX_NAME}); "
-                            f"{folder} has neither")
+    check_model_folder(folder)
     return folder
 
 
@@ -83,7 +79,7 @@ def load_tokenizer(folder: Path):
 
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise NumpruneError(f"model {folder} has no tokenizer; save one beside it")
-    return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
 class Checkpoint:
@@ -95,14 +91,11 @@ class Checkpoint:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        if (folder / INDEX_NAME).is_file():
-            try:
-                self.weight_map: dict[str, str] = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError):
-                raise NumpruneError(f"{folder / INDEX_NAME} is not a safetensors index (no weight_map)") from None
+        if (folder / WEIGHTS_INDEX).is_file():  # check_model_folder has checked it
+            self.weight_map: dict[str, str] = json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"]
         else:
-            with self._open(WEIGHTS_NAME) as f:
-                self.weight_map = dict.fromkeys(f.keys(), WEIGHTS_NAME)
+            with self._open(WEIGHTS_FILE) as f:
+                self.weight_map = dict.fromkeys(f.keys(), WEIGHTS_FILE)
 
     def _open(self, file: str):
         path = self.folder / file
@@ -121,6 +114,7 @@ class Checkpoint:
         for file in sorted({self.weight_map[n] for n in names}):
             with self._open(file) as f:
                 tensors |= {n: f.get_tensor(n) for n in names if self.weight_map[n] == file}
+        check_finite(tensors, self.folder)
         return tensors
 
     def dtype(self) -> torch.dtype:
@@ -142,9 +136,10 @@ class StreamedModel:
         self.folder = check_folder(folder)
         self.checkpoint = Checkpoint(self.folder)
         try:
-            config = AutoConfig.from_pretrained(self.folder)
-        except (OSError, ValueError, KeyError) as e:
-            raise NumpruneError(f"cannot read the config of {folder}: {str(e).splitlines()[0]}") from None
+            config = AutoConfig.from_pretrained(self.folder, trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001  (a hostile config makes transformers raise almost any type)
+            raise NumpruneError(f"cannot read the config of {folder}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+        check_config(config, folder)
         from accelerate import init_empty_weights
 
         self.dtype = self.checkpoint.dtype()
@@ -224,7 +219,7 @@ class StreamedModel:
         rest |= {n: torch.zeros(state[n].shape, dtype=state[n].dtype) for n in missing}
         self._write(rest, self._shard(self.adapter.num_layers() + 1))
         total = sum((self.out / f).stat().st_size for f in set(self.weight_map.values()))
-        (self.out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
+        (self.out / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                        "weight_map": dict(sorted(self.weight_map.items()))}, indent=2))
         config.dtype = self.dtype
         config.save_pretrained(self.out)
@@ -248,15 +243,18 @@ def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, *, ratio: f
     _allocate_large_blocks_apart()
     world = distributed.world()
     if world.writer:
-        check_output(out, overwrite)
+        check_target(out, overwrite=overwrite, inputs=[folder], marker=REPORT_NAME)
+    _check_compute(batch_size, device)
     compute = Compute(batch_size, progress, device, dtype)
     clock = _Clock(device)
     source = StreamedModel(folder, clock)
+    check_run(source.adapter, tokens, None, opts)
     before = parameter_counts(source.adapter)
     plans, stats = _select(source, tokens, None, opts, compute, clock)
     if not world.writer and opts.compensation_stats == "dense":
         return {}  # compensation needs no other process: process 0 does it alone
-    with atomic_folder(out, overwrite) if world.writer else nullcontext() as tmp:
+    writer = output_folder(out, overwrite=overwrite, inputs=[folder], marker=REPORT_NAME)
+    with writer if world.writer else nullcontext() as tmp:
         source.out = tmp
         _compensate(source.adapter, plans, stats, tokens, opts, batch_size, progress, source=source,
                     compute=compute, clock=clock)

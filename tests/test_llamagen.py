@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from numprune.errors import NumpruneError
 from numprune.image.calibration import self_generated_tokens
@@ -136,8 +136,8 @@ def test_released_checkpoint_layout_loads_by_key_name(tmp_path):
               "layers.0.attention_norm.weight": (768,), "layers.0.ffn_norm.weight": (768,)}
     assert set(shapes) == llamagen_keys(1)
     state = {k: torch.randn(s, generator=g) * 0.05 for k, s in shapes.items()}
-    path = tmp_path / "c2i_B_256.pt"
-    torch.save({"model": state, "steps": torch.tensor(5)}, path)
+    path = tmp_path / "c2i_B_256.safetensors"
+    save_file({f"model.{k}": v for k, v in state.items()}, path)  # a wrapper's prefix is taken off
     model = load_llamagen_checkpoint(path, "GPT-B", **overrides)
     assert model.config.hidden_size == 768 and model.config.num_attention_heads == 12
     for name, tensor in model.state_dict().items():
@@ -148,18 +148,21 @@ def test_released_checkpoint_layout_loads_by_key_name(tmp_path):
 
     renamed = dict(state)
     renamed["layers.0.attention.qkv.weight"] = renamed.pop("layers.0.attention.wqkv.weight")
-    torch.save({"model": renamed}, tmp_path / "renamed.pt")
+    save_file(renamed, tmp_path / "renamed.safetensors")
     with pytest.raises(NumpruneError, match=r"missing layers\.0\.attention\.wqkv\.weight, unexpected layers\.0\.attention\.qkv"):
-        load_llamagen_checkpoint(tmp_path / "renamed.pt", "B", **overrides)
+        load_llamagen_checkpoint(tmp_path / "renamed.safetensors", "B", **overrides)
     with pytest.raises(NumpruneError, match="wrong shapes"):
         load_llamagen_checkpoint(path, "B", num_hidden_layers=1, vocab_size=64, num_classes=20)
     with pytest.raises(NumpruneError, match="missing"):
         load_llamagen_checkpoint(path, "B", num_hidden_layers=2, vocab_size=64, num_classes=10)
     with pytest.raises(NumpruneError, match="unknown LlamaGen size"):
         load_llamagen_checkpoint(path, "XXXXL")
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(NumpruneError, match="weights-only"):
-        load_llamagen_checkpoint(tmp_path / "junk.pt", "B")
+    torch.save({"model": state}, tmp_path / "c2i_B_256.pt")
+    with pytest.raises(NumpruneError, match="opens no pickles"):
+        load_llamagen_checkpoint(tmp_path / "c2i_B_256.pt", "B", **overrides)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(NumpruneError, match="not a readable safetensors file"):
+        load_llamagen_checkpoint(tmp_path / "junk.safetensors", "B")
 
 
 @pytest.mark.parametrize("shape", sorted(TINY))

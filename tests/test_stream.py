@@ -126,7 +126,7 @@ def test_bad_streaming_input_is_one_clear_error(tmp_path, capsys):
                           (["--model", tmp_path / "bin", "--stream"], "safetensors weights"),
                           (["--model", folder, "--stream", "--eval", "sotu"], "--eval needs the whole model"),
                           (["--model", folder, "--device", "cuda:0"], "no CUDA device"),
-                          (["--model", folder, "--device", "tpu"], "--device must be")):
+                          (["--model", folder, "--device", "tpu"], "argument --device: must be")):
         assert main(["prune", "--ratio", "0.3", "--out", str(tmp_path / "o3"), *map(str, args)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("numprune: error:") and message in err and "\n" not in err

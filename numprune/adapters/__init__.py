@@ -32,4 +32,10 @@ def adapter_for(model: PreTrainedModel) -> Adapter:
     raise NumpruneError(f"model type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}")
 
 
-__all__ = ["Adapter", "AttentionLayout", "LayerPlan", "UnitCosts", "adapter_for", "supported_model_types"]
+def check_window(model: PreTrainedModel, length: int) -> None:
+    """Refuse windows of ``length`` tokens that a supported model's position table cannot hold (others pass)."""
+    if getattr(model.config, "model_type", None) in supported_model_types():
+        adapter_for(model).check_window(length)
+
+
+__all__ = ["Adapter", "check_window", "AttentionLayout", "LayerPlan", "UnitCosts", "adapter_for", "supported_model_types"]

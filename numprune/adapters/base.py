@@ -60,6 +60,7 @@ class Adapter(ABC):
     model_types: tuple[str, ...] = ()
     layers_path: str = ""  # the decoder layers' ModuleList in the causal LM
     modules: LayerModules
+    learned_positions: bool = False  # a position table (GPT-2, OPT) caps the window length; rotary ones do not
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
@@ -69,6 +70,17 @@ class Adapter(ABC):
             if layout.num_kv_heads < 1 or layout.num_heads % layout.num_kv_heads:
                 raise NumpruneError(f"layer {i}: {layout.num_heads} query heads over {layout.num_kv_heads} KV heads "
                                     "is not a grouped-query layout numprune can keep valid")
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest window the model can read (its position table's size); None where no table caps it."""
+        return self.config.max_position_embeddings if self.learned_positions else None
+
+    def check_window(self, length: int) -> None:
+        """Refuse, before any work, windows longer than the position table (they would index past it)."""
+        if self.max_positions is not None and length > self.max_positions:
+            raise NumpruneError(f"windows of {length} tokens are longer than this {self.family} model's "
+                                f"{self.max_positions} positions")
 
     @abstractmethod
     def pruned_config(self, plans: list[LayerPlan]) -> PretrainedConfig:

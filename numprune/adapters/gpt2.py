@@ -13,6 +13,7 @@ from numprune.modeling.families import GPT2
 
 class GPT2Adapter(StockAdapter):
     spec = GPT2
+    learned_positions = True
 
     def stock_bias_fields(self, attention: bool, mlp: bool) -> dict | None:
         return {}  # every Conv1D has a bias already

@@ -12,6 +12,7 @@ from numprune.modeling.families import OPT
 
 class OPTAdapter(StockAdapter):
     spec = OPT
+    learned_positions = True
 
     def stock_bias_fields(self, attention: bool, mlp: bool) -> dict | None:
         return {"enable_bias": bool(self.config.enable_bias) or attention or mlp}

@@ -11,10 +11,17 @@ import os
 import signal
 import sys
 
-from transformers.utils import logging as transformers_logging
-
-from numprune.cli import bench, compare, export, generate, info, ppl, prune, train_digits, zeroshot
+from numprune import exit_if_command_interrupted
 from numprune.errors import NumpruneError
+from numprune.io import output
+
+try:
+    from transformers.utils import logging as transformers_logging
+
+    from numprune.cli import bench, compare, export, generate, info, ppl, prune, train_digits, zeroshot
+except KeyboardInterrupt:
+    exit_if_command_interrupted()
+    raise
 
 COMMANDS = (prune, ppl, compare, info, bench, export, zeroshot, generate, train_digits)
 
@@ -41,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"numprune: error: {error}{_process_note()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("numprune: interrupted; nothing was written", file=sys.stderr)
+        done = ", ".join(map(str, output.committed))
+        print(f"numprune: interrupted; {f'{done} had been written completely' if done else 'nothing was written'}",
+              file=sys.stderr)
         return 130
 
 

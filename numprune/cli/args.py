@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from numprune.api import MAX_SEED
 from numprune.data.self_generated import Sampling
 from numprune.image.calibration import CALIB_CFG_SCALE
 
@@ -46,6 +47,7 @@ def _checked(cast, accept, rule: str):
 
 
 positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+seed = _checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer between 0 and {MAX_SEED}")
 nonnegative_int = _checked(int, lambda v: v >= 0, "zero or more")
 finite_float = _checked(float, lambda v: True, "a finite number")
 nonnegative_float = _checked(float, lambda v: v >= 0, "zero or more")
@@ -57,6 +59,14 @@ def dtype(text: str) -> torch.dtype:
     if text not in DTYPES:
         raise argparse.ArgumentTypeError(f"must be one of {', '.join(DTYPES)}, got {text!r}")
     return DTYPES[text]
+
+
+def device(text: str) -> str:
+    """cpu, cuda or cuda:N (what torch.device takes for the two device types numprune runs on)."""
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def comma_list(item=str):
@@ -89,7 +99,7 @@ def add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default="sotu", help=CALIB_HELP)
     p.add_argument("--nsamples", type=positive_int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=positive_int, default=512, help="calibration window length in tokens (default 512)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for drawing calibration windows, for the "
+    p.add_argument("--seed", type=seed, default=0, help="seed for drawing calibration windows, for the "
                    "model's own calibration samples and for the random method (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="calibration batch size")
     p.add_argument("--calib-per-class", type=positive_int, default=128, help="image generators: calibrate on this "
@@ -104,7 +114,7 @@ def add_calibration(p: argparse.ArgumentParser) -> None:
                        help=f"nucleus sampling threshold (default {Sampling.top_p}; 1: the whole distribution)")
     group.add_argument("--sample-batch-size", type=positive_int, default=Sampling.batch_size,
                        help=f"sequences sampled together (default {Sampling.batch_size})")
-    group.add_argument("--eval-seed", type=nonnegative_int, default=1, help="sampling seed of the self-generated "
+    group.add_argument("--eval-seed", type=seed, default=1, help="sampling seed of the self-generated "
                        "validation text and of an image generator's measured images (default 1, apart from --seed's); "
                        "an image's guidance is --calib-cfg-scale's unless --cfg-scale is given")
 

@@ -12,7 +12,8 @@ from numprune import bench
 from numprune.cli import args as a
 from numprune.errors import NumpruneError
 from numprune.export import llamacpp
-from numprune.models import load_model, registry_folder
+from numprune.io.output import check_target, output_file, write_text
+from numprune.models import load_model, model_folder, registry_folder
 
 
 def add_parser(commands) -> None:
@@ -39,6 +40,7 @@ def add_parser(commands) -> None:
                    "llama.cpp backend: the cores this process may use)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--plot", default=None, help="also plot speed and memory against pruning ratio to this PNG")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --json / --plot files")
     p.set_defaults(run=run)
 
 
@@ -47,22 +49,27 @@ def run(args) -> int:
         return run_llama_cpp(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise NumpruneError("--device cuda asked for, but torch sees no CUDA GPU")
+    specs = args.model or [None]
+    inputs = [model_folder(spec) for spec in specs]
     for path in (args.json, args.plot):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise NumpruneError(f"no folder to write {path} into")
+        if path:
+            check_target(path, overwrite=args.overwrite, folder=False, inputs=inputs)
+    if args.json and args.plot and Path(args.json).resolve() == Path(args.plot).resolve():
+        raise NumpruneError("--json and --plot name the same file")
+    ratios = [bench.pruning_ratio(spec) for spec in specs]  # a corrupt report fails here, before any measurement
     if args.threads:
         torch.set_num_threads(args.threads)
-    specs = args.model or [None]
     # Loaded lazily, one at a time, so that each model's memory is measured without the others.
     models = ((spec or "smollm2", load_model(spec, args.dtype)[0].to(args.device)) for spec in specs)
-    results = bench.bench(models, args.batch or [1, 8], ratios=[bench.pruning_ratio(spec) for spec in specs],
+    results = bench.bench(models, args.batch or [1, 8], ratios=ratios,
                           prompt_len=args.prompt_len, new_tokens=args.new_tokens, warmup=args.warmup,
                           repeats=args.repeats)
     print(bench.format_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_text(args.json, json.dumps(results, indent=2) + "\n", overwrite=args.overwrite, inputs=inputs)
     if args.plot:
-        bench.plot(results, args.plot)
+        with output_file(args.plot, overwrite=args.overwrite, inputs=inputs) as tmp:
+            bench.plot(results, tmp)
     return 0
 
 
@@ -77,9 +84,10 @@ def run_llama_cpp(args) -> int:
     unknown = [q for q in args.quant if q not in llamacpp.QUANTS]
     if unknown:
         raise NumpruneError(f"unknown --quant {', '.join(unknown)}; choose from {', '.join(llamacpp.QUANTS)}")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise NumpruneError(f"no folder to write {args.json} into")
     specs = args.model or [None]
+    inputs = [model_folder(spec) for spec in specs]
+    if args.json:
+        check_target(args.json, overwrite=args.overwrite, folder=False, inputs=inputs)
     models = [(spec or "smollm2", registry_folder(spec) or spec) for spec in specs]
     with tempfile.TemporaryDirectory(prefix="numprune-bench-") as workdir:
         results = llamacpp.bench(models, args.quant, workdir=workdir, n_threads=args.threads,
@@ -87,5 +95,5 @@ def run_llama_cpp(args) -> int:
                                  repeats=args.repeats)
     print(llamacpp.format_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_text(args.json, json.dumps(results, indent=2) + "\n", overwrite=args.overwrite, inputs=inputs)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from numprune import compare
 from numprune.cli import args as a
-from numprune.cli.inputs import prepare
+from numprune.cli.inputs import prepare, protected_inputs
 
 
 def add_parser(commands) -> None:
@@ -26,11 +26,11 @@ def add_parser(commands) -> None:
 def run(args) -> int:
     for entry in args.methods:
         compare.parse_method(entry)
-    model, _, source, tokens, calib_info, eval_sets, images = prepare(args)
+    model, _, source, tokens, calib_info, eval_sets, images = prepare(args, compare.RESULTS_NAME)
     results = compare.run_grid(model, tokens, args.methods, args.ratios, eval_sets, calibration_info=calib_info,
                                batch_size=args.batch_size, progress=not args.quiet, images=images)
     results["model"] = source
-    out = compare.write(results, args.out, args.overwrite)
+    out = compare.write(results, args.out, args.overwrite, inputs=protected_inputs(args))
     print(compare.markdown(results))
     print(f"calibration {results['calibration_s']:.0f}s once for {len(args.methods) * len(args.ratios)} runs "
           f"(saved about {results['calibration_saved_s']:.0f}s); whole sweep {results['sweep_s']:.0f}s")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
 import torch
 
 from numprune.cli import args as a
@@ -12,7 +10,8 @@ from numprune.errors import NumpruneError
 from numprune.evaluate.image import is_image_generator
 from numprune.image.grid import decoder_for, grid_image, parse_classes, save_png
 from numprune.image.sampling import generate
-from numprune.models import load_model
+from numprune.io.output import check_target
+from numprune.models import load_model, model_folder
 
 
 def add_parser(commands) -> None:
@@ -22,19 +21,20 @@ def add_parser(commands) -> None:
     p.add_argument("--per-class", type=a.positive_int, default=8, help="samples per class: the grid's columns "
                    "(default 8)")
     a.add_sampling(p)
-    p.add_argument("--seed", type=a.nonnegative_int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--seed", type=a.seed, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=a.positive_int, default=64, help="sequences generated at once (default 64)")
     p.add_argument("--decoder", default=None, help="module:function turning token ids [N, T] into images in "
                    "[0, 1] (default: the digits tokenizer, for the digits model)")
     p.add_argument("--scale", type=a.positive_int, default=4, help="enlarge each pixel to N x N (default 4)")
     p.add_argument("--grid", required=True, help="PNG file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
     a.add_quiet(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    if not Path(args.grid).resolve().parent.is_dir():
-        raise NumpruneError(f"no folder to write {args.grid} into")
+    inputs = [model_folder(args.model)]
+    check_target(args.grid, overwrite=args.overwrite, folder=False, inputs=inputs)
     model, _, source = load_model(args.model)
     if not is_image_generator(model):
         raise NumpruneError(f"{source} is not an image generator (model type {model.config.model_type})")
@@ -47,7 +47,7 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     images = decode(tokens)
     path = save_png(grid_image(images.reshape(len(classes), args.per_class, *images.shape[1:]), scale=args.scale),
-                    args.grid)
+                    args.grid, overwrite=args.overwrite, inputs=inputs)
     print(f"model: {source}")
     print(f"generated {len(labels)} images ({len(classes)} classes x {args.per_class}) in {seconds:.1f}s "
           f"({len(labels) / seconds:.1f} images/s)")

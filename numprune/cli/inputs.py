@@ -5,7 +5,9 @@ Everything cheap is checked first (output path, data names), then the model is l
 
 from __future__ import annotations
 
-from numprune.adapters import adapter_for
+from pathlib import Path
+
+from numprune.adapters import adapter_for, check_window
 from numprune.cli.args import IMAGE_EVAL, sampling_options, self_sampling
 from numprune.data.corpora import calibration_parts, calibration_windows, check_evaluation_source, evaluation_windows
 from numprune.data.self_generated import SELF
@@ -14,8 +16,8 @@ from numprune.evaluate.image import DigitsEvaluator, DigitsProtocol, is_image_ge
 from numprune.evaluate.perplexity import perplexity
 from numprune.image.calibration import self_generated_calibration
 from numprune.image.grid import is_digits_model
-from numprune.models import load_model
-from numprune.save import check_output
+from numprune.io.output import check_target
+from numprune.models import load_model, model_folder
 
 
 def load(spec):
@@ -27,13 +29,26 @@ def load(spec):
     return model, tokenizer, source
 
 
-def prepare(args):
+def protected_inputs(args) -> list[Path]:
+    """What the run reads and its output must never replace: the model's folder and the data files."""
+    calibration = [name for name, _ in calibration_parts(args.calib)] if getattr(args, "calib", None) else []
+    files = [Path(s).expanduser() for s in [*calibration, *(args.eval_data or [])] if s]
+    return [model_folder(args.model), *(f for f in files if f.is_file())]
+
+
+def prepare(args, marker: str):
     """Check everything cheap first, then load the model and draw calibration and evaluation windows
-    (for an image generator: self-generated calibration, and the image measures' evaluator)."""
-    check_output(args.out, args.overwrite)
+    (for an image generator: self-generated calibration, and the image measures' evaluator).
+    ``marker`` is the file every output of the command has (an existing folder without it is never replaced)."""
     check_calibration(args)
+    check_target(args.out, overwrite=args.overwrite, inputs=protected_inputs(args), marker=marker)
     specs = eval_specs(args)
     model, tokenizer, source = load(args.model)
+    if not is_image_generator(model):  # windows past a position table are refused before any work
+        adapter = adapter_for(model)
+        adapter.check_window(args.seqlen)
+        if specs:
+            adapter.check_window(args.eval_seqlen)
     images = image_evaluator(args, model, always=args.command == "compare")  # None for a language model
     if is_image_generator(model):  # calibrates on sequences it samples itself, class by class (the paper's way)
         tokens, calib_info = self_generated_calibration(model, args.calib_per_class, cfg_scale=args.calib_cfg_scale,
@@ -72,6 +87,7 @@ def eval_windows(tokenizer, spec, args, model=None):
 
 
 def ppl(model, windows, args) -> float:
+    check_window(model, windows.shape[1])  # before any work, for `ppl` (prune and compare check in prepare)
     return perplexity(model, windows, progress=not args.quiet)["ppl"]
 
 

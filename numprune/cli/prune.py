@@ -10,13 +10,15 @@ from transformers import AutoConfig
 from numprune.api import PruneOptions, prune
 from numprune.cli import args as a
 from numprune.cli.export import add_gguf_options, print_export
-from numprune.cli.inputs import check_calibration, load, ppl, prepare
+from numprune.cli.inputs import check_calibration, load, ppl, prepare, protected_inputs
 from numprune.data.corpora import calibration_windows, needs_model
 from numprune.distributed import process_group, world
 from numprune.errors import NumpruneError
-from numprune.export.gguf import check_exportable, check_target, export_gguf
+from numprune.export.gguf import check_exportable, export_gguf
+from numprune.export.gguf import check_target as check_gguf_target
+from numprune.io.output import check_target
 from numprune.models import registry_folder
-from numprune.save import check_output, save_pruned
+from numprune.save import REPORT_NAME, save_pruned
 from numprune.stream import check_folder, load_tokenizer, prune_streaming
 
 def add_parser(commands) -> None:
@@ -59,7 +61,7 @@ def add_parser(commands) -> None:
     a.add_image_evaluation(p)
     p.add_argument("--stream", action="store_true", help="read the weights from the --model safetensors folder one "
                    "decoder layer at a time and write the result layer by layer: the model never sits in memory whole")
-    p.add_argument("--device", default="cpu", help="where each layer's pass runs: cpu (default), cuda or cuda:N; "
+    p.add_argument("--device", type=a.device, default="cpu", help="where each layer's pass runs: cpu (default), cuda or cuda:N; "
                    "the weights wait in CPU memory or on disk")
     p.add_argument("--dtype", type=a.dtype, default=None, help=f"{', '.join(a.DTYPES)}: precision of the layer passes "
                    "(default: the weights' own); statistics and solves stay in float64")
@@ -71,7 +73,7 @@ def run(args) -> int:
     """Prune in memory or streaming from disk; under torchrun every process calibrates on its share."""
     dtype = _compute_dtype(args)
     if args.gguf:
-        check_target(args.gguf, args.overwrite, Path(args.out))
+        check_gguf_target(args.gguf, args.overwrite, Path(args.out))
     with process_group(args.device) as device:
         return (_streaming if args.stream else _in_memory)(args, device, dtype)
 
@@ -99,8 +101,6 @@ def _compute_dtype(args):
     """The layer passes' dtype; a CUDA device that is not there fails here, before any work."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise NumpruneError(f"--device {args.device}: torch sees no CUDA device")
-    if not args.device.startswith(("cpu", "cuda")):
-        raise NumpruneError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     return args.dtype
 
 
@@ -108,8 +108,8 @@ def _streaming(args, device: str, dtype) -> int:
     options = prune_options(args)
     if args.eval_data:
         raise NumpruneError("--eval needs the whole model in memory; with --stream, run `numprune ppl` on the output")
-    check_output(args.out, args.overwrite)
     check_calibration(args)
+    check_target(args.out, overwrite=args.overwrite, inputs=protected_inputs(args), marker=REPORT_NAME)
     folder = check_folder(registry_folder(args.model) or args.model)
     if args.gguf:
         check_exportable(AutoConfig.from_pretrained(folder))
@@ -130,7 +130,7 @@ def _streaming(args, device: str, dtype) -> int:
 
 def _in_memory(args, device: str, dtype) -> int:
     options = prune_options(args)
-    model, tokenizer, source, tokens, calib_info, eval_sets, images = prepare(args)
+    model, tokenizer, source, tokens, calib_info, eval_sets, images = prepare(args, REPORT_NAME)
     if args.gguf:
         check_exportable(model.config)
     dense_ppl = {spec: ppl(model, w, args) for spec, (w, _) in eval_sets.items()}
@@ -147,7 +147,7 @@ def _in_memory(args, device: str, dtype) -> int:
                                 for spec, (w, info) in eval_sets.items()}
     if images:
         report["image_measures"] = {"dense": dense_images, "pruned": images(pruned)[0], "protocol": images.describe()}
-    out = save_pruned(pruned, tokenizer, report, args.out, args.overwrite)
+    out = save_pruned(pruned, tokenizer, report, args.out, args.overwrite, inputs=protected_inputs(args))
     _print_summary(report, out)
     _export(args)
     return 0

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from numprune.cli import args as a
 from numprune.errors import NumpruneError
-from numprune.image.digits import DEFAULT_BATCH, DEFAULT_STEPS, default_digits_folder, save_digits_model, train_digits
-from numprune.save import check_output
+from numprune.image.digits import (DEFAULT_BATCH, DEFAULT_STEPS, TRAINING_REPORT, default_digits_folder, save_digits_model,
+                                   train_digits)
+from numprune.io.output import check_target
 
 
 def add_parser(commands) -> None:
     p = commands.add_parser("train-digits", help="train the small LlamaGen on scikit-learn's digits")
     p.add_argument("--steps", type=a.positive_int, default=DEFAULT_STEPS, help=f"optimizer steps (default {DEFAULT_STEPS})")
-    p.add_argument("--seed", type=a.nonnegative_int, default=0, help="seed for the initial weights, batches and "
+    p.add_argument("--seed", type=a.seed, default=0, help="seed for the initial weights, batches and "
                    "class dropout")
     p.add_argument("--batch-size", type=a.positive_int, default=DEFAULT_BATCH, help=f"images per step (default "
                    f"{DEFAULT_BATCH})")
@@ -27,7 +28,7 @@ def run(args) -> int:
         if (args.steps, args.seed, args.batch_size) != (DEFAULT_STEPS, 0, DEFAULT_BATCH):
             raise NumpruneError("--out is needed unless the default recipe is trained (it becomes `--model digits`)")
         args.out, args.overwrite = default_digits_folder(), True
-    check_output(args.out, args.overwrite)
+    check_target(args.out, overwrite=args.overwrite, marker=TRAINING_REPORT)
     model, report = train_digits(steps=args.steps, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
     out = save_digits_model(model, report, args.out, args.overwrite)
     print(f"trained {report['parameters']:,} parameters for {args.steps} steps in {report['training_s']:.0f}s "

@@ -18,12 +18,14 @@ def add_parser(commands) -> None:
     p.add_argument("--batch-size", type=a.positive_int, default=8, help="batch size (default 8)")
     p.add_argument("--num-fewshot", type=a.nonnegative_int, default=None, help="few-shot examples (default 0)")
     p.add_argument("--out", default=None, help="write the results to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     results = evaluate(args.model or "smollm2", tasks=args.tasks, mmlu=args.mmlu, limit=args.limit,
-                       batch_size=args.batch_size, num_fewshot=args.num_fewshot, out=args.out)
+                       batch_size=args.batch_size, num_fewshot=args.num_fewshot, out=args.out,
+                       overwrite=args.overwrite)
     print(f"model: {results['model']} ({results['harness']}, {results['protocol']['num_fewshot']}-shot"
           f"{', limit ' + str(args.limit) if args.limit else ''}, {results['time_s']:.0f}s)")
     print(format_table(results))

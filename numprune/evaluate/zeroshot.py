@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 from numprune.errors import NumpruneError
+from numprune.io.output import check_target, write_text
+from numprune.models import load_model, model_folder, source_folder
 
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 TASKS_DIR = Path(__file__).with_name("tasks")
@@ -60,10 +62,15 @@ def load_tasks(names: list[str]):
 
 
 def evaluate(model, tokenizer=None, tasks=PAPER_TASKS, *, mmlu: bool = False, limit: int | None = None,
-             batch_size: int = 8, num_fewshot: int | None = None, out: str | os.PathLike | None = None) -> dict:
+             batch_size: int = 8, num_fewshot: int | None = None, out: str | os.PathLike | None = None,
+             overwrite: bool = False) -> dict:
     """Accuracy of ``model`` (in memory, or a spec for ``load_model``: 'smollm2', a folder, a hub id) on
     ``tasks``; returns one row per requested task (metrics with their standard errors) and writes it
-    as JSON to ``out`` when given. ``limit`` evaluates only the first N items of each task."""
+    as JSON to ``out`` when given (an existing file only with ``overwrite``; never inside the model's
+    folder). ``limit`` evaluates only the first N items of each task."""
+    if out is not None:
+        inputs = [model_folder(model) if isinstance(model, str) else source_folder(model)]
+        check_target(out, overwrite=overwrite, folder=False, inputs=inputs)
     from lm_eval import __version__ as lm_eval_version
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -76,8 +83,6 @@ def evaluate(model, tokenizer=None, tasks=PAPER_TASKS, *, mmlu: bool = False, li
     names = list(dict.fromkeys(list(tasks) + (["mmlu"] if mmlu else [])))
     manager, task_objects = load_tasks(names)
     if isinstance(model, str):
-        from numprune.models import load_model
-
         model, tokenizer, source = load_model(model)
     else:
         source = getattr(model.config, "_name_or_path", "") or type(model).__name__
@@ -101,7 +106,7 @@ def evaluate(model, tokenizer=None, tasks=PAPER_TASKS, *, mmlu: bool = False, li
     accs = [row["acc"] for row in rows if "acc" in row]
     results["mean_acc"] = sum(accs) / len(accs) if accs else None
     if out is not None:
-        _write_json(results, Path(out))
+        write_text(out, json.dumps(results, indent=2) + "\n", overwrite=overwrite, inputs=inputs)
     return results
 
 
@@ -114,14 +119,6 @@ def _row(raw: dict, name: str) -> dict:
     if samples:
         row["samples"] = samples["effective"]
     return row
-
-
-def _write_json(results: dict, path: Path) -> None:
-    """Written beside its final name and renamed, so an interrupted run leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def format_table(results: dict) -> str:

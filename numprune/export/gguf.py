@@ -27,7 +27,9 @@ from numprune.adapters import adapter_for
 from numprune.data.assets import smollm2_gguf
 from numprune.errors import NumpruneError
 from numprune.models import load_model
-from numprune.save import REPORT_NAME, atomic_file
+from numprune.io.output import check_target as check_output_target
+from numprune.io.output import output_file
+from numprune.save import REPORT_NAME
 
 # Output types: GGUF tensor type of the matrices (norms, biases and rotary factors stay float32) and file type.
 OUTTYPES = {
@@ -94,7 +96,7 @@ def export_gguf(model_or_folder, out: str | os.PathLike, outtype: str = "f16", *
     qtype, file_type = OUTTYPES[outtype]
     layers = _layer_shapes(model)
     architecture = "llama" if len(set(layers)) == 1 else "deci"
-    with atomic_file(out) as tmp:
+    with output_file(out, overwrite=overwrite) as tmp:
         writer = gguf.GGUFWriter(tmp, architecture)
         _add_hyperparameters(writer, model, layers, name, file_type)
         _add_pruning_metadata(writer, report)
@@ -125,23 +127,11 @@ def check_exportable(config) -> None:
                             "graphs use SiLU")
 
 
-def check_target(out: str | os.PathLike, overwrite: bool, folder: Path | None = None) -> None:
-    """Fail early if ``out`` cannot take the GGUF: a folder, an existing file (unless ``overwrite``), or an input."""
-    out = Path(out)
-    inputs = {smollm2_gguf().resolve()} if _smollm2_installed() else set()
-    if folder is not None:
-        inputs.add(folder.resolve())
-        if folder.is_dir():
-            inputs |= {p.resolve() for p in folder.iterdir()}
-    if out.resolve() in inputs:
-        raise NumpruneError(f"output {out} is one of the export's inputs; choose another path")
-    if out.is_dir():
-        raise NumpruneError(f"output {out} is a folder; give the path of a .gguf file")
-    if out.exists() and not overwrite:
-        raise NumpruneError(f"output file {out} already exists (not overwritten unless asked)")
-    parent = out.resolve().parent
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise NumpruneError(f"cannot write into {parent}")
+def check_target(out: str | os.PathLike, overwrite: bool, folder: Path | None = None) -> Path:
+    """Fail early if ``out`` cannot take the GGUF: the output writer's rules, with the model folder and
+    the embedded model's source GGUF as inputs it may never replace."""
+    inputs = [smollm2_gguf()] if _smollm2_installed() else []
+    return check_output_target(out, overwrite=overwrite, folder=False, inputs=[*inputs, folder])
 
 
 def _layer_shapes(model) -> list[tuple[int, int, int]]:

@@ -20,7 +20,7 @@ import torch
 from numprune.bench import MiB, PeakMemory, throughput
 from numprune.errors import NumpruneError
 from numprune.export.gguf import export_gguf
-from numprune.save import atomic_file
+from numprune.io.output import output_file
 
 try:
     import llama_cpp
@@ -84,7 +84,8 @@ def greedy(llm, prompt, new_tokens: int) -> list[int]:
     return out
 
 
-def quantize(source: str | os.PathLike, out: str | os.PathLike, quant: str, n_threads: int | None = None) -> Path:
+def quantize(source: str | os.PathLike, out: str | os.PathLike, quant: str, n_threads: int | None = None, *,
+             overwrite: bool = False) -> Path:
     """llama.cpp's quantiser (``llama_model_quantize``) from an f32/f16/bf16 GGUF to ``quant``, written atomically.
 
     Matrices whose rows do not divide a k-quant's 256-wide blocks get llama.cpp's own fallback type.
@@ -96,7 +97,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, quant: str, n_th
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTS[quant]
     params.nthread = n_threads or default_threads()
-    with atomic_file(out) as tmp:
+    with output_file(out, overwrite=overwrite) as tmp:
         if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
             raise NumpruneError(f"llama.cpp could not quantise {source} to {quant}")
     return Path(out)

@@ -25,7 +25,7 @@ from numprune.data.assets import cache_dir
 from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import summed_nll
 from numprune.modeling.llamagen import LlamaGenConfig, LlamaGenForCausalLM
-from numprune.save import atomic_folder
+from numprune.io.output import check_target, output_folder
 
 DIGITS_CLASSES = 10
 DIGITS_LEVELS = 17  # grey levels 0..16: the token vocabulary
@@ -186,7 +186,7 @@ def _warmup_cosine(step: int, steps: int) -> float:
 
 def save_digits_model(model: LlamaGenForCausalLM, report: dict, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """The model as a safetensors folder with its training report, written atomically."""
-    with atomic_folder(out, overwrite) as tmp:
+    with output_folder(out, overwrite=overwrite, marker=TRAINING_REPORT) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / TRAINING_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return Path(out)

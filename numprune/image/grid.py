@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from numprune.errors import NumpruneError
+from numprune.io.output import check_target, output_file
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -106,20 +106,11 @@ def by_class(images: torch.Tensor, labels: torch.Tensor, classes: list[int], per
     return torch.stack(rows)
 
 
-def save_png(image, path: str | os.PathLike) -> Path:
-    """Write a PIL image as PNG, atomically (a temporary file beside it, renamed when complete)."""
-    path = Path(path)
-    if not path.resolve().parent.is_dir():
-        raise NumpruneError(f"no folder to write {path} into")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def save_png(image, path: str | os.PathLike, *, overwrite: bool = False, inputs=()) -> Path:
+    """Write a PIL image as PNG through numprune.io.output (a temporary file beside it, renamed when complete)."""
+    with output_file(path, overwrite=overwrite, inputs=inputs) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
 
 
 def parse_classes(text: str, num_classes: int) -> list[int]:

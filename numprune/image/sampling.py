@@ -24,7 +24,7 @@ from numprune.sampling import check_warping, pick_tokens, uniform_draws
 
 def check_sampling_options(cfg_scale: float, temperature: float, top_k: int, top_p: float) -> None:
     """Fail early on options that do not describe a distribution."""
-    if cfg_scale < 0:
+    if not cfg_scale >= 0:  # NaN too
         raise NumpruneError(f"cfg scale must be >= 0, got {cfg_scale}")
     check_warping(temperature, top_k, top_p)
 

@@ -3,7 +3,7 @@
 A LLaMA-style decoder over VQ image tokens in raster order, conditioned by one class-embedding
 token in front. Module and parameter names are LlamaGen's own (``cls_embedding.embedding_table``,
 ``tok_embeddings``, ``layers.N.attention.wqkv`` / ``wo``, ``feed_forward.w1/w3/w2``,
-``attention_norm``, ``ffn_norm``, ``norm``, ``output``), so a released ``c2i_*.pt`` loads by key name.
+``attention_norm``, ``ffn_norm``, ``norm``, ``output``), so a released ``c2i_*.pt``, converted to safetensors, loads by key name.
 Per-layer head counts and MLP widths live in the config, so a pruned model is the same class.
 
 Sequence convention (what the rest of numprune relies on): ``input_ids[:, 0]`` is the class label
@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from numprune.errors import NumpruneError
+from numprune.io.inputs import check_safetensors
 from numprune.modeling.per_layer import PER_LAYER_FIELDS
 
 # LlamaGen's class-conditional sizes (n_layer, n_head, dim) and their published parameter counts.
@@ -328,30 +331,28 @@ class LlamaGenForCausalLM(PreTrainedModel):
 
 
 def checkpoint_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The weights of a LlamaGen ``.pt`` checkpoint, read with ``weights_only=True`` (no pickled code).
+    """The weights of a LlamaGen checkpoint converted to safetensors (numprune opens no pickle).
 
-    LlamaGen's training script wraps them in ``{"model": ...}``; ``module`` / ``state_dict`` wrappers
-    and a bare state dict are accepted too.
+    A released ``c2i_*.pt`` is a pickle; convert it once yourself, e.g.
+    ``save_file(torch.load(pt, weights_only=True)["model"], "c2i.safetensors")``. Keys under one
+    ``model.`` or ``module.`` prefix (a wrapper's) are accepted too.
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise NumpruneError(f"no LlamaGen checkpoint at {path}") from None
-    except Exception as e:  # noqa: BLE001  (torch raises many types for a file that is not a safe checkpoint)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise NumpruneError(f"could not read {path} as a weights-only torch checkpoint: {reason}") from None
-    for wrapper in ("model", "module", "state_dict"):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
-            checkpoint = checkpoint[wrapper]
-            break
-    if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
-        raise NumpruneError(f"{path} does not hold a state dict of tensors")
-    return checkpoint
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise NumpruneError(f"{path} is not a .safetensors file; numprune opens no pickles. Convert it: "
+                            "safetensors.torch.save_file(torch.load(path, weights_only=True)['model'], 'c2i.safetensors')")
+    check_safetensors(path)
+    state = load_file(path)
+    for prefix in ("model.", "module."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
 
 
 def load_llamagen_checkpoint(path: str | os.PathLike, size: str, dtype: torch.dtype = torch.float32,
                              **config_overrides) -> LlamaGenForCausalLM:
-    """A released LlamaGen c2i checkpoint (e.g. ``c2i_XXL_384.pt``) as a LlamaGenForCausalLM, by key name.
+    """A released LlamaGen c2i checkpoint (``c2i_XXL_384.pt`` converted to safetensors) as a LlamaGenForCausalLM,
+    by key name.
 
     ``size`` is B, L, XL, XXL or 3B; ``config_overrides`` set what the checkpoint cannot tell, above
     all ``image_tokens`` (256 for the 256px models, 576 for 384px). Missing, unexpected or

@@ -1,0 +1,263 @@
+"""The one writer of every file and folder numprune saves (model folders, reports, JSON, plots, caches).
+
+An output is written under a hidden temporary name beside its target (same folder, so the final
+rename is atomic) and renamed into place in one step when complete:
+
+- without ``overwrite`` the rename fails if the target appeared meanwhile (Linux ``renameat2`` with
+  ``RENAME_NOREPLACE``), so of two runs writing the same target one fails cleanly;
+- with ``overwrite`` the new output and the old one swap places in one step (``RENAME_EXCHANGE``)
+  and the old one is deleted after, so at every moment the target holds either the old or the new
+  complete output.
+
+Where ``renameat2`` is missing (not Linux, glibc < 2.28) or the file system refuses it, the
+fallback is a hard link for files (which fails if the target exists) and, for folders, a plain
+rename after a check (a plain rename still refuses to replace a non-empty folder); replacing then
+takes two renames, with a short moment between them with no output at the target.
+
+Everything a path decides is checked up front (``check_target``), before any long work: an
+existing target without ``overwrite``, a folder where a file is wanted or the reverse, a dangling
+symbolic link, an overlong name, an unwritable parent, and a target that is, contains or lies
+inside one of the run's inputs. Any OSError while writing (a full disk) becomes one NumpruneError;
+the temporary output and any parent folders created for it are removed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import secrets
+import shutil
+import signal
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+from numprune.errors import NumpruneError
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_RENAMEAT2 = getattr(_LIBC, "renameat2", None)
+_TEMP_PREFIX = ".numprune-"
+_TEMP_EXTRA = len(_TEMP_PREFIX) + 9  # ".numprune-" + 8 hex digits + "."
+_BLOCKED = {signal.SIGINT, signal.SIGTERM}
+# Outputs this process has put in place: the command line's message on Ctrl-C says which.
+committed: list[Path] = []
+
+
+def check_target(out: str | os.PathLike, *, overwrite: bool = False, folder: bool = True,
+                 inputs: Iterable[str | os.PathLike | None] = (), marker: str | None = None) -> Path:
+    """The absolute target path, once everything the path alone decides is known to allow writing it.
+
+    ``folder`` says whether a folder or a file is written. ``inputs`` are paths the run reads (model
+    folders, data files): the target may not be one of them, contain one, or lie inside one; nor
+    may it be the current folder or one above it. With ``overwrite``, an existing folder is
+    replaced only if it is empty or holds ``marker`` (a file every such output has), so that a
+    mistyped path never deletes a folder numprune did not write.
+    """
+    if out is None or not str(out).strip():
+        raise NumpruneError("the output path is empty")
+    kind = "folder" if folder else "file"
+    target = Path(os.path.abspath(Path(out).expanduser()))
+    if target.parent == target:
+        raise NumpruneError(f"cannot write the {kind} {target}: it is the root folder")
+    _check_names(target)
+    try:
+        return _check_target(target, overwrite, folder, inputs, marker, kind)
+    except OSError as e:  # a path the system refuses to look at (too long, a loop of links, ...)
+        raise NumpruneError(f"cannot write {str(target)[:80]}: {e.strerror or e}") from None
+
+
+def _check_target(target: Path, overwrite: bool, folder: bool, inputs: Iterable, marker: str | None,
+                  kind: str) -> Path:
+    real = Path(os.path.realpath(target))
+    if target.is_symlink() and not target.exists():
+        raise NumpruneError(f"output path {target} is a symbolic link to a missing target; remove it or choose "
+                            "another path")
+    _check_not_an_input(target, real, inputs, kind)
+    if target.exists():
+        if not overwrite:
+            raise NumpruneError(f"output {kind} {target} already exists and overwriting was not asked for")
+        if folder and not target.is_dir():
+            raise NumpruneError(f"output path {target} exists and is not a folder")
+        if not folder and target.is_dir():
+            raise NumpruneError(f"output path {target} is a folder; give a file name")
+        if folder and marker and any(target.iterdir()) and not (target / marker).exists():
+            raise NumpruneError(f"{target} is not empty and was not written by numprune (it has no {marker}); "
+                                "it is not replaced")
+    ancestor = next(p for p in target.parents if os.path.lexists(p))
+    if not ancestor.is_dir():
+        raise NumpruneError(f"cannot write {target}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise NumpruneError(f"cannot write into {ancestor} (permission denied or read-only)")
+    try:  # a probe: what access() cannot tell (a read-only file system for root, quotas)
+        os.rmdir(_make_temp(ancestor, "probe", folder=True))
+    except OSError as e:
+        raise NumpruneError(f"cannot write into {ancestor}: {e.strerror}") from None
+    return target
+
+
+def _check_not_an_input(target: Path, real: Path, inputs: Iterable, kind: str) -> None:
+    protected = [(Path(os.path.realpath(p)), "an input of this run") for p in inputs if p is not None]
+    protected.append((Path(os.path.realpath(os.getcwd())), "the current folder"))
+    for path, what in protected:
+        if real == path or real in path.parents:
+            raise NumpruneError(f"output {kind} {target} would replace {path} ({what}); choose another path")
+        if what != "the current folder" and path in real.parents and path.is_dir():
+            raise NumpruneError(f"output {kind} {target} lies inside {path} ({what}); choose a path outside it")
+
+
+def _check_names(target: Path) -> None:
+    """Every name the output needs fits the file system: the folders to create, and the target's name
+    with the temporary prefix (the longest name written)."""
+    ancestor = next(p for p in target.parents if os.path.isdir(p))
+    limit = os.pathconf(ancestor, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    names = [(p.name, limit) for p in target.parents if p.name] + [(target.name, limit - _TEMP_EXTRA)]
+    for name, allowed in names:
+        if len(os.fsencode(name)) > allowed:
+            raise NumpruneError(f"output name {name[:40]}... is too long: at most {allowed} bytes")
+
+
+@contextmanager
+def output_folder(out: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable = (),
+                  marker: str | None = None) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``out`` that becomes ``out`` only if the block completes."""
+    with _output(out, overwrite, inputs, marker, folder=True) as tmp:
+        yield tmp
+
+
+@contextmanager
+def output_file(out: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable = ()) -> Iterator[Path]:
+    """Yield a temporary file path beside ``out`` (same suffix) that becomes ``out`` only if the block completes."""
+    with _output(out, overwrite, inputs, None, folder=False) as tmp:
+        yield tmp
+
+
+def write_text(out: str | os.PathLike, text: str, *, overwrite: bool = False, inputs: Iterable = ()) -> Path:
+    """``text`` as the file ``out``, written through ``output_file``."""
+    with output_file(out, overwrite=overwrite, inputs=inputs) as tmp:
+        tmp.write_text(text)
+    return Path(out)
+
+
+@contextmanager
+def _output(out, overwrite: bool, inputs: Iterable, marker: str | None, *, folder: bool) -> Iterator[Path]:
+    inputs = list(inputs)
+    target = check_target(out, overwrite=overwrite, folder=folder, inputs=inputs, marker=marker)
+    created = _make_parents(target.parent)
+    tmp = None
+    try:
+        tmp = _make_temp(target.parent, target.name, folder=folder)
+        yield tmp
+        _commit(tmp, target, overwrite)
+    except BaseException as error:
+        if tmp is not None:
+            _remove(tmp)
+        for parent in reversed(created):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        if isinstance(error, (OSError, SafetensorError)):  # a full disk, a lost mount, ...
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+            raise NumpruneError(f"could not write {target}: {reason}") from None
+        raise
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents (normal permissions); return those created, outermost first."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    try:
+        for path in missing:
+            path.mkdir()
+    except OSError as e:
+        for path in reversed(missing):
+            if path.exists():
+                path.rmdir()
+        raise NumpruneError(f"cannot create the folder {folder}: {e.strerror}") from None
+    return missing
+
+
+def _make_temp(parent: Path, name: str, *, folder: bool) -> Path:
+    """A new hidden path beside the target: a folder made with mkdir's normal permissions (0o777 less the
+    umask, not mkdtemp's 0o700), or a file path with the target's name at the end (so its suffix says the
+    format to writers such as matplotlib)."""
+    while True:
+        path = parent / f"{_TEMP_PREFIX}{secrets.token_hex(4)}.{name}"
+        try:
+            if folder:
+                path.mkdir()
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue
+
+
+def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Put ``tmp`` in place at ``target`` in one step, with Ctrl-C and SIGTERM held until it is done."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
+    try:
+        if not overwrite or not os.path.lexists(target):
+            try:
+                _rename_noreplace(tmp, target)
+            except FileExistsError:
+                if not overwrite:
+                    raise NumpruneError(f"{target} appeared while this run was writing it (another run?); "
+                                        "it was left as it is and this run's output discarded") from None
+                _replace(tmp, target)
+        else:
+            _replace(tmp, target)
+        committed.append(target)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Swap ``tmp`` and ``target`` in one step, then delete the old output (now at ``tmp``)."""
+    try:
+        _renameat2(tmp, target, _RENAME_EXCHANGE)
+    except NotImplementedError:  # two steps: the old output aside, the new one in
+        aside = _make_temp(target.parent, target.name, folder=True)
+        os.rename(target, aside / "old")
+        os.rename(tmp, target)
+        _remove(aside)
+        return
+    _remove(tmp)
+
+
+def _rename_noreplace(tmp: Path, target: Path) -> None:
+    try:
+        _renameat2(tmp, target, _RENAME_NOREPLACE)
+    except NotImplementedError:
+        if tmp.is_dir():
+            if os.path.lexists(target) and not (target.is_dir() and not any(target.iterdir())):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
+            os.rename(tmp, target)  # fails on a non-empty folder that appeared meanwhile
+        else:
+            os.link(tmp, target)  # fails if the target exists
+            os.unlink(tmp)
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> None:
+    """Linux renameat2; NotImplementedError where the system or the file system lacks it."""
+    if _RENAMEAT2 is None:
+        raise NotImplementedError
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        raise NotImplementedError
+    raise OSError(code, os.strerror(code), str(dst))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,101 @@
+"""Shared by the test_refuse_* files: run the command line as a hostile user would, and check that it
+refused cleanly (status 2, one line ``numprune: error: ...``, no traceback) and that every input's
+bytes are unchanged.
+
+A fresh ``python -m numprune`` costs 5-25 s of start-up (torch and transformers) on a busy 2-core
+machine, so by default a case runs ``numprune.cli.main`` in this process (the same code
+``__main__`` runs; an exception other than NumpruneError escapes it and fails the test, as a
+traceback would). Cases that depend on the process itself (resource limits, stdin, signals, a
+possible hang) always get a fresh process; ``NUMPRUNE_FRESH_PROCESS=1`` gives every case one.
+
+With ``NUMPRUNE_CASE_LOG`` set, every case appends ``{case, exit, stderr_lines, process}`` as a JSON line
+there (``scripts/refusal_table.py`` turns the log into the table of cases).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import tiny_llama
+from numprune.data.assets import smollm2_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def numprune(*args, cwd=None, timeout=300, **popen) -> subprocess.CompletedProcess:
+    """``python -m numprune ARGS`` in a fresh process, with this checkout's numprune first on the path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    popen.setdefault("stdin", None if "input" in popen else subprocess.DEVNULL)  # nothing to answer a prompt
+    return subprocess.run([sys.executable, "-m", "numprune", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env, **popen)
+
+
+def hashes(*paths) -> dict[str, str]:
+    """sha256 of every file under ``paths`` (files or folders), and the link target of every symbolic link."""
+    found = {}
+    for root in map(Path, paths):
+        for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+            if path.is_symlink():
+                found[str(path)] = "-> " + os.readlink(path)
+            elif path.is_file():
+                found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def assert_refused(done: subprocess.CompletedProcess, message: str, case: str, process: str) -> None:
+    """Exit status 2 and exactly one stderr line ``numprune: error: ...`` containing ``message``."""
+    lines = done.stderr.splitlines()
+    log = os.environ.get("NUMPRUNE_CASE_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"case": case, "exit": done.returncode, "stderr_lines": len(lines),
+                                "process": process}) + "\n")
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert len(lines) == 1 and lines[0].startswith("numprune: error:"), lines
+    assert message in lines[0], lines[0]
+
+
+def in_process(*args, cwd=None) -> subprocess.CompletedProcess:
+    """``numprune ARGS`` through ``numprune.cli.main`` in this process, stdout and stderr captured."""
+    from numprune.cli import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main([str(a) for a in args])
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
+
+
+def refused(case: str, message: str, *args, inputs=(), fresh: bool = False, **run) -> subprocess.CompletedProcess:
+    """Run ``numprune ARGS``; it must refuse with ``message`` and leave every file under ``inputs`` as it was.
+    ``fresh`` (or any of ``preexec_fn``, ``input``, ``timeout``) runs it in a new process."""
+    before = hashes(*inputs)
+    fresh = fresh or bool(run.keys() & {"preexec_fn", "input", "timeout"} or os.environ.get("NUMPRUNE_FRESH_PROCESS"))
+    done = numprune(*args, **run) if fresh else in_process(*args, **run)
+    assert_refused(done, message, case, "fresh" if fresh else "in-process")
+    assert hashes(*inputs) == before
+    return done
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory) -> Path:
+    """A tiny random LLaMA with the embedded SmolLM2 tokenizer, saved once as a plain HF folder."""
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+    tiny_llama("gqa9", layers=2, vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,94 @@
+"""The Python API refuses what the command line refuses, with a NumpruneError, not a raw TypeError,
+IndexError or RuntimeError, and before calibration wherever the inputs' shapes decide."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import numprune.api
+from conftest import tiny_llama, tiny_tokens
+from numprune import NumpruneError, calibrate, prune, save_pruned
+
+TOKENS = tiny_tokens()
+BAD_CALLS = {
+    "ratio as a string": (dict(ratio="0.3"), "ratio must be a number"),
+    "ratio NaN": (dict(ratio=float("nan")), "ratio must be a number"),
+    "unknown option": (dict(ratio=0.3, ratoi=0.3), "unknown option 'ratoi'"),
+    "float tokens": (dict(ratio=0.3, tokens=TOKENS.float()), "integer tensor"),
+    "1-D tokens": (dict(ratio=0.3, tokens=TOKENS[0]), "shape [samples, seqlen]"),
+    "empty tokens": (dict(ratio=0.3, tokens=TOKENS[:0]), "shape [samples, seqlen]"),
+    "tokens as a list": (dict(ratio=0.3, tokens=TOKENS.tolist()), "integer tensor"),
+    "out-of-vocabulary tokens": (dict(ratio=0.3, tokens=TOKENS + 1000), "ids between 0 and 96"),
+    "negative tokens": (dict(ratio=0.3, tokens=TOKENS - 1000), "ids between 0 and 96"),
+    "batch_size=0": (dict(ratio=0.3, batch_size=0), "batch size must be a positive integer"),
+    "round_to=2.5": (dict(ratio=0.3, round_to=2.5), "round_to must be a positive integer"),
+    "round_to=100000": (dict(ratio=0.3, round_to=100000), "against a target of 30.0%"),
+    "iterations=0": (dict(ratio=0.3, score_options={"iterations": 0}), "iterations must be a positive integer"),
+    "damp NaN": (dict(ratio=0.3, score_options={"damp": float("nan")}), "damp must be a finite number"),
+    "lambda_rel=-1": (dict(ratio=0.3, score_options={"lambda_rel": -1.0}), "lambda_rel must be a finite number"),
+    "an option the method lacks": (dict(ratio=0.3, method="magnitude", score_options={"damp": 0.1}), "takes no option"),
+    "compensation_damp NaN": (dict(ratio=0.3, compensation_damp=float("nan")), "compensation damping"),
+    "device cpufoo": (dict(ratio=0.3, device="cpufoo"), "device must be cpu, cuda or cuda:N"),
+    "ratio that empties a layer": (dict(ratio=0.99), "would leave"),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama("gqa")
+
+
+@pytest.fixture
+def no_calibration(monkeypatch):
+    """Calibration fails loudly, so a refusal that comes first proves it came before calibration."""
+    def calibration_started(*_, **__):
+        raise AssertionError("calibration started")
+
+    monkeypatch.setattr(numprune.api.Compute, "stream", calibration_started)
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_prune_refuses_before_calibration(case, model, no_calibration):
+    kwargs, message = BAD_CALLS[case]
+    kwargs = {"tokens": TOKENS, **kwargs}
+    with pytest.raises(NumpruneError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        prune(model, kwargs.pop("tokens"), progress=False, **kwargs)
+
+
+def test_statistics_of_another_model_are_refused(model):
+    other = calibrate(tiny_llama("mha"), TOKENS, progress=False)
+    with pytest.raises(NumpruneError, match="do not belong to this model"):
+        prune(model, TOKENS, ratio=0.3, stats=other, progress=False)
+    with pytest.raises(NumpruneError, match="for 2 layers; this model has 3"):
+        prune(model, TOKENS, ratio=0.3, stats=calibrate(tiny_llama("gqa", layers=2), TOKENS, progress=False),
+              progress=False)
+
+
+def test_calibrate_checks_its_inputs_too(model):
+    with pytest.raises(NumpruneError, match="integer tensor"):
+        calibrate(model, TOKENS.float())
+    with pytest.raises(NumpruneError, match="batch size"):
+        calibrate(model, TOKENS, batch_size=0)
+
+
+def test_windows_past_a_position_table_are_refused():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=8, vocab_size=97)).eval()
+    with pytest.raises(NumpruneError, match="longer than this gpt2 model's 8 positions"):
+        prune(gpt2, TOKENS, ratio=0.3, progress=False)
+
+
+def test_activations_that_cannot_fit_in_memory_are_refused(model, no_calibration, monkeypatch):
+    class Scarce:
+        available = 1000  # bytes
+
+    monkeypatch.setattr(numprune.api.psutil, "virtual_memory", lambda: Scarce)
+    with pytest.raises(NumpruneError, match="GiB of activations"):
+        prune(model, TOKENS, ratio=0.3, progress=False)
+
+
+def test_save_pruned_refuses_an_empty_path(model):
+    for out in ("", "   "):
+        with pytest.raises(NumpruneError, match="output path is empty"):
+            save_pruned(model, None, {}, out)

@@ -1,0 +1,58 @@
+"""Never run foreign code: no model folder's Python (auto_map), no pickle, no prompt asking whether to."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import pytest
+
+from hostile import refused, tiny_model_folder  # noqa: F401  (a fixture)
+
+# A module that leaves a mark wherever it is imported, and a pickle that leaves one when loaded.
+PLANTED_CODE = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
+
+
+class _Planted:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def planted(tiny_model_folder, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_folder, folder)
+    marker = tmp_path / "ran"
+    (folder / "modeling_evil.py").write_text(PLANTED_CODE.format(marker=str(marker)))
+    return folder, marker
+
+
+@pytest.mark.parametrize("file", ["config.json", "tokenizer_config.json"])
+def test_a_folder_with_its_own_code_is_refused_without_a_prompt(planted, file):
+    folder, marker = planted
+    config = json.loads((folder / file).read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+                          "AutoConfig": "modeling_evil.EvilConfig"}
+    (folder / file).write_text(json.dumps(config))
+    refused(f"info: auto_map in {file} (stdin answers y)", "never runs a model folder's code", "info", "--model",
+            folder, input="y\n", inputs=[folder])  # a fresh process whose stdin would say yes to a prompt
+    refused(f"prune --stream: auto_map in {file}", "never runs a model folder's code", "prune", "--model", folder,
+            "--ratio", "0.3", "--stream", "--out", folder.parent / "out", inputs=[folder])
+    assert not marker.exists() and not (folder.parent / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt"])
+def test_pickled_weights_are_refused_with_a_way_to_convert_them(planted, name):
+    folder, marker = planted
+    (folder / "model.safetensors").unlink()
+    (folder / name).write_bytes(pickle.dumps(_Planted(str(marker))))
+    for command in (["info", "--model", folder],
+                    ["prune", "--model", folder, "--ratio", "0.3", "--stream", "--out", folder.parent / "out"]):
+        done = refused(f"{command[0]}{' --stream' if '--stream' in command else ''}: only {name}",
+                       "safetensors only", *command, inputs=[folder])
+        assert "weights_only=True" in done.stderr and "save_file" in done.stderr
+    assert not marker.exists()

@@ -1,0 +1,68 @@
+"""Options that make no sense: refused by the parser in one line (no usage block), or, where the model's
+shapes decide, after loading and before calibration."""
+
+from __future__ import annotations
+
+import pytest
+
+from hostile import refused, tiny_model_folder  # noqa: F401  (a fixture)
+
+PRUNE = ["prune", "--ratio", "0.3", "--nsamples", "2", "--seqlen", "16", "--quiet"]
+
+# Refused by argparse: nothing is loaded.
+PARSER_CASES = {
+    "--iterations 0": (PRUNE + ["--iterations", "0"], "--iterations: must be a positive integer"),
+    "--iterations -3": (PRUNE + ["--iterations", "-3"], "--iterations: must be a positive integer"),
+    "--damp nan": (PRUNE + ["--damp", "nan"], "--damp: expected a finite number"),
+    "--score-damp -1": (PRUNE + ["--score-damp", "-1"], "--score-damp: must be zero or more"),
+    "--lambda-rel -1": (PRUNE + ["--lambda-rel", "-1"], "--lambda-rel: must be zero or more"),
+    "--seed -1": (PRUNE + ["--seed", "-1"], "--seed: must be an integer between 0 and"),
+    "--seed 2**70": (PRUNE + ["--seed", str(2**70)], "--seed: must be an integer between 0 and"),
+    "--device cpufoo": (PRUNE + ["--device", "cpufoo"], "--device: must be cpu, cuda or cuda:N"),
+    "--ratio abc": (["prune", "--ratio", "abc"], "--ratio: expected a number"),
+    "--round-to 2.5": (PRUNE + ["--round-to", "2.5"], "--round-to: expected an integer"),
+    "--eval-windows 0": (PRUNE + ["--eval", "sotu", "--eval-windows", "0"], "--eval-windows: must be a positive"),
+    "ppl --data ''": (["ppl", "--data", ""], "--data: expected a comma-separated list without empty items"),
+    "compare --methods ,,": (["compare", "--methods", ",,"], "--methods: expected a comma-separated list"),
+    "compare --ratios 0.2,,0.3": (["compare", "--ratios", "0.2,,0.3"], "--ratios: expected a comma-separated list"),
+    "generate --temperature nan": (["generate", "--model", "digits", "--temperature", "nan"],
+                                   "--temperature: expected a finite number"),
+    "generate --cfg-scale inf": (["generate", "--model", "digits", "--cfg-scale", "inf"],
+                                 "--cfg-scale: expected a finite number"),
+    "bench --batch 1,,8": (["bench", "--batch", "1,,8"], "--batch: expected a comma-separated list"),
+}
+
+
+@pytest.mark.parametrize("case", list(PARSER_CASES))
+def test_the_parser_refuses_in_one_line(case, tmp_path):
+    args, message = PARSER_CASES[case]
+    refused(case, message, *args, *(["--out", tmp_path / "out"] if args[0] in ("prune", "compare") else []),
+            *(["--grid", tmp_path / "g.png"] if args[0] == "generate" else []), inputs=[tmp_path])
+    assert list(tmp_path.iterdir()) == []
+
+
+# Decided by the model's shapes: refused after loading, before calibration (tests/test_api_errors.py
+# proves "before calibration" with a calibration pass that fails if it starts).
+SHAPE_CASES = {
+    "--ratio 0.99 (would empty a layer)": (["--ratio", "0.99"], "would leave"),
+    "--ratio 0.99 --allocation uniform": (["--ratio", "0.99", "--allocation", "uniform"], "would leave layer"),
+    "--round-to 100000": (["--round-to", "100000"], "against a target of 30.0%"),
+    "--gqa-unit sideways": (["--gqa-unit", "sideways"], "unknown GQA unit"),
+    "--nsamples 1000000 --seqlen 512": (["--nsamples", "1000000", "--seqlen", "512"], "tokens; at most"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHAPE_CASES))
+def test_what_the_shapes_decide_is_refused_before_calibration(case, tiny_model_folder, tmp_path):
+    args, message = SHAPE_CASES[case]
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    refused(f"prune {case}", message, *PRUNE, *args, "--model", tiny_model_folder, "--calib", text,
+            "--out", tmp_path / "out", inputs=[tiny_model_folder, text])
+    assert [p.name for p in tmp_path.iterdir()] == ["calib.txt"]
+
+
+def test_info_on_an_unknown_command_or_option_is_one_line(tmp_path):
+    refused("numprune frobnicate", "invalid choice", "frobnicate", inputs=[tmp_path])
+    refused("prune --no-such-option", "unrecognized arguments", *PRUNE, "--out", tmp_path / "o", "--no-such-option",
+            inputs=[tmp_path])
