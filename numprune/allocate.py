@@ -45,6 +45,7 @@ from numprune.criteria.base import CriterionInputs, LayerScores
 from numprune.errors import NumpruneError
 
 ALLOCATIONS = ("global", "uniform", "flap-widths", "compensated-error")
+GUIDED = ("flap-widths", "compensated-error")  # global rankings of what ``layer_guide`` computes
 GQA_UNITS = ("query", "kv-group")
 
 
@@ -137,7 +138,7 @@ def allocate(adapter: Adapter, scores: list[LayerScores], ratio: float, mode: st
         costs = adapter.unit_costs(i)
         layers.append((attention_units(i, s.heads, adapter.attention_layout(i), costs, gqa_unit),
                        mlp_units(i, s.channels, costs)))
-    if mode in ("flap-widths", "compensated-error") and (guides is None or len(guides) != len(scores)):
+    if mode in GUIDED and (guides is None or len(guides) != len(scores)):
         raise NumpruneError(f"the {mode} allocation needs a guide for every layer")
     if mode == "global":
         removed = _global(adapter, layers, ratio)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from numprune import compensate, distributed
 from numprune.adapters import Adapter, LayerPlan, adapter_for
 from numprune.adapters.base import projection_weight
-from numprune.allocate import ALLOCATIONS, GQA_UNITS, allocate, layer_guide
+from numprune.allocate import ALLOCATIONS, GQA_UNITS, GUIDED, allocate, layer_guide
 from numprune.calibrate import LayerStats, LayerStream, StatsStore, collect_statistics
 from numprune.criteria import CriterionInputs, LayerScores, get_method
 from numprune.errors import NumpruneError
@@ -87,6 +87,11 @@ class PruneOptions:
             raise NumpruneError(f"round_to must be a positive integer, got {self.round_to!r}")
         _check_score_options(method.criterion, self.score_options, self.method)
 
+    def compensation_options(self, name: str | None = None):
+        """The resolved options of compensation ``name`` (default: the run's), as its registry entry declares them."""
+        options = compensate.REGISTRY[name or self.compensation].options
+        return options(**{f.name: getattr(self, f.name) for f in fields(options)})
+
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
@@ -106,11 +111,6 @@ def _check_score_options(criterion, options, method: str) -> None:
             raise NumpruneError(f"{name} must be a finite number >= 0, got {value!r}")
         if name == "seed" and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED):
             raise NumpruneError(f"seed must be an integer between 0 and {MAX_SEED}, got {value!r}")
-
-    def compensation_options(self, name: str | None = None):
-        """The resolved options of compensation ``name`` (default: the run's), as its registry entry declares them."""
-        options = compensate.REGISTRY[name or self.compensation].options
-        return options(**{f.name: getattr(self, f.name) for f in fields(options)})
 
 
 @dataclass
@@ -244,7 +244,9 @@ def check_run(adapter: Adapter, tokens, stats, opts: PruneOptions) -> None:
     layers = range(adapter.num_layers())
     equal = [LayerScores(torch.zeros(adapter.attention_layout(i).num_heads, dtype=torch.float64),
                          torch.zeros(adapter.mlp_width(i), dtype=torch.float64)) for i in layers]
-    plans = allocate(adapter, equal, opts.ratio, opts.allocation, opts.gqa_unit, opts.round_to)
+    # A guided allocation ranks across layers like the global one: the same shapes decide whether it exists.
+    mode = "global" if opts.allocation in GUIDED else opts.allocation
+    plans = allocate(adapter, equal, opts.ratio, mode, opts.gqa_unit, opts.round_to)
     if opts.round_to > 1:
         removed = sum(_removed_parameters(adapter, i, plans[i]) for i in layers)
         achieved = removed / sum(adapter.prunable_parameters(i) for i in layers)
