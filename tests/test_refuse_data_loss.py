@@ -7,6 +7,7 @@ import os
 import resource
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -178,7 +179,10 @@ def test_ctrl_c_while_starting_is_one_line_and_status_130(tiny_model_folder):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "numprune", "info", "--model", str(tiny_model_folder)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    time.sleep(1.0)  # the interpreter is up; torch's import alone takes longer than this
+    # Signal once torch's library is mapped: numprune's imports have begun, and torch's alone take seconds more.
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None and "libtorch" not in maps.read_text():
+        time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert "Traceback" not in err and proc.returncode == 130, (proc.returncode, err)
