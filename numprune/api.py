@@ -83,7 +83,7 @@ class PruneOptions:
                 raise NumpruneError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
         if not _is_number(self.compensation_damp) or not 0 <= self.compensation_damp < math.inf:
             raise NumpruneError(f"compensation damping must be a finite number >= 0, got {self.compensation_damp!r}")
-        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+        if not _is_int(self.round_to) or self.round_to < 1:
             raise NumpruneError(f"round_to must be a positive integer, got {self.round_to!r}")
         _check_score_options(method.criterion, self.score_options, self.method)
 
@@ -97,6 +97,11 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
+def _is_int(value) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, never a count or a seed here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_score_options(criterion, options, method: str) -> None:
     """The criterion's own options: names it takes; iterations a positive integer; damping and lambda finite, >= 0."""
     if not isinstance(options, dict):
@@ -105,11 +110,11 @@ def _check_score_options(criterion, options, method: str) -> None:
     for name, value in options.items():
         if name not in accepted:
             raise NumpruneError(f"method {method} takes no option {name!r}; it takes {', '.join(accepted) or 'none'}")
-        if name == "iterations" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if name == "iterations" and (not _is_int(value) or value < 1):
             raise NumpruneError(f"iterations must be a positive integer, got {value!r}")
         if name in ("damp", "lambda_rel") and (not _is_number(value) or not 0 <= value < math.inf):
             raise NumpruneError(f"{name} must be a finite number >= 0, got {value!r}")
-        if name == "seed" and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED):
+        if name == "seed" and (not _is_int(value) or not 0 <= value <= MAX_SEED):
             raise NumpruneError(f"seed must be an integer between 0 and {MAX_SEED}, got {value!r}")
 
 
@@ -207,7 +212,7 @@ def _resolve(ratio: float, options: dict, tokens, stats) -> PruneOptions:
 
 
 def _check_compute(batch_size, device) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not _is_int(batch_size) or batch_size < 1:
         raise NumpruneError(f"batch size must be a positive integer, got {batch_size!r}")
     if device is not None:
         try:
