@@ -2,11 +2,14 @@
 
 Each model folder is exported to an f16 GGUF, quantised to q8_0 and Q4_K_M by llama.cpp's own
 quantiser, and measured in llama.cpp (batch 1, greedy) for speed, file size and memory, and for
-perplexity on the first windows of the State of the Union addresses from 2000 on. Prune first:
+perplexity on the first windows of the State of the Union addresses from 2000 on. Timing runs in
+rounds that visit every file once (numprune.export.llamacpp.bench), so a machine whose speed drifts
+slows dense and pruned alike. Prune first:
 
-    for r in 20 30 50; do .venv/bin/numprune prune --ratio 0.$r --out runs/smollm2-$r; done
-    .venv/bin/python benchmarks/llama_cpp_speed.py --pruned 20%=runs/smollm2-20 --pruned 30%=runs/smollm2-30 \\
-        --pruned 50%=runs/smollm2-50
+    for r in 20 30 50; do .venv/bin/numprune prune --method numerical --ratio 0.$r --out runs/smollm2-$r; done
+    .venv/bin/numprune prune --method numerical --ratio 0.5 --round-to 32 --out runs/smollm2-50-r32
+    .venv/bin/python benchmarks/llama_cpp_speed.py --repeats 5 --pruned 20%=runs/smollm2-20 \\
+        --pruned 30%=runs/smollm2-30 --pruned 50%=runs/smollm2-50 --pruned "50% round-to 32"=runs/smollm2-50-r32
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def main() -> None:
     p.add_argument("--pruned", action="append", default=[], metavar="NAME=FOLDER", help="a pruned model; repeat")
     p.add_argument("--quant", default="f16,q8_0,q4_k_m", help="GGUF types (default f16,q8_0,q4_k_m)")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the usable cores)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per model (default 3)")
+    p.add_argument("--repeats", type=int, default=3, help="timing rounds, each visiting every file once (default 3)")
     p.add_argument("--ppl-windows", type=int, default=8, help="perplexity windows of --ppl-seqlen tokens (default 8)")
     p.add_argument("--ppl-seqlen", type=int, default=512, help="default 512")
     p.add_argument("--json", default=None, help="also write the results here")

@@ -256,3 +256,31 @@ def test_command_line_prune_with_gguf_then_export(tmp_path):
     probe = torch.tensor(tokenizer("The State of the Union is strong.").input_ids)
     assert np.abs(llamacpp.log_probs(llm, probe) - transformers_log_probs(model, probe)).max() < 1e-4
     llm.close()
+
+
+@needs_llama_cpp
+def test_bench_times_every_file_in_interleaved_rounds(tmp_path, tokens):
+    """The llama.cpp bench: every file timed once per round, the medians and ratios computed from those
+    very runs, and parameters and sizes those of the files (counted here from the models themselves)."""
+    dense = tiny_llama("gqa")
+    pruned, report = prune(dense, tokens, ratio=0.35, progress=False)
+    dense.save_pretrained(tmp_path / "dense")
+    save_pruned(pruned, None, report, tmp_path / "pruned")
+    results = llamacpp.bench([("dense", tmp_path / "dense"), ("pruned", tmp_path / "pruned")], ["f16", "q8_0"],
+                             workdir=tmp_path, repeats=3, prompt_len=8, new_tokens=6, warmup=1)
+    runs = {(r["model"], r["quant"]): r for r in results["runs"]}
+    assert list(runs) == [("dense", "f16"), ("dense", "q8_0"), ("pruned", "f16"), ("pruned", "q8_0")]
+    for (name, quant), run in runs.items():
+        assert run["protocol"]["repeats"] == 3 and run["protocol"]["interleaved"]
+        decode = run["decode"]
+        assert len(decode["seconds"]) == 3 and len(run["prefill"]["seconds"]) == 3
+        rates = sorted(6 / s for s in decode["seconds"])
+        assert (decode["tokens_per_s_min"], decode["tokens_per_s"], decode["tokens_per_s_max"]) == pytest.approx(rates)
+        model = dense if name == "dense" else pruned
+        assert run["parameters"] == sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+        assert run["file_bytes"] == (tmp_path / f"{0 if name == 'dense' else 1}-{quant}.gguf").stat().st_size
+        reference = runs[("dense", quant)]
+        assert run["vs_reference"]["decode_speedup"] == pytest.approx(
+            decode["tokens_per_s"] / reference["decode"]["tokens_per_s"])
+        assert run["vs_reference"]["parameter_ratio"] == pytest.approx(reference["parameters"] / run["parameters"])
+    assert runs[("pruned", "f16")]["file_bytes"] < runs[("dense", "f16")]["file_bytes"]

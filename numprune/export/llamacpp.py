@@ -120,18 +120,35 @@ def measure(path: str | os.PathLike, *, prompt_len: int = 64, new_tokens: int = 
         prompt = np.random.default_rng(seed).integers(0, llm.n_vocab(), prompt_len).tolist()
         runs = [_timed_generation(llm, prompt, new_tokens) for _ in range(warmup + repeats)][warmup:]
         llm.close()
-    prefill_s, decode_s = [r[0] for r in runs], [r[1] for r in runs]
     return {
         "protocol": {"backend": "llama.cpp", "llama_cpp_python": llama_cpp.__version__, "batch_size": 1,
                      "prompt_len": prompt_len, "new_tokens": new_tokens, "warmup": warmup, "repeats": repeats,
                      "seed": seed, "threads": n_threads},
         "file_bytes": Path(path).stat().st_size,
         "load_s": load_s,
-        "prefill": {**throughput(prompt_len, prefill_s), "latency_s": statistics.median(prefill_s)},
-        "decode": {**throughput(new_tokens, decode_s), "ms_per_token": 1000 * statistics.median(decode_s) / new_tokens},
+        **_speeds(prompt_len, new_tokens, [r[0] for r in runs], [r[1] for r in runs]),
         "memory_kind": memory.kind, "memory_before_bytes": memory.before, "memory_peak_bytes": memory.peak,
         "model_peak_bytes": memory.peak - memory.before,
     }
+
+
+def _speeds(prompt_len: int, new_tokens: int, prefill_s: list[float], decode_s: list[float]) -> dict:
+    """Median, min and max rates and latencies of timed runs (their seconds kept, so rounds can be merged)."""
+    return {"prefill": {**throughput(prompt_len, prefill_s), "latency_s": statistics.median(prefill_s),
+                        "seconds": prefill_s},
+            "decode": {**throughput(new_tokens, decode_s), "ms_per_token": 1000 * statistics.median(decode_s) / new_tokens,
+                       "seconds": decode_s}}
+
+
+def _merged(rounds: list[dict]) -> dict:
+    """One measurement from rounds of ``measure`` on the same file (each its own load, warm-up and timed run)."""
+    protocol = rounds[0]["protocol"]
+    peak = max(rounds, key=lambda r: r["model_peak_bytes"])
+    return {**rounds[0], "protocol": {**protocol, "repeats": len(rounds), "interleaved": True},
+            "load_s": statistics.median(r["load_s"] for r in rounds),
+            **_speeds(protocol["prompt_len"], protocol["new_tokens"], [s for r in rounds for s in r["prefill"]["seconds"]],
+                      [s for r in rounds for s in r["decode"]["seconds"]]),
+            **{key: peak[key] for key in ("memory_before_bytes", "memory_peak_bytes", "model_peak_bytes")}}
 
 
 def _timed_generation(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
@@ -152,30 +169,36 @@ def parameter_count(path: str | os.PathLike) -> int:
 
 
 def bench(models, quants=("f16", "q8_0", "q4_k_m"), *, workdir: str | os.PathLike, windows: torch.Tensor | None = None,
-          n_threads: int | None = None, **measure_options) -> dict:
+          n_threads: int | None = None, repeats: int = 3, **measure_options) -> dict:
     """Measure ``(name, folder)`` models in llama.cpp at each of ``quants``; ratios against the first model.
 
     Each folder is exported once to an f16 GGUF in ``workdir``; the other types come from it through
-    llama.cpp's own quantiser. With ``windows`` (token ids), llama.cpp's perplexity on them too.
+    llama.cpp's own quantiser. Timing runs in ``repeats`` rounds, each visiting every file once (load,
+    warm-up, one timed run), so that a machine whose speed drifts (shared or throttled cores) slows
+    every model alike instead of whichever ran during the slow minute. With ``windows`` (token ids),
+    llama.cpp's perplexity on them too.
     """
     workdir = Path(workdir)
-    runs, reference = [], {}
+    files = []
     for index, (name, folder) in enumerate(models):
         f16 = export_gguf(folder, workdir / f"{index}-f16.gguf", "f16", overwrite=True).path
-        for quant in quants:
-            path = f16 if quant == "f16" else quantize(f16, workdir / f"{index}-{quant}.gguf", quant, n_threads)
-            run = {"model": name, "quant": quant, "parameters": parameter_count(path),
-                   **measure(path, n_threads=n_threads, **measure_options)}
-            if windows is not None:
-                llm = load(path, n_ctx=windows.shape[1], n_threads=n_threads)
-                run["perplexity"] = perplexity(llm, windows)
-                llm.close()
-            ref = reference.setdefault(quant, run)
-            run["vs_reference"] = {"decode_speedup": run["decode"]["tokens_per_s"] / ref["decode"]["tokens_per_s"],
-                                   "prefill_speedup": run["prefill"]["tokens_per_s"] / ref["prefill"]["tokens_per_s"],
-                                   "parameter_ratio": ref["parameters"] / run["parameters"],
-                                   "file_ratio": run["file_bytes"] / ref["file_bytes"]}
-            runs.append(run)
+        files += [(name, quant, f16 if quant == "f16" else quantize(f16, workdir / f"{index}-{quant}.gguf", quant,
+                                                                    n_threads)) for quant in quants]
+    rounds = [[measure(path, repeats=1, n_threads=n_threads, **measure_options) for _, _, path in files]
+              for _ in range(repeats)]
+    runs, reference = [], {}
+    for (name, quant, path), measured in zip(files, zip(*rounds)):
+        run = {"model": name, "quant": quant, "parameters": parameter_count(path), **_merged(list(measured))}
+        if windows is not None:
+            llm = load(path, n_ctx=windows.shape[1], n_threads=n_threads)
+            run["perplexity"] = perplexity(llm, windows)
+            llm.close()
+        ref = reference.setdefault(quant, run)
+        run["vs_reference"] = {"decode_speedup": run["decode"]["tokens_per_s"] / ref["decode"]["tokens_per_s"],
+                               "prefill_speedup": run["prefill"]["tokens_per_s"] / ref["prefill"]["tokens_per_s"],
+                               "parameter_ratio": ref["parameters"] / run["parameters"],
+                               "file_ratio": run["file_bytes"] / ref["file_bytes"]}
+        runs.append(run)
     return {"reference": runs[0]["model"] if runs else None, "runs": runs}
 
 
@@ -197,7 +220,9 @@ def format_table(results: dict) -> str:
             cells.append(f"{r['perplexity']['ppl']:.2f}" if "perplexity" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")
     protocol = results["runs"][0]["protocol"] if results["runs"] else {}
+    timing = (f"{protocol.get('repeats')} rounds over every file (each: load, {protocol.get('warmup')} warm-up, 1 timed run)"
+              if protocol.get("interleaved") else f"{protocol.get('warmup')} warm-up + {protocol.get('repeats')} timed runs")
     lines.append(f"\nllama.cpp (llama-cpp-python {protocol.get('llama_cpp_python')}), {protocol.get('threads')} threads, "
                  f"batch 1, {protocol.get('prompt_len')}-token prompt, {protocol.get('new_tokens')} greedy new tokens, "
-                 f"{protocol.get('warmup')} warm-up + {protocol.get('repeats')} timed runs")
+                 f"{timing}")
     return "\n".join(lines)
