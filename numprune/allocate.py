@@ -29,10 +29,14 @@ criterion's ranking always decides which (any criterion works under any allocati
   then scores the marginal relative error per parameter of its step along the lower convex hull
   of that curve (so scores rise along the criterion's order) and ``global``'s exact-cost greedy
   removes the cheapest.
+
+Each mode is one entry of ``REGISTRY`` (at the end of this file): how it picks the removed units,
+and the per-layer guide it needs, if any. Adding a mode touches this file only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -44,8 +48,6 @@ from numprune.criteria import flap
 from numprune.criteria.base import CriterionInputs, LayerScores
 from numprune.errors import NumpruneError
 
-ALLOCATIONS = ("global", "uniform", "flap-widths", "compensated-error")
-GUIDED = ("flap-widths", "compensated-error")  # global rankings of what ``layer_guide`` computes
 GQA_UNITS = ("query", "kv-group")
 
 
@@ -91,29 +93,10 @@ def mlp_units(layer: int, channel_scores: torch.Tensor, costs: UnitCosts) -> lis
 
 def layer_guide(mode: str, adapter: Adapter, inputs: CriterionInputs, scores: LayerScores, compensation: str,
                 compensation_options, gqa_unit: str = "query"):
-    """What ``mode`` needs of one layer besides the criterion's scores, computed while the layer is at hand.
-
-    ``flap-widths``: FLAP's scores of the layer. ``compensated-error``: the relative error after
-    removing the k lowest-ranked attention units and MLP channels, k = 0..n (two tensors).
-    Other modes: None.
-    """
-    if mode == "flap-widths":
-        return flap.score(inputs)
-    if mode != "compensated-error":
-        return None
-    i, stats, layout = inputs.layer_idx, inputs.stats, inputs.layout
-    costs = adapter.unit_costs(i)
-    attn = attention_units(i, scores.heads, layout, costs, gqa_unit)
-    mlp = mlp_units(i, scores.channels, costs)
-    errors = compensate.REGISTRY[compensation].removal_errors
-    attn_order = torch.cat([head_channels(u.heads, layout.head_dim) for u in attn])
-    attn_errors = errors(inputs.attention_weight, stats.attention, attn_order, compensation_options)
-    bounds = torch.tensor([0] + [len(u.heads) * layout.head_dim for u in attn]).cumsum(0)
-    mlp_errors = errors(inputs.mlp_weight, stats.mlp, torch.tensor([u.channel for u in mlp]), compensation_options)
-    energy = sum(_output_energy(w, s.second_moment) for w, s in ((inputs.attention_weight, stats.attention),
-                                                                  (inputs.mlp_weight, stats.mlp)))
-    energy = energy.clamp_min(torch.finfo(torch.float64).tiny)
-    return attn_errors[bounds] / energy, mlp_errors / energy
+    """What allocation ``mode`` needs of one layer besides the criterion's scores (None for most), computed
+    while the layer is at hand: FLAP's scores for ``flap-widths``, error curves for ``compensated-error``."""
+    guide = REGISTRY[mode].guide
+    return guide(adapter, inputs, scores, compensation, compensation_options, gqa_unit) if guide else None
 
 
 def allocate(adapter: Adapter, scores: list[LayerScores], ratio: float, mode: str = "global",
@@ -125,7 +108,7 @@ def allocate(adapter: Adapter, scores: list[LayerScores], ratio: float, mode: st
     channels are the ones kept), for hardware-friendly matrix shapes; the achieved ratio, which
     the report states, moves with it.
     """
-    if mode not in ALLOCATIONS:
+    if mode not in REGISTRY:
         raise NumpruneError(f"unknown allocation {mode!r}; choose from {', '.join(ALLOCATIONS)}")
     if round_to < 1:
         raise NumpruneError(f"round-to must be a positive integer, got {round_to}")
@@ -140,23 +123,13 @@ def allocate(adapter: Adapter, scores: list[LayerScores], ratio: float, mode: st
                        mlp_units(i, s.channels, costs)))
     if mode in GUIDED and (guides is None or len(guides) != len(scores)):
         raise NumpruneError(f"the {mode} allocation needs a guide for every layer")
-    if mode == "global":
-        removed = _global(adapter, layers, ratio)
-    elif mode == "uniform":
-        removed = _uniform(adapter, layers, ratio)
-    elif mode == "flap-widths":
-        flap_layers = [(attention_units(i, g.heads, adapter.attention_layout(i), adapter.unit_costs(i), gqa_unit),
-                        mlp_units(i, g.channels, adapter.unit_costs(i))) for i, g in enumerate(guides)]
-        removed = _same_widths(layers, _global(adapter, flap_layers, ratio))
-    else:
-        removed = _global(adapter, [(_hull_scored(attn, a), _hull_scored(mlp, m))
-                                    for (attn, mlp), (a, m) in zip(layers, guides)], ratio)
+    removed = REGISTRY[mode].remove(adapter, layers, ratio, guides, gqa_unit)
     if round_to > 1:
         removed = _round_widths(layers, removed, round_to)
     return [_plan(adapter, i, [u for u in removed if u.layer == i]) for i in range(len(scores))]
 
 
-def _global(adapter: Adapter, layers: list[tuple[list[Unit], list[Unit]]], ratio: float) -> list[Unit]:
+def _global_ranking(adapter: Adapter, layers: list[tuple[list[Unit], list[Unit]]], ratio: float) -> list[Unit]:
     target = ratio * sum(adapter.prunable_parameters(i) for i in range(len(layers)))
     # The best unit of each kind in each layer is never a candidate: no layer is ever emptied.
     candidates = sorted((u for attn, mlp in layers for u in attn[:-1] + mlp[:-1]), key=Unit.key)
@@ -240,3 +213,53 @@ def _plan(adapter: Adapter, layer: int, removed: list[Unit]) -> LayerPlan:
     return LayerPlan(tuple(h for h in full.heads if h not in heads),
                      tuple(k for k in full.kv_heads if k not in kv_heads),
                      tuple(c for c in full.channels if c not in channels))
+
+
+def _flap_guide(adapter, inputs, scores, compensation, compensation_options, gqa_unit):
+    return flap.score(inputs)
+
+
+def _compensated_error_guide(adapter, inputs, scores, compensation, compensation_options, gqa_unit):
+    """The relative error after removing the k lowest-ranked attention units and MLP channels, k = 0..n."""
+    i, stats, layout = inputs.layer_idx, inputs.stats, inputs.layout
+    costs = adapter.unit_costs(i)
+    attn = attention_units(i, scores.heads, layout, costs, gqa_unit)
+    mlp = mlp_units(i, scores.channels, costs)
+    errors = compensate.REGISTRY[compensation].removal_errors
+    attn_order = torch.cat([head_channels(u.heads, layout.head_dim) for u in attn])
+    attn_errors = errors(inputs.attention_weight, stats.attention, attn_order, compensation_options)
+    bounds = torch.tensor([0] + [len(u.heads) * layout.head_dim for u in attn]).cumsum(0)
+    mlp_errors = errors(inputs.mlp_weight, stats.mlp, torch.tensor([u.channel for u in mlp]), compensation_options)
+    energy = sum(_output_energy(w, s.second_moment) for w, s in ((inputs.attention_weight, stats.attention),
+                                                                  (inputs.mlp_weight, stats.mlp)))
+    energy = energy.clamp_min(torch.finfo(torch.float64).tiny)
+    return attn_errors[bounds] / energy, mlp_errors / energy
+
+
+def _flap_widths(adapter, layers, ratio, guides, gqa_unit):
+    flap_layers = [(attention_units(i, g.heads, adapter.attention_layout(i), adapter.unit_costs(i), gqa_unit),
+                    mlp_units(i, g.channels, adapter.unit_costs(i))) for i, g in enumerate(guides)]
+    return _same_widths(layers, _global_ranking(adapter, flap_layers, ratio))
+
+
+def _compensated_error(adapter, layers, ratio, guides, gqa_unit):
+    return _global_ranking(adapter, [(_hull_scored(attn, a), _hull_scored(mlp, m))
+                                     for (attn, mlp), (a, m) in zip(layers, guides)], ratio)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """An allocation mode: how it picks the removed units, and what it needs of each layer (its guide)."""
+
+    remove: Callable  # (adapter, layers' units in removal order, ratio, guides, gqa_unit) -> removed units
+    guide: Callable | None = None  # (adapter, CriterionInputs, LayerScores, compensation, its options, gqa_unit)
+
+
+REGISTRY: dict[str, Allocation] = {
+    "global": Allocation(lambda adapter, layers, ratio, guides, gqa_unit: _global_ranking(adapter, layers, ratio)),
+    "uniform": Allocation(lambda adapter, layers, ratio, guides, gqa_unit: _uniform(adapter, layers, ratio)),
+    "flap-widths": Allocation(_flap_widths, _flap_guide),
+    "compensated-error": Allocation(_compensated_error, _compensated_error_guide),
+}
+ALLOCATIONS = tuple(REGISTRY)
+GUIDED = tuple(name for name, a in REGISTRY.items() if a.guide)  # global rankings of what their guides compute
