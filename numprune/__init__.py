@@ -1,7 +1,8 @@
 """numprune: numerical structured pruning of autoregressive transformers.
 
-Importing numprune registers its per-layer model classes with transformers' Auto classes, so
-pruned folders with different widths per layer load with ``AutoModelForCausalLM.from_pretrained``.
+Importing numprune registers every family (numprune/families/) and its per-layer model classes with
+transformers' Auto classes, so pruned folders with different widths per layer load with
+``AutoModelForCausalLM.from_pretrained``.
 """
 
 import sys
@@ -21,7 +22,7 @@ def exit_if_command_interrupted() -> None:
 
 
 try:
-    from numprune import modeling  # noqa: F401  (registers the Auto classes)
+    from numprune import families  # noqa: F401  (registers every family's adapter and Auto classes)
     from numprune.api import PruneOptions, calibrate, prune
     from numprune.errors import NumpruneError
     from numprune.save import save_pruned

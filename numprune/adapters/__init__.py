@@ -1,41 +1,55 @@
-"""Model-family adapters: ``adapter_for(model)`` picks the one that knows the model's layout."""
+"""Model-family adapters: ``adapter_for(model)`` picks the registered one that knows the model's layout.
+
+Each family's module in numprune/families/ registers its adapter with ``register`` when imported;
+``import numprune`` imports them all. This package itself knows no family.
+"""
 
 from __future__ import annotations
 
-from transformers import PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from numprune.adapters.base import Adapter, AttentionLayout, LayerPlan, UnitCosts
-from numprune.adapters.gemma import Gemma2Adapter, Gemma3TextAdapter
-from numprune.adapters.gpt2 import GPT2Adapter
-from numprune.adapters.llama import LlamaAdapter
-from numprune.adapters.llamagen import LlamaGenAdapter
-from numprune.adapters.mistral import MistralAdapter
-from numprune.adapters.opt import OPTAdapter
-from numprune.adapters.phi3 import Phi3Adapter
-from numprune.adapters.qwen2 import Qwen2Adapter
-from numprune.adapters.qwen3 import Qwen3Adapter
 from numprune.errors import NumpruneError
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Gemma2Adapter,
-                                       Gemma3TextAdapter, Phi3Adapter, OPTAdapter, GPT2Adapter, LlamaGenAdapter)
+_ADAPTERS: dict[str, type[Adapter]] = {}  # model type -> the adapter of its family
+
+
+def register(adapter: type[Adapter]) -> type[Adapter]:
+    """Make ``adapter_for`` pick ``adapter`` for its model types, and let ``AutoModelForCausalLM`` load the
+    classes it saves pruned models with. A family module's class decorator."""
+    for model_type in adapter.model_types:
+        if model_type in _ADAPTERS:
+            raise NumpruneError(f"model type {model_type!r} already belongs to {_ADAPTERS[model_type].__name__}; "
+                                f"{adapter.__name__} cannot register it again")
+    for config_class, model_class in adapter.saved_classes:
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+    _ADAPTERS.update(dict.fromkeys(adapter.model_types, adapter))
+    return adapter
+
+
+def registered() -> list[type[Adapter]]:
+    """Every registered adapter, once each, in the order they were registered."""
+    return list(dict.fromkeys(_ADAPTERS.values()))
 
 
 def supported_model_types() -> list[str]:
-    return sorted({t for a in ADAPTERS for t in a.model_types})
+    return sorted(_ADAPTERS)
 
 
 def adapter_for(model: PreTrainedModel) -> Adapter:
     model_type = getattr(model.config, "model_type", None)
-    for cls in ADAPTERS:
-        if model_type in cls.model_types:
-            return cls(model)
-    raise NumpruneError(f"model type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}")
+    if model_type not in _ADAPTERS:
+        raise NumpruneError(f"model type {model_type!r} is not supported; "
+                            f"supported: {', '.join(supported_model_types())}")
+    return _ADAPTERS[model_type](model)
 
 
 def check_window(model: PreTrainedModel, length: int) -> None:
     """Refuse windows of ``length`` tokens that a supported model's position table cannot hold (others pass)."""
-    if getattr(model.config, "model_type", None) in supported_model_types():
+    if getattr(model.config, "model_type", None) in _ADAPTERS:
         adapter_for(model).check_window(length)
 
 
-__all__ = ["Adapter", "check_window", "AttentionLayout", "LayerPlan", "UnitCosts", "adapter_for", "supported_model_types"]
+__all__ = ["Adapter", "AttentionLayout", "LayerPlan", "UnitCosts", "adapter_for", "check_window", "register",
+           "registered", "supported_model_types"]

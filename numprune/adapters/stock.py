@@ -1,18 +1,18 @@
 """What every family built from transformers' own model classes shares: module paths and the pruned config.
 
-A family's ``Family`` (numprune.modeling.families) names where its layers live, what pruning cuts in
-them and which config fields hold the widths; a subclass adds only which stock config fields can
-give the output projections a bias.
+A family's module (numprune/families/) gives its adapter a ``spec``, a ``Family`` naming where its
+layers live, what pruning cuts in them and which config fields hold the widths; the subclass adds
+only which stock config fields can give the output projections a bias. Its per-layer classes
+(numprune.modeling.per_layer) are made here, once per family.
 """
 
 from __future__ import annotations
 
 from huggingface_hub.errors import StrictDataclassError
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 from numprune.adapters.base import Adapter, LayerPlan
-from numprune.modeling.families import PER_LAYER_CLASSES
-from numprune.modeling.per_layer import BIAS_FIELDS, PER_LAYER_FIELDS, Family
+from numprune.modeling.per_layer import BIAS_FIELDS, PER_LAYER_FIELDS, Family, per_layer_classes
 
 # Config fields the pruned config sets itself (or that describe the file, not the model).
 _NOT_CARRIED = ("model_type", "architectures", "transformers_version", "quantization_config", "head_dim",
@@ -23,12 +23,15 @@ class StockAdapter(Adapter):
     """An adapter for a transformers family: the stock model type and numprune's per-layer one."""
 
     spec: Family
+    per_layer: tuple[type[PretrainedConfig], type[PreTrainedModel]]  # numprune's classes, for per-layer widths
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls.family = cls.spec.model_type
         cls.model_types = (cls.spec.model_type, cls.spec.numprune_model_type)
         cls.layers_path, cls.modules = cls.spec.layers, cls.spec.modules
+        cls.per_layer = per_layer_classes(cls.spec)
+        cls.saved_classes = (cls.per_layer,)
 
     def stock_bias_fields(self, attention: bool, mlp: bool) -> dict | None:
         """Stock config fields under which the output projections have a bias where ``attention`` / ``mlp``
@@ -47,7 +50,7 @@ class StockAdapter(Adapter):
             config = self._stock_config(base, heads[0], kv_heads[0], widths[0], head_dim, *biases)
             if config is not None:
                 return config
-        config_class, model_class = PER_LAYER_CLASSES[spec.model_type]
+        config_class, model_class = self.per_layer
         # Attention that derives head_dim from hidden / heads is built with the unpruned count, then narrowed.
         top_heads = self.config.hidden_size // head_dim if spec.narrow_attention else max(heads)
         fields = {**base, spec.heads_field: top_heads, spec.width_field: max(widths), "head_dim": head_dim,
@@ -77,3 +80,8 @@ class StockAdapter(Adapter):
             return None
         config.architectures = [spec.causal_lm_class.__name__]
         return config
+
+
+def attention_bias_fields(adapter: StockAdapter, attention: bool, mlp: bool) -> dict | None:
+    """``stock_bias_fields`` of families with LLaMA's ``attention_bias`` and no MLP bias (Qwen3, Gemma)."""
+    return None if mlp else {"attention_bias": bool(adapter.config.attention_bias) or attention}

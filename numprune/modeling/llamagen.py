@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -380,6 +380,3 @@ def _first(names: list[str], n: int = 3) -> str:
         return "none"
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
-
-AutoConfig.register(LlamaGenConfig.model_type, LlamaGenConfig, exist_ok=True)
-AutoModelForCausalLM.register(LlamaGenConfig, LlamaGenForCausalLM, exist_ok=True)

@@ -22,8 +22,9 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
-from numprune.modeling.layout import LayerModules
+from numprune.modeling.layout import LLAMA_MODULES, LayerModules
 
 PER_LAYER_FIELDS = ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes")
 BIAS_FIELDS = ("attention_output_bias", "mlp_output_bias")
@@ -31,15 +32,18 @@ BIAS_FIELDS = ("attention_output_bias", "mlp_output_bias")
 
 @dataclass(frozen=True)
 class Family:
-    """Where a transformers family keeps what pruning changes (module paths, config field names)."""
+    """Where a transformers family keeps what pruning changes (module paths, config field names).
+
+    The layout defaults to LLaMA's, which most families share.
+    """
 
     name: str  # class-name stem: Numprune<name>Config
     model_type: str  # the stock model_type; numprune's is numprune_<model_type>
     config_class: type[PretrainedConfig]
     causal_lm_class: type[PreTrainedModel]
     layer_class: type[nn.Module]  # built as layer_class(config, layer_idx)
-    layers: str  # path of the decoder layers' ModuleList in the causal LM
-    modules: LayerModules  # what pruning cuts inside a layer
+    layers: str = "model.layers"  # path of the decoder layers' ModuleList in the causal LM
+    modules: LayerModules = LLAMA_MODULES  # what pruning cuts inside a layer
     width_field: str = "intermediate_size"
     heads_field: str = "num_attention_heads"
     kv_field: str | None = "num_key_value_heads"  # None: no grouped-query attention
@@ -49,6 +53,17 @@ class Family:
     @property
     def numprune_model_type(self) -> str:
         return f"numprune_{self.model_type}"
+
+
+def narrowed(projection: nn.Module, out_features: int | None = None, in_features: int | None = None) -> nn.Module:
+    """A fresh projection like ``projection`` (nn.Linear or Conv1D, bias or not) with new sizes.
+
+    For ``Family.narrow_attention``: attention built with the unpruned head count, then cut to a layer's own.
+    """
+    if isinstance(projection, Conv1D):
+        return Conv1D(out_features or projection.nf, in_features or projection.weight.shape[0])
+    return nn.Linear(in_features or projection.in_features, out_features or projection.out_features,
+                     bias=projection.bias is not None)
 
 
 def per_layer_classes(family: Family) -> tuple[type[PretrainedConfig], type[PreTrainedModel]]:

@@ -1,19 +1,25 @@
 """LlamaGen's layout: fused ``attention.wqkv`` (rows: queries, keys, values), ``attention.wo``, SwiGLU
-``feed_forward.w1/w3/w2``. Pruned models stay LlamaGenForCausalLM with per-layer widths in the config."""
+``feed_forward.w1/w3/w2``. Pruned models stay LlamaGenForCausalLM with per-layer widths in the config.
+
+The model itself (LlamaGen's own module names, 2D rotary positions) is numprune.modeling.llamagen.
+"""
 
 from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from numprune.adapters import register
 from numprune.adapters.base import Adapter, LayerPlan
 from numprune.modeling.layout import KV, MLP, QUERY, LayerModules
-from numprune.modeling.llamagen import LlamaGenConfig
+from numprune.modeling.llamagen import LlamaGenConfig, LlamaGenForCausalLM
 from numprune.modeling.per_layer import PER_LAYER_FIELDS
 
 
+@register
 class LlamaGenAdapter(Adapter):
     family = "llamagen"
     model_types = (LlamaGenConfig.model_type,)
+    saved_classes = ((LlamaGenConfig, LlamaGenForCausalLM),)
     layers_path = "layers"
     # wqkv has no bias; a bias on wo / w2 does not depend on how many heads or channels remain.
     modules = LayerModules("attention", (("attention.wqkv", (QUERY, KV, KV)), ("feed_forward.w1", (MLP,)),
