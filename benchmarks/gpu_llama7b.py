@@ -31,6 +31,7 @@ from numprune.allocate import allocate
 from numprune.api import parameter_counts
 from numprune.bench import measure
 from numprune.cli.args import dtype as dtype_arg
+from numprune.io.table import markdown_table
 from numprune.criteria import LayerScores
 from numprune.shrink import shrink
 
@@ -109,18 +110,18 @@ def prune_on_device(shape: dict, device: str, dtype: torch.dtype, nsamples: int,
 def table(rows: list[dict]) -> str:
     """Markdown: measured speed and memory and their ratios to dense, beside the paper's."""
     dense, paper_dense = rows[0], rows[0]["paper"]
-    lines = ["| ratio | achieved | params | tokens/s (median [min-max]) | speed-up | paper tokens/s | paper speed-up "
-             "| peak GiB | memory ratio | paper GB | paper memory ratio |", "|" + "---|" * 11]
+    header = ("ratio", "achieved", "params", "tokens/s (median [min-max])", "speed-up", "paper tokens/s",
+              "paper speed-up", "peak GiB", "memory ratio", "paper GB", "paper memory ratio")
+    cells = []
     for r in rows:
         d, paper = r["decode"], r["paper"]
-        lines.append(
-            f"| {r['target_ratio']:.0%} | {r['achieved_ratio']:.1%} | {r['parameters'] / 1e9:.2f}B "
-            f"| {d['tokens_per_s']:.1f} [{d['tokens_per_s_min']:.1f}-{d['tokens_per_s_max']:.1f}] "
-            f"| {d['tokens_per_s'] / dense['decode']['tokens_per_s']:.2f}x | {paper['tokens_per_s']} "
-            f"| {paper['tokens_per_s'] / paper_dense['tokens_per_s']:.2f}x | {r['model_peak_bytes'] / 2**30:.2f} "
-            f"| {r['model_peak_bytes'] / dense['model_peak_bytes']:.2f} | {paper['memory_gb']} "
-            f"| {paper['memory_gb'] / paper_dense['memory_gb']:.2f} |")
-    return "\n".join(lines)
+        cells.append((f"{r['target_ratio']:.0%}", f"{r['achieved_ratio']:.1%}", f"{r['parameters'] / 1e9:.2f}B",
+                      f"{d['tokens_per_s']:.1f} [{d['tokens_per_s_min']:.1f}-{d['tokens_per_s_max']:.1f}]",
+                      f"{d['tokens_per_s'] / dense['decode']['tokens_per_s']:.2f}x", paper["tokens_per_s"],
+                      f"{paper['tokens_per_s'] / paper_dense['tokens_per_s']:.2f}x",
+                      f"{r['model_peak_bytes'] / 2**30:.2f}", f"{r['model_peak_bytes'] / dense['model_peak_bytes']:.2f}",
+                      paper["memory_gb"], f"{paper['memory_gb'] / paper_dense['memory_gb']:.2f}"))
+    return markdown_table(header, cells)
 
 
 def main(argv: list[str] | None = None) -> None:

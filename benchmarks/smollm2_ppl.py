@@ -20,6 +20,7 @@ from pathlib import Path
 import numprune
 from numprune.data.corpora import calibration_windows, evaluation_windows
 from numprune.evaluate.perplexity import perplexity
+from numprune.io.table import markdown_table
 from numprune.models import load_model
 
 
@@ -62,10 +63,10 @@ def main() -> None:
 
     print(f"\nmodel: {source}; calibration: {calib}; calibration pass {calibration_s:.1f}s")
     print("evaluation:", {spec: info for spec, (_, info) in evals.items()})
-    print("\n| method | ratio | achieved | SOTU >= 2000 | Moby-Dick |\n|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['method']} | {row['ratio']:.0%} | {row.get('achieved_ratio', 0):.1%} | "
-              f"{row['ppl']['sotu']:.2f} | {row['ppl']['moby-dick']:.2f} |")
+    print()
+    print(markdown_table(("method", "ratio", "achieved", "SOTU >= 2000", "Moby-Dick"),
+                         [(row["method"], f"{row['ratio']:.0%}", f"{row.get('achieved_ratio', 0):.1%}",
+                           f"{row['ppl']['sotu']:.2f}", f"{row['ppl']['moby-dick']:.2f}") for row in rows]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": source, "calibration": calib, "calibration_s": calibration_s,

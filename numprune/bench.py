@@ -19,6 +19,7 @@ import torch
 from numprune.adapters import check_window
 from numprune.errors import NumpruneError
 from numprune.io.output import check_target, output_file, write_text
+from numprune.io.table import markdown_table
 from numprune.save import REPORT_NAME
 
 MiB = 2**20
@@ -232,32 +233,35 @@ def format_table(results: dict) -> str:
         return format_image_table(results)
     columns = ("model", "ratio", "params", "batch", "prefill tok/s", "decode tok/s (median [min-max])",
                "decode ms/token", "weight MiB", "KV MiB", "peak MiB", "decode speed-up", "weight ratio")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    rows = []
     for r in results["runs"]:
         decode, vs = r["decode"], r["vs_reference"]
-        cells = (r["model"], "?" if r["ratio"] is None else f"{r['ratio']:.1%}", f"{r['parameters'] / 1e6:.2f}M",
-                 r["protocol"]["batch_size"], f"{r['prefill']['tokens_per_s']:.1f}",
-                 f"{decode['tokens_per_s']:.1f} [{decode['tokens_per_s_min']:.1f}-{decode['tokens_per_s_max']:.1f}]",
-                 f"{decode['ms_per_token']:.2f}", f"{r['weight_bytes'] / MiB:.1f}", f"{r['kv_cache_bytes'] / MiB:.2f}",
-                 f"{r['model_peak_bytes'] / MiB:.1f}", f"{vs['decode_speedup']:.2f}x", f"{vs['weight_ratio']:.2f}")
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines)
+        rows.append((*_model_cells(r), f"{r['prefill']['tokens_per_s']:.1f}",
+                     f"{decode['tokens_per_s']:.1f} [{decode['tokens_per_s_min']:.1f}-{decode['tokens_per_s_max']:.1f}]",
+                     f"{decode['ms_per_token']:.2f}", f"{r['weight_bytes'] / MiB:.1f}",
+                     f"{r['kv_cache_bytes'] / MiB:.2f}", f"{r['model_peak_bytes'] / MiB:.1f}",
+                     f"{vs['decode_speedup']:.2f}x", f"{vs['weight_ratio']:.2f}"))
+    return markdown_table(columns, rows)
 
 
 def format_image_table(results: dict) -> str:
     """The image generators' table: images/s and memory, one row per model and batch size."""
     columns = ("model", "ratio", "params", "batch", "images/s (median [min-max])", "image tokens/s", "weight MiB",
                "peak MiB", "speed-up", "weight ratio")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    rows = []
     for r in results["runs"]:
         gen, vs = r["generation"], r["vs_reference"]
-        cells = (r["model"], "?" if r["ratio"] is None else f"{r['ratio']:.1%}", f"{r['parameters'] / 1e6:.2f}M",
-                 r["protocol"]["batch_size"],
-                 f"{gen['images_per_s']:.2f} [{gen['images_per_s_min']:.2f}-{gen['images_per_s_max']:.2f}]",
-                 f"{gen['tokens_per_s']:.1f}", f"{r['weight_bytes'] / MiB:.2f}", f"{r['model_peak_bytes'] / MiB:.1f}",
-                 f"{vs['images_speedup']:.2f}x", f"{vs['weight_ratio']:.2f}")
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines)
+        rows.append((*_model_cells(r),
+                     f"{gen['images_per_s']:.2f} [{gen['images_per_s_min']:.2f}-{gen['images_per_s_max']:.2f}]",
+                     f"{gen['tokens_per_s']:.1f}", f"{r['weight_bytes'] / MiB:.2f}",
+                     f"{r['model_peak_bytes'] / MiB:.1f}", f"{vs['images_speedup']:.2f}x", f"{vs['weight_ratio']:.2f}"))
+    return markdown_table(columns, rows)
+
+
+def _model_cells(run: dict) -> tuple:
+    """The cells both bench tables open with: model, pruning ratio (``?`` where unknown), parameters, batch size."""
+    ratio = "?" if run["ratio"] is None else f"{run['ratio']:.1%}"
+    return run["model"], ratio, f"{run['parameters'] / 1e6:.2f}M", run["protocol"]["batch_size"]
 
 
 def plot(results: dict, path) -> None:

@@ -29,6 +29,7 @@ from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import perplexity
 from numprune.image.grid import by_class, grid_image, save_png, side_by_side
 from numprune.io.output import output_folder
+from numprune.io.table import markdown_table
 
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 IMAGE_MEASURES = {"frechet_distance": "Fréchet distance", "class_accuracy": "class accuracy",
@@ -158,13 +159,11 @@ def _cell(key: str, name: str, row: dict) -> str:
 
 
 def markdown(results: dict) -> str:
+    """results.md: one row per method and ratio, one column per evaluation set or image measure."""
     columns = _columns(results)
-    lines = ["| method | ratio | achieved | " + " | ".join(c[2] for c in columns) + " |", "|---" * (3 + len(columns)) + "|"]
-    for row in results["rows"]:
-        cells = [_cell(key, name, row) for key, name, _ in columns]
-        achieved = f"{row['achieved_ratio']:.1%}" if "achieved_ratio" in row else "-"
-        lines.append(f"| {row['method']} | {row['ratio']:.0%} | {achieved} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [(row["method"], f"{row['ratio']:.0%}", f"{row['achieved_ratio']:.1%}" if "achieved_ratio" in row else "-",
+             *(_cell(key, name, row) for key, name, _ in columns)) for row in results["rows"]]
+    return markdown_table(("method", "ratio", "achieved", *(title for _, _, title in columns)), rows) + "\n"
 
 
 def table_csv(results: dict) -> str:

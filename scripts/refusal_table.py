@@ -11,12 +11,14 @@ status and stderr are the real process's (slow: 5-25 s a case); without it most 
 import json
 import sys
 
+from numprune.io.table import markdown_table
+
 
 def main(log: str) -> None:
     rows = [json.loads(line) for line in open(log)]
-    print("| case | exit | stderr lines | process |\n|---|---|---|---|")
-    for row in rows:
-        print(f"| `{row['case']}` | {row['exit']} | {row['stderr_lines']} | {row.get('process', 'fresh')} |")
+    print(markdown_table(("case", "exit", "stderr lines", "process"),
+                         [(f"`{row['case']}`", row["exit"], row["stderr_lines"], row.get("process", "fresh"))
+                          for row in rows]))
 
 
 if __name__ == "__main__":

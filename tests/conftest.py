@@ -1,12 +1,26 @@
-"""Shared fixtures: tiny random LLaMA-layout models of several shapes."""
+"""Shared by every test module (imported as ``conftest``, the one way): tiny random models of several shapes
+and of every supported family, a tiny model folder, fresh-process reloading, and a controlled clock.
+
+Test modules take their helpers from here or from ``hostile.py``, never from one another.
+"""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from matplotlib.figure import Figure
+from safetensors.torch import load_file, save_file
+from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
+                          GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, OPTConfig, OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 import numprune  # noqa: F401  (registers the per-layer classes)
+from numprune.data.assets import smollm2_folder
 
 SHAPES = {
     "mha": dict(num_attention_heads=4, num_key_value_heads=4, hidden_size=32, intermediate_size=48),
@@ -36,9 +50,45 @@ def tiny_tokens(n: int = 6, length: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 97, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
+COMMON = dict(vocab_size=97, num_hidden_layers=3, max_position_embeddings=128)
+GQA = dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, intermediate_size=40)
+# Gemma: head_dim apart from hidden / heads, sliding and full layers, soft-capping (Gemma 2).
+GEMMA = dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40, head_dim=16,
+             sliding_window=8, query_pre_attn_scalar=16,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+FAMILIES = {
+    "mistral": (MistralForCausalLM, MistralConfig(**COMMON, **GQA)),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config(**COMMON, **GQA)),  # q/k/v biases
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config(**COMMON, **{**GQA, "head_dim": 10})),  # q/k norms over head_dim
+    "gemma2": (Gemma2ForCausalLM, Gemma2Config(**COMMON, **GEMMA, attn_logit_softcapping=5.0,
+                                               final_logit_softcapping=10.0)),
+    "gemma3_text": (Gemma3ForCausalLM, Gemma3TextConfig(**COMMON, **GEMMA)),
+    "phi3": (Phi3ForCausalLM, Phi3Config(**COMMON, **GQA, pad_token_id=0, bos_token_id=1, eos_token_id=1)),  # fused
+    "opt": (OPTForCausalLM, OPTConfig(**COMMON, hidden_size=32, num_attention_heads=4, ffn_dim=48, pad_token_id=1)),
+    "gpt2": (GPT2LMHeadModel, GPT2Config(vocab_size=97, n_layer=3, n_positions=128, n_embd=32, n_head=4, n_inner=48)),
+}
+
+
+def tiny(family: str, seed: int = 0):
+    """A tiny random model of ``family`` (a key of FAMILIES), its matrices redrawn as tiny_llama's."""
+    torch.manual_seed(seed)
+    model_class, config = FAMILIES[family]
+    return break_symmetry(model_class(config).eval())
+
+
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return tiny_tokens()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory) -> Path:
+    """A tiny random LLaMA with the embedded SmolLM2 tokenizer, saved once as a plain HF folder (never written to)."""
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+    tiny_llama("gqa9", layers=2, vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture
@@ -49,3 +99,59 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class FakeClock:
+    """A stand-in for ``time.perf_counter`` whose readings are known: each reading moves on by the next of
+    ``steps`` (cycled), and every reading is kept in ``readings``. Steps that are binary fractions
+    (0.25, 0.5, ...) keep every difference exact."""
+
+    def __init__(self, *steps: float):
+        self.steps, self.now, self.readings = steps, 0.0, []
+
+    def __call__(self) -> float:
+        self.now += self.steps[len(self.readings) % len(self.steps)]
+        self.readings.append(self.now)
+        return self.now
+
+
+@pytest.fixture
+def saved_figures(monkeypatch) -> list:
+    """Every matplotlib figure saved while the test runs, as ``(figure, path)``: a plot is checked by what it draws."""
+    saved, savefig = [], Figure.savefig
+
+    def record(figure, path, *args, **kwargs):
+        saved.append((figure, path))
+        return savefig(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return saved
+
+
+RELOAD = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+probe = load_file(sys.argv[1])["probe"]
+logits = {}
+for i, folder in enumerate(sys.argv[3:]):
+    if folder == "--import-numprune":
+        import numprune
+        continue
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits[str(len(logits))] = model(probe).logits.contiguous()
+    print(type(model).__name__, "numprune" in sys.modules)
+save_file(logits, sys.argv[2])
+"""
+
+
+def reload_all(plain: list[Path], with_numprune: list[Path], probe: torch.Tensor, tmp_path: Path):
+    """Load ``plain`` folders, then ``import numprune`` and load ``with_numprune``, in one fresh process
+    with AutoModelForCausalLM: [(logits, (class name, whether numprune was imported))], in that order."""
+    save_file({"probe": probe}, tmp_path / "probe.safetensors")
+    folders = [*map(str, plain), "--import-numprune", *map(str, with_numprune)]
+    done = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "probe.safetensors"),
+                           str(tmp_path / "logits.safetensors"), *folders], capture_output=True, text=True, check=True)
+    logits = load_file(tmp_path / "logits.safetensors")
+    return [(logits[str(i)], tuple(line.split())) for i, line in enumerate(done.stdout.splitlines())]

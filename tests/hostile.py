@@ -1,6 +1,7 @@
 """Shared by the test_refuse_* files: run the command line as a hostile user would, and check that it
 refused cleanly (status 2, one line ``numprune: error: ...``, no traceback) and that every input's
-bytes are unchanged.
+bytes are unchanged. ``numprune(...)``, the command line in a fresh process, serves every test module
+that needs one (test_cli, test_gguf).
 
 A fresh ``python -m numprune`` costs 5-25 s of start-up (torch and transformers) on a busy 2-core
 machine, so by default a case runs ``numprune.cli.main`` in this process (the same code
@@ -22,12 +23,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
-from transformers import AutoTokenizer
-
-from conftest import tiny_llama
-from numprune.data.assets import smollm2_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,13 +84,3 @@ def refused(case: str, message: str, *args, inputs=(), fresh: bool = False, **ru
     assert_refused(done, message, case, "fresh" if fresh else "in-process")
     assert hashes(*inputs) == before
     return done
-
-
-@pytest.fixture(scope="session")
-def tiny_model_folder(tmp_path_factory) -> Path:
-    """A tiny random LLaMA with the embedded SmolLM2 tokenizer, saved once as a plain HF folder."""
-    folder = tmp_path_factory.mktemp("models") / "tiny"
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
-    tiny_llama("gqa9", layers=2, vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder

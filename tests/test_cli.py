@@ -1,38 +1,23 @@
 """The command line: a full prune on a tiny model, and every bad input as one line with exit status 2."""
 
+import csv
 import json
 import re
 import subprocess
 import sys
 
 import pytest
-from transformers import AutoTokenizer
+from safetensors.torch import load_file
 
-from conftest import tiny_llama
+from hostile import numprune
 from numprune.cli import main
 from numprune.compare import parse_method
 from numprune.errors import NumpruneError
-from numprune.data.assets import smollm2_folder
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A tiny random LLaMA with the embedded SmolLM2 tokenizer, saved as a plain HF folder."""
-    folder = tmp_path_factory.mktemp("tiny")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
-    tiny_llama("gqa9", layers=2, vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def numprune(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "numprune", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def test_prune_writes_a_loadable_folder_with_a_report(tiny_folder, tmp_path):
+def test_prune_writes_a_loadable_folder_with_a_report(tiny_model_folder, tmp_path):
     out = tmp_path / "pruned"
-    done = numprune("prune", "--model", tiny_folder, "--ratio", "0.3", "--nsamples", "4", "--seqlen", "32",
+    done = numprune("prune", "--model", tiny_model_folder, "--ratio", "0.3", "--nsamples", "4", "--seqlen", "32",
                     "--out", out, "--eval", "moby-dick", "--eval-seqlen", "32", "--eval-windows", "2", "--quiet")
     assert done.returncode == 0, done.stderr
     assert re.search(r"removed \d+\.\d%, target 30%", done.stdout) and "perplexity on moby-dick" in done.stdout and str(out) in done.stdout
@@ -45,7 +30,19 @@ def test_prune_writes_a_loadable_folder_with_a_report(tiny_folder, tmp_path):
 
     info = numprune("info", "--model", out)
     assert info.returncode == 0, info.stderr
-    assert "layer  heads" in info.stdout
+    # info's counts against the saved tensors' shapes (the tied LM head is saved once, as the embedding)
+    tensors = load_file(out / "model.safetensors")
+    head_dim = json.loads((out / "config.json").read_text())["head_dim"]
+    prunable = sum(t.numel() for n, t in tensors.items() if ".self_attn." in n or ".mlp." in n)
+    assert prunable == report["parameters"]["attention_mlp_after"]
+    lines = info.stdout.splitlines()
+    assert f"{sum(t.numel() for t in tensors.values()):,} parameters, {prunable:,} in attention+MLP" in lines[1]
+    header = lines.index("layer  heads  kv_heads  head_dim  mlp_channels")
+    rows = [tuple(map(int, line.split())) for line in lines[header + 1:]]
+    assert rows == [(i, tensors[f"model.layers.{i}.self_attn.q_proj.weight"].shape[0] // head_dim,
+                     tensors[f"model.layers.{i}.self_attn.k_proj.weight"].shape[0] // head_dim, head_dim,
+                     tensors[f"model.layers.{i}.mlp.up_proj.weight"].shape[0]) for i in range(2)]
+    assert [(r[1], r[2], r[4]) for r in rows] == [(x["heads"], x["kv_heads"], x["channels"]) for x in report["layers"]]
     ppl = numprune("ppl", "--model", out, "--data", "moby-dick", "--seqlen", "32", "--max-windows", "2", "--quiet")
     assert ppl.returncode == 0, ppl.stderr
     assert f"{report['perplexity']['moby-dick']['pruned']:.3f}" in ppl.stdout
@@ -61,12 +58,12 @@ def test_prune_writes_a_loadable_folder_with_a_report(tiny_folder, tmp_path):
     (["--ratio", "0.3", "--eval", "nosuchcorpus"], "nosuchcorpus"),
     (["--ratio", "0.3", "--nsamples", "0"], "--nsamples: must be a positive integer"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tiny_folder, tmp_path, capsys, extra, message):
+def test_bad_input_is_one_line_and_exit_2(tiny_model_folder, tmp_path, capsys, extra, message):
     short = tmp_path / "short.txt"
     short.write_text("too short")
     extra = [str(short) if e == "TOO_SHORT" else e for e in extra]
     out = tmp_path / "out"
-    status = main(["prune", "--model", str(tiny_folder), "--nsamples", "2", "--seqlen", "32", "--out", str(out),
+    status = main(["prune", "--model", str(tiny_model_folder), "--nsamples", "2", "--seqlen", "32", "--out", str(out),
                    "--quiet", *extra])
     assert status == 2
     lines = capsys.readouterr().err.strip().splitlines()
@@ -74,10 +71,10 @@ def test_bad_input_is_one_line_and_exit_2(tiny_folder, tmp_path, capsys, extra, 
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] in ([], ["short.txt"])
 
 
-def test_existing_output_and_unsupported_models_are_refused(tiny_folder, tmp_path):
+def test_existing_output_and_unsupported_models_are_refused(tiny_model_folder, tmp_path):
     out = tmp_path / "exists"
     out.mkdir()
-    done = numprune("prune", "--model", tiny_folder, "--ratio", "0.3", "--out", out)
+    done = numprune("prune", "--model", tiny_model_folder, "--ratio", "0.3", "--out", out)
     assert done.returncode == 2 and "already exists" in done.stderr
     assert list(out.iterdir()) == []
 
@@ -106,14 +103,14 @@ def test_invalid_gqa_layout_is_refused(tmp_path):
         adapter_for(model)
 
 
-def test_interrupted_run_leaves_no_output(tiny_folder, tmp_path):
+def test_interrupted_run_leaves_no_output(tiny_model_folder, tmp_path):
     """SIGTERM in the middle of a run unwinds: no output folder, no temporary folder."""
     import signal
     import time
 
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "numprune", "prune", "--model", str(tiny_folder), "--ratio", "0.3",
-                             "--nsamples", "1500", "--seqlen", "64", "--batch-size", "1", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "numprune", "prune", "--model", str(tiny_model_folder), "--ratio",
+                             "0.3", "--nsamples", "1500", "--seqlen", "64", "--batch-size", "1", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and "calibrating" not in proc.stderr.readline():
@@ -124,8 +121,8 @@ def test_interrupted_run_leaves_no_output(tiny_folder, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_compare_writes_tables_and_a_plot_and_repeats_exactly(tiny_folder, tmp_path, capsys):
-    args = ["compare", "--model", str(tiny_folder), "--methods", "numerical,flap,numerical:compensation=none",
+def test_compare_writes_tables_and_a_plot_and_repeats_exactly(tiny_model_folder, tmp_path, capsys, saved_figures):
+    args = ["compare", "--model", str(tiny_model_folder), "--methods", "numerical,flap,numerical:compensation=none",
             "--ratios", "0.2,0.4", "--nsamples", "4", "--seqlen", "32", "--data", "moby-dick,sotu",
             "--eval-seqlen", "32", "--eval-windows", "2", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
@@ -137,22 +134,39 @@ def test_compare_writes_tables_and_a_plot_and_repeats_exactly(tiny_folder, tmp_p
         "numerical:compensation=none"] * 2
     assert a["rows"][-1]["options"]["compensation"] == "none"
     assert a["calibration"]["tokens"] == 4 * 32 and a["evaluation"]["sotu"]["windows"] == 2
-    assert (tmp_path / "a" / "perplexity.png").stat().st_size > 1000
-    assert (tmp_path / "a" / "results.csv").read_text().count("\n") == 8
-    assert "| numerical | 20% |" in (tmp_path / "a" / "results.md").read_text()
+    # results.csv and results.md hold exactly the rows of results.json
+    with open(tmp_path / "a" / "results.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["method", "ratio", "achieved_ratio", "params", "ppl_moby-dick", "ppl_sotu", "error"]
+    assert table[1:] == [[r["method"], str(r["ratio"]), str(r["achieved_ratio"]), str(r["params"]),
+                          str(r["ppl"]["moby-dick"]), str(r["ppl"]["sotu"]), ""] for r in a["rows"]]
+    assert (tmp_path / "a" / "results.md").read_text() == "\n".join(
+        ["| method | ratio | achieved | moby-dick | sotu |", "|---|---|---|---|---|",
+         *(f"| {r['method']} | {round(100 * r['ratio'])}% | {100 * r['achieved_ratio']:.1f}% | "
+           f"{r['ppl']['moby-dick']:.2f} | {r['ppl']['sotu']:.2f} |" for r in a["rows"])]) + "\n"
+    # perplexity.png: a log-scale panel per evaluation set, each method's perplexity against its achieved ratio
+    figure = saved_figures[0][0]
+    assert [ax.get_title() for ax in figure.axes] == ["moby-dick", "sotu"]
+    for ax, spec in zip(figure.axes, ("moby-dick", "sotu")):
+        assert ax.get_yscale() == "log"
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        for method in ("numerical", "flap", "numerical:compensation=none"):
+            rows = [r for r in a["rows"] if r["method"] == method]
+            assert lines[method].get_xydata().tolist() == [[r["achieved_ratio"], r["ppl"][spec]] for r in rows]
+        assert set(lines["dense"].get_ydata()) == {a["rows"][0]["ppl"][spec]}
 
 
-def test_compare_rejects_bad_method_options(tiny_folder, tmp_path, capsys):
-    status = main(["compare", "--model", str(tiny_folder), "--methods", "numerical:colour=red", "--out",
+def test_compare_rejects_bad_method_options(tiny_model_folder, tmp_path, capsys):
+    status = main(["compare", "--model", str(tiny_model_folder), "--methods", "numerical:colour=red", "--out",
                    str(tmp_path / "x")])
     assert status == 2 and "bad method option" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
-def test_self_and_mixture_calibration_are_recorded(tiny_folder, tmp_path, one_thread):
+def test_self_and_mixture_calibration_are_recorded(tiny_model_folder, tmp_path, one_thread):
     out = tmp_path / "pruned"
-    assert main(["prune", "--model", str(tiny_folder), "--ratio", "0.3", "--calib", "self+moby-dick:3", "--nsamples",
-                 "4", "--seqlen", "16", "--calib-top-p", "0.9", "--eval", "self", "--eval-seqlen", "16",
+    assert main(["prune", "--model", str(tiny_model_folder), "--ratio", "0.3", "--calib", "self+moby-dick:3",
+                 "--nsamples", "4", "--seqlen", "16", "--calib-top-p", "0.9", "--eval", "self", "--eval-seqlen", "16",
                  "--eval-windows", "2", "--out", str(out), "--quiet"]) == 0
     report = json.loads((out / "pruning_report.json").read_text())
     calibration = report["calibration"]
@@ -164,12 +178,12 @@ def test_self_and_mixture_calibration_are_recorded(tiny_folder, tmp_path, one_th
     assert report["perplexity"]["self"]["protocol"]["seed"] == 1
 
     streamed = tmp_path / "streamed"
-    assert main(["prune", "--stream", "--model", str(tiny_folder), "--ratio", "0.3", "--calib", "self", "--nsamples",
-                 "2", "--seqlen", "16", "--out", str(streamed), "--quiet"]) == 0
+    assert main(["prune", "--stream", "--model", str(tiny_model_folder), "--ratio", "0.3", "--calib", "self",
+                 "--nsamples", "2", "--seqlen", "16", "--out", str(streamed), "--quiet"]) == 0
     assert json.loads((streamed / "pruning_report.json").read_text())["calibration"]["source"] == "self"
 
     compared = tmp_path / "compared"
-    assert main(["compare", "--model", str(tiny_folder), "--methods", "numerical", "--ratios", "0.2", "--calib",
+    assert main(["compare", "--model", str(tiny_model_folder), "--methods", "numerical", "--ratios", "0.2", "--calib",
                  "self", "--nsamples", "2", "--seqlen", "16", "--data", "self", "--eval-seqlen", "16",
                  "--eval-windows", "1", "--out", str(compared), "--quiet"]) == 0
     results = json.loads((compared / "results.json").read_text())
@@ -187,9 +201,9 @@ def test_self_and_mixture_calibration_are_recorded(tiny_folder, tmp_path, one_th
     ("compare", ["--calib", "self+nosuch"], "unknown text source 'nosuch'"),
     ("ppl", ["--data", "self"], "--data self is text a dense model samples"),
 ])
-def test_bad_calibration_specs_are_one_line(tiny_folder, tmp_path, capsys, command, extra, message):
+def test_bad_calibration_specs_are_one_line(tiny_model_folder, tmp_path, capsys, command, extra, message):
     out = tmp_path / "out"
-    status = main([command, "--model", str(tiny_folder), *(["--ratio", "0.3"] if command == "prune" else []),
+    status = main([command, "--model", str(tiny_model_folder), *(["--ratio", "0.3"] if command == "prune" else []),
                    *(["--out", str(out)] if command != "ppl" else []), "--quiet", *extra])
     assert status == 2
     lines = capsys.readouterr().err.strip().splitlines()

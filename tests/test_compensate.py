@@ -66,11 +66,23 @@ def test_apply_zeroes_removed_columns_in_place():
     torch.testing.assert_close(linear.bias.detach(), torch.ones(6, dtype=torch.float64))
 
 
-def test_damping_keeps_rank_deficient_inputs_solvable():
+def test_damping_makes_rank_deficient_inputs_a_ridge_fit_towards_the_kept_weights():
+    """With a duplicated channel X^T X is singular; the damped refit is the ridge solution of
+    min ||X_K W'^T - X W^T||^2 + gamma ||W' - W_K||^2, gamma = damp * mean diag(X^T X), and it
+    shares the correction equally between the two copies of the channel."""
     x, w = problem(seed=4)
     x[:, 5] = x[:, 4]  # duplicate channel: X^T X is singular
-    new = compensate.least_squares(w, x.T @ x, torch.tensor([0, 1, 4, 5, 6]), damp=0.01)
-    assert torch.isfinite(new).all()
+    keep = torch.tensor([0, 1, 4, 5, 6])
+    gram = x.T @ x
+    assert torch.linalg.matrix_rank(gram[keep][:, keep]) == 4
+    new = compensate.least_squares(w, gram, keep, damp=0.01)
+    gamma = 0.01 * gram.diagonal().mean()
+    # the ridge problem as one ordinary least-squares system: [X_K; sqrt(gamma) I] W'^T = [X W^T; sqrt(gamma) W_K^T]
+    design = torch.cat([x[:, keep], gamma.sqrt() * torch.eye(len(keep), dtype=torch.float64)])
+    target = torch.cat([x @ w.T, gamma.sqrt() * w[:, keep].T])
+    torch.testing.assert_close(new, torch.linalg.lstsq(design, target).solution.T, rtol=1e-8, atol=1e-8)
+    change = new - w[:, keep]
+    torch.testing.assert_close(change[:, 2], change[:, 3], rtol=1e-8, atol=1e-10)  # channels 4 and 5
 
 
 def affine_problem(n=500, d=9, out=5, seed=5):

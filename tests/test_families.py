@@ -2,12 +2,9 @@
 
 import pytest
 import torch
-from transformers import (BloomConfig, BloomForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
-                          Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, OPTConfig,
-                          OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+from transformers import BloomConfig, BloomForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
-from conftest import break_symmetry, tiny_tokens
+from conftest import COMMON, FAMILIES, GEMMA, break_symmetry, reload_all, tiny, tiny_tokens
 from numprune.adapters import adapter_for, supported_model_types
 from numprune.adapters.base import LayerPlan
 from numprune.api import prune
@@ -15,35 +12,9 @@ from numprune.errors import NumpruneError
 from numprune.save import save_pruned
 from numprune.shrink import shrink
 from test_pipeline import assert_valid_groups, stages
-from test_save_load import reload_all
 
-COMMON = dict(vocab_size=97, num_hidden_layers=3, max_position_embeddings=128)
-GQA = dict(hidden_size=48, num_attention_heads=6, num_key_value_heads=2, intermediate_size=40)
-# Gemma: head_dim apart from hidden / heads, sliding and full layers, soft-capping (Gemma 2).
-GEMMA = dict(hidden_size=40, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40, head_dim=16,
-             sliding_window=8, query_pre_attn_scalar=16,
-             layer_types=["sliding_attention", "full_attention", "sliding_attention"])
-FAMILIES = {
-    "mistral": (MistralForCausalLM, MistralConfig(**COMMON, **GQA)),
-    "qwen2": (Qwen2ForCausalLM, Qwen2Config(**COMMON, **GQA)),  # q/k/v biases
-    "qwen3": (Qwen3ForCausalLM, Qwen3Config(**COMMON, **{**GQA, "head_dim": 10})),  # q/k norms over head_dim
-    "gemma2": (Gemma2ForCausalLM, Gemma2Config(**COMMON, **GEMMA, attn_logit_softcapping=5.0,
-                                               final_logit_softcapping=10.0)),
-    "gemma3_text": (Gemma3ForCausalLM, Gemma3TextConfig(**COMMON, **GEMMA)),
-    "phi3": (Phi3ForCausalLM, Phi3Config(**COMMON, **GQA, pad_token_id=0, bos_token_id=1, eos_token_id=1)),  # fused
-    "opt": (OPTForCausalLM, OPTConfig(**COMMON, hidden_size=32, num_attention_heads=4, ffn_dim=48, pad_token_id=1)),
-    "gpt2": (GPT2LMHeadModel, GPT2Config(vocab_size=97, n_layer=3, n_positions=128, n_embd=32, n_head=4, n_inner=48)),
-}
 # Stock configs cannot express fewer heads where head_dim = hidden / heads.
 DERIVED_HEAD_DIM = {"opt", "gpt2"}
-
-
-def tiny(family: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model_class, config = FAMILIES[family]
-    return break_symmetry(model_class(config).eval())
-
-
 PROBE = tiny_tokens(3, 20, seed=7)
 
 

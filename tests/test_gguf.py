@@ -15,7 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from conftest import break_symmetry, tiny_llama, tiny_tokens
+from conftest import break_symmetry, tiny, tiny_llama, tiny_tokens
+from hostile import numprune as run_cli
 from numprune.api import prune
 from numprune.data.assets import smollm2_folder
 from numprune.data.corpora import evaluation_windows, get_source
@@ -23,8 +24,6 @@ from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import perplexity
 from numprune.export import export_gguf, llamacpp
 from numprune.save import save_pruned
-from test_cli import numprune as run_cli
-from test_families import tiny
 
 
 @pytest.fixture
@@ -236,11 +235,9 @@ def test_existing_output_and_the_input_itself_are_refused(tmp_path, tokens):
 
 
 @needs_llama_cpp
-def test_command_line_prune_with_gguf_then_export(tmp_path):
-    folder, out, gguf_path = tmp_path / "tiny", tmp_path / "pruned", tmp_path / "pruned.gguf"
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
-    tiny_llama("gqa9", layers=2, vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+def test_command_line_prune_with_gguf_then_export(tiny_model_folder, tmp_path):
+    folder, out, gguf_path = tiny_model_folder, tmp_path / "pruned", tmp_path / "pruned.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     done = run_cli("prune", "--model", folder, "--ratio", "0.3", "--nsamples", "4", "--seqlen", "32", "--out", out,
                    "--gguf", gguf_path, "--outtype", "f32", "--quiet")
     assert done.returncode == 0, done.stderr

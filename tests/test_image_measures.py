@@ -3,17 +3,28 @@ held-out NLL, the PNG grid, and the generate / compare commands on a tiny image 
 
 import json
 import math
+from dataclasses import fields
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 from PIL import Image
+from torch import nn
 
+import numprune.bench
+from conftest import FakeClock
+from numprune import prune
+from numprune.bench import bench, format_table
 from numprune.cli import main
-from numprune.evaluate.image import (class_accuracy, digits_classifier, frechet_distance, frechet_distance_from_stats,
-                                     heldout_nll, train_classifier)
+from numprune.evaluate.image import (DigitsEvaluator, DigitsProtocol, class_accuracy, digits_classifier,
+                                     frechet_distance, frechet_distance_from_stats, heldout_nll, train_classifier)
+from numprune.image.calibration import self_generated_tokens
+from numprune.image.digits import digits_split, tokens_to_images
 from numprune.image.grid import grid_image, parse_classes, save_png
+from numprune.image.sampling import generate
+from numprune.models import load_model
 from numprune.modeling.llamagen import LlamaGenConfig, LlamaGenForCausalLM
 
 
@@ -28,6 +39,31 @@ def tiny_digits_generator(seed: int = 0, layers: int = 2) -> LlamaGenForCausalLM
             if p.dim() == 2:
                 p.normal_(0, 0.3)
     return model
+
+
+def rendered_grid(images: torch.Tensor, scale: int, pad: int) -> np.ndarray:
+    """What a grid of grey ``images`` [rows, cols, H, W] must look like, pixel by pixel: the pixel at (y, x) is
+    background (255) unless it falls inside cell (row, col), where it shows that image's pixel (y', x') // scale."""
+    rows, cols, height, width = images.shape
+    cell_h, cell_w = height * scale + pad, width * scale + pad
+    grey = (images.numpy().astype(np.float32).clip(0, 1) * np.float32(255)).round().astype(np.uint8)
+    y, x = np.indices((rows * cell_h + pad, cols * cell_w + pad))
+    row, dy = np.divmod(y - pad, cell_h)
+    col, dx = np.divmod(x - pad, cell_w)
+    inside = (y >= pad) & (x >= pad) & (dy < height * scale) & (dx < width * scale) & (row < rows) & (col < cols)
+    picked = grey[row.clip(0, rows - 1), col.clip(0, cols - 1), (dy // scale).clip(0, height - 1),
+                  (dx // scale).clip(0, width - 1)]
+    return np.repeat(np.where(inside, picked, 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def png_pixels(path) -> np.ndarray:
+    with Image.open(path) as png:
+        return np.asarray(png.convert("RGB"))
+
+
+def evaluator_of(protocol: dict) -> DigitsEvaluator:
+    """The evaluator that a recorded protocol (``DigitsEvaluator.describe()``) describes."""
+    return DigitsEvaluator(DigitsProtocol(**{f.name: protocol[f.name] for f in fields(DigitsProtocol)}))
 
 
 def random_covariance(rng, n):
@@ -75,8 +111,6 @@ def test_frechet_distance_of_samples_uses_their_mean_and_covariance_and_is_zero_
 
 @pytest.fixture(scope="module")
 def digits():
-    from numprune.image.digits import digits_split, tokens_to_images
-
     split = digits_split()
     return (tokens_to_images(split["train_tokens"]), split["train_labels"],
             tokens_to_images(split["heldout_tokens"]), split["heldout_labels"])
@@ -103,6 +137,34 @@ def test_class_accuracy_counts_images_assigned_to_their_requested_class(digits, 
     assert direct < 0.7
 
 
+class ReadsTheLabel(nn.Module):
+    """A perfect classifier for images that carry their label in their first pixel (label / 9)."""
+
+    def forward(self, images):
+        return nn.functional.one_hot((images[:, 0, 0] * 9).round().long(), 10).float()
+
+
+class AlwaysSays(nn.Module):
+    """A constant classifier: every image is class ``c``."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.c = c
+
+    def forward(self, images):
+        return nn.functional.one_hot(torch.full((len(images),), self.c), 10).float()
+
+
+def test_class_accuracy_of_a_perfect_and_of_a_constant_classifier():
+    labels = torch.tensor([0] * 3 + [1] * 7 + [2] * 20)[torch.randperm(30, generator=torch.Generator().manual_seed(0))]
+    images = torch.rand(30, 8, 8, generator=torch.Generator().manual_seed(1))
+    images[:, 0, 0] = labels / 9
+    assert class_accuracy(ReadsTheLabel(), images, labels) == 1.0
+    assert class_accuracy(ReadsTheLabel(), images, (labels + 1) % 10) == 0.0
+    for c, count in ((0, 3), (1, 7), (2, 20), (5, 0)):  # a constant answer is right for its class's share
+        assert class_accuracy(AlwaysSays(c), images, labels) == pytest.approx(count / 30, rel=1e-15)
+
+
 # --- held-out NLL -----------------------------------------------------------------------------------------
 
 def test_heldout_nll_equals_the_product_of_next_token_probabilities_prefix_by_prefix():
@@ -123,15 +185,18 @@ def test_heldout_nll_equals_the_product_of_next_token_probabilities_prefix_by_pr
 
 # --- pictures and commands --------------------------------------------------------------------------------
 
-def test_grid_png_has_the_exact_pixel_size_and_content(tmp_path):
-    images = torch.rand(3, 5, 8, 8, generator=torch.Generator().manual_seed(0))
-    path = save_png(grid_image(images, scale=4, pad=2), tmp_path / "grid.png")
-    with Image.open(path) as png:
-        pixels = np.asarray(png.convert("RGB"))
-    assert pixels.shape == (3 * (8 * 4 + 2) + 2, 5 * (8 * 4 + 2) + 2, 3)
-    top, left = 2 + 1 * 34, 2 + 4 * 34  # row 1, column 4, its pixel (5, 6), enlarged 4x
-    assert pixels[top + 5 * 4 + 3, left + 6 * 4, 0] == round(float(images[1, 4, 5, 6]) * 255)
-    assert (pixels[:2] == 255).all()  # the padding
+@pytest.mark.parametrize("scale,pad", [(4, 2), (1, 0), (3, 5)])
+def test_grid_png_decodes_to_exactly_the_pixels_of_the_images_put_in(tmp_path, scale, pad):
+    images = torch.rand(3, 5, 8, 7, generator=torch.Generator().manual_seed(scale))
+    images[0, 0, 0, 0], images[2, 4, 7, 6] = -0.5, 1.5  # clamped to black and white
+    path = save_png(grid_image(images, scale=scale, pad=pad), tmp_path / "grid.png")
+    pixels = png_pixels(path)
+    assert pixels.shape == (3 * (8 * scale + pad) + pad, 5 * (7 * scale + pad) + pad, 3)
+    assert np.array_equal(pixels, rendered_grid(images, scale, pad))
+    colour = torch.rand(2, 3, 3, 4, 4, generator=torch.Generator().manual_seed(9))  # [rows, cols, RGB, H, W]
+    pixels = png_pixels(save_png(grid_image(colour, scale=2, pad=1), tmp_path / "colour.png"))
+    for channel in range(3):
+        assert np.array_equal(pixels[..., channel], rendered_grid(colour[:, :, channel], 2, 1)[..., 0])
 
 
 def test_parse_classes():
@@ -153,28 +218,47 @@ def test_generate_writes_a_grid_of_classes_by_samples(tiny_folder, tmp_path, cap
     assert main(["generate", "--model", str(tiny_folder), "--classes", "0-2,5", "--per-class", "3", "--seed", "1",
                  "--cfg-scale", "2", "--scale", "2", "--grid", str(out), "--quiet"]) == 0
     assert "generated 12 images" in capsys.readouterr().out
-    with Image.open(out) as png:
-        assert png.size == (3 * (8 * 2 + 2) + 2, 4 * (8 * 2 + 2) + 2)
+    # rows: the classes in order, columns: their samples, drawn with the same seed and guidance
+    labels = torch.tensor([0, 1, 2, 5]).repeat_interleave(3)
+    tokens = generate(load_model(str(tiny_folder))[0], labels, seed=1, cfg_scale=2.0, progress=False)
+    assert np.array_equal(png_pixels(out), rendered_grid(tokens_to_images(tokens).reshape(4, 3, 8, 8), 2, 2))
     assert main(["generate", "--model", str(tiny_folder), "--classes", "0-10", "--grid", str(out)]) == 2
 
 
-def test_compare_on_an_image_generator_reports_image_measures_and_writes_the_samples_side_by_side(tiny_folder,
-                                                                                                  tmp_path):
+def test_compare_on_an_image_generator_reports_image_measures_and_writes_the_samples_side_by_side(
+        tiny_folder, tmp_path, saved_figures):
     out = tmp_path / "cmp"
     assert main(["compare", "--model", str(tiny_folder), "--methods", "numerical,flap", "--ratios", "0.3",
                  "--calib-per-class", "2", "--eval-per-class", "4", "--out", str(out), "--quiet"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in results["rows"]] == ["dense", "numerical", "flap"]
-    for row in results["rows"]:
-        assert set(row["measures"]) == {"frechet_distance", "class_accuracy", "heldout_nll", "heldout_bits"}
-        assert 0 <= row["measures"]["class_accuracy"] <= 1 and row["measures"]["heldout_nll"] > 0
+    rows = results["rows"]
+    assert [r["method"] for r in rows] == ["dense", "numerical", "flap"]
     assert results["evaluation"]["per_class"] == 4
-    assert "Fréchet distance" in (out / "results.md").read_text()
-    with Image.open(out / "samples.png") as png:
-        # three grids (10 classes x 4 samples, 8x8 pixels enlarged 4x, 2-pixel padding) side by side with
-        # 8-pixel gaps, under 14-pixel captions
-        assert png.size == (3 * (4 * 34 + 2) + 4 * 8, 10 * 34 + 2 + 14 + 2 * 8)
-    assert (out / "measures.png").is_file()
+    # the dense row is what the evaluator it records measures on the dense model
+    evaluator = evaluator_of(results["evaluation"])
+    dense_measures, dense_images, _ = evaluator(load_model(str(tiny_folder))[0])
+    assert rows[0]["measures"] == pytest.approx(dense_measures, rel=1e-12)
+    for row in rows[1:]:
+        assert set(row["measures"]) == set(dense_measures) and row["measures"] != dense_measures
+    assert (out / "results.md").read_text() == "\n".join(
+        ["| method | ratio | achieved | Fréchet distance | class accuracy | held-out NLL |", "|---|---|---|---|---|---|",
+         *(f"| {r['method']} | {100 * r['ratio']:.0f}% | {100 * r['achieved_ratio']:.1f}% | "
+           f"{r['measures']['frechet_distance']:.3f} | {100 * r['measures']['class_accuracy']:.1f}% | "
+           f"{r['measures']['heldout_nll']:.3f} |" for r in rows)]) + "\n"
+    # measures.png: one panel per measure, each method's value at its achieved ratio, dense as a level line
+    (figure, _), = saved_figures
+    assert [ax.get_title() for ax in figure.axes] == ["Fréchet distance", "class accuracy", "held-out NLL"]
+    for ax, name in zip(figure.axes, ("frechet_distance", "class_accuracy", "heldout_nll")):
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        for row in rows[1:]:
+            assert list(lines[row["method"]].get_xydata()[0]) == [row["achieved_ratio"], row["measures"][name]]
+        assert set(lines["dense"].get_ydata()) == {rows[0]["measures"][name]}
+    # samples.png: three grids (10 classes x 4 samples, 8x8 pixels enlarged 4x, 2-pixel padding) side by side
+    # with 8-pixel gaps, under 14-pixel captions; the first is exactly the dense model's samples
+    pixels = png_pixels(out / "samples.png")
+    assert pixels.shape == (10 * 34 + 2 + 14 + 2 * 8, 3 * (4 * 34 + 2) + 4 * 8, 3)
+    dense_panel = pixels[8 + 14:8 + 14 + 10 * 34 + 2, 8:8 + 4 * 34 + 2]
+    assert np.array_equal(dense_panel, rendered_grid(dense_images.reshape(10, 4, 8, 8), 4, 2))
 
 
 def test_prune_on_an_image_generator_reports_dense_and_pruned_image_measures(tiny_folder, tmp_path, capsys):
@@ -185,24 +269,37 @@ def test_prune_on_an_image_generator_reports_dense_and_pruned_image_measures(tin
     report = json.loads((out / "pruning_report.json").read_text())
     measures = report["image_measures"]
     assert measures["protocol"]["cfg_scale"] == 1.5 and measures["protocol"]["seed"] == 1
+    # each is what the recorded protocol measures on the model it names: the input, and the saved output
+    evaluator = evaluator_of(measures["protocol"])
+    assert measures["dense"] == pytest.approx(evaluator(load_model(str(tiny_folder))[0])[0], rel=1e-12)
+    assert measures["pruned"] == pytest.approx(evaluator(load_model(str(out))[0])[0], rel=1e-12)
     assert measures["dense"]["heldout_nll"] != measures["pruned"]["heldout_nll"]
     assert main(["prune", "--model", str(tiny_folder), "--ratio", "0.3", "--eval", "sotu", "--out",
                  str(tmp_path / "x")]) == 2  # text on an image generator: one line, before calibrating
     assert "measured with --eval digits" in capsys.readouterr().err
 
 
-def test_bench_measures_images_per_second_of_dense_and_pruned_image_generators():
-    from numprune import prune
-    from numprune.bench import bench, format_table
-    from numprune.image.calibration import self_generated_tokens
-
+def test_bench_measures_images_per_second_of_dense_and_pruned_image_generators(monkeypatch):
     dense = tiny_digits_generator()
-    pruned, _ = prune(dense, self_generated_tokens(dense, 1, progress=False), ratio=0.4, progress=False)
-    results = bench([("dense", dense), ("pruned", pruned)], batch_sizes=(2,), warmup=0, repeats=1, prompt_len=8)
+    pruned, report = prune(dense, self_generated_tokens(dense, 1, progress=False), ratio=0.4, progress=False)
+    clock = FakeClock(1, 0.5, 1, 0.25, 1, 2)  # per run: start, done; the first run of each model is the warm-up
+    monkeypatch.setattr(numprune.bench, "time", SimpleNamespace(perf_counter=clock))
+    results = bench([("dense", dense), ("pruned", pruned)], batch_sizes=(2,), ratios=[0.0, 0.4], warmup=1, repeats=2,
+                    prompt_len=8)
+    assert len(clock.readings) == 2 * 2 * 3
     for run in results["runs"]:
-        assert run["generation"]["tokens_per_s"] == pytest.approx(run["generation"]["images_per_s"] * 64)
-    assert results["runs"][1]["vs_reference"]["weight_ratio"] < 1
-    assert "images/s" in format_table(results).splitlines()[0]
+        rates = [2 / 0.25, 2 / 2]  # 2 images in each timed run's seconds
+        assert run["generation"] == {"images_per_s": (rates[0] + rates[1]) / 2, "images_per_s_min": min(rates),
+                                     "images_per_s_max": max(rates), "tokens_per_s": (rates[0] + rates[1]) / 2 * 64}
+        assert "prompt_len" not in run["protocol"] and run["protocol"]["image_tokens"] == 64
+    assert results["runs"][1]["vs_reference"] == {
+        "images_speedup": 1.0, "weight_ratio": results["runs"][1]["weight_bytes"] / results["runs"][0]["weight_bytes"],
+        "peak_ratio": results["runs"][1]["model_peak_bytes"] / results["runs"][0]["model_peak_bytes"]}
+    assert results["runs"][1]["weight_bytes"] == 4 * sum(p.numel() for p in pruned.parameters())
+    table = format_table(results).splitlines()
+    assert table[0].startswith("| model | ratio | params | batch | images/s (median [min-max]) | image tokens/s |")
+    assert table[3].startswith(f"| pruned | 40.0% | {sum(p.numel() for p in pruned.parameters()) / 1e6:.2f}M | 2 | "
+                               "4.50 [1.00-8.00] | 288.0 | ")
 
 
 # --- Inception metrics (ImageNet generators), through torch-fidelity --------------------------------------

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from numprune.errors import NumpruneError
+from numprune.evaluate.image import heldout_nll
 from numprune.image.calibration import self_generated_tokens
 from numprune.image.digits import digits_split, tokens_to_images, unigram_nll
 from numprune.image.sampling import generate, pick_tokens
@@ -277,7 +279,12 @@ def test_digits_split_is_fixed_stratified_and_decodes_to_images():
     assert split["train_tokens"].min() == 0 and split["train_tokens"].max() == 16
     images = tokens_to_images(split["heldout_tokens"][:3])
     assert images.shape == (3, 8, 8) and images.min() >= 0 and images.max() == 1
-    assert 1.5 < unigram_nll() < math.log(17)
+    # the baseline: held-out tokens under the training grey-level frequencies with add-one smoothing, counted here
+    train = Counter(split["train_tokens"].flatten().tolist())
+    heldout = split["heldout_tokens"].flatten().tolist()
+    total = sum(train.values()) + 17
+    assert unigram_nll() == pytest.approx(-math.fsum(math.log((train[v] + 1) / total) for v in heldout) / len(heldout),
+                                          rel=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -296,12 +303,13 @@ def test_train_digits_is_deterministic_and_reloads_in_a_fresh_process(trained):
     a, b = load_file(trained / "a" / "model.safetensors"), load_file(trained / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     report = json.loads((trained / "a" / "training_report.json").read_text())
-    assert report["recipe"]["steps"] == 3 and report["heldout_nll"] > 0 and report["unigram_nll"] > 0
-    code = ("import sys, torch, numprune; from transformers import AutoModelForCausalLM; "
+    assert report["recipe"]["steps"] == 3 and report["unigram_nll"] == unigram_nll()
+    code = ("import sys, torch, numprune; from safetensors.torch import save_file; "
+            "from transformers import AutoModelForCausalLM; "
             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); "
             "ids = torch.tensor([[3] + list(range(17)) * 3 + [5] * 13]); "
-            "torch.save(m(ids).logits, sys.argv[2])")
-    logits_path = trained / "logits.pt"
+            "save_file({'logits': m(ids).logits.detach().contiguous()}, sys.argv[2])")
+    logits_path = trained / "logits.safetensors"
     done = subprocess.run([sys.executable, "-c", code, str(trained / "a"), str(logits_path)], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -310,7 +318,10 @@ def test_train_digits_is_deterministic_and_reloads_in_a_fresh_process(trained):
     model = AutoModelForCausalLM.from_pretrained(trained / "a").eval()
     ids = torch.tensor([[3] + list(range(17)) * 3 + [5] * 13])
     with torch.no_grad():
-        assert torch.equal(torch.load(logits_path, weights_only=True), model(ids).logits)
+        assert torch.equal(load_file(logits_path)["logits"], model(ids).logits)
+    split = digits_split()  # the reported held-out NLL is the saved model's, teacher-forced on the held-out digits
+    assert report["heldout_nll"] == pytest.approx(heldout_nll(model, split["heldout_tokens"],
+                                                              split["heldout_labels"])["nll"], rel=1e-9)
 
 
 def test_prune_an_image_generator_on_self_generated_calibration(trained, tmp_path, capsys):

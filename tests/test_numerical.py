@@ -69,11 +69,22 @@ def test_score_is_invariant_to_the_scale_of_inputs_and_weights():
     torch.testing.assert_close(z1, z2, rtol=1e-8, atol=1e-8)
 
 
-def test_dead_channels_still_give_a_finite_score():
+def test_dead_channels_score_the_closed_form_of_the_damped_problem():
+    """A channel that is never active makes A singular; damping adds gamma = damp * mean diag(A) to the diagonal,
+    and the score is the closed form with that A. The dead channel's row of A is then gamma e_3, so
+    (A^-1 1)_3 = 1 / gamma and its score is 1 - c / gamma, the lowest of all."""
     x, w = random_problem(seed=6)
-    x[:, 3] = 0  # a channel that is never active makes A singular without damping
-    z = newton_score(x.T @ x / x.shape[0], w, 0.5)
-    assert torch.isfinite(z).all()
+    x[:, 3] = 0
+    second = x.T @ x / x.shape[0]
+    z = newton_score(second, w, 0.5, damp=0.01)
+    a = (w.T @ w) * second
+    gamma = 0.01 * a.diagonal().mean()
+    damped = a + gamma * torch.eye(12, dtype=torch.float64)
+    lam = damped.diagonal().sum() / 12
+    ainv1 = torch.linalg.solve(damped, torch.ones(12, dtype=torch.float64))
+    c = lam * 0.5 * 12 / (1 + lam * ainv1.sum())
+    torch.testing.assert_close(z, 1 - c * ainv1, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(z[3], 1 - c / gamma, rtol=1e-9, atol=1e-9)
     assert z.argmin() == 3
 
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from hostile import refused, tiny_model_folder  # noqa: F401  (a fixture)
+from hostile import refused
 from numprune.data.corpora import MAX_TEXT_FILE_BYTES
 
 WEIGHTS = "model.safetensors"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hostile import hashes, numprune, refused, tiny_model_folder  # noqa: F401  (a fixture)
+from hostile import hashes, numprune, refused
 from numprune.errors import NumpruneError
 from numprune.io import output
 

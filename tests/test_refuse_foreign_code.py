@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from hostile import refused, tiny_model_folder  # noqa: F401  (a fixture)
+from hostile import refused
 
 # A module that leaves a mark wherever it is imported, and a pickle that leaves one when loaded.
 PLANTED_CODE = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"

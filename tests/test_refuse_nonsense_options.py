@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from hostile import refused, tiny_model_folder  # noqa: F401  (a fixture)
+from hostile import refused
 
 PRUNE = ["prune", "--ratio", "0.3", "--nsamples", "2", "--seqlen", "16", "--quiet"]
 

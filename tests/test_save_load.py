@@ -1,48 +1,15 @@
 """Saved folders reload, in a fresh process, into the same model; writes are atomic."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import tiny_llama, tiny_tokens
+from conftest import reload_all, tiny_llama, tiny_tokens
 from numprune.api import prune
 from numprune.errors import NumpruneError
 from numprune.save import REPORT_NAME, save_pruned
-
-RELOAD = """
-import sys, torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
-probe = load_file(sys.argv[1])["probe"]
-logits = {}
-for i, folder in enumerate(sys.argv[3:]):
-    if folder == "--import-numprune":
-        import numprune
-        continue
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    with torch.no_grad():
-        logits[str(len(logits))] = model(probe).logits.contiguous()
-    print(type(model).__name__, "numprune" in sys.modules)
-save_file(logits, sys.argv[2])
-"""
-
-
-def reload_all(plain: list[Path], with_numprune: list[Path], probe: torch.Tensor, tmp_path: Path):
-    """Load ``plain`` folders, then ``import numprune`` and load ``with_numprune``, in one fresh process
-    with AutoModelForCausalLM: [(logits, (class name, whether numprune was imported))], in that order."""
-    from safetensors.torch import save_file
-
-    save_file({"probe": probe}, tmp_path / "probe.safetensors")
-    folders = [*map(str, plain), "--import-numprune", *map(str, with_numprune)]
-    done = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "probe.safetensors"),
-                           str(tmp_path / "logits.safetensors"), *folders], capture_output=True, text=True, check=True)
-    logits = load_file(tmp_path / "logits.safetensors")
-    return [(logits[str(i)], tuple(line.split())) for i, line in enumerate(done.stdout.splitlines())]
 
 
 def reload_logits(folder: Path, probe: torch.Tensor, tmp_path: Path, import_numprune: bool):

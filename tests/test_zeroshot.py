@@ -14,10 +14,10 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
+from conftest import tiny_llama
 from numprune.cli import main
 from numprune.errors import NumpruneError
 from numprune.evaluate import zeroshot
-from tests.conftest import tiny_llama
 
 TASK = "numprune_offline_arc"
 

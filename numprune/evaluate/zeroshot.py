@@ -16,6 +16,7 @@ from pathlib import Path
 
 from numprune.errors import NumpruneError
 from numprune.io.output import check_target, write_text
+from numprune.io.table import markdown_table
 from numprune.models import load_model, model_folder, source_folder
 
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -123,14 +124,13 @@ def _row(raw: dict, name: str) -> dict:
 
 def format_table(results: dict) -> str:
     """One line per requested task and metric: task, metric, value, stderr (lm-eval's own layout)."""
-    lines = ["| task | metric | value | stderr |", "|---|---|---|---|"]
+    rows = []
     for name in results["requested"]:
         row = results["results"][name]
         for metric in ("acc", "acc_norm"):
             if metric in row:
                 stderr = row.get(f"{metric}_stderr")
-                stderr = f"{stderr:.4f}" if isinstance(stderr, float) else "-"
-                lines.append(f"| {name} | {metric} | {row[metric]:.4f} | {stderr} |")
+                rows.append((name, metric, f"{row[metric]:.4f}", f"{stderr:.4f}" if isinstance(stderr, float) else "-"))
     if results["mean_acc"] is not None:
-        lines.append(f"| mean over tasks | acc | {results['mean_acc']:.4f} | - |")
-    return "\n".join(lines)
+        rows.append(("mean over tasks", "acc", f"{results['mean_acc']:.4f}", "-"))
+    return markdown_table(("task", "metric", "value", "stderr"), rows)

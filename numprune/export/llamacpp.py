@@ -21,6 +21,7 @@ from numprune.bench import MiB, PeakMemory, throughput
 from numprune.errors import NumpruneError
 from numprune.export.gguf import export_gguf
 from numprune.io.output import output_file
+from numprune.io.table import markdown_table
 
 try:
     import llama_cpp
@@ -208,7 +209,7 @@ def format_table(results: dict) -> str:
     columns = ("model", "type", "params", "file MiB", "prefill tok/s", "decode tok/s (median [min-max])",
                "decode ms/token", "peak MiB", "decode speed-up", "params dense/pruned", "file ratio",
                *(("perplexity",) if with_ppl else ()))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    rows = []
     for r in results["runs"]:
         decode, vs = r["decode"], r["vs_reference"]
         cells = [r["model"], r["quant"], f"{r['parameters'] / 1e6:.1f}M", f"{r['file_bytes'] / MiB:.1f}",
@@ -218,11 +219,10 @@ def format_table(results: dict) -> str:
                  f"{vs['decode_speedup']:.2f}x", f"{vs['parameter_ratio']:.2f}", f"{vs['file_ratio']:.2f}"]
         if with_ppl:
             cells.append(f"{r['perplexity']['ppl']:.2f}" if "perplexity" in r else "-")
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
     protocol = results["runs"][0]["protocol"] if results["runs"] else {}
     timing = (f"{protocol.get('repeats')} rounds over every file (each: load, {protocol.get('warmup')} warm-up, 1 timed run)"
               if protocol.get("interleaved") else f"{protocol.get('warmup')} warm-up + {protocol.get('repeats')} timed runs")
-    lines.append(f"\nllama.cpp (llama-cpp-python {protocol.get('llama_cpp_python')}), {protocol.get('threads')} threads, "
-                 f"batch 1, {protocol.get('prompt_len')}-token prompt, {protocol.get('new_tokens')} greedy new tokens, "
-                 f"{timing}")
-    return "\n".join(lines)
+    return (markdown_table(columns, rows) + f"\n\nllama.cpp (llama-cpp-python {protocol.get('llama_cpp_python')}), "
+            f"{protocol.get('threads')} threads, batch 1, {protocol.get('prompt_len')}-token prompt, "
+            f"{protocol.get('new_tokens')} greedy new tokens, {timing}")
