@@ -52,7 +52,7 @@ def run(rank: int, world: int, port: int, out: str, args: dict) -> None:
         pruned, report = numprune.prune(model, tokens, ratio=0.3, batch_size=args["batch_size"], progress=False)
         if rank == 0:
             save_file({k: v.clone() for k, v in pruned.state_dict().items()}, f"{out}/pruned{world}.safetensors")
-            Path(f"{out}/report{world}.json").write_text(json.dumps(report))
+            Path(f"{out}/report{world}.json").write_text(json.dumps(report.to_json()))
     finally:
         if world > 1:
             dist.destroy_process_group()

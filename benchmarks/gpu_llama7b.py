@@ -28,7 +28,7 @@ from transformers.initialization import no_init_weights
 import numprune
 from numprune.adapters import LayerPlan, adapter_for
 from numprune.allocate import allocate
-from numprune.api import parameter_counts
+from numprune.report import parameter_counts
 from numprune.bench import measure
 from numprune.cli.args import dtype as dtype_arg
 from numprune.io.table import markdown_table

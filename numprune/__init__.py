@@ -23,8 +23,9 @@ def exit_if_command_interrupted() -> None:
 
 try:
     from numprune import families  # noqa: F401  (registers every family's adapter and Auto classes)
-    from numprune.api import PruneOptions, calibrate, prune
+    from numprune.api import calibrate, prune
     from numprune.errors import NumpruneError
+    from numprune.recipe import PruneOptions
     from numprune.save import save_pruned
     from numprune.stream import prune_streaming
 except KeyboardInterrupt:

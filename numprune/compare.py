@@ -6,7 +6,8 @@ costs one calibration plus one cheap scoring/compensation/surgery per cell. A me
 name with optional overrides, e.g. ``numerical``, ``numerical:compensation=none``,
 ``numerical:compensation_stats=sequential:iterations=1`` or
 ``numerical:allocation=flap-widths:compensation=affine:compensation_damp=0.1:centred=true``: any
-PruneOptions field or keyword option of the method's criterion, parsed by its declared type.
+PruneOptions field or keyword option of the method's criterion, parsed by its declared type
+(``PruneOptions.parse``).
 
 On an image generator the columns are image measures (``numprune.evaluate.image``) instead of
 perplexities, and each model's samples are kept for one side-by-side picture, ``samples.png``.
@@ -15,78 +16,28 @@ perplexities, and each model's samples are kept for one side-by-side picture, ``
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import time
-from dataclasses import fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import get_args, get_type_hints
 
-from numprune.api import PruneOptions, calibrate, prune
-from numprune.criteria import get_method
+from numprune.api import calibrate, prune
 from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import perplexity
 from numprune.image.grid import by_class, grid_image, save_png, side_by_side
 from numprune.io.output import output_folder
 from numprune.io.table import markdown_table
+from numprune.recipe import PruneOptions
 
-BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 IMAGE_MEASURES = {"frechet_distance": "Fréchet distance", "class_accuracy": "class accuracy",
                   "heldout_nll": "held-out NLL"}
 GRID_COLUMNS = 8  # samples per class shown in samples.png
 
 
-def option_types(name: str) -> tuple[dict, dict]:
-    """``(prune options, score options)`` a method entry may set, each name with its declared type.
-
-    Prune options are PruneOptions' fields; score options are the criterion's keyword-only
-    parameters. Both come from the declarations, so a new option is parsed without a table here.
-    """
-    hints = get_type_hints(PruneOptions)
-    prune_options = {f.name: _declared(hints[f.name]) for f in fields(PruneOptions)
-                     if f.name not in ("ratio", "method", "score_options")}
-    criterion = get_method(name).criterion
-    criterion_hints = get_type_hints(criterion)
-    score_options = {n: _declared(criterion_hints[n]) for n, p in inspect.signature(criterion).parameters.items()
-                     if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    return prune_options, score_options
-
-
-def parse_method(entry: str) -> tuple[str, dict]:
-    """``name:key=value:...`` -> (name, prune options), every value cast to its declared type and checked."""
-    name, *overrides = entry.strip().split(":")
-    prune_options, score_options = option_types(name.strip())
-    options, score = {}, {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in prune_options | score_options:
-            known = ", ".join(sorted(prune_options | score_options))
-            raise NumpruneError(f"bad method option {item!r} in {entry!r}; use key=value with key in: {known}")
-        cast = (prune_options | score_options)[key]
-        try:
-            (score if key in score_options else options)[key] = _cast(cast, value.strip())
-        except ValueError:
-            raise NumpruneError(f"bad value {value!r} for {key} in {entry!r}") from None
-    if score:
-        options["score_options"] = score
-    PruneOptions(ratio=0.5, method=name, **options).resolve()
-    return name, options
-
-
-def _declared(hint):
-    """The type a hint declares, ``X | None`` read as X."""
-    args = [t for t in get_args(hint) if t is not type(None)]
-    return args[0] if args else hint
-
-
-def _cast(kind: type, value: str):
-    if kind is bool:
-        if value.lower() not in BOOLEANS:
-            raise ValueError(value)
-        return BOOLEANS[value.lower()]
-    return kind(value)
+def recipes(methods: list[str], ratios: list[float]) -> dict[tuple[str, float], PruneOptions]:
+    """Every method entry at every ratio as checked options, so that a bad entry fails before any work."""
+    return {(entry, ratio): PruneOptions.parse(entry, ratio) for entry in methods for ratio in ratios}
 
 
 def run_grid(model, tokens, methods: list[str], ratios: list[float], eval_sets: dict, *, calibration_info: dict,
@@ -96,7 +47,7 @@ def run_grid(model, tokens, methods: list[str], ratios: list[float], eval_sets: 
     ``images``, a ``DigitsEvaluator``, replaces perplexity on ``eval_sets`` with image measures and
     keeps each model's samples under ``results["samples"]`` (not saved in results.json).
     """
-    parsed = [(entry, *parse_method(entry)) for entry in methods]
+    checked = recipes(methods, ratios)
     samples = {}
 
     def evaluate(m, name: str) -> dict:
@@ -114,12 +65,12 @@ def run_grid(model, tokens, methods: list[str], ratios: list[float], eval_sets: 
              "params": sum(p.numel() for p in model.parameters())}]
     if progress:
         _print_row(rows[0])
-    for entry, name, options in parsed:
+    for entry in methods:
         for ratio in ratios:
             row = {"method": entry, "ratio": ratio}
             try:
-                pruned, report = prune(model, tokens, ratio=ratio, stats=stats, batch_size=batch_size,
-                                       progress=False, method=name, **options)
+                pruned, report = prune(model, tokens, stats=stats, batch_size=batch_size, progress=False,
+                                       **asdict(checked[entry, ratio]))
             except NumpruneError as error:
                 rows.append({**row, "error": str(error)})
                 continue

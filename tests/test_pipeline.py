@@ -1,6 +1,7 @@
 """The pruning stages on tiny random LLaMA-layout models: statistics, allocation, surgery."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -8,12 +9,17 @@ import torch
 from conftest import SHAPES, tiny_llama, tiny_tokens
 from numprune.adapters import adapter_for
 from numprune.adapters.base import head_channels
-from numprune.allocate import allocate, layer_guide
-from numprune.api import _compensate, _criterion_inputs, PruneOptions, prune
-from numprune.calibrate import LayerStream, collect_statistics
-from numprune.criteria import get_method
+from numprune.allocate import allocate
+from numprune.api import prune
+from numprune.calibrate import InputStats, LayerStream, collect_statistics
+from numprune.criteria import LayerScores
 from numprune.errors import NumpruneError
+from numprune.pipeline import Compute, compensate, select
+from numprune.recipe import PruneOptions
+from numprune.report import Clock, Comparison
+from numprune.save import save_pruned
 from numprune.shrink import shrink
+from numprune.sources import InMemory
 
 
 def test_statistics_equal_a_brute_force_pass(tokens):
@@ -38,21 +44,14 @@ def test_statistics_equal_a_brute_force_pass(tokens):
 
 
 def stages(model, tokens, ratio=0.3, **options):
-    """Run the stages by hand, returning the masked (compensated) model and the shrunk one."""
-    opts = PruneOptions(ratio=ratio, **options)
-    opts.resolve()
-    adapter = adapter_for(model)
-    stats = collect_statistics(model, adapter, tokens, batch_size=4, progress=False)
-    criterion = get_method(opts.method).criterion
-    inputs = [_criterion_inputs(adapter, i, s, ratio) for i, s in enumerate(stats)]
-    scores = [criterion(x, **opts.score_options) for x in inputs]
-    guides = [layer_guide(opts.allocation, adapter, x, sc, opts.compensation, opts.compensation_options(), opts.gqa_unit)
-              for x, sc in zip(inputs, scores)]
-    plans = allocate(adapter, scores, ratio, opts.allocation, opts.gqa_unit, opts.round_to, guides)
-    masked = copy.deepcopy(model)
-    masked_adapter = adapter_for(masked)
-    _compensate(masked_adapter, plans, stats, tokens, opts, 4, False)
-    return masked, shrink(masked_adapter, plans), plans
+    """The pipeline's steps one by one, returning the masked (compensated, not yet shrunk) model, the shrunk one
+    and the plans."""
+    opts = PruneOptions.checked(ratio, **options)
+    compute, clock = Compute(batch_size=4, progress=False), Clock()
+    plans, stats = select(InMemory(model), tokens, None, opts, compute, clock)
+    masked = InMemory(copy.deepcopy(model))
+    compensate(masked, plans, stats, tokens, opts, compute, clock)
+    return masked.adapter.model, shrink(masked.adapter, plans), plans
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -113,8 +112,6 @@ def test_uniform_allocation_keeps_every_layer_the_same(tokens):
 
 def test_global_allocation_prefers_low_scores():
     """With hand-made scores, global allocation removes exactly the lowest-scoring units."""
-    from numprune.criteria import LayerScores
-
     model = tiny_llama("mha", layers=2)
     adapter = adapter_for(model)
     scores = [LayerScores(torch.tensor([0.9, 0.1, 0.8, 0.7], dtype=torch.float64), torch.ones(48, dtype=torch.float64)),
@@ -227,8 +224,6 @@ def test_statistics_wait_on_disk_and_come_back_exactly(tokens):
 
 
 def test_gram_matrix_formed_in_row_blocks_equals_the_whole_product(monkeypatch):
-    from numprune.calibrate import InputStats
-
     monkeypatch.setitem(InputStats.add.__globals__, "GRAM_BLOCK", 3)  # 7 channels: blocks of 3, 3 and 1 rows
     x = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(0))
     stats = InputStats.empty(7)
@@ -236,3 +231,20 @@ def test_gram_matrix_formed_in_row_blocks_equals_the_whole_product(monkeypatch):
     flat = x.reshape(-1, 7).double()
     torch.testing.assert_close(stats.gram, flat.T @ flat, rtol=1e-6, atol=1e-6)
     assert stats.count == 10
+
+
+def test_the_report_is_typed_reads_like_its_json_and_is_saved_as_it(tokens, tmp_path):
+    model = tiny_llama("gqa")
+    pruned, report = prune(model, tokens, ratio=0.3, progress=False)
+    saved = json.loads((save_pruned(pruned, None, report, tmp_path / "out") / "pruning_report.json").read_text())
+    assert saved == report.to_json() and list(saved) == list(report) and report["layers"] == saved["layers"]
+    assert report.parameters.total_before == sum(p.numel() for p in model.parameters())
+    assert report.parameters.total_after == sum(p.numel() for p in pruned.parameters())
+    pruned_adapter = adapter_for(pruned)
+    assert [(len(p.heads), len(p.channels)) for p in report.layers] == [
+        (pruned_adapter.attention_layout(i).num_heads, pruned_adapter.mlp_width(i)) for i in range(3)]
+    assert not {"model", "perplexity", "image_measures", "peak_gpu_bytes"} & set(saved)  # only what was set
+    report.model = "tiny"
+    report.perplexity = {"text": Comparison(2.0, 3.0, {"windows": 1})}
+    assert list(report)[-2:] == ["model", "perplexity"]
+    assert report["perplexity"] == {"text": {"dense": 2.0, "pruned": 3.0, "protocol": {"windows": 1}}}

@@ -37,7 +37,7 @@ def test_existing_output_needs_overwrite(tmp_path, tokens):
     out = save_pruned(pruned, None, report, tmp_path / "out")
     with pytest.raises(NumpruneError, match="already exists"):
         save_pruned(pruned, None, report, out)
-    report["marker"] = 1
+    report = {**report, "marker": 1}  # any JSON object saves as given
     save_pruned(pruned, None, report, out, overwrite=True)
     assert json.loads((out / REPORT_NAME).read_text())["marker"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
@@ -45,7 +45,7 @@ def test_existing_output_needs_overwrite(tmp_path, tokens):
 
 def test_failed_save_leaves_nothing(tmp_path, tokens):
     pruned, report = prune(tiny_llama("mha"), tokens, ratio=0.2, progress=False)
-    report["unserialisable"] = object()
+    report = {**report, "unserialisable": object()}
     with pytest.raises(TypeError):
         save_pruned(pruned, None, report, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

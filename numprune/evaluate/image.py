@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from numprune.data.assets import _build_atomically, cache_dir
+from numprune.data.assets import build_atomically, cache_dir
 from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import summed_nll
 from numprune.image.calibration import CALIB_CFG_SCALE
@@ -95,7 +95,7 @@ def digits_classifier() -> DigitsClassifier:
         (folder / "info.json").write_text(json.dumps({"version": CLASSIFIER_VERSION, "train_images": len(tokens),
                                                       "heldout_accuracy": heldout}, indent=2) + "\n")
 
-    folder = _build_atomically(cache_dir() / f"digits-classifier-v{CLASSIFIER_VERSION}-{digest}", build)
+    folder = build_atomically(cache_dir() / f"digits-classifier-v{CLASSIFIER_VERSION}-{digest}", build)
     model = DigitsClassifier()
     model.load_state_dict(load_file(folder / "model.safetensors"))
     return model.eval()

@@ -1,0 +1,239 @@
+"""The body of a pruning run, read top to bottom: check, select, compensate, report.
+
+``numprune.prune`` (api.py, a loaded model) and ``numprune.prune_streaming`` (stream.py, a model
+read from disk one layer at a time) are both these steps over a layer source (numprune.sources):
+
+1. ``resolve`` and ``check_run``: the options (numprune.recipe) and everything the inputs' shapes
+   decide, before any long work.
+2. ``select``: calibrate (numprune.calibrate), score (numprune.criteria) and allocate
+   (numprune.allocate), visiting each layer once; gives each layer's plan.
+3. ``compensate``: mask and refit each layer's output projections (numprune.compensate), visiting
+   each layer once more; the source then slices (streamed) or ``shrink`` slices the whole model.
+4. ``build_report``: the typed report (numprune.report), timed by a ``Clock``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import psutil
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from numprune import compensate as compensation_registry
+from numprune import distributed
+from numprune.adapters import Adapter, LayerPlan, adapter_for
+from numprune.adapters.base import projection_weight
+from numprune.allocate import GUIDED, allocate, layer_guide
+from numprune.calibrate import LayerStats, LayerStream, StatsStore
+from numprune.criteria import CriterionInputs, LayerScores, get_method
+from numprune.errors import NumpruneError
+from numprune.recipe import POSITIVE_INT, PruneOptions
+from numprune.report import (Clock, ComputeRecord, ParameterReport, PruneReport, parameter_counts,
+                             removed_share)
+from numprune.sources import LayerSource
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# round_to is refused when the widths it rounds to would move the removed share by more than this
+# fraction of the target (e.g. 8.9% removed against 30%).
+ROUND_TO_TOLERANCE = 0.5
+
+
+@dataclass
+class Compute:
+    """Where and how the layer passes run; none of it changes the result beyond float rounding."""
+
+    batch_size: int = 8
+    progress: bool = True
+    device: torch.device | str | None = None  # None: where the model's input embeddings are
+    dtype: torch.dtype | None = None  # None: the weights' own
+
+    def __post_init__(self):
+        POSITIVE_INT.check("batch size", self.batch_size)
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise NumpruneError(f"device must be cpu, cuda or cuda:N, got {self.device!r}") from None
+
+    def stream(self, adapter: Adapter, tokens: torch.Tensor) -> LayerStream:
+        """This process's share of ``tokens`` streamed into the first layer, statistics summed over processes."""
+        return LayerStream(adapter.model, adapter, distributed.shard(tokens), self.batch_size, self.device, self.dtype,
+                           distributed.reducer())
+
+    def describe(self, adapter: Adapter, streaming: bool = False) -> ComputeRecord:
+        device = self.device if self.device is not None else adapter.model.get_input_embeddings().weight.device
+        dtype = self.dtype or next(p for p in adapter.model.parameters()).dtype
+        return ComputeRecord(str(device), str(dtype).removeprefix("torch."), distributed.world().size, streaming)
+
+
+# 1. Checks, before any long work.
+
+def resolve(ratio: float, options: dict, tokens, stats) -> PruneOptions:
+    """Checked options; the calibration tokens are there when needed."""
+    opts = PruneOptions.checked(ratio, **options)
+    if tokens is None and (stats is None or opts.compensation_stats == "sequential"):
+        raise NumpruneError("calibration tokens are needed" + (" for sequential compensation statistics"
+                                                               if stats is not None else ""))
+    return opts
+
+
+def check_tokens(adapter: Adapter, tokens) -> None:
+    """Calibration tokens: a non-empty integer tensor [samples, seqlen] of ids the model has, windows it can read."""
+    if tokens is None:
+        return
+    if not torch.is_tensor(tokens) or tokens.dtype in (torch.bool, *FLOAT_DTYPES) or tokens.is_complex():
+        raise NumpruneError(f"calibration tokens must be an integer tensor of token ids, got "
+                            f"{tokens.dtype if torch.is_tensor(tokens) else type(tokens).__name__}")
+    if tokens.dim() != 2 or tokens.numel() == 0:
+        raise NumpruneError(f"calibration tokens must have shape [samples, seqlen], both at least 1, got "
+                            f"{tuple(tokens.shape)}")
+    vocab = adapter.model.get_input_embeddings().num_embeddings
+    if tokens.min() < 0 or tokens.max() >= vocab:
+        raise NumpruneError(f"calibration tokens must be ids between 0 and {vocab - 1}, got values from "
+                            f"{int(tokens.min())} to {int(tokens.max())}")
+    adapter.check_window(tokens.shape[1])
+
+
+def check_run(adapter: Adapter, tokens, stats, opts: PruneOptions) -> None:
+    """Everything the inputs' shapes decide, before calibration: the tokens, statistics of this model, and
+    an allocation that exists (a dry run on equal scores: feasibility and widths depend on shapes only)."""
+    check_tokens(adapter, tokens)
+    if stats is not None:
+        _check_stats(adapter, stats)
+    elif tokens is not None:
+        _check_activation_memory(adapter, tokens)
+    layers = range(adapter.num_layers())
+    equal = [LayerScores(torch.zeros(adapter.attention_layout(i).num_heads, dtype=torch.float64),
+                         torch.zeros(adapter.mlp_width(i), dtype=torch.float64)) for i in layers]
+    # A guided allocation ranks across layers like the global one: the same shapes decide whether it exists.
+    mode = "global" if opts.allocation in GUIDED else opts.allocation
+    plans = allocate(adapter, equal, opts.ratio, mode, opts.gqa_unit, opts.round_to)
+    if opts.round_to > 1:
+        achieved = removed_share(sum(adapter.prunable_parameters(i) for i in layers),
+                                 sum(adapter.prunable_parameters(i, plans[i]) for i in layers))
+        if abs(achieved - opts.ratio) > ROUND_TO_TOLERANCE * opts.ratio:
+            raise NumpruneError(f"round_to {opts.round_to} would remove {achieved:.1%} of the attention+MLP parameters "
+                                f"against a target of {opts.ratio:.1%}; choose a smaller multiple")
+
+
+def _check_activation_memory(adapter: Adapter, tokens: torch.Tensor) -> None:
+    """Calibration keeps every window's hidden states (in and out of the layer being visited): refuse, before
+    any work, a token count whose activations could not fit in this machine's free memory."""
+    weight = adapter.model.get_input_embeddings().weight
+    needed = 2 * tokens.numel() * weight.shape[1] * weight.element_size()
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise NumpruneError(f"calibrating on {tokens.numel():,} tokens holds about {needed / 2**30:.1f} GiB of "
+                            f"activations; {available / 2**30:.1f} GiB of memory is free")
+
+
+def _check_stats(adapter: Adapter, stats) -> None:
+    """Statistics from ``calibrate`` on a model of this shape (one entry per layer, matching widths)."""
+    if len(stats) != adapter.num_layers():
+        raise NumpruneError(f"the statistics are for {len(stats)} layers; this model has {adapter.num_layers()}")
+    for i in sorted({0, adapter.num_layers() - 1}):
+        layer = adapter.layers()[i]
+        widths = [projection_weight(adapter.attention_output(layer)).shape[1],
+                  projection_weight(adapter.mlp_output(layer)).shape[1]]
+        got = [stats[i].attention.gram.shape[0], stats[i].mlp.gram.shape[0]]
+        if got != widths:
+            raise NumpruneError(f"the statistics do not belong to this model: layer {i} has inputs of widths "
+                                f"{widths[0]} and {widths[1]}, the statistics {got[0]} and {got[1]}")
+
+
+# 2. Select: calibrate, score and allocate.
+
+def select(source: LayerSource, tokens: torch.Tensor | None, stats: Sequence[LayerStats] | None, opts: PruneOptions,
+           compute: Compute, clock: Clock) -> tuple[list[LayerPlan], Sequence[LayerStats]]:
+    """Calibrate (unless ``stats`` are given), score and allocate, visiting each layer once."""
+    adapter = source.adapter
+    distributed.agree("the options", asdict(opts))
+    distributed.agree("the model's shape", [adapter.prunable_parameters(i) for i in range(adapter.num_layers())])
+    stream = None
+    if stats is None:
+        distributed.agree("the calibration tokens", tokens)
+        with source.inputs(), clock.timed("calibration"):
+            stream = compute.stream(adapter, tokens)
+        stats = StatsStore()
+    criterion = get_method(opts.method).criterion
+    scores, guides = [], []
+    for i in tqdm(range(adapter.num_layers()), desc="calibrating" if stream else "scoring", unit="layer",
+                  disable=not compute.progress):
+        with source.layer(i) as layer:
+            if stream is not None:
+                with clock.timed("calibration"):
+                    stats.append(stream.run(layer, collect=True, advance=True))
+            with clock.timed("scoring"):
+                inputs = criterion_inputs(adapter, i, layer, stats[i], opts.ratio)
+                scores.append(criterion(inputs, **opts.score_options))
+                guides.append(layer_guide(opts.allocation, adapter, inputs, scores[-1], opts.allocation_compensation,
+                                          opts.compensation_options(opts.allocation_compensation), opts.gqa_unit))
+    del stream
+    with clock.timed("scoring"):
+        plans = allocate(adapter, scores, opts.ratio, opts.allocation, opts.gqa_unit, opts.round_to, guides)
+    distributed.agree("the allocation", [asdict(p) for p in plans])
+    return plans, stats
+
+
+def criterion_inputs(adapter: Adapter, i: int, layer: nn.Module, stats: LayerStats, ratio: float) -> CriterionInputs:
+    """What a criterion scores layer ``i`` from: its statistics and the weights of ``layer``, as the source holds it."""
+    return CriterionInputs(i, stats, projection_weight(adapter.attention_output(layer)).detach(),
+                           projection_weight(adapter.mlp_output(layer)).detach(), adapter.attention_layout(i), ratio)
+
+
+# 3. Compensate: mask and refit.
+
+def compensate(source: LayerSource, plans: list[LayerPlan], stats: Sequence[LayerStats], tokens,
+               opts: PruneOptions, compute: Compute, clock: Clock) -> None:
+    """Mask (and, unless disabled, refit) every layer's output projections in place.
+
+    ``dense`` statistics come from the unpruned model (the calibration pass); ``sequential`` ones
+    are re-collected with the layers upstream already pruned and compensated, so each layer
+    corrects the drift of those before it. ``source.done`` receives each layer once compensated.
+    """
+    adapter = source.adapter
+    stream = None
+    compensation, options = compensation_registry.REGISTRY[opts.compensation], opts.compensation_options()
+    if opts.compensation_stats == "sequential":
+        with source.inputs(), clock.timed("compensation"):
+            stream = compute.stream(adapter, tokens)
+    for i in tqdm(range(adapter.num_layers()), desc="compensating", unit="layer", disable=not compute.progress):
+        with source.layer(i) as layer:
+            with clock.timed("compensation"):
+                if not compensation.needs:
+                    layer_stats = None
+                elif stream is None:
+                    layer_stats = stats[i]
+                else:
+                    layer_stats = stream.run(layer, collect=True, advance=False)
+                kept = adapter.kept_inputs(i, plans[i])
+                outputs = (adapter.attention_output(layer), adapter.mlp_output(layer))
+                parts = (layer_stats.attention, layer_stats.mlp) if layer_stats is not None else (None, None)
+                for linear, keep, s in zip(outputs, kept, parts):
+                    fit = compensation.fit(projection_weight(linear).detach(), s, keep, options)
+                    compensation_registry.apply(linear, keep, fit)
+                if stream is not None:
+                    stream.run(layer, collect=False, advance=True)
+            with clock.timed("surgery"):
+                source.done(i, layer, plans[i])
+
+
+# 4. Report.
+
+def build_report(opts: PruneOptions, tokens, calibration_info: dict | None, before: dict, pruned: nn.Module,
+                 plans: list[LayerPlan], clock: Clock, compute: ComputeRecord) -> PruneReport:
+    """The run's report: options, parameters, per-layer widths, time and memory."""
+    calibration = {**(calibration_info or {})}
+    if tokens is not None:
+        calibration["tokens"] = int(tokens.numel())
+        if "calibration" in clock.laps:
+            calibration["tokens_per_s"] = round(tokens.numel() / max(clock.laps["calibration"], 1e-9), 1)
+    after = parameter_counts(adapter_for(pruned))
+    parameters = ParameterReport(before["total"], after["total"], before["attention_mlp"], after["attention_mlp"],
+                                 opts.ratio)
+    return PruneReport(opts.method, opts, calibration, parameters, plans, type(pruned.config).__name__,
+                       not type(pruned.config).__module__.startswith("numprune"), compute, clock.times(),
+                       clock.peak_rss, clock.peak_gpu)

@@ -1,0 +1,162 @@
+"""What a pruning run reports (pruning_report.json), typed, and the clock that times it.
+
+``PruneReport`` is built by numprune.pipeline; the command line fills in what it measures beyond
+the run (the model's name, perplexities, image measures) in the fields declared for them.
+``to_json`` gives the report as saved; the report also reads like that dict (``report["parameters"]``),
+so code written against saved reports reads a fresh one the same way.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+
+from numprune.adapters import Adapter, LayerPlan
+from numprune.recipe import PruneOptions
+
+
+def parameter_counts(adapter: Adapter) -> dict:
+    """All parameters, and those that heads and channels carry (what the ratio is a fraction of)."""
+    return {"total": sum(p.numel() for p in adapter.model.parameters()),
+            "attention_mlp": sum(adapter.prunable_parameters(i) for i in range(adapter.num_layers()))}
+
+
+def removed_share(before: int, after: int) -> float:
+    """The fraction of ``before`` parameters that are gone once ``after`` remain."""
+    return (before - after) / before
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    total_before: int
+    total_after: int
+    attention_mlp_before: int
+    attention_mlp_after: int
+    target_ratio: float
+
+    @property
+    def achieved_ratio(self) -> float:
+        return removed_share(self.attention_mlp_before, self.attention_mlp_after)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "achieved_ratio": self.achieved_ratio}
+
+
+@dataclass(frozen=True)
+class ComputeRecord:
+    """Where the layer passes ran."""
+
+    device: str
+    dtype: str
+    world_size: int
+    streaming: bool = False  # written only when true
+
+    def to_json(self) -> dict:
+        record = asdict(self)
+        if not self.streaming:
+            del record["streaming"]
+        return record
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One measurement of the dense and the pruned model, with how it was measured."""
+
+    dense: object
+    pruned: object
+    protocol: dict
+
+
+@dataclass(eq=False)
+class PruneReport(Mapping):
+    """pruning_report.json: options, parameters, per-layer widths, time and memory, and what was measured."""
+
+    method: str
+    options: PruneOptions
+    calibration: dict  # the calibration source's own record, with the token count and speed
+    parameters: ParameterReport
+    layers: list[LayerPlan]
+    config_class: str
+    loads_without_numprune: bool
+    compute: ComputeRecord
+    time_s: dict[str, float]
+    peak_rss_bytes: int
+    peak_gpu_bytes: int | None = None  # on CUDA only
+    model: str | None = None  # what was pruned: a name or a folder
+    perplexity: dict[str, Comparison] | None = None  # per evaluation set
+    image_measures: Comparison | None = None  # an image generator's
+
+    def to_json(self) -> dict:
+        """The report as pruning_report.json holds it; fields that were not set are left out."""
+        report = {
+            "method": self.method,
+            "options": asdict(self.options),
+            "calibration": self.calibration,
+            "parameters": self.parameters.to_json(),
+            "layers": [layer_report(p) for p in self.layers],
+            "config_class": self.config_class,
+            "loads_without_numprune": self.loads_without_numprune,
+            "compute": self.compute.to_json(),
+            "time_s": self.time_s,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_gpu_bytes": self.peak_gpu_bytes,
+            "model": self.model,
+            "perplexity": ({spec: asdict(c) for spec, c in self.perplexity.items()}
+                           if self.perplexity is not None else None),
+            "image_measures": asdict(self.image_measures) if self.image_measures is not None else None,
+        }
+        return {key: value for key, value in report.items() if value is not None}
+
+    def __getitem__(self, key: str):
+        return self.to_json()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_json())
+
+    def __len__(self) -> int:
+        return len(self.to_json())
+
+
+def layer_report(plan: LayerPlan) -> dict:
+    return {"heads": len(plan.heads), "kv_heads": len(plan.kv_heads), "channels": len(plan.channels),
+            "kept_heads": list(plan.heads), "kept_kv_heads": list(plan.kv_heads)}
+
+
+class Clock:
+    """Wall time per stage (summed over every visit) and the process's peak CPU and GPU memory."""
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.start = time.perf_counter()
+        self.laps: dict[str, float] = {}
+        self.cuda = device is not None and torch.device(device).type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.laps[stage] = self.laps.get(stage, 0.0) + time.perf_counter() - start
+
+    @property
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 3)
+
+    @property
+    def peak_rss(self) -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+    @property
+    def peak_gpu(self) -> int | None:
+        return torch.cuda.max_memory_allocated() if self.cuda else None
+
+    def times(self) -> dict[str, float]:
+        """Each stage's time and the total, in seconds (what the report's ``time_s`` holds)."""
+        return {**{k: round(v, 3) for k, v in self.laps.items()}, "total": self.total}

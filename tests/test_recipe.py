@@ -1,0 +1,66 @@
+"""The recipe: ``method:key=value`` strings parsed by the declared types, and one set of rules for the API and the
+command line."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+
+import pytest
+
+from numprune.cli import args as a
+from numprune.criteria import methods
+from numprune.errors import NumpruneError
+from numprune.recipe import NONNEGATIVE, POSITIVE_INT, RATIO, SEED, PruneOptions
+
+
+def test_an_entry_sets_prune_options_and_score_options_by_their_declared_types():
+    opts = PruneOptions.parse("numerical:allocation=flap-widths:compensation=affine:compensation_damp=0.1:"
+                              "centred=true:allocation_compensation=bias", ratio=0.3)
+    expected = PruneOptions(ratio=0.3, method="numerical", allocation="flap-widths", compensation="affine",
+                            compensation_damp=0.1, allocation_compensation="bias", score_options={"centred": True})
+    expected.resolve()
+    assert opts == expected
+    assert PruneOptions.parse("random:seed=3", ratio=0.2).score_options == {"seed": 3}
+    for bad in ("numerical:seed=3", "numerical:centred=maybe", "numerical:compensation=ridge", "flap:centred=true",
+                "numerical:iterations=0", "numerical:round_to=2.5", "numerical:allocation", "nope"):
+        with pytest.raises(NumpruneError):
+            PruneOptions.parse(bad, ratio=0.3)
+    with pytest.raises(NumpruneError, match="ratio must be between"):
+        PruneOptions.parse("numerical", ratio=1.0)
+
+
+@pytest.mark.parametrize("name", list(methods()))
+def test_every_keyword_option_of_every_criterion_parses_to_its_default(name):
+    """The types come from the criterion's signature: its own defaults, written out, parse back to themselves."""
+    defaults = {n: p.default for n, p in inspect.signature(methods()[name].criterion).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}
+    entry = ":".join([name, *(f"{n}={v}" for n, v in defaults.items())])
+    opts = PruneOptions.parse(entry, ratio=0.3)
+    assert opts.score_options == defaults
+    assert [type(v) for v in opts.score_options.values()] == [type(v) for v in defaults.values()]
+
+
+# (rule, the command line's converter, the same bad value given to the API, as text to the parser)
+SHARED_RULES = [
+    (POSITIVE_INT, a.positive_int, dict(round_to=0), "0"),
+    (NONNEGATIVE, a.nonnegative_float, dict(compensation_damp=-1.0), "-1"),
+    (NONNEGATIVE, a.nonnegative_float, dict(score_options={"lambda_rel": -1.0}), "-1"),
+    (SEED, a.seed, dict(method="random", score_options={"seed": 2**32}), str(2**32)),
+    (RATIO, a.ratio, dict(ratio=1.5), "1.5"),
+]
+
+
+@pytest.mark.parametrize("rule,convert,options,text", SHARED_RULES)
+def test_the_parser_and_the_api_refuse_a_value_by_the_same_rule(rule, convert, options, text):
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"must be {rule.says}")):
+        convert(text)
+    options = {"ratio": 0.3, **options}
+    with pytest.raises(NumpruneError, match=re.escape(f"must be {rule.says}")):
+        PruneOptions.checked(**options)
+
+
+def test_unknown_options_are_named():
+    with pytest.raises(NumpruneError, match="unknown option 'ratoi'"):
+        PruneOptions.checked(0.3, ratoi=0.3)
