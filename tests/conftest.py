@@ -6,6 +6,7 @@ Test modules take their helpers from here or from ``hostile.py``, never from one
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,11 @@ from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3
 
 import numprune  # noqa: F401  (registers the per-layer classes)
 from numprune.data.assets import smollm2_folder
+from numprune.pipeline import Compute, compensate, select
+from numprune.recipe import PruneOptions
+from numprune.report import Clock
+from numprune.shrink import shrink
+from numprune.sources import InMemory
 
 SHAPES = {
     "mha": dict(num_attention_heads=4, num_key_value_heads=4, hidden_size=32, intermediate_size=48),
@@ -155,3 +161,28 @@ def reload_all(plain: list[Path], with_numprune: list[Path], probe: torch.Tensor
                            str(tmp_path / "logits.safetensors"), *folders], capture_output=True, text=True, check=True)
     logits = load_file(tmp_path / "logits.safetensors")
     return [(logits[str(i)], tuple(line.split())) for i, line in enumerate(done.stdout.splitlines())]
+
+
+def stages(model, tokens, ratio=0.3, **options):
+    """The pipeline's steps one by one, returning the masked (compensated, not yet shrunk) model, the shrunk one
+    and the plans."""
+    opts = PruneOptions.checked(ratio, **options)
+    compute, clock = Compute(batch_size=4, progress=False), Clock()
+    plans, stats = select(InMemory(model), tokens, None, opts, compute, clock)
+    masked = InMemory(copy.deepcopy(model))
+    compensate(masked, plans, stats, tokens, opts, compute, clock)
+    return masked.adapter.model, shrink(masked.adapter, plans), plans
+
+
+def assert_valid_groups(adapter, plans, gqa_unit):
+    """Every kept KV head serves the same number of kept query heads; no layer is empty."""
+    for i, plan in enumerate(plans):
+        layout = adapter.attention_layout(i)
+        kept_kv = set(plan.kv_heads)
+        groups = [h // layout.group_size for h in plan.heads]
+        assert set(groups) == kept_kv  # every kept query head has its KV head, and vice versa
+        per_group = {g: groups.count(g) for g in kept_kv}
+        assert len(set(per_group.values())) == 1  # equal query heads per KV head
+        if gqa_unit == "query":
+            assert len(plan.kv_heads) == layout.num_kv_heads
+        assert plan.heads and plan.channels  # never empty

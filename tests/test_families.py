@@ -4,14 +4,13 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
-from conftest import COMMON, FAMILIES, GEMMA, break_symmetry, reload_all, tiny, tiny_tokens
+from conftest import COMMON, FAMILIES, GEMMA, assert_valid_groups, break_symmetry, reload_all, stages, tiny, tiny_tokens
 from numprune.adapters import adapter_for, supported_model_types
 from numprune.adapters.base import LayerPlan
 from numprune.api import prune
 from numprune.errors import NumpruneError
 from numprune.save import save_pruned
 from numprune.shrink import shrink
-from test_pipeline import assert_valid_groups, stages
 
 # Stock configs cannot express fewer heads where head_dim = hidden / heads.
 DERIVED_HEAD_DIM = {"opt", "gpt2"}

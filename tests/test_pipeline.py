@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import SHAPES, tiny_llama, tiny_tokens
+from conftest import SHAPES, assert_valid_groups, stages, tiny_llama, tiny_tokens
 from numprune.adapters import adapter_for
 from numprune.adapters.base import head_channels
 from numprune.allocate import allocate
@@ -43,17 +43,6 @@ def test_statistics_equal_a_brute_force_pass(tokens):
         assert s.mlp.count == tokens.numel()
 
 
-def stages(model, tokens, ratio=0.3, **options):
-    """The pipeline's steps one by one, returning the masked (compensated, not yet shrunk) model, the shrunk one
-    and the plans."""
-    opts = PruneOptions.checked(ratio, **options)
-    compute, clock = Compute(batch_size=4, progress=False), Clock()
-    plans, stats = select(InMemory(model), tokens, None, opts, compute, clock)
-    masked = InMemory(copy.deepcopy(model))
-    compensate(masked, plans, stats, tokens, opts, compute, clock)
-    return masked.adapter.model, shrink(masked.adapter, plans), plans
-
-
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("allocation", ["global", "uniform", "flap-widths", "compensated-error"])
 @pytest.mark.parametrize("gqa_unit", ["query", "kv-group"])
@@ -76,20 +65,6 @@ def test_gqa_groups_stay_valid(shape, tokens):
             for allocation in ("global", "flap-widths", "compensated-error"):
                 _, shrunk, plans = stages(model, tokens, ratio=ratio, gqa_unit=unit, allocation=allocation)
                 assert_valid_groups(adapter_for(model), plans, unit)
-
-
-def assert_valid_groups(adapter, plans, gqa_unit):
-    """Every kept KV head serves the same number of kept query heads; no layer is empty."""
-    for i, plan in enumerate(plans):
-        layout = adapter.attention_layout(i)
-        kept_kv = set(plan.kv_heads)
-        groups = [h // layout.group_size for h in plan.heads]
-        assert set(groups) == kept_kv  # every kept query head has its KV head, and vice versa
-        per_group = {g: groups.count(g) for g in kept_kv}
-        assert len(set(per_group.values())) == 1  # equal query heads per KV head
-        if gqa_unit == "query":
-            assert len(plan.kv_heads) == layout.num_kv_heads
-        assert plan.heads and plan.channels  # never empty
 
 
 @pytest.mark.parametrize("allocation", ["global", "uniform", "flap-widths", "compensated-error"])
