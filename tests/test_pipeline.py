@@ -9,7 +9,7 @@ import torch
 from conftest import SHAPES, assert_valid_groups, stages, tiny_llama, tiny_tokens
 from numprune.adapters import adapter_for
 from numprune.adapters.base import head_channels
-from numprune.allocate import allocate
+from numprune.allocate import ALLOCATIONS, allocate
 from numprune.api import prune
 from numprune.calibrate import InputStats, LayerStream, collect_statistics
 from numprune.criteria import LayerScores
@@ -44,7 +44,7 @@ def test_statistics_equal_a_brute_force_pass(tokens):
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-@pytest.mark.parametrize("allocation", ["global", "uniform", "flap-widths", "compensated-error"])
+@pytest.mark.parametrize("allocation", ALLOCATIONS)
 @pytest.mark.parametrize("gqa_unit", ["query", "kv-group"])
 def test_shrunk_model_equals_masked_model(shape, allocation, gqa_unit, tokens):
     model = tiny_llama(shape)
@@ -67,7 +67,7 @@ def test_gqa_groups_stay_valid(shape, tokens):
                 assert_valid_groups(adapter_for(model), plans, unit)
 
 
-@pytest.mark.parametrize("allocation", ["global", "uniform", "flap-widths", "compensated-error"])
+@pytest.mark.parametrize("allocation", ALLOCATIONS)
 def test_achieved_ratio_is_close_to_the_target(allocation, tokens):
     model = tiny_llama("mha", hidden_size=64, intermediate_size=128)
     for ratio in (0.1, 0.3, 0.5):
