@@ -9,7 +9,7 @@
 # once converted, about 2 minutes on 2 cores; the Gemma Terms of Use apply).
 # --llama-cpp also installs llama.cpp's Python bindings (llama-cpp-python 0.3.36, which vendors llama.cpp),
 # used by the GGUF export's tests and `numprune bench --backend llama.cpp`. PyPI has no prebuilt wheel for
-# this platform, so the wheel is built once (about 9 minutes on 2 busy cores) into $NUMPRUNE_CACHE/wheels
+# this platform, so the wheel is built once (about 9 minutes on 2 cores) into $NUMPRUNE_CACHE/wheels
 # and reused. GGML_NATIVE=OFF with AVX2/FMA/F16C: a native build dies with "Illegal instruction" on
 # virtual CPUs that report instructions they do not run.
 set -euo pipefail
