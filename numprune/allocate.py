@@ -22,6 +22,14 @@ criterion's ranking always decides which (any criterion works under any allocati
   scores (exact unit costs, as the ``flap`` method), then removes that many of the criterion's
   lowest-ranked units in each layer and kind (all units of one layer and kind cost the same, so the
   removed parameters are FLAP's to the parameter).
+- ``blend`` moves from ``flap-widths`` toward ``global`` as the ratio grows: each layer and kind
+  loses (1 - w) of the units ``flap-widths`` removes there plus w of those ``global`` removes, the
+  whole removing ``ratio`` exactly (see ``blended``), and the criterion chooses which. FLAP's widths
+  keep a model general at low ratios, where the global ranking overfits the calibration text; from
+  about 30% on FLAP's widths cut too deep into some layers, and three quarters of the way to the
+  global ranking's widths does better than either.
+  The weight w is ``blend_weight`` if given, else ``blend_schedule(ratio)``, chosen on validation
+  texts (README, "The default method").
 - ``compensated-error`` ranks by what removal costs after compensation: for each layer and kind,
   the calibration error the compensation leaves when the criterion's k lowest-ranked units go
   (every k, exactly; see compensate.removal_errors), divided by the layer's output energy
@@ -49,6 +57,9 @@ from numprune.criteria.base import CriterionInputs, LayerScores
 from numprune.errors import NumpruneError
 
 GQA_UNITS = ("query", "kv-group")
+# blend_schedule (chosen on validation texts, README "The default method"): no share of the global
+# ranking's widths up to a ratio of BLEND_FROM, BLEND_MAX of it from BLEND_TO on, linear between.
+BLEND_FROM, BLEND_TO, BLEND_MAX = 0.25, 0.30, 0.75
 
 
 @dataclass(frozen=True)
@@ -99,8 +110,22 @@ def layer_guide(mode: str, adapter: Adapter, inputs: CriterionInputs, scores: La
     return guide(adapter, inputs, scores, compensation, compensation_options, gqa_unit) if guide else None
 
 
+def blend_schedule(ratio: float) -> float:
+    """The ``blend`` allocation's weight of the global ranking's widths at ``ratio``."""
+    return BLEND_MAX * min(1.0, max(0.0, (ratio - BLEND_FROM) / (BLEND_TO - BLEND_FROM)))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What an allocation mode may need besides the units: the GQA unit, and ``blend``'s weight."""
+
+    gqa_unit: str = "query"
+    blend_weight: float | None = None  # None: blend_schedule(ratio)
+
+
 def allocate(adapter: Adapter, scores: list[LayerScores], ratio: float, mode: str = "global",
-             gqa_unit: str = "query", round_to: int = 1, guides: list | None = None) -> list[LayerPlan]:
+             gqa_unit: str = "query", round_to: int = 1, guides: list | None = None,
+             blend_weight: float | None = None) -> list[LayerPlan]:
     """Which units every layer keeps so that ``ratio`` of the attention+MLP parameters go.
 
     ``guides`` holds each layer's ``layer_guide`` for the modes that need one. ``round_to`` > 1
@@ -123,7 +148,9 @@ def allocate(adapter: Adapter, scores: list[LayerScores], ratio: float, mode: st
                        mlp_units(i, s.channels, costs)))
     if mode in GUIDED and (guides is None or len(guides) != len(scores)):
         raise NumpruneError(f"the {mode} allocation needs a guide for every layer")
-    removed = REGISTRY[mode].remove(adapter, layers, ratio, guides, gqa_unit)
+    if blend_weight is not None and not 0.0 <= blend_weight <= 1.0:
+        raise NumpruneError(f"the blend weight must be between 0 and 1, got {blend_weight}")
+    removed = REGISTRY[mode].remove(adapter, layers, ratio, guides, Settings(gqa_unit, blend_weight))
     if round_to > 1:
         removed = _round_widths(layers, removed, round_to)
     return [_plan(adapter, i, [u for u in removed if u.layer == i]) for i in range(len(scores))]
@@ -133,7 +160,12 @@ def _global_ranking(adapter: Adapter, layers: list[tuple[list[Unit], list[Unit]]
     target = ratio * sum(adapter.prunable_parameters(i) for i in range(len(layers)))
     # The best unit of each kind in each layer is never a candidate: no layer is ever emptied.
     candidates = sorted((u for attn, mlp in layers for u in attn[:-1] + mlp[:-1]), key=Unit.key)
-    removed, total = [], 0
+    return _until_target([], candidates, target, ratio)
+
+
+def _until_target(removed: list[Unit], candidates, target: float, ratio: float) -> list[Unit]:
+    """``removed`` and then ``candidates``, in their order, until the removed parameters reach ``target``."""
+    removed, total = list(removed), sum(u.cost for u in removed)
     for unit in candidates:
         if total >= target:
             break
@@ -236,13 +268,46 @@ def _compensated_error_guide(adapter, inputs, scores, compensation, compensation
     return attn_errors[bounds] / energy, mlp_errors / energy
 
 
-def _flap_widths(adapter, layers, ratio, guides, gqa_unit):
+def _flap_removed(adapter, ratio, guides, gqa_unit) -> list[Unit]:
+    """What the global ranking of FLAP's scores (the guides) removes."""
     flap_layers = [(attention_units(i, g.heads, adapter.attention_layout(i), adapter.unit_costs(i), gqa_unit),
                     mlp_units(i, g.channels, adapter.unit_costs(i))) for i, g in enumerate(guides)]
-    return _same_widths(layers, _global_ranking(adapter, flap_layers, ratio))
+    return _global_ranking(adapter, flap_layers, ratio)
 
 
-def _compensated_error(adapter, layers, ratio, guides, gqa_unit):
+def _flap_widths(adapter, layers, ratio, guides, settings):
+    return _same_widths(layers, _flap_removed(adapter, ratio, guides, settings.gqa_unit))
+
+
+def _blend(adapter, layers, ratio, guides, settings):
+    weight = blend_schedule(ratio) if settings.blend_weight is None else settings.blend_weight
+    return blended(adapter, layers, ratio, _flap_removed(adapter, ratio, guides, settings.gqa_unit),
+                   _global_ranking(adapter, layers, ratio), weight)
+
+
+def blended(adapter: Adapter, layers: list[tuple[list[Unit], list[Unit]]], ratio: float,
+            first: list[Unit], second: list[Unit], weight: float) -> list[Unit]:
+    """Widths between two allocations: each layer and kind loses (1 - weight) of what ``first`` removes
+    there plus ``weight`` of what ``second`` does, and the whole still removes ``ratio`` exactly.
+
+    The counts are real numbers; each layer and kind first loses the whole part of its count, then
+    the parameters still missing come from the units just past those, the smallest overshoot of a
+    layer's own count first (largest remainders, one unit at a time), as ``global`` does.
+    """
+    target = ratio * sum(adapter.prunable_parameters(i) for i in range(len(layers)))
+    removed, candidates = [], []
+    for i, (attn, mlp) in enumerate(layers):
+        for kind, units in ((True, attn), (False, mlp)):
+            count = ((1 - weight) * sum(u.layer == i and u.attention == kind for u in first)
+                     + weight * sum(u.layer == i and u.attention == kind for u in second))
+            whole = min(int(count + 1e-9), len(units) - 1)
+            removed += units[:whole]
+            # rounded, so that equal remainders tie exactly and the tie goes by layer and kind
+            candidates += [(round(k - count, 9), i, kind, k, units[k]) for k in range(whole, len(units) - 1)]
+    return _until_target(removed, [c[-1] for c in sorted(candidates, key=lambda c: c[:4])], target, ratio)
+
+
+def _compensated_error(adapter, layers, ratio, guides, settings):
     return _global_ranking(adapter, [(_hull_scored(attn, a), _hull_scored(mlp, m))
                                      for (attn, mlp), (a, m) in zip(layers, guides)], ratio)
 
@@ -251,14 +316,15 @@ def _compensated_error(adapter, layers, ratio, guides, gqa_unit):
 class Allocation:
     """An allocation mode: how it picks the removed units, and what it needs of each layer (its guide)."""
 
-    remove: Callable  # (adapter, layers' units in removal order, ratio, guides, gqa_unit) -> removed units
+    remove: Callable  # (adapter, layers' units in removal order, ratio, guides, Settings) -> removed units
     guide: Callable | None = None  # (adapter, CriterionInputs, LayerScores, compensation, its options, gqa_unit)
 
 
 REGISTRY: dict[str, Allocation] = {
-    "global": Allocation(lambda adapter, layers, ratio, guides, gqa_unit: _global_ranking(adapter, layers, ratio)),
-    "uniform": Allocation(lambda adapter, layers, ratio, guides, gqa_unit: _uniform(adapter, layers, ratio)),
+    "global": Allocation(lambda adapter, layers, ratio, guides, settings: _global_ranking(adapter, layers, ratio)),
+    "uniform": Allocation(lambda adapter, layers, ratio, guides, settings: _uniform(adapter, layers, ratio)),
     "flap-widths": Allocation(_flap_widths, _flap_guide),
+    "blend": Allocation(_blend, _flap_guide),
     "compensated-error": Allocation(_compensated_error, _compensated_error_guide),
 }
 ALLOCATIONS = tuple(REGISTRY)

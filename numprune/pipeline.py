@@ -173,7 +173,8 @@ def select(source: LayerSource, tokens: torch.Tensor | None, stats: Sequence[Lay
                                           opts.compensation_options(opts.allocation_compensation), opts.gqa_unit))
     del stream
     with clock.timed("scoring"):
-        plans = allocate(adapter, scores, opts.ratio, opts.allocation, opts.gqa_unit, opts.round_to, guides)
+        plans = allocate(adapter, scores, opts.ratio, opts.allocation, opts.gqa_unit, opts.round_to, guides,
+                         opts.blend_weight)
     distributed.agree("the allocation", [asdict(p) for p in plans])
     return plans, stats
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import get_args, get_type_hints
 
 from numprune import compensate
-from numprune.allocate import ALLOCATIONS, GQA_UNITS
+from numprune.allocate import ALLOCATIONS, GQA_UNITS, blend_schedule
 from numprune.criteria import get_method
 from numprune.errors import NumpruneError
 
@@ -52,6 +52,7 @@ POSITIVE_INT = Rule(int, lambda v: is_int(v) and v >= 1, "a positive integer")
 SEED = Rule(int, lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"an integer between 0 and {MAX_SEED}")
 NONNEGATIVE = Rule(float, lambda v: is_number(v) and 0 <= v < math.inf, "a finite number >= 0")
 RATIO = Rule(float, lambda v: is_number(v) and 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
+SHARE = Rule(float, lambda v: is_number(v) and 0.0 <= v <= 1.0, "between 0 and 1")
 # The criteria's keyword options that are numbers, by name (every criterion that takes one means the same by it).
 SCORE_OPTION_RULES = {"iterations": POSITIVE_INT, "damp": NONNEGATIVE, "lambda_rel": NONNEGATIVE, "seed": SEED}
 
@@ -69,6 +70,7 @@ class PruneOptions:
     compensation_stats: str = "dense"
     compensation_damp: float | None = None  # None: the method's own with its compensation, else 0.01
     allocation_compensation: str | None = None  # compensated-error: whose error curves guide it (None: the run's own)
+    blend_weight: float | None = None  # blend: the share of the global ranking's widths (None: the ratio's schedule)
     score_options: dict = field(default_factory=dict)
 
     @classmethod
@@ -130,6 +132,11 @@ class PruneOptions:
             if value not in allowed:
                 raise NumpruneError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
         NONNEGATIVE.check("compensation damping", self.compensation_damp)
+        if self.allocation == "blend":
+            self.blend_weight = blend_schedule(self.ratio) if self.blend_weight is None else self.blend_weight
+            SHARE.check("blend weight", self.blend_weight)
+        elif self.blend_weight is not None:
+            raise NumpruneError(f"a blend weight applies to the blend allocation only, not to {self.allocation}")
         POSITIVE_INT.check("round_to", self.round_to)
         _check_score_options(self.method, self.score_options)
 

@@ -1,18 +1,24 @@
-"""The flap-widths and compensated-error allocations against hand computations and brute force."""
+"""The flap-widths, blend and compensated-error allocations against hand computations and brute force."""
 
 import copy
+import math
 
+import pytest
 import torch
 
 from conftest import tiny_llama, tiny_tokens
 from numprune import compensate
 from numprune.adapters import adapter_for
 from numprune.adapters.base import projection_weight
-from numprune.allocate import allocate, layer_guide
+from numprune.allocate import BLEND_FROM, BLEND_MAX, BLEND_TO, allocate, blend_schedule, layer_guide
 from numprune.api import prune
 from numprune.calibrate import collect_statistics
+from numprune.cli import parser
+from numprune.cli.prune import prune_options
 from numprune.criteria import numerical
+from numprune.errors import NumpruneError
 from numprune.pipeline import criterion_inputs
+from numprune.recipe import PruneOptions
 
 
 def calibrated(shape="mha", layers=3, **overrides):
@@ -111,7 +117,7 @@ def test_compensated_error_removes_where_the_relative_error_per_parameter_is_low
 
 def test_exact_cost_accounting_for_the_new_allocations():
     model, _, tokens, _ = calibrated("gqa", layers=4)
-    for allocation in ("flap-widths", "compensated-error"):
+    for allocation in ("flap-widths", "blend", "compensated-error"):
         for ratio in (0.2, 0.5):
             pruned, report = prune(model, tokens, ratio=ratio, allocation=allocation, compensation="affine",
                                    progress=False)
@@ -121,3 +127,80 @@ def test_exact_cost_accounting_for_the_new_allocations():
                          or n.endswith("down_proj.bias"))
             assert p["attention_mlp_before"] - p["attention_mlp_after"] == removed + biases
             assert p["achieved_ratio"] >= ratio
+
+
+def _plans_and_scores(ratio, allocation, shape="gqa9", **options):
+    model, adapter, _, stats = calibrated(shape, layers=4)
+    inputs = [criterion_inputs(adapter, i, adapter.layers()[i], s, ratio) for i, s in enumerate(stats)]
+    scores = [numerical.score(x) for x in inputs]
+    guides = [layer_guide(allocation, adapter, x, s, "least-squares", compensate.Damped())
+              for x, s in zip(inputs, scores)]
+    return adapter, allocate(adapter, scores, ratio, allocation, guides=guides, **options)
+
+
+def _removed_counts(adapter, plans):
+    """(query heads, MLP channels) each layer loses."""
+    return [(adapter.attention_layout(i).num_heads - len(p.heads), adapter.mlp_width(i) - len(p.channels))
+            for i, p in enumerate(plans)]
+
+
+@pytest.mark.parametrize("shape", ["mha", "gqa9"])
+def test_blend_weights_zero_and_one_are_flap_widths_and_global(shape):
+    for ratio in (0.2, 0.45):
+        _, flap_widths = _plans_and_scores(ratio, "flap-widths", shape)
+        _, global_ = _plans_and_scores(ratio, "global", shape)
+        assert flap_widths != global_  # otherwise the test could not tell them apart
+        assert _plans_and_scores(ratio, "blend", shape, blend_weight=0.0)[1] == flap_widths
+        assert _plans_and_scores(ratio, "blend", shape, blend_weight=1.0)[1] == global_
+
+
+def test_blend_counts_by_largest_remainders():
+    """Each layer and kind loses the whole part of (1-w) flap + w global, then, by largest remainder (lower
+    layer, MLP before attention on ties), one more unit until the removed parameters reach the target."""
+    ratio, weight = 0.35, 0.3
+    adapter, flap_widths = _plans_and_scores(ratio, "flap-widths")
+    _, global_ = _plans_and_scores(ratio, "global")
+    _, blend = _plans_and_scores(ratio, "blend", blend_weight=weight)
+    per_unit = adapter.attention_layout(0).num_kv_heads  # a GQA unit is a query slot: one head of every group
+    costs = [adapter.unit_costs(i) for i in range(adapter.num_layers())]
+    unit_cost = {"attn": [c.query_head * per_unit for c in costs], "mlp": [c.channel for c in costs]}
+    counts, fractions = {}, []
+    for i, (f, g) in enumerate(zip(_removed_counts(adapter, flap_widths), _removed_counts(adapter, global_))):
+        for kind, fk, gk in (("attn", f[0] // per_unit, g[0] // per_unit), ("mlp", f[1], g[1])):
+            real = (1 - weight) * fk + weight * gk
+            counts[i, kind] = math.floor(real + 1e-9)
+            fractions.append((round(counts[i, kind] - real, 9), i, kind != "mlp", kind))
+    target = ratio * sum(adapter.prunable_parameters(i) for i in range(adapter.num_layers()))
+    total = sum(n * unit_cost[kind][i] for (i, kind), n in counts.items())
+    for _, i, _, kind in sorted(fractions):
+        if total >= target:
+            break
+        counts[i, kind] += 1
+        total += unit_cost[kind][i]
+    assert total >= target
+    got = _removed_counts(adapter, blend)
+    assert [(counts[i, "attn"] * per_unit, counts[i, "mlp"]) for i in range(adapter.num_layers())] == got
+    assert got not in (_removed_counts(adapter, flap_widths), _removed_counts(adapter, global_))
+
+
+def test_blend_schedule_and_its_options():
+    assert blend_schedule(BLEND_FROM) == 0.0 and blend_schedule(0.01) == 0.0
+    assert blend_schedule(BLEND_TO) == BLEND_MAX and blend_schedule(0.99) == BLEND_MAX
+    middle = (BLEND_FROM + BLEND_TO) / 2
+    assert blend_schedule(middle) == pytest.approx(BLEND_MAX / 2)
+    assert PruneOptions.checked(middle, allocation="blend").blend_weight == pytest.approx(BLEND_MAX / 2)
+    assert PruneOptions.checked(0.3, allocation="blend", blend_weight=0.8).blend_weight == 0.8
+    assert PruneOptions.parse("numerical:allocation=blend:blend_weight=0.25", 0.3).blend_weight == 0.25
+    with pytest.raises(NumpruneError, match="blend weight must be between 0 and 1"):
+        PruneOptions.checked(0.3, allocation="blend", blend_weight=1.5)
+    with pytest.raises(NumpruneError, match="applies to the blend allocation only"):
+        PruneOptions.checked(0.3, allocation="global", blend_weight=0.5)
+
+
+def test_the_default_method_is_numerical_robust_with_the_blend_schedule():
+    args = parser().parse_args(["prune", "--ratio", "0.4", "--out", "unused"])
+    opts = PruneOptions.checked(0.4, **prune_options(args))
+    assert (opts.method, opts.allocation, opts.compensation) == ("numerical-robust", "blend", "least-squares")
+    assert opts.blend_weight == BLEND_MAX
+    assert PruneOptions.checked(0.1, method="numerical-robust").blend_weight == 0.0
+    assert PruneOptions.checked(0.1, method="numerical").allocation == "global"  # the paper's method is kept

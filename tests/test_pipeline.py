@@ -62,7 +62,7 @@ def test_gqa_groups_stay_valid(shape, tokens):
     model = tiny_llama(shape)
     for unit in ("query", "kv-group"):
         for ratio in (0.2, 0.5, 0.7):
-            for allocation in ("global", "flap-widths", "compensated-error"):
+            for allocation in ("global", "flap-widths", "blend", "compensated-error"):
                 _, shrunk, plans = stages(model, tokens, ratio=ratio, gqa_unit=unit, allocation=allocation)
                 assert_valid_groups(adapter_for(model), plans, unit)
 

@@ -13,7 +13,7 @@ import torch
 
 from numprune.data.self_generated import Sampling
 from numprune.image.calibration import CALIB_CFG_SCALE
-from numprune.recipe import NONNEGATIVE, POSITIVE_INT, RATIO, SEED, Rule
+from numprune.recipe import NONNEGATIVE, POSITIVE_INT, RATIO, SEED, SHARE, Rule
 
 DATA_HELP = "sotu, moby-dick, sotu-val, emails, wikitext2, ptb, c4, or a .txt / .jsonl file"
 EVAL_DATA_HELP = f"{DATA_HELP}; in prune and compare also self: text the dense model samples (--eval-seed)"
@@ -51,6 +51,7 @@ positive_int = converter(POSITIVE_INT)
 seed = converter(SEED)
 nonnegative_float = converter(NONNEGATIVE)
 ratio = converter(RATIO)
+share = converter(SHARE)
 nonnegative_int = converter(Rule(int, lambda v: v >= 0, "zero or more"))
 finite_float = converter(Rule(float, lambda v: True, "a finite number"))
 probability = converter(Rule(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]"))

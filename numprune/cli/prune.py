@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
+from numprune.allocate import BLEND_FROM, BLEND_MAX, BLEND_TO
 from numprune.api import prune
 from numprune.cli import args as a
 from numprune.cli.export import add_gguf_options, print_export
@@ -33,11 +34,17 @@ def add_parser(commands) -> None:
     a.add_model(p)
     p.add_argument("--ratio", type=a.ratio, required=True, help="fraction of attention+MLP parameters to remove, in (0, 1)")
     p.add_argument("--method", default="numerical-robust", help="numerical-robust (default: the paper's score and "
-                   "least squares inside FLAP's per-layer widths), numerical (the paper's), numerical-unit (one "
+                   "least squares, per-layer widths blended from FLAP's toward the global ranking's as the ratio "
+                   "grows), numerical (the paper's), numerical-unit (one "
                    "Newton variable per head), flap, wanda-sp, magnitude or random")
     p.add_argument("--allocation", default=None, help="global, uniform, flap-widths (FLAP's per-layer widths, the "
-                   "method's ranking inside each layer) or compensated-error (by the relative error left after "
-                   "compensation) (default: the method's own; numerical and flap: global, the others: uniform)")
+                   "method's ranking inside each layer), blend (between flap-widths and global, moving toward global "
+                   "as the ratio grows) or compensated-error (by the relative error left after compensation) "
+                   "(default: the method's own; numerical-robust: blend, numerical and flap: global, the others: "
+                   "uniform)")
+    p.add_argument("--blend-weight", type=a.share, default=None, help="blend allocation: the share of the global "
+                   f"ranking's widths, 0 (flap-widths) to 1 (global) (default: 0 up to a ratio of {BLEND_FROM}, "
+                   f"{BLEND_MAX} from {BLEND_TO}, linear between)")
     p.add_argument("--allocation-compensation", default=None, help="compensated-error allocation: the compensation "
                    "whose error curves guide it (default: the run's own)")
     p.add_argument("--gqa-unit", default="query", help="grouped-query attention unit: query (one query head per KV "
@@ -90,7 +97,7 @@ def prune_options(args) -> dict:
     options = dict(method=args.method, allocation=args.allocation, gqa_unit=args.gqa_unit, round_to=args.round_to,
                    compensation="none" if args.no_compensate else args.compensation,
                    compensation_stats=args.compensation_stats, compensation_damp=args.damp,
-                   allocation_compensation=args.allocation_compensation,
+                   allocation_compensation=args.allocation_compensation, blend_weight=args.blend_weight,
                    score_options=_score_options(args))
     PruneOptions.checked(args.ratio, **options)
     return options

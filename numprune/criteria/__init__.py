@@ -33,8 +33,9 @@ def methods() -> dict[str, Method]:
     return {
         "numerical": Method(numerical.score, "global", "least-squares"),
         "numerical-unit": Method(numerical.unit_score, "global", "least-squares"),
-        # numprune's default: the paper's score and refit, FLAP's per-layer widths (README, "The default method")
-        "numerical-robust": Method(numerical.score, "flap-widths", "least-squares"),
+        # numprune's default: the paper's score and refit, per-layer widths from FLAP's toward the global
+        # ranking's as the ratio grows (README, "The default method")
+        "numerical-robust": Method(numerical.score, "blend", "least-squares"),
         "flap": Method(flap.score, "global", "bias"),
         "wanda-sp": Method(wanda_sp.score, "uniform", "none"),
         "magnitude": Method(magnitude.score, "uniform", "none"),
