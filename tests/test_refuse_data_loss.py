@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from hostile import hashes, numprune, refused
 from numprune.errors import NumpruneError
@@ -158,14 +160,23 @@ def test_without_renameat2_the_fallback_still_refuses_and_replaces(tmp_path, mon
     assert target.read_text() == "three" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
-def test_output_folders_get_normal_permissions(tmp_path):
+def test_output_folders_and_files_get_normal_permissions(tmp_path):
+    """Also the files of writers that create theirs owner-only (safetensors' save_file: 0o600)."""
     umask = os.umask(0o022)
     try:
         with output.output_folder(tmp_path / "out") as tmp:
             (tmp / "x").write_text("x")
+            (tmp / "sub").mkdir()
+            save_file({"w": torch.zeros(2)}, tmp / "sub" / "model.safetensors")
+            assert (tmp / "sub" / "model.safetensors").stat().st_mode & 0o777 == 0o600  # the writer's own
+        with output.output_file(tmp_path / "one.safetensors") as tmp:
+            save_file({"w": torch.zeros(2)}, tmp)
     finally:
         os.umask(umask)
-    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    out = tmp_path / "out"
+    assert out.stat().st_mode & 0o777 == 0o755
+    for path in (out / "x", out / "sub" / "model.safetensors", tmp_path / "one.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
 
 
 def test_ctrl_c_while_starting_is_one_line_and_status_130(tiny_model_folder):

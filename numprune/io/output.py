@@ -154,6 +154,7 @@ def _output(out, overwrite: bool, inputs: Iterable, marker: str | None, *, folde
     try:
         tmp = _make_temp(target.parent, target.name, folder=folder)
         yield tmp
+        _normal_permissions(tmp)
         _commit(tmp, target, overwrite)
     except BaseException as error:
         if tmp is not None:
@@ -167,6 +168,16 @@ def _output(out, overwrite: bool, inputs: Iterable, marker: str | None, *, folde
             reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
             raise NumpruneError(f"could not write {target}: {reason}") from None
         raise
+
+
+def _normal_permissions(tmp: Path) -> None:
+    """Every file written gets the permissions a new file gets here (0o666 less the umask): some writers,
+    as safetensors' ``save_file``, create theirs readable by the owner only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]:
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
 
 
 def _make_parents(folder: Path) -> list[Path]:
