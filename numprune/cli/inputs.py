@@ -1,7 +1,7 @@
 """What several commands load before their work: the model, calibration windows, the evaluation.
 
 Everything cheap is checked first (output path, data names), then the model is loaded once.
-``evaluation`` is the one place where an ``--eval`` / ``--data`` name becomes an ``Evaluation``.
+``build_evaluation`` is the one place where an ``--eval`` / ``--data`` name becomes an ``Evaluation``.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def protected_inputs(args) -> list[Path]:
 
 
 def prepare(args, marker: str):
-    """Check everything cheap first, then load the model, draw the calibration windows (for an image
-    generator: self-generated calibration) and build the evaluation (None when nothing is to be measured).
+    """Check everything cheap first, then load the model, build the evaluation (None when nothing is to be
+    measured) and draw the calibration windows (for an image generator: self-generated calibration).
     ``marker`` is the file every output of the command has (an existing folder without it is never replaced)."""
     check_calibration(args)
     check_target(args.out, overwrite=args.overwrite, inputs=protected_inputs(args), marker=marker)
@@ -51,14 +51,14 @@ def prepare(args, marker: str):
         adapter.check_window(args.seqlen)
         if specs:
             adapter.check_window(args.eval_seqlen)
-    names = evaluation_names(args, model)  # a name that does not fit the model is refused before any work too
+    evaluation = build_evaluation(evaluation_names(args, model), args, model, tokenizer)
     if is_image_generator(model):  # calibrates on sequences it samples itself, class by class (the paper's way)
         tokens, calib_info = self_generated_calibration(model, args.calib_per_class, cfg_scale=args.calib_cfg_scale,
                                                         seed=args.seed, progress=not args.quiet)
     else:
         tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed,
                                                  model=model, sampling=self_sampling(args), progress=not args.quiet)
-    return model, tokenizer, source, tokens, calib_info, evaluation(names, args, model, tokenizer)
+    return model, tokenizer, source, tokens, calib_info, evaluation
 
 
 def check_calibration(args) -> None:
@@ -104,7 +104,7 @@ def evaluation_names(args, model) -> list[str]:
     return names
 
 
-def evaluation(names: list[str], args, model, tokenizer) -> Evaluation | None:
+def build_evaluation(names: list[str], args, model, tokenizer) -> Evaluation | None:
     """The evaluation ``names`` ask for: the image measures of the digits model, or perplexity on each named
     text (``self`` sampled from the dense ``model``); None for no name."""
     if not names:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -164,7 +165,7 @@ def _export(args) -> None:
         print_export(export_gguf(args.out, args.gguf, args.outtype, overwrite=args.overwrite))
 
 
-def _print_summary(report: dict, out, figures_lines: list[str] = ()) -> None:
+def _print_summary(report: dict, out, figures_lines: Sequence[str] = ()) -> None:
     """What was pruned, the parameter counts, the evaluation's dense-vs-pruned lines, time, memory, the folder."""
     params = report["parameters"]
     print(f"model:  {report['model']}")
