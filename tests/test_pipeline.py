@@ -16,7 +16,6 @@ from numprune.criteria import LayerScores
 from numprune.errors import NumpruneError
 from numprune.pipeline import Compute, compensate, select
 from numprune.recipe import PruneOptions
-from numprune.report import Clock
 from numprune.save import save_pruned
 from numprune.shrink import shrink
 from numprune.sources import InMemory

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from numprune.data.assets import build_atomically, cache_dir
 from numprune.errors import NumpruneError
