@@ -3,8 +3,8 @@
 An ``Evaluation`` measures a model (``measure``), says how it measured (``describe``, what
 results.json records as ``"evaluation"``) and declares its figures as ``Column``s (title, number
 format, plot scale). compare's grid, tables and plot and the prune command's report and summary
-work through these alone, so a new evaluation is one subclass in ``numprune/evaluate/`` plus the
-line that gives it a name on the command line.
+work through these alone, so a new evaluation is one subclass in ``numprune/evaluate/`` plus its
+name on the command line (``numprune/cli/inputs.py``).
 """
 
 from __future__ import annotations
