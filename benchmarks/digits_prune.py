@@ -47,12 +47,12 @@ def main() -> None:
     tokens, calib_info = self_generated_calibration(model, args.calib_per_class, cfg_scale=CALIB_CFG_SCALE, seed=0)
     generated_s = time.perf_counter() - start
     evaluator = DigitsEvaluator(DigitsProtocol(per_class=args.eval_per_class, seed=1, cfg_scale=CALIB_CFG_SCALE))
-    results = compare.run_grid(model, tokens, args.methods.split(","), [float(r) for r in args.ratios.split(",")], {},
-                               calibration_info=calib_info, batch_size=64, progress=True, images=evaluator)
+    results = compare.run_grid(model, tokens, args.methods.split(","), [float(r) for r in args.ratios.split(",")],
+                               evaluator, calibration_info=calib_info, batch_size=64, progress=True)
     results["model"] = source
-    out = compare.write(results, Path(args.out), overwrite=True)
+    out = compare.write(results, evaluator, Path(args.out), overwrite=True)
     shutil.copyfile(out / "samples.png", args.picture)
-    print(compare.markdown(results))
+    print(compare.markdown(results, evaluator))
     print(f"model: {source}; calibration: {len(tokens)} self-generated sequences in {generated_s:.0f}s, "
           f"statistics {results['calibration_s']:.0f}s; sweep {results['sweep_s']:.0f}s; "
           f"total {time.perf_counter() - start:.0f}s")

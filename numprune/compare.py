@@ -9,8 +9,9 @@ name with optional overrides, e.g. ``numerical``, ``numerical:compensation=none`
 PruneOptions field or keyword option of the method's criterion, parsed by its declared type
 (``PruneOptions.parse``).
 
-On an image generator the columns are image measures (``numprune.evaluate.image``) instead of
-perplexities, and each model's samples are kept for one side-by-side picture, ``samples.png``.
+What each model is measured on is one ``Evaluation`` (``numprune.evaluate.base``): perplexity on
+named texts, or an image generator's measures, whose samples of every model are drawn side by side
+in ``samples.png``. The tables and the plot take their columns, formats and scales from it.
 """
 
 from __future__ import annotations
@@ -24,15 +25,10 @@ from pathlib import Path
 
 from numprune.api import calibrate, prune
 from numprune.errors import NumpruneError
-from numprune.evaluate.perplexity import perplexity
-from numprune.image.grid import by_class, grid_image, save_png, side_by_side
+from numprune.evaluate.base import Evaluation
 from numprune.io.output import output_folder
 from numprune.io.table import markdown_table
 from numprune.recipe import PruneOptions
-
-IMAGE_MEASURES = {"frechet_distance": "Fréchet distance", "class_accuracy": "class accuracy",
-                  "heldout_nll": "held-out NLL"}
-GRID_COLUMNS = 8  # samples per class shown in samples.png
 
 
 def recipes(methods: list[str], ratios: list[float]) -> dict[tuple[str, float], PruneOptions]:
@@ -40,31 +36,29 @@ def recipes(methods: list[str], ratios: list[float]) -> dict[tuple[str, float], 
     return {(entry, ratio): PruneOptions.parse(entry, ratio) for entry in methods for ratio in ratios}
 
 
-def run_grid(model, tokens, methods: list[str], ratios: list[float], eval_sets: dict, *, calibration_info: dict,
-             batch_size: int = 8, progress: bool = True, images=None) -> dict:
-    """Prune and evaluate every method at every ratio; returns the results with their protocol.
+def run_grid(model, tokens, methods: list[str], ratios: list[float], evaluation: Evaluation, *,
+             calibration_info: dict, batch_size: int = 8, progress: bool = True) -> dict:
+    """Prune and measure every method at every ratio; returns the results with their protocol.
 
-    ``images``, a ``DigitsEvaluator``, replaces perplexity on ``eval_sets`` with image measures and
-    keeps each model's samples under ``results["samples"]`` (not saved in results.json).
+    Each row holds the model's figures under ``evaluation.row_key``; every model's artefact (if the
+    evaluation keeps one) is under ``results["artefacts"]``, for ``write``, and not saved in results.json.
     """
     checked = recipes(methods, ratios)
-    samples = {}
+    artefacts = {}
 
-    def evaluate(m, name: str) -> dict:
-        if images is None:
-            return {"ppl": {spec: perplexity(m, windows, progress=False)["ppl"]
-                            for spec, (windows, _) in eval_sets.items()}}
-        measures, pictures, labels = images(m)
-        samples[name] = (pictures, labels)
-        return {"measures": measures}
+    def measured(m, name: str) -> dict:
+        measurement = evaluation.measure(m)
+        if measurement.artefact is not None:
+            artefacts[name] = measurement.artefact
+        return {evaluation.row_key: measurement.figures}
 
     start = time.perf_counter()
     stats = calibrate(model, tokens, batch_size, progress)
     calibration_s = time.perf_counter() - start
-    rows = [{"method": "dense", "ratio": 0.0, "achieved_ratio": 0.0, **evaluate(model, "dense"),
+    rows = [{"method": "dense", "ratio": 0.0, "achieved_ratio": 0.0, **measured(model, "dense"),
              "params": sum(p.numel() for p in model.parameters())}]
     if progress:
-        _print_row(rows[0])
+        _print_row(rows[0], evaluation)
     for entry in methods:
         for ratio in ratios:
             row = {"method": entry, "ratio": ratio}
@@ -76,82 +70,71 @@ def run_grid(model, tokens, methods: list[str], ratios: list[float], eval_sets: 
                 continue
             row.update(achieved_ratio=report["parameters"]["achieved_ratio"],
                        params=report["parameters"]["total_after"], options=report["options"],
-                       time_s=report["time_s"], **evaluate(pruned, f"{entry} {ratio:.0%}"))
+                       time_s=report["time_s"], **measured(pruned, f"{entry} {ratio:.0%}"))
             rows.append(row)
             if progress:
-                _print_row(row)
+                _print_row(row, evaluation)
     sweep_s = time.perf_counter() - start
     runs = sum(1 for r in rows[1:] if "error" not in r)
-    evaluation = images.describe() if images is not None else {spec: info for spec, (_, info) in eval_sets.items()}
-    return {"calibration": {**calibration_info, "tokens": int(tokens.numel())}, "evaluation": evaluation,
+    return {"calibration": {**calibration_info, "tokens": int(tokens.numel())}, "evaluation": evaluation.describe(),
             "calibration_s": round(calibration_s, 2), "sweep_s": round(sweep_s, 2),
-            "calibration_saved_s": round(calibration_s * max(runs - 1, 0), 2), "rows": rows,
-            **({"samples": samples} if images is not None else {})}
+            "calibration_saved_s": round(calibration_s * max(runs - 1, 0), 2), "rows": rows, "artefacts": artefacts}
 
 
-def _print_row(row: dict) -> None:
+def _print_row(row: dict, evaluation: Evaluation) -> None:
     """One finished cell, as soon as it is measured (a long grid shows its results as it goes)."""
     print(f"{row['method']} @ {row['ratio']:.0%}: " + ", ".join(f"{k} {v:.3g}" for k, v in
-                                                               row.get("ppl", row.get("measures")).items()), flush=True)
+                                                               row[evaluation.row_key].items()), flush=True)
 
 
-def _columns(results: dict) -> list[tuple[str, str, str]]:
-    """``(row key, name, title)`` of each result column: perplexity per evaluation set, or the image measures."""
-    if "samples" in results or any("measures" in r for r in results["rows"]):
-        return [("measures", name, title) for name, title in IMAGE_MEASURES.items()]
-    return [("ppl", spec, spec) for spec in results["evaluation"]]
+def _cell(column, row: dict, evaluation: Evaluation) -> str:
+    """A row's value in ``column``, formatted as the column says; a failed cell says why."""
+    return column.format(row[evaluation.row_key][column.key]) if evaluation.row_key in row else row["error"]
 
 
-def _cell(key: str, name: str, row: dict) -> str:
-    if key not in row:
-        return row["error"]
-    value = row[key][name]
-    return f"{value:.1%}" if name == "class_accuracy" else f"{value:.3f}" if key == "measures" else f"{value:.2f}"
-
-
-def markdown(results: dict) -> str:
-    """results.md: one row per method and ratio, one column per evaluation set or image measure."""
-    columns = _columns(results)
+def markdown(results: dict, evaluation: Evaluation) -> str:
+    """results.md: one row per method and ratio, one column per figure of ``evaluation``."""
+    columns = evaluation.columns()
     rows = [(row["method"], f"{row['ratio']:.0%}", f"{row['achieved_ratio']:.1%}" if "achieved_ratio" in row else "-",
-             *(_cell(key, name, row) for key, name, _ in columns)) for row in results["rows"]]
-    return markdown_table(("method", "ratio", "achieved", *(title for _, _, title in columns)), rows) + "\n"
+             *(_cell(column, row, evaluation) for column in columns)) for row in results["rows"]]
+    return markdown_table(("method", "ratio", "achieved", *(column.title for column in columns)), rows) + "\n"
 
 
-def table_csv(results: dict) -> str:
-    columns = _columns(results)
+def table_csv(results: dict, evaluation: Evaluation) -> str:
+    columns, key = evaluation.columns(), evaluation.row_key
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["method", "ratio", "achieved_ratio", "params",
-                     *[f"ppl_{name}" if key == "ppl" else name for key, name, _ in columns], "error"])
+    writer.writerow(["method", "ratio", "achieved_ratio", "params", *[column.csv_header for column in columns],
+                     "error"])
     for row in results["rows"]:
         writer.writerow([row["method"], row["ratio"], row.get("achieved_ratio", ""), row.get("params", ""),
-                         *[row[key][name] if key in row else "" for key, name, _ in columns], row.get("error", "")])
+                         *[row[key][column.key] if key in row else "" for column in columns], row.get("error", "")])
     return buffer.getvalue()
 
 
-def plot(results: dict, path: Path) -> None:
-    """Each column (perplexity on a log scale, or an image measure) against ratio, one line per method."""
+def plot(results: dict, evaluation: Evaluation, path: Path) -> None:
+    """Each column of ``evaluation`` against ratio (on its own scale), one line per method, dense as a level."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = _columns(results)
+    columns, key = evaluation.columns(), evaluation.row_key
     fig, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns), 4.2), squeeze=False)
     dense = results["rows"][0]
     methods = list(dict.fromkeys(r["method"] for r in results["rows"][1:]))
-    for ax, (key, name, title) in zip(axes[0], columns):
+    for ax, column in zip(axes[0], columns):
         for method in methods:
-            points = [(r["achieved_ratio"], r[key][name]) for r in results["rows"] if r["method"] == method
+            points = [(r["achieved_ratio"], r[key][column.key]) for r in results["rows"] if r["method"] == method
                       and key in r]
             if points:
                 ax.plot(*zip(*points), marker="o", label=method)
-        ax.axhline(dense[key][name], color="black", linestyle="--", label="dense")
-        if key == "ppl":
+        ax.axhline(dense[key][column.key], color="black", linestyle="--", label="dense")
+        if column.log_scale:
             ax.set_yscale("log")
         ax.set_xlabel("removed share of attention+MLP parameters")
-        ax.set_ylabel("perplexity (log scale)" if key == "ppl" else title)
-        ax.set_title(title)
+        ax.set_ylabel(column.axis_label)
+        ax.set_title(column.title)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -162,23 +145,14 @@ def plot(results: dict, path: Path) -> None:
 RESULTS_NAME = "results.json"
 
 
-def write(results: dict, out: Path, overwrite: bool, inputs=()) -> Path:
-    """results.json, results.csv, results.md and perplexity.png (an image generator: measures.png and
-    samples.png, every model's samples side by side), written atomically into ``out`` (never over ``inputs``)."""
+def write(results: dict, evaluation: Evaluation, out: Path, overwrite: bool, inputs=()) -> Path:
+    """results.json, results.csv, results.md, the evaluation's plot and its artefacts' files (an image
+    generator: every model's samples side by side), written atomically into ``out`` (never over ``inputs``)."""
     with output_folder(out, overwrite=overwrite, inputs=inputs, marker=RESULTS_NAME) as tmp:
-        saved = {k: v for k, v in results.items() if k != "samples"}
+        saved = {k: v for k, v in results.items() if k != "artefacts"}
         (tmp / RESULTS_NAME).write_text(json.dumps(saved, indent=2) + "\n")
-        (tmp / "results.csv").write_text(table_csv(results))
-        (tmp / "results.md").write_text(markdown(results))
-        plot(results, tmp / ("measures.png" if "samples" in results else "perplexity.png"))
-        if "samples" in results:
-            save_png(samples_picture(results["samples"], results["evaluation"]["classes"]), tmp / "samples.png")
+        (tmp / "results.csv").write_text(table_csv(results, evaluation))
+        (tmp / "results.md").write_text(markdown(results, evaluation))
+        plot(results, evaluation, tmp / evaluation.plot_name)
+        evaluation.write_artefacts(results["artefacts"], tmp)
     return Path(out)
-
-
-def samples_picture(samples: dict, classes: list[int]):
-    """Every model's samples as a grid (rows: classes), the grids side by side, captioned with the model."""
-    per_row = min(GRID_COLUMNS, min(int((labels == c).sum()) for _, labels in samples.values() for c in classes))
-    return side_by_side({name: grid_image(by_class(images, labels, classes, per_row))
-                         for name, (images, labels) in samples.items()})
-

@@ -1,7 +1,7 @@
 """What a pruning run reports (pruning_report.json), typed, and the clock that times it.
 
-``PruneReport`` is built by numprune.pipeline; the command line fills in what it measures beyond
-the run (the model's name, perplexities, image measures) in the fields declared for them.
+``PruneReport`` is built by numprune.pipeline; the command line fills in what it knows beyond the
+run (the model's name) and what an evaluation measured of the dense and the pruned model.
 ``to_json`` gives the report as saved; the report also reads like that dict (``report["parameters"]``),
 so code written against saved reports reads a fresh one the same way.
 """
@@ -12,7 +12,7 @@ import resource
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -63,15 +63,6 @@ class ComputeRecord:
         return record
 
 
-@dataclass(frozen=True)
-class Comparison:
-    """One measurement of the dense and the pruned model, with how it was measured."""
-
-    dense: object
-    pruned: object
-    protocol: dict
-
-
 @dataclass(eq=False)
 class PruneReport(Mapping):
     """pruning_report.json: options, parameters, per-layer widths, time and memory, and what was measured."""
@@ -88,8 +79,8 @@ class PruneReport(Mapping):
     peak_rss_bytes: int
     peak_gpu_bytes: int | None = None  # on CUDA only
     model: str | None = None  # what was pruned: a name or a folder
-    perplexity: dict[str, Comparison] | None = None  # per evaluation set
-    image_measures: Comparison | None = None  # an image generator's
+    # an evaluation's dense-vs-pruned record under its report key (``Evaluation.compared``), as saved
+    measured: dict[str, dict] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """The report as pruning_report.json holds it; fields that were not set are left out."""
@@ -106,9 +97,7 @@ class PruneReport(Mapping):
             "peak_rss_bytes": self.peak_rss_bytes,
             "peak_gpu_bytes": self.peak_gpu_bytes,
             "model": self.model,
-            "perplexity": ({spec: asdict(c) for spec, c in self.perplexity.items()}
-                           if self.perplexity is not None else None),
-            "image_measures": asdict(self.image_measures) if self.image_measures is not None else None,
+            **self.measured,
         }
         return {key: value for key, value in report.items() if value is not None}
 

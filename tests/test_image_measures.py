@@ -236,7 +236,8 @@ def test_compare_on_an_image_generator_reports_image_measures_and_writes_the_sam
     assert results["evaluation"]["per_class"] == 4
     # the dense row is what the evaluator it records measures on the dense model
     evaluator = evaluator_of(results["evaluation"])
-    dense_measures, dense_images, _ = evaluator(load_model(str(tiny_folder))[0])
+    dense = evaluator.measure(load_model(str(tiny_folder))[0])
+    dense_measures, (dense_images, _) = dense.figures, dense.artefact
     assert rows[0]["measures"] == pytest.approx(dense_measures, rel=1e-12)
     for row in rows[1:]:
         assert set(row["measures"]) == set(dense_measures) and row["measures"] != dense_measures
@@ -271,8 +272,8 @@ def test_prune_on_an_image_generator_reports_dense_and_pruned_image_measures(tin
     assert measures["protocol"]["cfg_scale"] == 1.5 and measures["protocol"]["seed"] == 1
     # each is what the recorded protocol measures on the model it names: the input, and the saved output
     evaluator = evaluator_of(measures["protocol"])
-    assert measures["dense"] == pytest.approx(evaluator(load_model(str(tiny_folder))[0])[0], rel=1e-12)
-    assert measures["pruned"] == pytest.approx(evaluator(load_model(str(out))[0])[0], rel=1e-12)
+    assert measures["dense"] == pytest.approx(evaluator.measure(load_model(str(tiny_folder))[0]).figures, rel=1e-12)
+    assert measures["pruned"] == pytest.approx(evaluator.measure(load_model(str(out))[0]).figures, rel=1e-12)
     assert measures["dense"]["heldout_nll"] != measures["pruned"]["heldout_nll"]
     assert main(["prune", "--model", str(tiny_folder), "--ratio", "0.3", "--eval", "sotu", "--out",
                  str(tmp_path / "x")]) == 2  # text on an image generator: one line, before calibrating

@@ -2,9 +2,11 @@
 a rendering written out here from the inputs. bench's own tables: tests/test_bench.py, test_image_measures.py."""
 
 import pytest
+import torch
 
 from numprune import compare
 from numprune.evaluate import zeroshot
+from numprune.evaluate.perplexity import Perplexity
 from numprune.export import llamacpp
 from numprune.io.table import markdown_table
 
@@ -88,4 +90,5 @@ def test_compare_markdown_has_a_row_per_method_and_ratio_and_a_column_per_evalua
                         f"{row['ppl']['sotu']:.2f} | {row['ppl']['moby-dick']:.2f} |")
     error = results["rows"][2]["error"]
     expected.append(f"| flap | 50% | - | {error} | {error} |")  # a failed cell says why in every column
-    assert compare.markdown(results) == "\n".join(expected) + "\n"
+    evaluation = Perplexity({name: (torch.zeros(1, 2, dtype=torch.long), {}) for name in results["evaluation"]})
+    assert compare.markdown(results, evaluation) == "\n".join(expected) + "\n"

@@ -25,14 +25,14 @@ def add_parser(commands) -> None:
 
 def run(args) -> int:
     compare.recipes(args.methods, args.ratios)  # a bad method entry fails before the model is loaded
-    model, _, source, tokens, calib_info, eval_sets, images = prepare(args, compare.RESULTS_NAME)
-    results = compare.run_grid(model, tokens, args.methods, args.ratios, eval_sets, calibration_info=calib_info,
-                               batch_size=args.batch_size, progress=not args.quiet, images=images)
+    model, _, source, tokens, calib_info, evaluation = prepare(args, compare.RESULTS_NAME)
+    results = compare.run_grid(model, tokens, args.methods, args.ratios, evaluation, calibration_info=calib_info,
+                               batch_size=args.batch_size, progress=not args.quiet)
     results["model"] = source
-    out = compare.write(results, args.out, args.overwrite, inputs=protected_inputs(args))
-    print(compare.markdown(results))
+    out = compare.write(results, evaluation, args.out, args.overwrite, inputs=protected_inputs(args))
+    print(compare.markdown(results, evaluation))
     print(f"calibration {results['calibration_s']:.0f}s once for {len(args.methods) * len(args.ratios)} runs "
           f"(saved about {results['calibration_saved_s']:.0f}s); whole sweep {results['sweep_s']:.0f}s")
-    pictures = "measures.png, samples.png" if images else "perplexity.png"
+    pictures = ", ".join((evaluation.plot_name, *evaluation.artefact_names))
     print(f"saved: {out}/results.json, results.csv, results.md, {pictures}")
     return 0

@@ -1,19 +1,21 @@
-"""What several commands load before their work: the model, calibration windows, evaluation sets.
+"""What several commands load before their work: the model, calibration windows, the evaluation.
 
 Everything cheap is checked first (output path, data names), then the model is loaded once.
+``build_evaluation`` is the one place where an ``--eval`` / ``--data`` name becomes an ``Evaluation``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from numprune.adapters import adapter_for, check_window
+from numprune.adapters import adapter_for
 from numprune.cli.args import IMAGE_EVAL, sampling_options, self_sampling
 from numprune.data.corpora import calibration_parts, calibration_windows, check_evaluation_source, evaluation_windows
 from numprune.data.self_generated import SELF
 from numprune.errors import NumpruneError
+from numprune.evaluate.base import Evaluation
 from numprune.evaluate.image import DigitsEvaluator, DigitsProtocol, is_image_generator
-from numprune.evaluate.perplexity import perplexity
+from numprune.evaluate.perplexity import Perplexity
 from numprune.image.calibration import self_generated_calibration
 from numprune.image.grid import is_digits_model
 from numprune.io.output import check_target
@@ -37,8 +39,8 @@ def protected_inputs(args) -> list[Path]:
 
 
 def prepare(args, marker: str):
-    """Check everything cheap first, then load the model and draw calibration and evaluation windows
-    (for an image generator: self-generated calibration, and the image measures' evaluator).
+    """Check everything cheap first, then load the model, build the evaluation (None when nothing is to be
+    measured) and draw the calibration windows (for an image generator: self-generated calibration).
     ``marker`` is the file every output of the command has (an existing folder without it is never replaced)."""
     check_calibration(args)
     check_target(args.out, overwrite=args.overwrite, inputs=protected_inputs(args), marker=marker)
@@ -49,16 +51,14 @@ def prepare(args, marker: str):
         adapter.check_window(args.seqlen)
         if specs:
             adapter.check_window(args.eval_seqlen)
-    images = image_evaluator(args, model, always=args.command == "compare")  # None for a language model
+    evaluation = build_evaluation(evaluation_names(args, model), args, model, tokenizer)
     if is_image_generator(model):  # calibrates on sequences it samples itself, class by class (the paper's way)
         tokens, calib_info = self_generated_calibration(model, args.calib_per_class, cfg_scale=args.calib_cfg_scale,
                                                         seed=args.seed, progress=not args.quiet)
     else:
         tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed,
                                                  model=model, sampling=self_sampling(args), progress=not args.quiet)
-    text_specs = [] if is_image_generator(model) else [spec for spec in specs if spec != IMAGE_EVAL]
-    eval_sets = {spec: eval_windows(tokenizer, spec, args, model) for spec in text_specs}
-    return model, tokenizer, source, tokens, calib_info, eval_sets, images
+    return model, tokenizer, source, tokens, calib_info, evaluation
 
 
 def check_calibration(args) -> None:
@@ -86,26 +86,34 @@ def eval_windows(tokenizer, spec, args, model=None):
                               sampling=self_sampling(args), progress=not args.quiet)
 
 
-def ppl(model, windows, args) -> float:
-    check_window(model, windows.shape[1])  # before any work, for `ppl` (prune and compare check in prepare)
-    return perplexity(model, windows, progress=not args.quiet)["ppl"]
-
-
-def image_evaluator(args, model, always: bool):
-    """The image measures for an image generator (always, or on ``--eval digits``); None for a language model."""
-    specs = eval_specs(args)
+def evaluation_names(args, model) -> list[str]:
+    """What ``--eval`` (prune) or ``--data`` (compare) asks ``model`` to be measured on, checked against the
+    kind of model; compare always measures an image generator by its image measures (--data is then not used)."""
+    names = eval_specs(args)
     if not is_image_generator(model):
-        if IMAGE_EVAL in specs:
+        if IMAGE_EVAL in names:
             raise NumpruneError(f"--eval {IMAGE_EVAL} measures image generators; this is a language model")
-        return None
-    if not always and set(specs) - {IMAGE_EVAL}:
+        return names
+    if args.command == "compare":
+        names = [IMAGE_EVAL]
+    elif set(names) - {IMAGE_EVAL}:
         raise NumpruneError(f"an image generator is measured with --eval {IMAGE_EVAL}, not on text")
-    if not (always or specs):
-        return None
-    if not is_digits_model(model):
+    if names and not is_digits_model(model):
         raise NumpruneError("image measures are built in for the digits model only; for an ImageNet LlamaGen use "
                             "numprune.evaluate.image.inception_metrics (FID, IS, precision, recall)")
-    # Unless told otherwise, the measured images are sampled with the calibration samples' guidance.
-    sampling = {"cfg_scale": args.calib_cfg_scale, **sampling_options(args)}
-    protocol = DigitsProtocol(per_class=args.eval_per_class, seed=args.eval_seed, **sampling)
-    return DigitsEvaluator(protocol, progress=not args.quiet)
+    return names
+
+
+def build_evaluation(names: list[str], args, model, tokenizer) -> Evaluation | None:
+    """The evaluation ``names`` ask for: the image measures of the digits model, or perplexity on each named
+    text (``self`` sampled from the dense ``model``); None for no name."""
+    if not names:
+        return None
+    if IMAGE_EVAL in names:  # alone: evaluation_names refuses it beside a text
+        # Unless told otherwise, the measured images are sampled with the calibration samples' guidance.
+        sampling = {"cfg_scale": args.calib_cfg_scale, **sampling_options(args)}
+        protocol = DigitsProtocol(per_class=args.eval_per_class, seed=args.eval_seed, **sampling)
+        return DigitsEvaluator(protocol, progress=not args.quiet)
+    # compare prints each cell's figures as they come; only prune shows perplexity's progress
+    return Perplexity({name: eval_windows(tokenizer, name, args, model) for name in names},
+                      progress=not args.quiet and args.command != "compare")

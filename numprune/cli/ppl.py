@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from numprune.adapters import check_window
 from numprune.cli import args as a
-from numprune.cli.inputs import eval_specs, eval_windows, load, ppl
+from numprune.cli.inputs import eval_specs, eval_windows, load
 from numprune.data.self_generated import SELF
 from numprune.errors import NumpruneError
+from numprune.evaluate.perplexity import perplexity
 
 
 def add_parser(commands) -> None:
@@ -25,6 +27,7 @@ def run(args) -> int:
     print(f"model: {source}")
     for spec in specs:
         windows, info = eval_windows(tokenizer, spec, args)
-        print(f"{spec}: perplexity {ppl(model, windows, args):.3f} ({info['windows']} windows of "
-              f"{info['seqlen']} tokens, no special tokens)")
+        check_window(model, windows.shape[1])  # before any work
+        value = perplexity(model, windows, progress=not args.quiet)["ppl"]
+        print(f"{spec}: perplexity {value:.3f} ({info['windows']} windows of {info['seqlen']} tokens, no special tokens)")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from numprune.allocate import BLEND_FROM, BLEND_MAX, BLEND_TO
 from numprune.api import prune
 from numprune.cli import args as a
 from numprune.cli.export import add_gguf_options, print_export
-from numprune.cli.inputs import check_calibration, load, ppl, prepare, protected_inputs
+from numprune.cli.inputs import check_calibration, load, prepare, protected_inputs
 from numprune.data.corpora import calibration_windows, needs_model
 from numprune.distributed import process_group, world
 from numprune.errors import NumpruneError
@@ -20,7 +21,6 @@ from numprune.export.gguf import check_target as check_gguf_target
 from numprune.io.output import check_target
 from numprune.models import registry_folder
 from numprune.recipe import PruneOptions, option_types
-from numprune.report import Comparison
 from numprune.save import REPORT_NAME, save_pruned
 from numprune.stream import check_folder, load_tokenizer, prune_streaming
 
@@ -144,11 +144,10 @@ def _streaming(args, device: str, dtype) -> int:
 
 def _in_memory(args, device: str, dtype) -> int:
     options = prune_options(args)
-    model, tokenizer, source, tokens, calib_info, eval_sets, images = prepare(args, REPORT_NAME)
+    model, tokenizer, source, tokens, calib_info, evaluation = prepare(args, REPORT_NAME)
     if args.gguf:
         check_exportable(model.config)
-    dense_ppl = {spec: ppl(model, w, args) for spec, (w, _) in eval_sets.items()}
-    dense_images = images(model)[0] if images else None
+    dense = evaluation.measure(model).figures if evaluation is not None else None
     pruned, report = prune(model, tokens, ratio=args.ratio, batch_size=args.batch_size,
                            progress=not args.quiet and world().writer, calibration_info=calib_info, device=device,
                            dtype=dtype, **options)
@@ -156,13 +155,13 @@ def _in_memory(args, device: str, dtype) -> int:
     if not world().writer:
         return 0
     report.model = source
-    if eval_sets:
-        report.perplexity = {spec: Comparison(dense_ppl[spec], ppl(pruned, w, args), info)
-                             for spec, (w, info) in eval_sets.items()}
-    if images:
-        report.image_measures = Comparison(dense_images, images(pruned)[0], images.describe())
+    figures_lines = []
+    if evaluation is not None:
+        figures = evaluation.measure(pruned).figures
+        report.measured = {evaluation.report_key: evaluation.compared(dense, figures)}
+        figures_lines = evaluation.summary(dense, figures)
     out = save_pruned(pruned, tokenizer, report, args.out, args.overwrite, inputs=protected_inputs(args))
-    _print_summary(report, out)
+    _print_summary(report, out, figures_lines)
     _export(args)
     return 0
 
@@ -173,7 +172,8 @@ def _export(args) -> None:
         print_export(export_gguf(args.out, args.gguf, args.outtype, overwrite=args.overwrite))
 
 
-def _print_summary(report: dict, out) -> None:
+def _print_summary(report: dict, out, figures_lines: Sequence[str] = ()) -> None:
+    """What was pruned, the parameter counts, the evaluation's dense-vs-pruned lines, time, memory, the folder."""
     params = report["parameters"]
     print(f"model:  {report['model']}")
     print(f"method: {report['method']} ({report['options']['allocation']} allocation, compensation "
@@ -181,16 +181,8 @@ def _print_summary(report: dict, out) -> None:
     print(f"parameters: {params['total_before']:,} -> {params['total_after']:,} "
           f"(attention+MLP {params['attention_mlp_before']:,} -> {params['attention_mlp_after']:,}, "
           f"removed {params['achieved_ratio']:.1%}, target {params['target_ratio']:.0%})")
-    for spec, result in report.get("perplexity", {}).items():
-        protocol = result["protocol"]
-        print(f"perplexity on {spec} ({protocol['windows']} x {protocol['seqlen']} tokens): "
-              f"dense {result['dense']:.2f} -> pruned {result['pruned']:.2f}")
-    if "image_measures" in report:
-        dense, pruned = report["image_measures"]["dense"], report["image_measures"]["pruned"]
-        print(f"image measures ({report['image_measures']['protocol']['per_class']} per class vs held-out digits): "
-              f"Fréchet distance {dense['frechet_distance']:.2f} -> {pruned['frechet_distance']:.2f}, class accuracy "
-              f"{dense['class_accuracy']:.1%} -> {pruned['class_accuracy']:.1%}, held-out NLL "
-              f"{dense['heldout_nll']:.4f} -> {pruned['heldout_nll']:.4f} nats/token")
+    for line in figures_lines:
+        print(line)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in report["time_s"].items())
     gpu = f", peak GPU {report['peak_gpu_bytes'] / 2**30:.2f} GiB" if "peak_gpu_bytes" in report else ""
     compute = report.get("compute", {})

@@ -1,5 +1,6 @@
-"""Perplexity evaluation."""
+"""Evaluations: the seam (``Evaluation``, ``Column``, ``Measurement``) and perplexity, its text implementation."""
 
-from numprune.evaluate.perplexity import perplexity
+from numprune.evaluate.base import Column, Evaluation, Measurement
+from numprune.evaluate.perplexity import Perplexity, perplexity
 
-__all__ = ["perplexity"]
+__all__ = ["Column", "Evaluation", "Measurement", "Perplexity", "perplexity"]

@@ -24,19 +24,21 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from numprune.data.assets import build_atomically, cache_dir
 from numprune.errors import NumpruneError
+from numprune.evaluate.base import Column, Evaluation, Measurement
 from numprune.evaluate.perplexity import summed_nll
 from numprune.image.calibration import CALIB_CFG_SCALE
 from numprune.image.digits import digits_split, one_thread, tokens_to_images
+from numprune.image.grid import by_class, grid_image, save_png, side_by_side
 from numprune.image.sampling import generate
 from numprune.modeling.llamagen import LlamaGenConfig
 
 CLASSIFIER_VERSION = 1  # part of the cache folder's name: bump when the architecture or training changes
 FEATURES = 32
 DIGIT_CLASSES = 10
+GRID_COLUMNS = 8  # samples per class shown in samples.png
 
 
 def is_image_generator(model) -> bool:
@@ -174,13 +176,19 @@ class DigitsProtocol:
                     seed=self.seed)
 
 
-class DigitsEvaluator:
+class DigitsEvaluator(Evaluation):
     """Measures a digits generator against the held-out real digits; built once, applied to many models.
 
-    The classifier and the held-out features are computed once. Each call generates
+    The classifier and the held-out features are computed once. Each measurement generates
     ``per_class`` images of every class with the same seed and sampling options, so dense and
-    pruned models are compared on the same random draws.
+    pruned models are compared on the same random draws; the images are its artefact, drawn side by
+    side for every model in samples.png.
     """
+
+    row_key = "measures"
+    report_key = "image_measures"
+    plot_name = "measures.png"
+    artefact_names = ("samples.png",)
 
     def __init__(self, protocol: DigitsProtocol | None = None, progress: bool = False):
         self.protocol = protocol or DigitsProtocol()
@@ -200,8 +208,12 @@ class DigitsEvaluator:
                 "feature_space": f"penultimate layer ({FEATURES} features) of numprune's digits classifier "
                                  f"v{CLASSIFIER_VERSION}, trained on the train split only"}
 
-    def __call__(self, model) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        """``(measures, images [N, 8, 8], labels [N])`` for ``model``."""
+    def columns(self) -> list[Column]:
+        return [Column("frechet_distance", "Fréchet distance", ".3f"), Column("class_accuracy", "class accuracy", ".1%"),
+                Column("heldout_nll", "held-out NLL", ".3f")]
+
+    def measure(self, model) -> Measurement:
+        """The measures of ``model``; the artefact is ``(images [N, 8, 8], labels [N])``, the generated digits."""
         p = self.protocol
         labels = torch.tensor(p.classes).repeat_interleave(p.per_class)
         images = tokens_to_images(generate(model, labels, batch_size=64, progress=self.progress, **p.sampling()))
@@ -209,7 +221,23 @@ class DigitsEvaluator:
         measures = {"frechet_distance": frechet_distance(features(self.classifier, images), self.reference),
                     "class_accuracy": class_accuracy(self.classifier, images, labels),
                     "heldout_nll": nll["nll"], "heldout_bits": nll["bits"]}
-        return measures, images, labels
+        return Measurement(measures, (images, labels))
+
+    def summary(self, dense: dict[str, float], pruned: dict[str, float]) -> list[str]:
+        return [f"image measures ({self.protocol.per_class} per class vs held-out digits): Fréchet distance "
+                f"{dense['frechet_distance']:.2f} -> {pruned['frechet_distance']:.2f}, class accuracy "
+                f"{dense['class_accuracy']:.1%} -> {pruned['class_accuracy']:.1%}, held-out NLL "
+                f"{dense['heldout_nll']:.4f} -> {pruned['heldout_nll']:.4f} nats/token"]
+
+    def write_artefacts(self, artefacts: dict[str, tuple[torch.Tensor, torch.Tensor]], folder: Path) -> None:
+        save_png(samples_picture(artefacts, self.protocol.classes), folder / "samples.png")
+
+
+def samples_picture(samples: dict, classes: list[int]):
+    """Every model's samples as a grid (rows: classes), the grids side by side, captioned with the model."""
+    per_row = min(GRID_COLUMNS, min(int((labels == c).sum()) for _, labels in samples.values() for c in classes))
+    return side_by_side({name: grid_image(by_class(images, labels, classes, per_row))
+                         for name, (images, labels) in samples.items()})
 
 
 def inception_metrics(generated, reference, *, cuda: bool | None = None, batch_size: int = 64,

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from numprune.errors import NumpruneError
+from numprune.evaluate.base import Column, Evaluation, Measurement
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> dict:
@@ -41,3 +42,35 @@ def summed_nll(model, ids: torch.Tensor, batch_size: int = 1, progress: bool = T
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
         total += nll.double().sum().cpu()
     return total.item()
+
+
+class Perplexity(Evaluation):
+    """Perplexity on named evaluation texts: one column per text, dense and pruned on the same windows."""
+
+    row_key = "ppl"
+    report_key = "perplexity"
+    plot_name = "perplexity.png"
+
+    def __init__(self, windows: dict[str, tuple[torch.Tensor, dict]], progress: bool = False):
+        """``windows``: each text's name -> its windows ``[n, L]`` and their record (``evaluation_windows``)."""
+        self.windows = windows
+        self.progress = progress
+
+    def describe(self) -> dict:
+        return {name: info for name, (_, info) in self.windows.items()}
+
+    def columns(self) -> list[Column]:
+        return [Column(name, name, ".2f", csv_name=f"ppl_{name}", quantity="perplexity", log_scale=True)
+                for name in self.windows]
+
+    def measure(self, model) -> Measurement:
+        return Measurement({name: perplexity(model, windows, progress=self.progress)["ppl"]
+                            for name, (windows, _) in self.windows.items()})
+
+    def compared(self, dense: dict[str, float], pruned: dict[str, float]) -> dict:
+        return {name: {"dense": dense[name], "pruned": pruned[name], "protocol": info}
+                for name, info in self.describe().items()}
+
+    def summary(self, dense: dict[str, float], pruned: dict[str, float]) -> list[str]:
+        return [f"perplexity on {name} ({info['windows']} x {info['seqlen']} tokens): "
+                f"dense {dense[name]:.2f} -> pruned {pruned[name]:.2f}" for name, info in self.describe().items()]
