@@ -18,7 +18,6 @@ import torch
 
 from numprune.adapters import check_window
 from numprune.errors import NumpruneError
-from numprune.io.output import check_target, output_file, write_text
 from numprune.io.table import markdown_table
 from numprune.save import REPORT_NAME
 

@@ -4,7 +4,6 @@ IndexError or RuntimeError, and before calibration wherever the inputs' shapes d
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import numprune.pipeline

@@ -14,11 +14,8 @@ from numprune.api import prune
 from numprune.calibrate import InputStats, LayerStream, collect_statistics
 from numprune.criteria import LayerScores
 from numprune.errors import NumpruneError
-from numprune.pipeline import Compute, compensate, select
-from numprune.recipe import PruneOptions
 from numprune.save import save_pruned
 from numprune.shrink import shrink
-from numprune.sources import InMemory
 
 
 def test_statistics_equal_a_brute_force_pass(tokens):

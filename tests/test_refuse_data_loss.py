@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hostile import hashes, numprune, refused
+from hostile import numprune, refused
 from numprune.errors import NumpruneError
 from numprune.io import output
 

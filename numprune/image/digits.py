@@ -25,7 +25,7 @@ from numprune.data.assets import cache_dir
 from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import summed_nll
 from numprune.modeling.llamagen import LlamaGenConfig, LlamaGenForCausalLM
-from numprune.io.output import check_target, output_folder
+from numprune.io.output import output_folder
 
 DIGITS_CLASSES = 10
 DIGITS_LEVELS = 17  # grey levels 0..16: the token vocabulary

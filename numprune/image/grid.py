@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from numprune.errors import NumpruneError
-from numprune.io.output import check_target, output_file
+from numprune.io.output import output_file
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
