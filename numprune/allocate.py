@@ -44,6 +44,7 @@ and the per-layer guide it needs, if any. Adding a mode touches this file only.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -189,12 +190,17 @@ def _uniform(adapter: Adapter, layers: list[tuple[list[Unit], list[Unit]]], rati
     return removed
 
 
+def _counts(units: list[Unit]) -> Counter:
+    """How many of ``units`` each layer and kind holds, keyed ``(layer, attention)``."""
+    return Counter((u.layer, u.attention) for u in units)
+
+
 def _same_widths(layers: list[tuple[list[Unit], list[Unit]]], reference: list[Unit]) -> list[Unit]:
     """As many of each layer's lowest-ranked units of each kind as ``reference`` removes there."""
+    counts = _counts(reference)
     removed = []
     for i, (attn, mlp) in enumerate(layers):
-        removed += attn[:sum(1 for u in reference if u.layer == i and u.attention)]
-        removed += mlp[:sum(1 for u in reference if u.layer == i and not u.attention)]
+        removed += attn[:counts[i, True]] + mlp[:counts[i, False]]
     return removed
 
 
@@ -295,11 +301,11 @@ def blended(adapter: Adapter, layers: list[tuple[list[Unit], list[Unit]]], ratio
     layer's own count first (largest remainders, one unit at a time), as ``global`` does.
     """
     target = ratio * sum(adapter.prunable_parameters(i) for i in range(len(layers)))
+    first_counts, second_counts = _counts(first), _counts(second)
     removed, candidates = [], []
     for i, (attn, mlp) in enumerate(layers):
         for kind, units in ((True, attn), (False, mlp)):
-            count = ((1 - weight) * sum(u.layer == i and u.attention == kind for u in first)
-                     + weight * sum(u.layer == i and u.attention == kind for u in second))
+            count = (1 - weight) * first_counts[i, kind] + weight * second_counts[i, kind]
             whole = min(int(count + 1e-9), len(units) - 1)
             removed += units[:whole]
             # rounded, so that equal remainders tie exactly and the tie goes by layer and kind
