@@ -1,6 +1,8 @@
 """Each decoder layer is calibrated on exactly what the full model's forward gives it (its own attention mask and
 rotary table): every family, sliding and full layers side by side, windows longer than the sliding window."""
 
+import copy
+
 import pytest
 import torch
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM, Qwen2Config,
@@ -10,6 +12,11 @@ from conftest import COMMON, FAMILIES, GEMMA, GQA, break_symmetry, tiny, tiny_ll
 from numprune.adapters import adapter_for
 from numprune.calibrate import LayerStream, collect_statistics
 from numprune.modeling.llamagen import LlamaGenConfig, LlamaGenForCausalLM
+from numprune.pipeline import Compute, select
+from numprune.recipe import PruneOptions
+from numprune.report import Clock
+from numprune.sources import InMemory
+from numprune.stream import StreamedModel
 
 WINDOW = 4  # the sliding window of the configs below; the calibration windows are longer
 SLIDING = ["sliding_attention", "full_attention", "sliding_attention"]
@@ -39,7 +46,7 @@ def model_of(name: str, attention: str = "sdpa"):
     else:
         torch.manual_seed(0)
         model_class, config = VARIANTS[name]
-        model = break_symmetry(model_class(config).eval())
+        model = break_symmetry(model_class(copy.deepcopy(config)).eval())  # attention set on a copy
     if attention != "sdpa":
         model.set_attn_implementation(attention)
     return model
@@ -102,3 +109,40 @@ def test_layers_of_one_type_share_their_mask_and_rotary_table_once_moved():
         assert sliding["attention_mask"] is again["attention_mask"]
         assert not torch.equal(sliding["attention_mask"], full["attention_mask"])
         assert sliding["position_ids"] is full["position_ids"]
+
+
+def test_a_stream_stays_at_its_layer_until_it_advances():
+    """Sequential compensation runs layer i twice (statistics, then onwards with the refit layer): the second
+    run is still layer i's, and layer i + 1 then sees what the model with the refit layers before it gives it."""
+    model = model_of("gemma3-full-first")
+    refit = copy.deepcopy(model)  # stands in for the compensated layers
+    with torch.no_grad():
+        for layer in refit.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.5)
+            layer.mlp.down_proj.weight.mul_(-1.5)
+    tokens = tokens_for(model)
+    stream = LayerStream(model, adapter_for(model), tokens, batch_size=4)
+    for i in range(3):
+        stats = stream.run(model.model.layers[i], collect=True, advance=False)
+        hybrid = copy.deepcopy(model)
+        for j in range(i):
+            hybrid.model.layers[j] = refit.model.layers[j]
+        assert_statistics_equal_inputs([stats], full_model_inputs(hybrid, tokens, 4)[i:i + 1])
+        stream.run(refit.model.layers[i], collect=False, advance=True)
+
+
+@pytest.mark.parametrize("name", ["gemma3_text", "qwen2-sliding"])
+def test_streamed_statistics_are_the_full_models_and_the_in_memory_ones(name, tmp_path):
+    """Streaming from disk: the first layer's inputs and every layer's arguments are captured with the layers
+    still on the meta device, and each layer's statistics come out as in memory, bit for bit."""
+    model = model_of(name)
+    model.save_pretrained(tmp_path / "dense", max_shard_size="20KB")
+    tokens = tokens_for(model)
+    opts, compute = PruneOptions.checked(0.3), Compute(batch_size=4, progress=False)
+    _, streamed = select(StreamedModel(tmp_path / "dense", Clock()), tokens, None, opts, compute, Clock())
+    _, in_memory = select(InMemory(model), tokens, None, opts, compute, Clock())
+    assert_statistics_equal_inputs(streamed, full_model_inputs(model, tokens, 4))
+    for a, b in zip(streamed, in_memory):
+        for part in ("attention", "mlp"):
+            x, y = getattr(a, part), getattr(b, part)
+            assert torch.equal(x.gram, y.gram) and torch.equal(x.total, y.total) and x.count == y.count
