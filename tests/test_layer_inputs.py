@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
 from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -29,8 +30,8 @@ VARIANTS = {
                                                     sliding_window=WINDOW, layer_types=SLIDING)),
     "mistral-sliding": (MistralForCausalLM, MistralConfig(**COMMON, **GQA, sliding_window=WINDOW)),  # one mask for all
     # full attention first; the local rotary base far from the global one
-    "gemma3-full-first": (Gemma3ForCausalLM, Gemma3TextConfig(
-        **COMMON, **{**GEMMA, "sliding_window": WINDOW, "layer_types": ["full_attention", "sliding_attention", "full_attention"]})),
+    "gemma3-full-first": (Gemma3ForCausalLM, Gemma3TextConfig(**COMMON, **{
+        **GEMMA, "sliding_window": WINDOW, "layer_types": ["full_attention", "sliding_attention", "full_attention"]})),
     "llamagen": (LlamaGenForCausalLM, LlamaGenConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
                                                      num_key_value_heads=2, head_dim=8, intermediate_size=40,
                                                      vocab_size=23, num_classes=5, image_tokens=16)),
@@ -76,11 +77,12 @@ def full_model_inputs(model, tokens: torch.Tensor, batch_size: int) -> list[dict
             for layer in seen]
 
 
-def assert_statistics_equal_inputs(stats, inputs) -> None:
+def assert_statistics_equal_inputs(stats, inputs, first: int = 0) -> None:
+    """``stats`` of layers ``first``, ``first + 1``, ... are the Gram matrices, sums and counts of ``inputs``."""
     assert len(stats) == len(inputs)
-    for i, layer in enumerate(inputs):
+    for i, layer in enumerate(inputs, first):
         for part, x in layer.items():
-            got, gram = getattr(stats[i], part), x.T @ x
+            got, gram = getattr(stats[i - first], part), x.T @ x
             assert got.count == x.shape[0]
             # float32 products summed in float64 against float64 products: rounding only
             torch.testing.assert_close(got.gram, gram, rtol=1e-5, atol=1e-6 * gram.abs().max().item(),
@@ -95,6 +97,7 @@ def test_every_layer_sees_what_the_full_model_gives_it(name, attention):
     model = model_of(name, attention)
     tokens = tokens_for(model)
     stats = collect_statistics(model, adapter_for(model), tokens, batch_size=4, progress=False)
+    assert not any("forward" in vars(layer) for layer in adapter_for(model).layers())  # the recorders are gone
     assert_statistics_equal_inputs(stats, full_model_inputs(model, tokens, 4))
 
 
@@ -121,13 +124,17 @@ def test_a_stream_stays_at_its_layer_until_it_advances():
             layer.self_attn.o_proj.weight.mul_(0.5)
             layer.mlp.down_proj.weight.mul_(-1.5)
     tokens = tokens_for(model)
+    hook = ModelHook()  # as a model dispatched by accelerate has: a forward set on the layer itself
+    add_hook_to_module(model.model.layers[1], hook)
     stream = LayerStream(model, adapter_for(model), tokens, batch_size=4)
+    dispatched = model.model.layers[1]  # its own forward is back
+    assert dispatched._hf_hook is hook and vars(dispatched)["forward"].func.__name__ == "new_forward"
     for i in range(3):
         stats = stream.run(model.model.layers[i], collect=True, advance=False)
         hybrid = copy.deepcopy(model)
         for j in range(i):
             hybrid.model.layers[j] = refit.model.layers[j]
-        assert_statistics_equal_inputs([stats], full_model_inputs(hybrid, tokens, 4)[i:i + 1])
+        assert_statistics_equal_inputs([stats], full_model_inputs(hybrid, tokens, 4)[i:i + 1], first=i)
         stream.run(refit.model.layers[i], collect=False, advance=True)
 
 
