@@ -1,8 +1,13 @@
 """Layer-by-layer calibration: stream tokens through one decoder layer at a time.
 
-The inputs of the first decoder layer are captured once; from then on only one layer's activations
-are alive, and each layer's statistics go to a temporary folder as soon as they are complete
-(StatsStore), so memory does not grow with the number of layers. While a layer runs, forward hooks on its two output projections accumulate what every
+One capture pass of the model records, for every batch, the inputs of the first decoder layer and
+the other arguments the model's forward gives each layer (attention mask, rotary table, position
+ids): a sliding-window layer gets its sliding mask, a Gemma 3 full-attention layer its own rotary
+table. During that pass the layers are not run (their forwards are swapped for recorders that
+touch no weight), and tensors the model hands several layers are kept once. From then on only one
+layer's activations are alive, and each layer's statistics go to a temporary folder as soon as they
+are complete (StatsStore), so memory does not grow with the number of layers. While a layer runs,
+forward hooks on its two output projections accumulate what every
 criterion and the compensation need: the Gram matrix X^T X and the sum of the inputs, in float64
 (each batch's product is formed in float32 over a few thousand tokens, then added in float64, so
 sums over hundreds of thousands of tokens keep their precision).
@@ -18,8 +23,8 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,39 +122,33 @@ class LayerStream:
     """Calibration activations entering one decoder layer, advanced layer by layer.
 
     The first layer's inputs are computed where the input embeddings are, then moved to ``device``
-    (default: there too) in ``dtype`` (default: the layers' own). ``reduce`` sums collected
-    statistics across processes (see numprune.distributed).
+    (default: there too) in ``dtype`` (default: the layers' own), with every layer's other arguments.
+    ``reduce`` sums collected statistics across processes (see numprune.distributed).
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, tokens: torch.Tensor, batch_size: int = 8,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  reduce: Callable[[LayerStats], None] | None = None):
         self.adapter = adapter
-        self.hidden: list[torch.Tensor] = []
-        self.kwargs: list[dict] = []
         source = model.get_input_embeddings().weight.device
         self.device = torch.device(device) if device is not None else source
         self.dtype = dtype
         self.reduce = reduce
-        first = adapter.layers()[0]
-
-        def catch(_module, args, kwargs):
-            self.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-            self.kwargs.append({k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache")})
-            raise _Captured
-
-        handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-        try:
-            with torch.inference_mode():
-                for batch in tokens.split(batch_size):
-                    try:
-                        model(batch.to(source), use_cache=False)
-                    except _Captured:
-                        pass
-        finally:
-            handle.remove()
-        self.hidden = [_moved(h, self.device, dtype) for h in self.hidden]
-        self.kwargs = [_moved(k, self.device, dtype) for k in self.kwargs]
+        self.position = 0  # the layer whose inputs ``hidden`` are
+        layers = adapter.layers()
+        hidden, arguments = [], []  # per batch: the first layer's hidden states; every layer's (args, kwargs)
+        with _recording(layers, hidden, arguments), torch.inference_mode():
+            for batch in tokens.split(batch_size):
+                try:
+                    model(batch.to(source), use_cache=False)
+                except _Captured:
+                    continue
+                raise RuntimeError("the model's forward never reached its last decoder layer")
+        memo = {}  # by identity: a mask or rotary table the model gives several layers is moved once, and kept once
+        self.hidden = [_moved(h, self.device, dtype, memo) for h in hidden]
+        # self.arguments[layer][batch]: what the model's forward gave that layer besides its hidden states
+        self.arguments = [[_moved(batch[i], self.device, dtype, memo) for batch in arguments]
+                          for i in range(len(layers))]
 
     @property
     def tokens(self) -> int:
@@ -164,12 +163,14 @@ class LayerStream:
         hooks = _StatsHooks(self.adapter, work, self.device) if collect else nullcontext()
         with hooks as stats, torch.inference_mode():
             outputs = []
-            for hidden, kwargs in zip(self.hidden, self.kwargs):
-                out = work(hidden, **kwargs)
+            for hidden, (args, kwargs) in zip(self.hidden, self.arguments[self.position]):
+                out = work(hidden, *args, **kwargs)
                 if advance:
                     outputs.append(out[0] if isinstance(out, tuple) else out)
         if advance:
             self.hidden = outputs
+            self.arguments[self.position] = None  # what no later layer shares is freed
+            self.position += 1
         if stats is not None and self.reduce is not None:
             self.reduce(stats)
         return stats.to("cpu") if stats is not None else None
@@ -195,19 +196,56 @@ def collect_statistics(model: nn.Module, adapter: Adapter, tokens: torch.Tensor,
     return stats
 
 
-def _moved(value, device: torch.device, dtype: torch.dtype | None):
-    """``value`` (a tensor, or tuples/lists/dicts of them) on ``device``; floating tensors in ``dtype``."""
+@contextmanager
+def _recording(layers: nn.ModuleList, hidden: list, arguments: list) -> Iterator[None]:
+    """While the block runs, each layer's forward is a recorder instead (it touches no weight): a forward of
+    the model appends its first layer's hidden states to ``hidden`` and a list of every layer's other
+    arguments ``(args, kwargs)`` to ``arguments``, passes the hidden states on unchanged, and raises
+    _Captured at the last layer. The KV cache is left out (calibration runs without one)."""
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            states = args[0] if args else kwargs.pop("hidden_states")
+            if i == 0:
+                hidden.append(states)
+                arguments.append([])
+            arguments[-1].append((args[1:], {k: v for k, v in kwargs.items() if k != "cache"}))
+            if i == len(layers) - 1:
+                raise _Captured
+            return states
+        return forward
+
+    own = [layer.__dict__.get("forward") for layer in layers]  # a forward set on the instance (accelerate's hooks)
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
+def _moved(value, device: torch.device, dtype: torch.dtype | None, memo: dict):
+    """``value`` (a tensor, or tuples/lists/dicts of them) on ``device``; floating tensors in ``dtype``.
+
+    ``memo`` (id -> moved tensor) makes a tensor met again the same moved tensor, not another copy;
+    the tensors it was made from must stay alive while it is used (ids are unique only among the living).
+    """
     if torch.is_tensor(value):
-        return value.to(device, dtype if dtype is not None and value.is_floating_point() else None)
+        if id(value) not in memo:
+            memo[id(value)] = value.to(device, dtype if dtype is not None and value.is_floating_point() else None)
+        return memo[id(value)]
     if isinstance(value, (tuple, list)):
-        return type(value)(_moved(v, device, dtype) for v in value)
+        return type(value)(_moved(v, device, dtype, memo) for v in value)
     if isinstance(value, dict):
-        return {k: _moved(v, device, dtype) for k, v in value.items()}
+        return {k: _moved(v, device, dtype, memo) for k, v in value.items()}
     return value
 
 
 class _Captured(Exception):
-    """Stops the forward pass once the first decoder layer's inputs are caught."""
+    """Stops the capture pass once the last decoder layer's arguments are recorded."""
 
 
 class _StatsHooks:

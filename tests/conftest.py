@@ -76,10 +76,11 @@ FAMILIES = {
 
 
 def tiny(family: str, seed: int = 0):
-    """A tiny random model of ``family`` (a key of FAMILIES), its matrices redrawn as tiny_llama's."""
+    """A tiny random model of ``family`` (a key of FAMILIES), its matrices redrawn as tiny_llama's; its config is
+    a copy (a model's config is changed by e.g. ``set_attn_implementation``)."""
     torch.manual_seed(seed)
     model_class, config = FAMILIES[family]
-    return break_symmetry(model_class(config).eval())
+    return break_symmetry(model_class(copy.deepcopy(config)).eval())
 
 
 @pytest.fixture
