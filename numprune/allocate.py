@@ -264,10 +264,12 @@ def _compensated_error_guide(adapter, inputs, scores, compensation, compensation
     attn = attention_units(i, scores.heads, layout, costs, gqa_unit)
     mlp = mlp_units(i, scores.channels, costs)
     errors = compensate.REGISTRY[compensation].removal_errors
-    attn_order = torch.cat([head_channels(u.heads, layout.head_dim) for u in attn])
+    where = stats.mlp.gram.device  # computed in float64 where the statistics are
+    attn_order = torch.cat([head_channels(u.heads, layout.head_dim) for u in attn]).to(where)
     attn_errors = errors(inputs.attention_weight, stats.attention, attn_order, compensation_options)
-    bounds = torch.tensor([0] + [len(u.heads) * layout.head_dim for u in attn]).cumsum(0)
-    mlp_errors = errors(inputs.mlp_weight, stats.mlp, torch.tensor([u.channel for u in mlp]), compensation_options)
+    bounds = torch.tensor([0] + [len(u.heads) * layout.head_dim for u in attn], device=where).cumsum(0)
+    mlp_errors = errors(inputs.mlp_weight, stats.mlp, torch.tensor([u.channel for u in mlp], device=where),
+                        compensation_options)
     energy = sum(_output_energy(w, s.second_moment) for w, s in ((inputs.attention_weight, stats.attention),
                                                                   (inputs.mlp_weight, stats.mlp)))
     energy = energy.clamp_min(torch.finfo(torch.float64).tiny)
