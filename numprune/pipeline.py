@@ -113,12 +113,20 @@ def check_run(adapter: Adapter, tokens, stats, opts: PruneOptions) -> None:
     mode = "global" if opts.allocation in GUIDED else opts.allocation
     with full_precision():
         plans = allocate(adapter, equal, opts.ratio, mode, opts.gqa_unit, opts.round_to)
-    if opts.round_to > 1:
-        achieved = removed_share(sum(adapter.prunable_parameters(i) for i in layers),
-                                 sum(adapter.prunable_parameters(i, plans[i]) for i in layers))
-        if abs(achieved - opts.ratio) > ROUND_TO_TOLERANCE * opts.ratio:
-            raise NumpruneError(f"round_to {opts.round_to} would remove {achieved:.1%} of the attention+MLP parameters "
-                                f"against a target of {opts.ratio:.1%}; choose a smaller multiple")
+    _check_rounding(adapter, plans, opts)
+
+
+def _check_rounding(adapter: Adapter, plans: list[LayerPlan], opts: PruneOptions) -> None:
+    """Refuse ``round_to`` when the widths it rounds to move the removed share too far from the target: on the
+    dry run before any work, and on the real plan (whose widths depend on the scores) before anything is written."""
+    if opts.round_to == 1:
+        return
+    layers = range(adapter.num_layers())
+    achieved = removed_share(sum(adapter.prunable_parameters(i) for i in layers),
+                             sum(adapter.prunable_parameters(i, plans[i]) for i in layers))
+    if abs(achieved - opts.ratio) > ROUND_TO_TOLERANCE * opts.ratio:
+        raise NumpruneError(f"round_to {opts.round_to} would remove {achieved:.1%} of the attention+MLP parameters "
+                            f"against a target of {opts.ratio:.1%}; choose a smaller multiple")
 
 
 def _check_activation_memory(adapter: Adapter, tokens: torch.Tensor) -> None:
@@ -177,6 +185,7 @@ def select(source: LayerSource, tokens: torch.Tensor | None, stats: Sequence[Lay
     with clock.timed("scoring"), full_precision():
         plans = allocate(adapter, scores, opts.ratio, opts.allocation, opts.gqa_unit, opts.round_to, guides,
                          opts.blend_weight)
+    _check_rounding(adapter, plans, opts)
     distributed.agree("the allocation", [asdict(p) for p in plans])
     return plans, stats
 
