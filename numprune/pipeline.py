@@ -111,9 +111,7 @@ def check_run(adapter: Adapter, tokens, stats, opts: PruneOptions) -> None:
                          torch.zeros(adapter.mlp_width(i), dtype=torch.float64, device="cpu")) for i in layers]
     # A guided allocation ranks across layers like the global one: the same shapes decide whether it exists.
     mode = "global" if opts.allocation in GUIDED else opts.allocation
-    with full_precision():
-        plans = allocate(adapter, equal, opts.ratio, mode, opts.gqa_unit, opts.round_to)
-    _check_rounding(adapter, plans, opts)
+    _check_rounding(adapter, allocate(adapter, equal, opts.ratio, mode, opts.gqa_unit, opts.round_to), opts)
 
 
 def _check_rounding(adapter: Adapter, plans: list[LayerPlan], opts: PruneOptions) -> None:
@@ -182,7 +180,7 @@ def select(source: LayerSource, tokens: torch.Tensor | None, stats: Sequence[Lay
                 guides.append(layer_guide(opts.allocation, adapter, inputs, scores[-1], opts.allocation_compensation,
                                           opts.compensation_options(opts.allocation_compensation), opts.gqa_unit))
     del stream
-    with clock.timed("scoring"), full_precision():
+    with clock.timed("scoring"):  # ranks and counts only: the float work was in the scores and guides
         plans = allocate(adapter, scores, opts.ratio, opts.allocation, opts.gqa_unit, opts.round_to, guides,
                          opts.blend_weight)
     _check_rounding(adapter, plans, opts)
