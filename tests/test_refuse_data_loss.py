@@ -7,7 +7,6 @@ import os
 import resource
 import signal
 import threading
-from pathlib import Path
 
 import pytest
 import torch
