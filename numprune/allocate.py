@@ -15,19 +15,22 @@ criterion's ranking always decides which (any criterion works under any allocati
 - ``global`` ranks the units of all layers together by the criterion's raw scores and removes the
   lowest-scoring ones until the removed parameters reach ``ratio`` of all attention+MLP parameters
   (FLAP's cumulative parameter count, which is what the paper's head weight alpha = 4 D_h / 3
-  stands for: each unit counts with its exact parameter cost).
+  stands for: each unit counts with its exact parameter cost). A unit that would overshoot the
+  target by an MLP channel's cost or more is passed over and the next-ranked units that fit close
+  the gap, so the removed parameters end at most one MLP channel's cost above the target.
 - ``uniform`` removes the same share from every layer: the nearest whole number of attention
-  units, then MLP channels to make up the layer's parameter share.
+  units, then the nearest whole number of MLP channels to make up the layer's parameter share.
+  Halves round up, whatever the parity (``nearest``): 50% of 5 heads is 3 removed, of 7 heads 4.
 - ``flap-widths`` takes the per-layer widths that ``global`` gives FLAP's standardised fluctuation
   scores (exact unit costs, as the ``flap`` method), then removes that many of the criterion's
   lowest-ranked units in each layer and kind (all units of one layer and kind cost the same, so the
   removed parameters are FLAP's to the parameter).
 - ``blend`` moves from ``flap-widths`` toward ``global`` as the ratio grows: each layer and kind
   loses (1 - w) of the units ``flap-widths`` removes there plus w of those ``global`` removes, the
-  whole removing ``ratio`` exactly (see ``blended``), and the criterion chooses which. FLAP's widths
-  keep a model general at low ratios, where the global ranking overfits the calibration text; from
-  about 30% on FLAP's widths cut too deep into some layers, and three quarters of the way to the
-  global ranking's widths does better than either.
+  whole removing ``ratio`` to within one MLP channel's cost (see ``blended``), and the criterion
+  chooses which. FLAP's widths keep a model general at low ratios, where the global ranking
+  overfits the calibration text; from about 30% on FLAP's widths cut too deep into some layers,
+  and three quarters of the way to the global ranking's widths does better than either.
   The weight w is ``blend_weight`` if given, else ``blend_schedule(ratio)``, chosen on validation
   texts (README, "The default method").
 - ``compensated-error`` ranks by what removal costs after compensation: for each layer and kind,
@@ -44,6 +47,7 @@ and the per-layer guide it needs, if any. Adding a mode touches this file only.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -164,10 +168,26 @@ def _global_ranking(adapter: Adapter, layers: list[tuple[list[Unit], list[Unit]]
     return _until_target([], candidates, target, ratio)
 
 
-def _until_target(removed: list[Unit], candidates, target: float, ratio: float) -> list[Unit]:
-    """``removed`` and then ``candidates``, in their order, until the removed parameters reach ``target``."""
+def _until_target(removed: list[Unit], candidates: list[Unit], target: float, ratio: float) -> list[Unit]:
+    """``removed`` and then ``candidates``, in their order, until the removed parameters reach ``target``.
+
+    A unit that would overshoot the target by a cheapest candidate's cost or more (an attention unit
+    when a few MLP channels are missing) is passed over, and the next candidates in order that fit
+    close the gap: the removed parameters end within one cheapest unit (an MLP channel) above the
+    target. Passed-over units are taken after all only where nothing cheaper is left to remove.
+    """
     removed, total = list(removed), sum(u.cost for u in removed)
+    cheapest = min((u.cost for u in candidates), default=0)
+    passed = []
     for unit in candidates:
+        if total >= target:
+            break
+        if total + unit.cost - target >= cheapest:
+            passed.append(unit)
+            continue
+        removed.append(unit)
+        total += unit.cost
+    for unit in passed:
         if total >= target:
             break
         removed.append(unit)
@@ -177,13 +197,19 @@ def _until_target(removed: list[Unit], candidates, target: float, ratio: float) 
     return removed
 
 
+def nearest(x: float) -> int:
+    """The nearest whole number, halves up (Python's ``round`` takes halves to the even neighbour, so 50% of 5
+    and of 7 heads would remove 2 and 4). ``x`` is first rounded to 9 decimals: 0.7 * 5 is 3.5, not 3.4999..."""
+    return math.floor(round(x, 9) + 0.5)
+
+
 def _uniform(adapter: Adapter, layers: list[tuple[list[Unit], list[Unit]]], ratio: float) -> list[Unit]:
     removed = []
     for i, (attn, mlp) in enumerate(layers):
-        n_attn = round(ratio * len(attn))
+        n_attn = nearest(ratio * len(attn))
         attn_cost = sum(u.cost for u in attn[:n_attn])
         need = ratio * adapter.prunable_parameters(i) - attn_cost
-        n_mlp = max(0, round(need / mlp[0].cost))
+        n_mlp = max(0, nearest(need / mlp[0].cost))
         if n_attn >= len(attn) or n_mlp >= len(mlp):
             raise NumpruneError(f"ratio {ratio} would leave layer {i} with no attention or no MLP channel")
         removed += attn[:n_attn] + mlp[:n_mlp]
@@ -264,10 +290,12 @@ def _compensated_error_guide(adapter, inputs, scores, compensation, compensation
     attn = attention_units(i, scores.heads, layout, costs, gqa_unit)
     mlp = mlp_units(i, scores.channels, costs)
     errors = compensate.REGISTRY[compensation].removal_errors
-    attn_order = torch.cat([head_channels(u.heads, layout.head_dim) for u in attn])
+    where = stats.mlp.gram.device  # computed in float64 where the statistics are
+    attn_order = torch.cat([head_channels(u.heads, layout.head_dim) for u in attn]).to(where)
     attn_errors = errors(inputs.attention_weight, stats.attention, attn_order, compensation_options)
-    bounds = torch.tensor([0] + [len(u.heads) * layout.head_dim for u in attn]).cumsum(0)
-    mlp_errors = errors(inputs.mlp_weight, stats.mlp, torch.tensor([u.channel for u in mlp]), compensation_options)
+    bounds = torch.tensor([0] + [len(u.heads) * layout.head_dim for u in attn], device=where).cumsum(0)
+    mlp_errors = errors(inputs.mlp_weight, stats.mlp, torch.tensor([u.channel for u in mlp], device=where),
+                        compensation_options)
     energy = sum(_output_energy(w, s.second_moment) for w, s in ((inputs.attention_weight, stats.attention),
                                                                   (inputs.mlp_weight, stats.mlp)))
     energy = energy.clamp_min(torch.finfo(torch.float64).tiny)
@@ -294,11 +322,13 @@ def _blend(adapter, layers, ratio, guides, settings):
 def blended(adapter: Adapter, layers: list[tuple[list[Unit], list[Unit]]], ratio: float,
             first: list[Unit], second: list[Unit], weight: float) -> list[Unit]:
     """Widths between two allocations: each layer and kind loses (1 - weight) of what ``first`` removes
-    there plus ``weight`` of what ``second`` does, and the whole still removes ``ratio`` exactly.
+    there plus ``weight`` of what ``second`` does, and the whole removes ``ratio`` to within one MLP
+    channel's cost above it.
 
     The counts are real numbers; each layer and kind first loses the whole part of its count, then
     the parameters still missing come from the units just past those, the smallest overshoot of a
-    layer's own count first (largest remainders, one unit at a time), as ``global`` does.
+    layer's own count first (largest remainders, one unit at a time), passing over a unit that
+    would overshoot the target by a channel's cost or more, as ``global`` does.
     """
     target = ratio * sum(adapter.prunable_parameters(i) for i in range(len(layers)))
     first_counts, second_counts = _counts(first), _counts(second)

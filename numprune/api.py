@@ -18,6 +18,7 @@ from numprune import distributed
 from numprune.adapters import adapter_for
 from numprune.calibrate import LayerStats, collect_statistics
 from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, resolve, select
+from numprune.precision import full_precision
 from numprune.report import Clock, PruneReport, parameter_counts
 from numprune.shrink import shrink
 from numprune.sources import InMemory
@@ -25,12 +26,17 @@ from numprune.sources import InMemory
 
 def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, progress: bool = True,
               device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Sequence[LayerStats]:
-    """Statistics of every layer on the dense model; reusable for several ratios and methods."""
+    """Statistics of every layer on the dense model; reusable for several ratios and methods.
+
+    The layer passes run on ``device`` (default: the model's own) in ``dtype`` (default: the weights'
+    own); the statistics come back in float64 on the CPU (numprune.precision has the whole contract).
+    """
     adapter = adapter_for(model)
     check_tokens(adapter, tokens)
     compute = Compute(batch_size, progress, device, dtype)
-    return collect_statistics(model, adapter, distributed.shard(tokens), compute.batch_size, compute.progress,
-                              device=compute.device, dtype=compute.dtype, reduce=distributed.reducer())
+    with full_precision():
+        return collect_statistics(model, adapter, distributed.shard(tokens), compute.batch_size, compute.progress,
+                                  device=compute.where(adapter), dtype=compute.dtype, reduce=distributed.reducer())
 
 
 def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float, stats: Sequence[LayerStats] | None = None,
@@ -42,14 +48,16 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
     ``tokens`` ([samples, seqlen] token ids) calibrate the run unless ``stats`` from ``calibrate``
     are given; sequential compensation statistics always need ``tokens``. ``options`` are the
     fields of PruneOptions. Unless ``inplace``, ``model`` is left untouched (it is copied first).
-    ``device``/``dtype`` say where and in what precision the layer passes run (the model stays
-    where it is; statistics and solves stay in float64). Inside a torch.distributed process group
+    ``device``/``dtype`` say where and in what precision the layer passes run (default: the model's
+    own device and dtype). The model may be anywhere and stays there: statistics and solves run in
+    float64 without TF32, and each weight gets its result on its own device in its own dtype
+    (numprune.precision). Inside a torch.distributed process group
     each process calibrates on its share of ``tokens`` and all return the same result.
     """
     opts = resolve(ratio, options, tokens, stats)
     compute = Compute(batch_size, progress, device, dtype)
-    clock = Clock(device)
     source = InMemory(model)
+    clock = Clock(compute.where(source.adapter))
     check_run(source.adapter, tokens, stats, opts)
     before = parameter_counts(source.adapter)
     plans, stats = select(source, tokens, stats, opts, compute, clock)

@@ -141,25 +141,26 @@ def apply(linear: torch.nn.Module, keep: torch.Tensor, fit: Fit) -> None:
     """Write the fitted kept input columns (and bias shift) into ``linear`` and zero the removed ones, in place.
 
     The layer then computes exactly what the shrunk layer will: the removed inputs no longer count.
+    The fit (computed where the statistics are) lands on the weight's own device, in its own dtype.
     A bias shift creates the bias if there is none.
     """
     new, shift = fit
     with torch.no_grad():
         weight = projection_weight(linear)
         weight.zero_()
-        weight[:, keep] = new
+        weight[:, keep.to(weight.device)] = new.to(weight)
         if shift is not None:
             if linear.bias is None:
-                linear.bias = torch.nn.Parameter(torch.zeros_like(shift))
-            linear.bias += shift
+                linear.bias = torch.nn.Parameter(weight.new_zeros(weight.shape[0]))
+            linear.bias += shift.to(linear.bias)
 
 
 def _damped(matrix: torch.Tensor, damp: float) -> torch.Tensor:
     m = matrix.double()
-    return m + damp * m.diagonal().mean() * torch.eye(m.shape[0], dtype=torch.float64)
+    return m + damp * m.diagonal().mean() * torch.eye(m.shape[0], dtype=torch.float64, device=m.device)
 
 
 def _complement(keep: torch.Tensor, dim: int) -> torch.Tensor:
-    mask = torch.ones(dim, dtype=torch.bool)
+    mask = torch.ones(dim, dtype=torch.bool, device=keep.device)
     mask[keep] = False
     return mask.nonzero().flatten()

@@ -48,16 +48,17 @@ def launched_size() -> int:
 
 
 @contextmanager
-def process_group(device: str) -> Iterator[str]:
+def process_group(device: str | None) -> Iterator[str | None]:
     """Join torchrun's process group (gloo on the CPU, nccl on CUDA) and yield this process's device.
 
-    With ``--device cuda`` each process takes the GPU of its local rank. Without torchrun this
-    yields ``device`` unchanged and starts nothing.
+    With ``--device cuda`` each process takes the GPU of its local rank; None (the model's own, the
+    CPU where the command line loads it) stays None. Without torchrun this yields ``device``
+    unchanged and starts nothing.
     """
     if launched_size() <= 1 or dist.is_initialized():
         yield device
         return
-    cuda = device.startswith("cuda")
+    cuda = device is not None and device.startswith("cuda")
     if cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)

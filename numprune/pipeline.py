@@ -30,6 +30,7 @@ from numprune.allocate import GUIDED, allocate, layer_guide
 from numprune.calibrate import LayerStats, LayerStream, StatsStore
 from numprune.criteria import CriterionInputs, LayerScores, get_method
 from numprune.errors import NumpruneError
+from numprune.precision import check_device, full_precision, model_device
 from numprune.recipe import POSITIVE_INT, PruneOptions
 from numprune.report import (Clock, ComputeRecord, ParameterReport, PruneReport, parameter_counts,
                              removed_share)
@@ -47,26 +48,26 @@ class Compute:
 
     batch_size: int = 8
     progress: bool = True
-    device: torch.device | str | None = None  # None: where the model's input embeddings are
+    device: torch.device | str | None = None  # None: the model's own (numprune.precision.model_device)
     dtype: torch.dtype | None = None  # None: the weights' own
 
     def __post_init__(self):
         POSITIVE_INT.check("batch size", self.batch_size)
-        if self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                raise NumpruneError(f"device must be cpu, cuda or cuda:N, got {self.device!r}") from None
+        self.device = check_device(self.device)
+
+    def where(self, adapter: Adapter) -> torch.device:
+        """The device the layer passes run on: the one asked for, else the model's own."""
+        return self.device if self.device is not None else model_device(adapter.model)
 
     def stream(self, adapter: Adapter, tokens: torch.Tensor) -> LayerStream:
         """This process's share of ``tokens`` streamed into the first layer, statistics summed over processes."""
-        return LayerStream(adapter.model, adapter, distributed.shard(tokens), self.batch_size, self.device, self.dtype,
-                           distributed.reducer())
+        return LayerStream(adapter.model, adapter, distributed.shard(tokens), self.batch_size, self.where(adapter),
+                           self.dtype, distributed.reducer())
 
     def describe(self, adapter: Adapter, streaming: bool = False) -> ComputeRecord:
-        device = self.device if self.device is not None else adapter.model.get_input_embeddings().weight.device
         dtype = self.dtype or next(p for p in adapter.model.parameters()).dtype
-        return ComputeRecord(str(device), str(dtype).removeprefix("torch."), distributed.world().size, streaming)
+        return ComputeRecord(str(self.where(adapter)), str(dtype).removeprefix("torch."), distributed.world().size,
+                             streaming)
 
 
 # 1. Checks, before any long work.
@@ -106,17 +107,24 @@ def check_run(adapter: Adapter, tokens, stats, opts: PruneOptions) -> None:
     elif tokens is not None:
         _check_activation_memory(adapter, tokens)
     layers = range(adapter.num_layers())
-    equal = [LayerScores(torch.zeros(adapter.attention_layout(i).num_heads, dtype=torch.float64),
-                         torch.zeros(adapter.mlp_width(i), dtype=torch.float64)) for i in layers]
+    equal = [LayerScores(torch.zeros(adapter.attention_layout(i).num_heads, dtype=torch.float64, device="cpu"),
+                         torch.zeros(adapter.mlp_width(i), dtype=torch.float64, device="cpu")) for i in layers]
     # A guided allocation ranks across layers like the global one: the same shapes decide whether it exists.
     mode = "global" if opts.allocation in GUIDED else opts.allocation
-    plans = allocate(adapter, equal, opts.ratio, mode, opts.gqa_unit, opts.round_to)
-    if opts.round_to > 1:
-        achieved = removed_share(sum(adapter.prunable_parameters(i) for i in layers),
-                                 sum(adapter.prunable_parameters(i, plans[i]) for i in layers))
-        if abs(achieved - opts.ratio) > ROUND_TO_TOLERANCE * opts.ratio:
-            raise NumpruneError(f"round_to {opts.round_to} would remove {achieved:.1%} of the attention+MLP parameters "
-                                f"against a target of {opts.ratio:.1%}; choose a smaller multiple")
+    _check_rounding(adapter, allocate(adapter, equal, opts.ratio, mode, opts.gqa_unit, opts.round_to), opts)
+
+
+def _check_rounding(adapter: Adapter, plans: list[LayerPlan], opts: PruneOptions) -> None:
+    """Refuse ``round_to`` when the widths it rounds to move the removed share too far from the target: on the
+    dry run before any work, and on the real plan (whose widths depend on the scores) before anything is written."""
+    if opts.round_to == 1:
+        return
+    layers = range(adapter.num_layers())
+    achieved = removed_share(sum(adapter.prunable_parameters(i) for i in layers),
+                             sum(adapter.prunable_parameters(i, plans[i]) for i in layers))
+    if abs(achieved - opts.ratio) > ROUND_TO_TOLERANCE * opts.ratio:
+        raise NumpruneError(f"round_to {opts.round_to} would remove {achieved:.1%} of the attention+MLP parameters "
+                            f"against a target of {opts.ratio:.1%}; choose a smaller multiple")
 
 
 def _check_activation_memory(adapter: Adapter, tokens: torch.Tensor) -> None:
@@ -164,25 +172,29 @@ def select(source: LayerSource, tokens: torch.Tensor | None, stats: Sequence[Lay
                   disable=not compute.progress):
         with source.layer(i) as layer:
             if stream is not None:
-                with clock.timed("calibration"):
+                with clock.timed("calibration"), full_precision():
                     stats.append(stream.run(layer, collect=True, advance=True))
-            with clock.timed("scoring"):
+            with clock.timed("scoring"), full_precision():
                 inputs = criterion_inputs(adapter, i, layer, stats[i], opts.ratio)
                 scores.append(criterion(inputs, **opts.score_options))
                 guides.append(layer_guide(opts.allocation, adapter, inputs, scores[-1], opts.allocation_compensation,
                                           opts.compensation_options(opts.allocation_compensation), opts.gqa_unit))
     del stream
-    with clock.timed("scoring"):
+    with clock.timed("scoring"):  # ranks and counts only: the float work was in the scores and guides
         plans = allocate(adapter, scores, opts.ratio, opts.allocation, opts.gqa_unit, opts.round_to, guides,
                          opts.blend_weight)
+    _check_rounding(adapter, plans, opts)
     distributed.agree("the allocation", [asdict(p) for p in plans])
     return plans, stats
 
 
 def criterion_inputs(adapter: Adapter, i: int, layer: nn.Module, stats: LayerStats, ratio: float) -> CriterionInputs:
-    """What a criterion scores layer ``i`` from: its statistics and the weights of ``layer``, as the source holds it."""
-    return CriterionInputs(i, stats, projection_weight(adapter.attention_output(layer)).detach(),
-                           projection_weight(adapter.mlp_output(layer)).detach(), adapter.attention_layout(i), ratio)
+    """What a criterion scores layer ``i`` from: its statistics and the weights of ``layer``, copied to where the
+    statistics are (the criteria compute in float64 there) in the dtype the source holds them in."""
+    where = stats.attention.gram.device
+    return CriterionInputs(i, stats, projection_weight(adapter.attention_output(layer)).detach().to(where),
+                           projection_weight(adapter.mlp_output(layer)).detach().to(where), adapter.attention_layout(i),
+                           ratio)
 
 
 # 3. Compensate: mask and refit.
@@ -203,7 +215,7 @@ def compensate(source: LayerSource, plans: list[LayerPlan], stats: Sequence[Laye
             stream = compute.stream(adapter, tokens)
     for i in tqdm(range(adapter.num_layers()), desc="compensating", unit="layer", disable=not compute.progress):
         with source.layer(i) as layer:
-            with clock.timed("compensation"):
+            with clock.timed("compensation"), full_precision():  # statistics and fits where the statistics are
                 if not compensation.needs:
                     layer_stats = None
                 elif stream is None:
@@ -214,8 +226,9 @@ def compensate(source: LayerSource, plans: list[LayerPlan], stats: Sequence[Laye
                 outputs = (adapter.attention_output(layer), adapter.mlp_output(layer))
                 parts = (layer_stats.attention, layer_stats.mlp) if layer_stats is not None else (None, None)
                 for linear, keep, s in zip(outputs, kept, parts):
-                    fit = compensation.fit(projection_weight(linear).detach(), s, keep, options)
-                    compensation_registry.apply(linear, keep, fit)
+                    weight = projection_weight(linear).detach()
+                    fit = compensation.fit(weight.to(s.gram.device) if s is not None else weight, s, keep, options)
+                    compensation_registry.apply(linear, keep, fit)  # back on the weight's device, in its dtype
                 if stream is not None:
                     stream.run(layer, collect=False, advance=True)
             with clock.timed("surgery"):

@@ -28,9 +28,9 @@ def shrink(adapter: Adapter, plans: list[LayerPlan]) -> PreTrainedModel:
         state = kept_slices(state, adapter.kept_indices(i, plan))
     config = adapter.pruned_config(plans)
     config._attn_implementation = model.config._attn_implementation
-    dtype = next(model.parameters()).dtype
-    with no_init_weights():
-        shrunk = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    weight = next(model.parameters())
+    with torch.device(weight.device), no_init_weights():  # built where the weights are: no copy on the way
+        shrunk = AutoModelForCausalLM.from_config(config, dtype=weight.dtype)
     missing, unexpected = shrunk.load_state_dict(state, strict=False)
     if unexpected or any(not name.endswith(".bias") for name in missing):
         raise RuntimeError(f"pruned state dict does not fit the pruned config: {missing + unexpected}")
@@ -40,5 +40,5 @@ def shrink(adapter: Adapter, plans: list[LayerPlan]) -> PreTrainedModel:
     shrunk.tie_weights()
     if getattr(model, "generation_config", None) is not None:
         shrunk.generation_config = model.generation_config
-    return shrunk.to(next(model.parameters()).device).eval()
+    return shrunk.eval()
 

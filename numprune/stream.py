@@ -233,12 +233,13 @@ class StreamedModel(LayerSource):
 
 def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, *, ratio: float, out: str | os.PathLike,
                     overwrite: bool = False, tokenizer=None, batch_size: int = 8, progress: bool = True,
-                    calibration_info: dict | None = None, device: torch.device | str | None = "cpu",
+                    calibration_info: dict | None = None, device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None, **options) -> PruneReport | None:
     """Prune the safetensors model in ``folder`` into ``out`` without ever loading it whole; return the report.
 
     Same options and same result as ``numprune.prune`` on the loaded model followed by
-    ``save_pruned``. ``tokenizer`` is saved beside the weights if given (else the folder's
+    ``save_pruned``; as there, the layer passes run on ``device``, by default the model's own: the CPU,
+    where the weights are read. ``tokenizer`` is saved beside the weights if given (else the folder's
     tokenizer files are copied). In a process group only process 0 writes ``out`` and gets the
     report; the others get None.
     """
@@ -248,7 +249,7 @@ def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, *, ratio: f
     if world.writer:
         check_target(out, overwrite=overwrite, inputs=[folder], marker=REPORT_NAME)
     compute = Compute(batch_size, progress, device, dtype)
-    clock = Clock(device)
+    clock = Clock(compute.device)  # the model's own device is the CPU: no GPU memory to track then
     source = StreamedModel(folder, clock)
     check_run(source.adapter, tokens, None, opts)
     before = parameter_counts(source.adapter)

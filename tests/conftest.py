@@ -83,6 +83,12 @@ def tiny(family: str, seed: int = 0):
     return break_symmetry(model_class(copy.deepcopy(config)).eval())
 
 
+def pytest_runtest_setup(item):
+    """A test marked ``cuda`` runs only where torch sees a GPU."""
+    if item.get_closest_marker("cuda") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return tiny_tokens()

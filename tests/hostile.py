@@ -27,9 +27,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def numprune(*args, cwd=None, timeout=300, **popen) -> subprocess.CompletedProcess:
-    """``python -m numprune ARGS`` in a fresh process, with this checkout's numprune first on the path."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+def numprune(*args, cwd=None, timeout=300, signal_at: str | None = None, **popen) -> subprocess.CompletedProcess:
+    """``python -m numprune ARGS`` in a fresh process, with this checkout's numprune first on the path.
+
+    ``signal_at`` (``"SIGINT torch"``, ``"SIGTERM numprune.calibrate LayerStream.run"``): the process sends
+    itself that signal as that module starts being imported, or as that function is first called
+    (tests/signal_hook/sitecustomize.py), so an interruption lands at a point the test chose, whatever the load.
+    """
+    path = [str(REPO), *([str(REPO / "tests" / "signal_hook")] if signal_at else []), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "NUMPRUNE_TEST_SIGNAL": signal_at or ""}
     popen.setdefault("stdin", None if "input" in popen else subprocess.DEVNULL)  # nothing to answer a prompt
     return subprocess.run([sys.executable, "-m", "numprune", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env, **popen)

@@ -1,10 +1,13 @@
-"""The flap-widths, blend and compensated-error allocations against hand computations and brute force."""
+"""The allocations against hand computations and brute force: flap-widths, blend, compensated-error, the ratio
+that global and blend reach, uniform's rounding and round_to's tolerance."""
 
 import copy
 import math
+from fractions import Fraction
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import tiny_llama, tiny_tokens
 from numprune import compensate
@@ -12,10 +15,11 @@ from numprune.adapters import adapter_for
 from numprune.adapters.base import projection_weight
 from numprune.allocate import BLEND_FROM, BLEND_MAX, BLEND_TO, allocate, blend_schedule, layer_guide
 from numprune.api import prune
+from numprune.stream import prune_streaming
 from numprune.calibrate import collect_statistics
 from numprune.cli import parser
 from numprune.cli.prune import prune_options
-from numprune.criteria import numerical
+from numprune.criteria import LayerScores, numerical
 from numprune.errors import NumpruneError
 from numprune.pipeline import criterion_inputs
 from numprune.recipe import PruneOptions
@@ -45,12 +49,16 @@ def test_flap_widths_by_hand():
         candidates += [(h, i, "attn", costs.query_head + costs.kv_head) for h in heads[:-1]]
         candidates += [(c, i, "mlp", costs.channel) for c in sorted(zm.tolist())[:-1]]
     target = ratio * sum(adapter.prunable_parameters(i) for i in range(len(inputs)))
+    cheapest = min(c[-1] for c in candidates)
     removed, total = {}, 0
     for score, i, kind, cost in sorted(candidates):
         if total >= target:
             break
+        if total + cost >= target + cheapest:  # would overshoot by a channel or more: cheaper units close the gap
+            continue
         removed[i, kind] = removed.get((i, kind), 0) + 1
         total += cost
+    assert target <= total < target + cheapest
 
     scores = [numerical.score(x) for x in inputs]
     guides = [layer_guide("flap-widths", adapter, x, s, "least-squares", compensate.Damped())
@@ -155,9 +163,10 @@ def test_blend_weights_zero_and_one_are_flap_widths_and_global(shape):
 
 
 def test_blend_counts_by_largest_remainders():
-    """Each layer and kind loses the whole part of (1-w) flap + w global, then, by largest remainder (lower
-    layer, MLP before attention on ties), one more unit until the removed parameters reach the target."""
-    ratio, weight = 0.35, 0.3
+    """Each layer and kind loses the whole part of (1-w) flap + w global, then, by smallest overshoot of its own
+    count (largest remainder first; lower layer, MLP before attention on ties), one more unit until the removed
+    parameters reach the target, passing over a unit that would overshoot it by a channel's cost or more."""
+    ratio, weight = 0.35, 0.5
     adapter, flap_widths = _plans_and_scores(ratio, "flap-widths")
     _, global_ = _plans_and_scores(ratio, "global")
     _, blend = _plans_and_scores(ratio, "blend", blend_weight=weight)
@@ -169,15 +178,19 @@ def test_blend_counts_by_largest_remainders():
         for kind, fk, gk in (("attn", f[0] // per_unit, g[0] // per_unit), ("mlp", f[1], g[1])):
             real = (1 - weight) * fk + weight * gk
             counts[i, kind] = math.floor(real + 1e-9)
-            fractions.append((round(counts[i, kind] - real, 9), i, kind != "mlp", kind))
+            units = adapter.attention_layout(i).num_heads // per_unit if kind == "attn" else adapter.mlp_width(i)
+            fractions += [(round(k - real, 9), i, kind != "mlp", k, kind) for k in range(counts[i, kind], units - 1)]
     target = ratio * sum(adapter.prunable_parameters(i) for i in range(adapter.num_layers()))
     total = sum(n * unit_cost[kind][i] for (i, kind), n in counts.items())
-    for _, i, _, kind in sorted(fractions):
+    cheapest = min(unit_cost["mlp"])
+    for _, i, _, _, kind in sorted(fractions):
         if total >= target:
             break
+        if total + unit_cost[kind][i] >= target + cheapest:
+            continue
         counts[i, kind] += 1
         total += unit_cost[kind][i]
-    assert total >= target
+    assert target <= total < target + cheapest
     got = _removed_counts(adapter, blend)
     assert [(counts[i, "attn"] * per_unit, counts[i, "mlp"]) for i in range(adapter.num_layers())] == got
     assert got not in (_removed_counts(adapter, flap_widths), _removed_counts(adapter, global_))
@@ -204,3 +217,86 @@ def test_the_default_method_is_numerical_robust_with_the_blend_schedule():
     assert opts.blend_weight == BLEND_MAX
     assert PruneOptions.checked(0.1, method="numerical-robust").blend_weight == 0.0
     assert PruneOptions.checked(0.1, method="numerical").allocation == "global"  # the paper's method is kept
+
+
+# SmolLM2-135M's shapes: 30 layers, 3 query slots of 3 heads each (221,184 parameters), MLP channels of 1,728.
+SMOLLM2 = dict(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+               intermediate_size=1536, vocab_size=49152)
+
+
+def shaped(shape: str):
+    """The adapter of a tiny model, or of a SmolLM2-shaped one without weights (allocation reads shapes only)."""
+    if shape == "smollm2":
+        with torch.device("meta"):
+            return adapter_for(LlamaForCausalLM(LlamaConfig(**SMOLLM2)))
+    return adapter_for(tiny_llama(shape, layers=4))
+
+
+def random_scores(adapter, seed: int) -> list[LayerScores]:
+    generator = torch.Generator().manual_seed(seed)
+    return [LayerScores(torch.rand(adapter.attention_layout(i).num_heads, generator=generator, dtype=torch.float64),
+                        torch.rand(adapter.mlp_width(i), generator=generator, dtype=torch.float64))
+            for i in range(adapter.num_layers())]
+
+
+@pytest.mark.parametrize("allocation", ["global", "blend", "flap-widths"])
+@pytest.mark.parametrize("shape", ["mha", "gqa", "gqa9", "smollm2"])
+def test_the_removed_parameters_land_within_one_mlp_channel_above_the_target(shape, allocation):
+    adapter = shaped(shape)
+    layers = range(adapter.num_layers())
+    total = sum(adapter.prunable_parameters(i) for i in layers)
+    channel = max(adapter.unit_costs(i).channel for i in layers)
+    for k, ratio in enumerate((0.1, 0.2, 0.25, 0.275, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)):
+        plans = allocate(adapter, random_scores(adapter, k), ratio, allocation, guides=random_scores(adapter, 100 + k))
+        removed = total - sum(adapter.prunable_parameters(i, plan) for i, plan in zip(layers, plans))
+        assert 0 <= removed - ratio * total < channel, (ratio, removed / total)
+
+
+def test_a_unit_that_would_overshoot_is_passed_over_for_the_next_channels():
+    """Target 1.5 heads: the lowest head goes; the next head would overshoot by half a head, so the lowest-scoring
+    MLP channels close the gap instead (as few as reach the target)."""
+    adapter = adapter_for(tiny_llama("mha", layers=2))
+    channels = torch.arange(48, dtype=torch.float64) + 1  # all above every head but layer 0's; channel 0 lowest
+    scores = [LayerScores(torch.tensor([0.9, 0.1, 0.8, 0.7], dtype=torch.float64), channels),
+              LayerScores(torch.tensor([0.95, 0.92, 0.93, 0.94], dtype=torch.float64), channels + 0.5)]
+    costs = adapter.unit_costs(0)
+    head = costs.query_head + costs.kv_head
+    ratio = 1.5 * head / sum(adapter.prunable_parameters(i) for i in range(2))
+    plans = allocate(adapter, scores, ratio)
+    gone = math.ceil(0.5 * head / costs.channel)  # channels 0, 1, ... of layer 0, then of layer 1, alternately
+    assert plans[0].heads == (0, 2, 3) and plans[1].heads == (0, 1, 2, 3)
+    assert plans[0].channels == tuple(range((gone + 1) // 2, 48))
+    assert plans[1].channels == tuple(range(gone // 2, 48))
+
+
+@pytest.mark.parametrize("shape", ["odd", "gqa9"])
+def test_uniform_rounds_halves_up(shape):
+    """Each layer loses the nearest whole number of attention units, halves up, then of MLP channels for the rest of
+    its share; computed here in exact fractions (50% of 5 heads is 2.5: 3 go, where round() would say 2)."""
+    adapter = adapter_for(tiny_llama(shape, layers=2))
+    for ratio in ("0.1", "0.3", "0.5", "0.7"):
+        plans = allocate(adapter, random_scores(adapter, 0), float(ratio), "uniform")
+        for i, plan in enumerate(plans):
+            layout, costs = adapter.attention_layout(i), adapter.unit_costs(i)
+            size = layout.group_size if layout.group_size > 1 else 1
+            units = layout.num_heads // size
+            n_attn = math.floor(Fraction(ratio) * units + Fraction(1, 2))
+            need = Fraction(ratio) * adapter.prunable_parameters(i) - n_attn * size * costs.query_head - (
+                n_attn * costs.kv_head if size == 1 else 0)
+            n_mlp = max(0, math.floor(need / costs.channel + Fraction(1, 2)))
+            assert (layout.num_heads - len(plan.heads), adapter.mlp_width(i) - len(plan.channels)) == (
+                n_attn * size, n_mlp), (ratio, i)
+
+
+def test_round_to_is_checked_on_the_real_plan_before_anything_is_written(tmp_path):
+    """Equal scores (the dry run) spread the removal so that multiples of 32 stay near 10%; the real scores put
+    channels in every layer, each then rounds to 16 removed channels: 21.6%, refused before any output."""
+    model = tiny_llama("mha", layers=3)
+    options = dict(ratio=0.1, method="random", allocation="global", round_to=32, progress=False)
+    message = "round_to 32 would remove 21.6% of the attention\\+MLP parameters against a target of 10.0%"
+    with pytest.raises(NumpruneError, match=message):
+        prune(model, tiny_tokens(), **options)
+    model.save_pretrained(tmp_path / "dense")
+    with pytest.raises(NumpruneError, match=message):
+        prune_streaming(tmp_path / "dense", tiny_tokens(), out=tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()

@@ -88,7 +88,7 @@ def test_global_allocation_prefers_low_scores():
     scores = [LayerScores(torch.tensor([0.9, 0.1, 0.8, 0.7], dtype=torch.float64), torch.ones(48, dtype=torch.float64)),
               LayerScores(torch.tensor([0.95, 0.92, 0.93, 0.94], dtype=torch.float64), torch.ones(48, dtype=torch.float64))]
     costs = adapter.unit_costs(0)
-    ratio = 1.5 * (costs.query_head + costs.kv_head) / sum(adapter.prunable_parameters(i) for i in range(2))
+    ratio = 2 * (costs.query_head + costs.kv_head) / sum(adapter.prunable_parameters(i) for i in range(2))
     plans = allocate(adapter, scores, ratio)
     assert plans[0].heads == (0, 2)  # heads 1 (0.1) and 3 (0.7) go; layer 1's heads all score higher
     assert plans[1].heads == (0, 1, 2, 3)
@@ -110,14 +110,15 @@ def test_prune_leaves_the_input_model_untouched(tokens):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_compensation_lowers_the_model_error(tokens):
+def test_compensation_lowers_the_model_error():
     model = tiny_llama("gqa")
     probe = tiny_tokens(4, 16, seed=9)
+    calibration = tiny_tokens(32, 32)  # enough tokens for inputs 48 wide that the refit does not overfit them
     with torch.no_grad():
         dense = model(probe).logits
     errors = {}
     for name, options in {"none": dict(compensation="none"), "dense": {}}.items():
-        pruned, _ = prune(model, tokens, ratio=0.3, progress=False, **options)
+        pruned, _ = prune(model, calibration, ratio=0.3, progress=False, **options)
         with torch.no_grad():
             errors[name] = (pruned(probe).logits - dense).pow(2).mean().item()
     assert errors["dense"] < errors["none"]

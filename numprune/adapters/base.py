@@ -161,7 +161,7 @@ class Adapter(ABC):
         """Projection channels the plan keeps: the query heads', the KV heads' and the MLP channels."""
         head_dim = self.attention_layout(layer_idx).head_dim
         return (head_channels(plan.heads, head_dim), head_channels(plan.kv_heads, head_dim),
-                torch.tensor(plan.channels, dtype=torch.long))
+                torch.tensor(plan.channels, dtype=torch.long, device="cpu"))
 
     def kept_inputs(self, layer_idx: int, plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Input channels the plan keeps in the attention and MLP output projections."""
@@ -205,5 +205,7 @@ def fused_indices(*blocks: tuple[int, torch.Tensor]) -> torch.Tensor:
 
 
 def head_channels(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
-    """The projection channels of the given heads, in head order."""
-    return (torch.tensor(heads, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    """The projection channels of the given heads, in head order (index tensors live on the CPU, whatever
+    torch's default device; indexing a tensor on another device with them works)."""
+    return (torch.tensor(heads, dtype=torch.long, device="cpu")[:, None] * head_dim
+            + torch.arange(head_dim, device="cpu")).reshape(-1)

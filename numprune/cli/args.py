@@ -12,7 +12,9 @@ import math
 import torch
 
 from numprune.data.self_generated import Sampling
+from numprune.errors import NumpruneError
 from numprune.image.calibration import CALIB_CFG_SCALE
+from numprune.precision import check_device
 from numprune.recipe import NONNEGATIVE, POSITIVE_INT, RATIO, SEED, SHARE, Rule
 
 DATA_HELP = "sotu, moby-dick, sotu-val, emails, wikitext2, ptb, c4, or a .txt / .jsonl file"
@@ -64,10 +66,11 @@ def dtype(text: str) -> torch.dtype:
 
 
 def device(text: str) -> str:
-    """cpu, cuda or cuda:N (what torch.device takes for the two device types numprune runs on)."""
-    kind, _, index = text.partition(":")
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
-        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    """cpu, cuda or cuda:N of a GPU torch sees: the library's one rule (numprune.precision.check_device)."""
+    try:
+        check_device(text)
+    except NumpruneError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("device ")) from None
     return text
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from transformers import AutoConfig
 
 from numprune.allocate import BLEND_FROM, BLEND_MAX, BLEND_TO
@@ -75,8 +74,8 @@ def add_parser(commands) -> None:
     a.add_image_evaluation(p)
     p.add_argument("--stream", action="store_true", help="read the weights from the --model safetensors folder one "
                    "decoder layer at a time and write the result layer by layer: the model never sits in memory whole")
-    p.add_argument("--device", type=a.device, default="cpu", help="where each layer's pass runs: cpu (default), cuda or cuda:N; "
-                   "the weights wait in CPU memory or on disk")
+    p.add_argument("--device", type=a.device, default=None, help="where each layer's pass runs: cpu, cuda or cuda:N "
+                   "(default: where the model is, the CPU); the weights wait in CPU memory or on disk")
     p.add_argument("--dtype", type=a.dtype, default=None, help=f"{', '.join(a.DTYPES)}: precision of the layer passes "
                    "(default: the weights' own); statistics and solves stay in float64")
     a.add_quiet(p)
@@ -85,11 +84,10 @@ def add_parser(commands) -> None:
 
 def run(args) -> int:
     """Prune in memory or streaming from disk; under torchrun every process calibrates on its share."""
-    dtype = _compute_dtype(args)
     if args.gguf:
         check_gguf_target(args.gguf, args.overwrite, Path(args.out))
     with process_group(args.device) as device:
-        return (_streaming if args.stream else _in_memory)(args, device, dtype)
+        return (_streaming if args.stream else _in_memory)(args, device, args.dtype)
 
 
 def prune_options(args) -> dict:
@@ -111,14 +109,7 @@ def _score_options(args) -> dict:
     return {name: value for name, value in values.items() if value is not None}
 
 
-def _compute_dtype(args):
-    """The layer passes' dtype; a CUDA device that is not there fails here, before any work."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise NumpruneError(f"--device {args.device}: torch sees no CUDA device")
-    return args.dtype
-
-
-def _streaming(args, device: str, dtype) -> int:
+def _streaming(args, device: str | None, dtype) -> int:
     options = prune_options(args)
     if args.eval_data:
         raise NumpruneError("--eval needs the whole model in memory; with --stream, run `numprune ppl` on the output")
@@ -142,7 +133,7 @@ def _streaming(args, device: str, dtype) -> int:
     return 0
 
 
-def _in_memory(args, device: str, dtype) -> int:
+def _in_memory(args, device: str | None, dtype) -> int:
     options = prune_options(args)
     model, tokenizer, source, tokens, calib_info, evaluation = prepare(args, REPORT_NAME)
     if args.gguf:

@@ -41,12 +41,13 @@ def newton_score(second_moment: torch.Tensor, weight: torch.Tensor, keep_fractio
 
     With ``unit_size`` > 1, consecutive channels form a unit that has one mask variable (a head's
     channels leave together): with E the D x U indicator of units, the channel mask is E z and
-    the problem keeps its form with E^T A E in place of A. Returns one score per unit.
+    the problem keeps its form with E^T A E in place of A. Returns one score per unit, computed in float64
+    where ``second_moment`` is (``weight`` must be there too).
     """
     w = weight.double()
     a = (w.T @ w) * second_moment.double()
     scale = a.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    a = a + damp * scale * torch.eye(a.shape[0], dtype=torch.float64)
+    a = a + damp * scale * torch.eye(a.shape[0], dtype=torch.float64, device=a.device)
     if unit_size > 1:
         units = a.shape[0] // unit_size
         a = a.reshape(units, unit_size, units, unit_size).sum((1, 3))  # E^T A E
@@ -54,7 +55,7 @@ def newton_score(second_moment: torch.Tensor, weight: torch.Tensor, keep_fractio
     lam = lambda_rel * a.diagonal().sum() / dim
     r = keep_fraction * dim
     chol = torch.linalg.cholesky(a + lam)  # H = A + lambda 11^T (adding a scalar adds lambda to every entry)
-    z = torch.ones(dim, dtype=torch.float64)
+    z = torch.ones(dim, dtype=torch.float64, device=a.device)
     for _ in range(iterations):
         step = torch.cholesky_solve(gradient(a, lam, r, z)[:, None], chol)[:, 0]
         z = z - step
