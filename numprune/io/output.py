@@ -29,6 +29,7 @@ those whose process is gone.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -128,11 +129,10 @@ def _check_not_an_input(target: Path, real: Path, inputs: Iterable, kind: str, i
     inputs = [Path(p) for p in inputs if p is not None]
     protected = [(Path(os.path.realpath(p)), "an input of this run", True) for p in inputs]
     protected.append((Path(os.path.realpath(os.getcwd())), "the current folder", False))
-    cache = cache_root()
     if not into_cache:
+        cache = cache_root()
         protected.append((Path(os.path.realpath(cache)), "numprune's cache", False))
-        if cache.is_dir():
-            protected += [(Path(os.path.realpath(entry)), "in numprune's cache", True) for entry in cache.iterdir()]
+        protected += [(Path(os.path.realpath(entry)), "in numprune's cache", True) for entry in _entries(cache)]
     for path, what, enclosing in protected:
         if real == path or real in path.parents:
             raise NumpruneError(f"output {kind} {target} would replace {path} ({what}); choose another path")
@@ -143,6 +143,14 @@ def _check_not_an_input(target: Path, real: Path, inputs: Iterable, kind: str, i
             if path.is_file() and os.path.samefile(target, path):
                 raise NumpruneError(f"output {kind} {target} is the same file as {path} (an input of this run); "
                                     "choose another path")
+
+
+def _entries(folder: Path) -> list[Path]:
+    """What ``folder`` holds; nothing if it is not a folder or cannot be read."""
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
 
 
 def _check_not_another_output(target: Path, real: Path, outputs: Iterable, kind: str) -> None:
@@ -253,11 +261,13 @@ def _make_temp(parent: Path, name: str, *, folder: bool) -> Path:
 
 
 def _remove_stale_temporaries(folder: Path) -> None:
-    """Remove the temporaries in ``folder`` left by numprune processes that no longer run (killed outright)."""
-    for entry in folder.iterdir():
+    """Remove the temporaries in ``folder`` left by numprune processes that no longer run (killed outright), as
+    far as this user may (another user's, in a shared folder, stay)."""
+    for entry in _entries(folder):
         match = _TEMP_NAME.match(entry.name)
         if match and not _running(int(match[1])):
-            _remove(entry)
+            with contextlib.suppress(OSError):
+                _remove(entry)
 
 
 def _running(pid: int) -> bool:
