@@ -245,6 +245,30 @@ def test_prune_gguf_is_checked_against_every_input_and_the_cache(tiny_model_fold
     assert sorted(p.name for p in m.iterdir()) == sorted(p.name for p in tiny_model_folder.iterdir())
 
 
+def test_no_writer_replaces_or_enters_numprunes_cache(tiny_model_folder, tmp_path, monkeypatch):
+    """The cache holds the converted embedded models: no command's output goes over or into it."""
+    cache = tmp_path / "cache"
+    entry = cache / "SmolLM2-cached"
+    entry.mkdir(parents=True)
+    (entry / "model.safetensors").write_bytes(b"the cached embedded model")
+    monkeypatch.setenv("NUMPRUNE_CACHE", str(cache))
+    m = tiny_model_folder
+    for case, args in [
+        ("export --gguf <cache entry>/m.gguf", ["export", "--model", m, "--gguf", entry / "m.gguf"]),
+        ("bench --json <cache entry>/model.safetensors --overwrite",
+         ["bench", "--model", m, "--json", entry / "model.safetensors", "--overwrite"]),
+        ("eval --out <cache entry>/r.json", ["eval", "--model", m, "--out", entry / "r.json"]),
+        ("generate --grid <cache entry>/g.png", ["generate", "--model", m, "--grid", entry / "g.png"]),
+        ("compare --out <cache entry> --overwrite", ["compare", "--model", m, "--ratios", "0.3", "--methods",
+                                                     "magnitude", "--out", entry, "--overwrite"]),
+        ("prune --out $NUMPRUNE_CACHE --overwrite", [*PRUNE, "--model", m, "--out", cache, "--overwrite"]),
+    ]:
+        refused(case, "numprune's cache", *args, inputs=[tmp_path])
+    with pytest.raises(NumpruneError, match="numprune's cache"):
+        output.write_text(entry / "model.safetensors", "{}", overwrite=True)
+    assert [p.name for p in entry.iterdir()] == ["model.safetensors"]
+
+
 def test_prune_gguf_inside_its_own_output_folder_is_refused_before_the_work(tiny_model_folder, tmp_path):
     out = tmp_path / "OUT"
     for case, gguf in [("prune --gguf OUT/model.gguf", out / "model.gguf"), ("prune --gguf OUT", out)]:
@@ -370,10 +394,12 @@ def test_sigterm_says_what_was_written_as_ctrl_c_does(tiny_model_folder, tmp_pat
 
 
 @needs_llama_cpp
-def test_llama_cpp_bench_ends_on_a_signal_while_llama_cpp_logs(tiny_model_folder, tmp_path):
-    """SIGTERM while llama.cpp's quantiser writes its log (held there: stderr is a pipe nobody reads, full) ends
-    the run with 143 and one line. Through llama-cpp-python's Python log callback, the signal's exception was
-    raised inside a ctypes callback, printed as ignored, and the run went on to exit 0."""
+@pytest.mark.parametrize("signum, status, word", [(signal.SIGTERM, 143, "terminated"),
+                                                  (signal.SIGINT, 130, "interrupted")])
+def test_llama_cpp_bench_ends_on_a_signal_while_llama_cpp_logs(tiny_model_folder, tmp_path, signum, status, word):
+    """SIGTERM or Ctrl-C while llama.cpp's quantiser writes its log (held there: stderr is a pipe nobody reads,
+    full) ends the run with 143 or 130 and one line. Through llama-cpp-python's Python log callback, the signal's
+    exception was raised inside a ctypes callback, printed as ignored, and the run went on to exit 0."""
     read, write = os.pipe()
     fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 4096)
     out = tmp_path / "bench.json"
@@ -388,8 +414,8 @@ def test_llama_cpp_bench_ends_on_a_signal_while_llama_cpp_logs(tiny_model_folder
     deadline = time.monotonic() + 300
     while proc.poll() is None and not write_blocked(proc.pid, 2) and time.monotonic() < deadline:  # its next lines
         time.sleep(0.05)  # fill the pipe
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     err = (seen + drain(read)).decode(errors="replace")
-    assert proc.wait(timeout=120) == 143, err[-2000:]
+    assert proc.wait(timeout=120) == status, err[-2000:]
     assert "Exception ignored" not in err and "Traceback" not in err
-    assert err.splitlines()[-1] == "numprune: terminated; nothing was written" and not out.exists()
+    assert err.splitlines()[-1] == f"numprune: {word}; nothing was written" and not out.exists()
