@@ -75,10 +75,11 @@ def model_folder(spec: str | None) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def source_folder(model) -> str | None:
-    """The folder ``model`` was loaded from, if it was one (what its outputs must never replace)."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    return name if os.path.isdir(name) else None
+def source_folder(loaded) -> str | None:
+    """The folder a model or a tokenizer was loaded from, if it was one (what its outputs must never replace):
+    transformers records it as ``config._name_or_path`` (a model) or ``name_or_path`` (a tokenizer)."""
+    name = getattr(getattr(loaded, "config", None), "_name_or_path", "") or getattr(loaded, "name_or_path", "") or ""
+    return name if isinstance(name, str) and os.path.isdir(name) else None
 
 
 def registry_folder(spec: str | None) -> Path | None:

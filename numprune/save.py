@@ -22,10 +22,11 @@ def save_pruned(model, tokenizer, report: Mapping, out: str | os.PathLike, overw
                 inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """Write ``model`` (safetensors), its tokenizer and the report (a PruneReport, or a dict) to ``out`` atomically.
 
-    ``out`` may not be, contain or lie inside ``inputs`` or the folder the model was loaded from;
+    ``out`` may not be, contain or lie inside ``inputs`` or the folders the model and the tokenizer were loaded from;
     an existing ``out`` is replaced only with ``overwrite`` and only if it is a numprune output.
     """
-    with output_folder(out, overwrite=overwrite, inputs=[*inputs, source_folder(model)], marker=REPORT_NAME) as tmp:
+    inputs = [*inputs, source_folder(model), source_folder(tokenizer)]
+    with output_folder(out, overwrite=overwrite, inputs=inputs, marker=REPORT_NAME) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -7,6 +7,7 @@ Test modules take their helpers from here or from ``hostile.py``, never from one
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -102,6 +103,20 @@ def tiny_model_folder(tmp_path_factory) -> Path:
     tiny_llama("gqa9", layers=2, vocab_size=len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def llama_cpp_present():
+    """Skip without llama.cpp's bindings, except under CI (CI=true), where their absence is a failure."""
+    from numprune.export import llamacpp
+
+    if not llamacpp.available():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set: {llamacpp.INSTALL_HINT} (run `bash scripts/setup.sh --llama-cpp`)")
+        pytest.skip(llamacpp.INSTALL_HINT + " (run `bash scripts/setup.sh --llama-cpp`)")
+
+
+needs_llama_cpp = pytest.mark.usefixtures("llama_cpp_present")
 
 
 @pytest.fixture

@@ -7,15 +7,13 @@ f16 (a tiny model), the observed next tokens within 0.05; q8_0 (SmolLM2), the ob
 tokens within 0.2 on average and perplexity within 1%.
 """
 
-import os
-
 import gguf
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from conftest import break_symmetry, tiny, tiny_llama, tiny_tokens
+from conftest import break_symmetry, needs_llama_cpp, tiny, tiny_llama, tiny_tokens
 from hostile import numprune as run_cli
 from numprune.api import prune
 from numprune.data.assets import smollm2_folder
@@ -24,18 +22,6 @@ from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import perplexity
 from numprune.export import export_gguf, llamacpp
 from numprune.save import save_pruned
-
-
-@pytest.fixture
-def llama_cpp_present():
-    """Skip without llama.cpp's bindings, except under CI (CI=true), where their absence is a failure."""
-    if not llamacpp.available():
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set: {llamacpp.INSTALL_HINT} (run `bash scripts/setup.sh --llama-cpp`)")
-        pytest.skip(llamacpp.INSTALL_HINT + " (run `bash scripts/setup.sh --llama-cpp`)")
-
-
-needs_llama_cpp = pytest.mark.usefixtures("llama_cpp_present")
 
 
 def transformers_log_probs(model, ids: torch.Tensor) -> np.ndarray:

@@ -3,18 +3,31 @@ one atomic step to put an output in place; nothing left behind when writing fail
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import platform
 import resource
+import shutil
 import signal
+import socket
+import stat
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from hostile import numprune, refused
+from conftest import needs_llama_cpp
+from hostile import REPO, hashes, numprune, refused
 from numprune.errors import NumpruneError
+from numprune.export import export_gguf
 from numprune.io import output
+from numprune.models import load_model
 
 PRUNE = ("prune", "--ratio", "0.3", "--nsamples", "2", "--seqlen", "16", "--quiet")
 
@@ -184,3 +197,213 @@ def test_ctrl_c_while_starting_is_one_line_and_status_130(tiny_model_folder):
     done = numprune("info", "--model", tiny_model_folder, signal_at="SIGINT torch")
     assert "Traceback" not in done.stderr and done.returncode == 130, (done.returncode, done.stderr)
     assert done.stderr.strip().splitlines() == ["numprune: interrupted while starting; nothing was written"]
+
+
+
+# Every output of a run checked against all of the run's inputs, numprune's cache and its other outputs,
+# in the command line and the API, before any work.
+
+def model_copy(tiny_model_folder, tmp_path) -> Path:
+    """A private copy of the tiny model folder: on code that fails a case, it is the copy that is destroyed."""
+    return Path(shutil.copytree(tiny_model_folder, tmp_path / "M"))
+
+
+def test_prune_gguf_is_checked_against_every_input_and_the_cache(tiny_model_folder, tmp_path, monkeypatch):
+    m = model_copy(tiny_model_folder, tmp_path)
+    calib, evaluation = tmp_path / "C.txt", tmp_path / "E.txt"
+    calib.write_text("the calibration text, a user's own file. " * 200)
+    evaluation.write_text("the evaluation text, a user's own file. " * 200)
+    cache = tmp_path / "cache"
+    (cache / "SmolLM2-cached").mkdir(parents=True)
+    (cache / "SmolLM2-cached" / "model.safetensors").write_bytes(b"the cached embedded model")
+    monkeypatch.setenv("NUMPRUNE_CACHE", str(cache))
+    run = [*PRUNE, "--model", m, "--calib", calib, "--eval", evaluation, "--eval-seqlen", "16", "--out",
+           tmp_path / "out"]
+    for case, message, gguf, overwrite in [
+        ("prune --gguf M/model.safetensors --overwrite", "lies inside", m / "model.safetensors", True),
+        ("prune --gguf C.txt --overwrite", "would replace", calib, True),
+        ("prune --gguf E.txt --overwrite", "would replace", evaluation, True),
+        ("prune --gguf M/pruned.gguf", "lies inside", m / "pruned.gguf", False),
+        ("prune --gguf <cached model>/model.safetensors --overwrite", "numprune's cache",
+         cache / "SmolLM2-cached" / "model.safetensors", True),
+        ("prune --gguf $NUMPRUNE_CACHE --overwrite", "numprune's cache", cache, True),
+    ]:
+        refused(case, message, *run, "--gguf", gguf, *(["--overwrite"] if overwrite else []), inputs=[tmp_path])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["C.txt", "E.txt", "M", "cache"]
+    assert sorted(p.name for p in m.iterdir()) == sorted(p.name for p in tiny_model_folder.iterdir())
+
+
+def test_no_writer_replaces_or_enters_numprunes_cache(tiny_model_folder, tmp_path, monkeypatch):
+    """The cache holds the converted embedded models: no command's output goes over or into it."""
+    cache = tmp_path / "cache"
+    entry = cache / "SmolLM2-cached"
+    entry.mkdir(parents=True)
+    (entry / "model.safetensors").write_bytes(b"the cached embedded model")
+    monkeypatch.setenv("NUMPRUNE_CACHE", str(cache))
+    m = tiny_model_folder
+    for case, args in [
+        ("export --gguf <cache entry>/m.gguf", ["export", "--model", m, "--gguf", entry / "m.gguf"]),
+        ("bench --json <cache entry>/model.safetensors --overwrite",
+         ["bench", "--model", m, "--json", entry / "model.safetensors", "--overwrite"]),
+        ("eval --out <cache entry>/r.json", ["eval", "--model", m, "--out", entry / "r.json"]),
+        ("generate --grid <cache entry>/g.png", ["generate", "--model", m, "--grid", entry / "g.png"]),
+        ("compare --out <cache entry> --overwrite", ["compare", "--model", m, "--ratios", "0.3", "--methods",
+                                                     "magnitude", "--out", entry, "--overwrite"]),
+        ("prune --out $NUMPRUNE_CACHE --overwrite", [*PRUNE, "--model", m, "--out", cache, "--overwrite"]),
+    ]:
+        refused(case, "numprune's cache", *args, inputs=[tmp_path])
+    with pytest.raises(NumpruneError, match="numprune's cache"):
+        output.write_text(entry / "model.safetensors", "{}", overwrite=True)
+    assert [p.name for p in entry.iterdir()] == ["model.safetensors"]
+
+
+def test_prune_gguf_inside_its_own_output_folder_is_refused_before_the_work(tiny_model_folder, tmp_path):
+    out = tmp_path / "OUT"
+    for case, gguf in [("prune --gguf OUT/model.gguf", out / "model.gguf"), ("prune --gguf OUT", out)]:
+        refused(case, "another output of this run", *PRUNE, "--model", tiny_model_folder, "--out", out,
+                "--gguf", gguf, inputs=[tiny_model_folder])
+        refused(f"{case} --stream", "another output of this run", *PRUNE, "--stream", "--model", tiny_model_folder,
+                "--out", out, "--gguf", gguf, inputs=[tiny_model_folder])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_object_protects_the_folder_it_was_loaded_from(tiny_model_folder, tmp_path):
+    m = model_copy(tiny_model_folder, tmp_path)
+    model, tokenizer, _ = load_model(str(m))
+    before = hashes(m)
+    with pytest.raises(NumpruneError, match="lies inside"):
+        export_gguf(model, m / "model.safetensors", overwrite=True)
+    with pytest.raises(NumpruneError, match="lies inside"):
+        export_gguf(model, m / "model.gguf", tokenizer=tokenizer)
+    with pytest.raises(NumpruneError, match="would replace"):
+        export_gguf(model, m, overwrite=True)
+    assert hashes(m) == before and sorted(p.name for p in tmp_path.iterdir()) == ["M"]
+
+
+@needs_llama_cpp
+def test_quantize_never_replaces_its_own_source(tiny_model_folder, tmp_path):
+    from numprune.export import llamacpp
+
+    source = export_gguf(tiny_model_folder, tmp_path / "a.gguf").path
+    (tmp_path / "link.gguf").symlink_to(source)
+    os.link(source, tmp_path / "hard.gguf")
+    before = hashes(tmp_path)
+    for out, message in [(source, "would replace"), (tmp_path / "link.gguf", "would replace"),
+                         (tmp_path / "hard.gguf", "the same file")]:
+        with pytest.raises(NumpruneError, match=message):
+            llamacpp.quantize(source, out, "q8_0", overwrite=True)
+    assert hashes(tmp_path) == before
+
+
+def test_only_regular_files_and_numprunes_own_folders_are_replaced(tiny_model_folder, tmp_path):
+    """A FIFO, a socket, a device node (as root) or a link to one is never replaced by a regular file."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "link-to-fifo").symlink_to(fifo)
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(tmp_path / "socket"))
+    specials = {"fifo": stat.S_ISFIFO, "link-to-fifo": stat.S_ISFIFO, "socket": stat.S_ISSOCK}
+    if os.geteuid() == 0:  # a null device of its own, not /dev/null
+        os.mknod(tmp_path / "device", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        specials["device"] = stat.S_ISCHR
+    m = tiny_model_folder
+    bench = ["bench", "--model", m, "--batch", "1", "--repeats", "1", "--warmup", "0", "--new-tokens", "2"]
+    for name in specials:
+        refused(f"export --gguf <{name}> --overwrite", "not a regular file", "export", "--model", m, "--gguf",
+                tmp_path / name, "--overwrite", inputs=[m])
+        refused(f"bench --json <{name}> --overwrite", "not a regular file", *bench, "--json", tmp_path / name,
+                "--overwrite", inputs=[m])
+    listening.close()
+    for name, kind in specials.items():
+        assert kind(os.stat(tmp_path / name).st_mode), name
+
+
+def test_a_killed_runs_temporary_is_removed_by_the_next_write_there(tmp_path):
+    """SIGKILL leaves a hidden temporary output nothing else removes; the next output written beside it removes
+    it (its process is gone), and keeps the temporaries of running processes."""
+    killed = subprocess.run([sys.executable, "-c", "import os, signal, sys\nfrom numprune.io import output\n"
+                             "with output.output_folder(sys.argv[1]) as tmp:\n"
+                             "    (tmp / 'model.safetensors').write_bytes(bytes(100_000))\n"
+                             "    os.kill(os.getpid(), signal.SIGKILL)", tmp_path / "out"],
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    (stale,) = tmp_path.iterdir()
+    assert stale.name.startswith(".numprune-") and (stale / "model.safetensors").stat().st_size == 100_000
+    with output.output_file(tmp_path / "running.json") as running:  # this process's, still being written
+        output.write_text(tmp_path / "next.json", "{}\n")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["next.json", running.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["next.json", "running.json"]
+
+
+def write_blocked(pid: int, fd: int) -> bool:
+    """Whether a thread of process ``pid`` waits in write(2) on its descriptor ``fd`` (a full pipe)."""
+    number = {"x86_64": 1, "aarch64": 64}[platform.machine()]
+    calls = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            calls.append((task / "syscall").read_text().split()[:2])
+    return [str(number), f"{fd:#x}"] in calls
+
+
+def full_pipe() -> tuple[int, int]:
+    """A pipe (read end, write end) of one page, already full: whoever writes to it waits until it is read."""
+    read, write = os.pipe()
+    fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 4096)
+    os.set_blocking(write, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write, b"x" * 4096)
+    os.set_blocking(write, True)
+    return read, write
+
+
+def drain(fd: int) -> bytes:
+    with os.fdopen(fd, "rb") as pipe:
+        return pipe.read()
+
+
+def test_sigterm_says_what_was_written_as_ctrl_c_does(tiny_model_folder, tmp_path):
+    """SIGTERM, sent while the run is held in a print (its stdout a full pipe), ends it with 143 and the line
+    Ctrl-C prints, naming what had been written."""
+    read, write = full_pipe()
+    gguf = tmp_path / "m.gguf"
+    proc = subprocess.Popen([sys.executable, "-m", "numprune", "export", "--model", str(tiny_model_folder), "--gguf",
+                             str(gguf)], stdout=write, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+    os.close(write)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not write_blocked(proc.pid, 1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    drain(read)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 143 and "Traceback" not in err, err
+    assert err.splitlines() == [f"numprune: terminated; {gguf} had been written completely"]
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("signum, status, word", [(signal.SIGTERM, 143, "terminated"),
+                                                  (signal.SIGINT, 130, "interrupted")])
+def test_llama_cpp_bench_ends_on_a_signal_while_llama_cpp_logs(tiny_model_folder, tmp_path, signum, status, word):
+    """SIGTERM or Ctrl-C while llama.cpp's quantiser writes its log (held there: stderr is a pipe nobody reads,
+    full) ends the run with 143 or 130 and one line. Through llama-cpp-python's Python log callback, the signal's
+    exception was raised inside a ctypes callback, printed as ignored, and the run went on to exit 0."""
+    read, write = os.pipe()
+    fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 4096)
+    out = tmp_path / "bench.json"
+    proc = subprocess.Popen([sys.executable, "-m", "numprune", "bench", "--backend", "llama.cpp", "--model",
+                             str(tiny_model_folder), "--quant", "q8_0", "--repeats", "1", "--warmup", "0",
+                             "--prompt-len", "4", "--new-tokens", "2", "--json", str(out), "--verbose"],
+                            stdout=subprocess.DEVNULL, stderr=write, env={**os.environ, "PYTHONPATH": str(REPO)})
+    os.close(write)
+    seen = b""
+    while b"llama_model_loader" not in seen and proc.poll() is None:  # the quantiser's first line (of ~70)
+        seen += os.read(read, 256)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not write_blocked(proc.pid, 2) and time.monotonic() < deadline:  # its next lines
+        time.sleep(0.05)  # fill the pipe
+    proc.send_signal(signum)
+    err = (seen + drain(read)).decode(errors="replace")
+    assert proc.wait(timeout=120) == status, err[-2000:]
+    assert "Exception ignored" not in err and "Traceback" not in err
+    assert err.splitlines()[-1] == f"numprune: {word}; nothing was written" and not out.exists()

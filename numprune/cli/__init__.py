@@ -40,18 +40,26 @@ def main(argv: list[str] | None = None) -> int:
         return done.code
     if getattr(args, "quiet", False):
         transformers_logging.disable_progress_bar()
-    # SIGTERM unwinds like Ctrl-C, so temporary output folders are removed on the way out.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.run(args)
     except NumpruneError as error:
         print(f"numprune: error: {error}{_process_note()}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        done = ", ".join(map(str, output.committed))
-        print(f"numprune: interrupted; {f'{done} had been written completely' if done else 'nothing was written'}",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        done = ", ".join(str(path) for path in output.committed if os.path.lexists(path))  # not scratch files
+        print(f"numprune: {'terminated' if terminated else 'interrupted'}; "
+              f"{f'{done} had been written completely' if done else 'nothing was written'}", file=sys.stderr)
+        return 143 if terminated else 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C (temporary outputs removed on the way out) and reported the same way."""
+
+
+def _terminate(*_) -> None:
+    raise Terminated
 
 
 def parser() -> argparse.ArgumentParser:

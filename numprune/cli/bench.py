@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import tempfile
-from pathlib import Path
 
 import torch
 
 from numprune import bench
 from numprune.cli import args as a
+from numprune.cli.inputs import protected_inputs
 from numprune.errors import NumpruneError
 from numprune.export import llamacpp
 from numprune.io.output import check_target, output_file, write_text
-from numprune.models import load_model, model_folder, registry_folder
+from numprune.models import load_model, registry_folder
 
 
 def add_parser(commands) -> None:
@@ -41,6 +41,8 @@ def add_parser(commands) -> None:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--plot", default=None, help="also plot speed and memory against pruning ratio to this PNG")
     p.add_argument("--overwrite", action="store_true", help="replace existing --json / --plot files")
+    p.add_argument("--verbose", action="store_true", help="llama.cpp backend: show llama.cpp's own log (loader, "
+                   "quantiser) on stderr; without it, it is discarded")
     p.set_defaults(run=run)
 
 
@@ -50,12 +52,7 @@ def run(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise NumpruneError("--device cuda asked for, but torch sees no CUDA GPU")
     specs = args.model or [None]
-    inputs = [model_folder(spec) for spec in specs]
-    for path in (args.json, args.plot):
-        if path:
-            check_target(path, overwrite=args.overwrite, folder=False, inputs=inputs)
-    if args.json and args.plot and Path(args.json).resolve() == Path(args.plot).resolve():
-        raise NumpruneError("--json and --plot name the same file")
+    inputs = check_outputs(args)
     ratios = [bench.pruning_ratio(spec) for spec in specs]  # a corrupt report fails here, before any measurement
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,6 +70,16 @@ def run(args) -> int:
     return 0
 
 
+def check_outputs(args) -> list:
+    """``--json`` and ``--plot``, each checked against the run's inputs and the other, before any measurement;
+    return the inputs."""
+    inputs = protected_inputs(args)
+    for path, other in ((args.json, args.plot), (args.plot, args.json)):
+        if path:
+            check_target(path, overwrite=args.overwrite, folder=False, inputs=inputs, outputs=[other])
+    return inputs
+
+
 def run_llama_cpp(args) -> int:
     """``--backend llama.cpp``: export, quantise and measure each model in llama.cpp."""
     if not llamacpp.available():
@@ -85,11 +92,9 @@ def run_llama_cpp(args) -> int:
     if unknown:
         raise NumpruneError(f"unknown --quant {', '.join(unknown)}; choose from {', '.join(llamacpp.QUANTS)}")
     specs = args.model or [None]
-    inputs = [model_folder(spec) for spec in specs]
-    if args.json:
-        check_target(args.json, overwrite=args.overwrite, folder=False, inputs=inputs)
+    inputs = check_outputs(args)
     models = [(spec or "smollm2", registry_folder(spec) or spec) for spec in specs]
-    with tempfile.TemporaryDirectory(prefix="numprune-bench-") as workdir:
+    with llamacpp.native_log(args.verbose), tempfile.TemporaryDirectory(prefix="numprune-bench-") as workdir:
         results = llamacpp.bench(models, args.quant, workdir=workdir, n_threads=args.threads,
                                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, warmup=args.warmup,
                                  repeats=args.repeats)

@@ -6,12 +6,13 @@ import time
 import torch
 
 from numprune.cli import args as a
+from numprune.cli.inputs import protected_inputs
 from numprune.errors import NumpruneError
 from numprune.evaluate.image import is_image_generator
 from numprune.image.grid import decoder_for, grid_image, parse_classes, save_png
 from numprune.image.sampling import generate
 from numprune.io.output import check_target
-from numprune.models import load_model, model_folder
+from numprune.models import load_model
 
 
 def add_parser(commands) -> None:
@@ -33,7 +34,7 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    inputs = [model_folder(args.model)]
+    inputs = protected_inputs(args)
     check_target(args.grid, overwrite=args.overwrite, folder=False, inputs=inputs)
     model, _, source = load_model(args.model)
     if not is_image_generator(model):

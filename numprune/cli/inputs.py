@@ -10,6 +10,7 @@ from pathlib import Path
 
 from numprune.adapters import adapter_for
 from numprune.cli.args import IMAGE_EVAL, sampling_options, self_sampling
+from numprune.data.assets import installed_sources
 from numprune.data.corpora import calibration_parts, calibration_windows, check_evaluation_source, evaluation_windows
 from numprune.data.self_generated import SELF
 from numprune.errors import NumpruneError
@@ -32,10 +33,12 @@ def load(spec):
 
 
 def protected_inputs(args) -> list[Path]:
-    """What the run reads and its output must never replace: the model's folder and the data files."""
+    """What the run reads and its outputs must never replace, enter or contain: the model folders (for the
+    embedded model, its cached folder and the GGUF it comes from), the calibration and evaluation files."""
+    models = args.model if isinstance(args.model, list) else [args.model]
     calibration = [name for name, _ in calibration_parts(args.calib)] if getattr(args, "calib", None) else []
-    files = [Path(s).expanduser() for s in [*calibration, *(args.eval_data or [])] if s]
-    return [model_folder(args.model), *(f for f in files if f.is_file())]
+    files = [Path(s).expanduser() for s in [*calibration, *(getattr(args, "eval_data", None) or [])] if s]
+    return [*map(model_folder, models), *installed_sources(), *(f for f in files if f.is_file())]
 
 
 def prepare(args, marker: str):
@@ -43,7 +46,8 @@ def prepare(args, marker: str):
     measured) and draw the calibration windows (for an image generator: self-generated calibration).
     ``marker`` is the file every output of the command has (an existing folder without it is never replaced)."""
     check_calibration(args)
-    check_target(args.out, overwrite=args.overwrite, inputs=protected_inputs(args), marker=marker)
+    check_target(args.out, overwrite=args.overwrite, inputs=protected_inputs(args),
+                 outputs=[getattr(args, "gguf", None)], marker=marker)
     specs = eval_specs(args)
     model, tokenizer, source = load(args.model)
     if not is_image_generator(model):  # windows past a position table are refused before any work

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from transformers import AutoConfig
 
@@ -84,8 +83,8 @@ def add_parser(commands) -> None:
 
 def run(args) -> int:
     """Prune in memory or streaming from disk; under torchrun every process calibrates on its share."""
-    if args.gguf:
-        check_gguf_target(args.gguf, args.overwrite, Path(args.out))
+    if args.gguf:  # before any work, as the output folder is (it is the GGUF's input, so it may not hold the GGUF)
+        check_gguf_target(args.gguf, args.overwrite, protected_inputs(args), outputs=[args.out])
     with process_group(args.device) as device:
         return (_streaming if args.stream else _in_memory)(args, device, args.dtype)
 
@@ -114,7 +113,8 @@ def _streaming(args, device: str | None, dtype) -> int:
     if args.eval_data:
         raise NumpruneError("--eval needs the whole model in memory; with --stream, run `numprune ppl` on the output")
     check_calibration(args)
-    check_target(args.out, overwrite=args.overwrite, inputs=protected_inputs(args), marker=REPORT_NAME)
+    check_target(args.out, overwrite=args.overwrite, inputs=protected_inputs(args), outputs=[args.gguf],
+                 marker=REPORT_NAME)
     folder = check_folder(registry_folder(args.model) or args.model)
     if args.gguf:
         check_exportable(AutoConfig.from_pretrained(folder))

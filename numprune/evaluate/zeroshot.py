@@ -14,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+from numprune.data.assets import installed_sources
 from numprune.errors import NumpruneError
 from numprune.io.output import check_target, write_text
 from numprune.io.table import markdown_table
@@ -70,7 +71,8 @@ def evaluate(model, tokenizer=None, tasks=PAPER_TASKS, *, mmlu: bool = False, li
     as JSON to ``out`` when given (an existing file only with ``overwrite``; never inside the model's
     folder). ``limit`` evaluates only the first N items of each task."""
     if out is not None:
-        inputs = [model_folder(model) if isinstance(model, str) else source_folder(model)]
+        inputs = [model_folder(model) if isinstance(model, str) else source_folder(model), source_folder(tokenizer),
+                  *installed_sources()]
         check_target(out, overwrite=overwrite, folder=False, inputs=inputs)
     from lm_eval import __version__ as lm_eval_version
     from lm_eval import simple_evaluate

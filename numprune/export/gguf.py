@@ -24,9 +24,9 @@ from torch import nn
 
 import numprune
 from numprune.adapters import adapter_for
-from numprune.data.assets import smollm2_gguf
+from numprune.data.assets import installed_sources, smollm2_gguf
 from numprune.errors import NumpruneError
-from numprune.models import load_model
+from numprune.models import load_model, source_folder
 from numprune.io.output import check_target as check_output_target
 from numprune.io.output import output_file
 from numprune.save import REPORT_NAME
@@ -81,7 +81,8 @@ def export_gguf(model_or_folder, out: str | os.PathLike, outtype: str = "f16", *
         raise NumpruneError(f"unknown GGUF output type {outtype!r}; choose from {', '.join(OUTTYPES)}")
     out = Path(out)
     folder = Path(model_or_folder) if isinstance(model_or_folder, (str, os.PathLike)) else None
-    check_target(out, overwrite, folder)
+    # A model object protects the folder it was loaded from, as a folder does itself.
+    check_target(out, overwrite, [folder or source_folder(model_or_folder), source_folder(tokenizer)])
     if folder is not None:
         if not (folder / "config.json").is_file():
             raise NumpruneError(f"no model folder at {folder} (config.json missing)")
@@ -96,7 +97,7 @@ def export_gguf(model_or_folder, out: str | os.PathLike, outtype: str = "f16", *
     qtype, file_type = OUTTYPES[outtype]
     layers = _layer_shapes(model)
     architecture = "llama" if len(set(layers)) == 1 else "deci"
-    with output_file(out, overwrite=overwrite) as tmp:
+    with output_file(out, overwrite=overwrite, inputs=[folder or source_folder(model)]) as tmp:
         writer = gguf.GGUFWriter(tmp, architecture)
         _add_hyperparameters(writer, model, layers, name, file_type)
         _add_pruning_metadata(writer, report)
@@ -127,11 +128,12 @@ def check_exportable(config) -> None:
                             "graphs use SiLU")
 
 
-def check_target(out: str | os.PathLike, overwrite: bool, folder: Path | None = None) -> Path:
-    """Fail early if ``out`` cannot take the GGUF: the output writer's rules, with the model folder and
-    the embedded model's source GGUF as inputs it may never replace."""
-    inputs = [smollm2_gguf()] if _smollm2_installed() else []
-    return check_output_target(out, overwrite=overwrite, folder=False, inputs=[*inputs, folder])
+def check_target(out: str | os.PathLike, overwrite: bool, inputs=(), outputs=()) -> Path:
+    """Fail early if ``out`` cannot take the GGUF: the output writer's rules, with the run's ``inputs`` (the model
+    folder, ...) and the embedded model's source GGUF (its tokenizer's source) as inputs it may never replace,
+    and the run's other ``outputs``."""
+    return check_output_target(out, overwrite=overwrite, folder=False, inputs=[*installed_sources(), *inputs],
+                               outputs=outputs)
 
 
 def _layer_shapes(model) -> list[tuple[int, int, int]]:

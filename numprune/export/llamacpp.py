@@ -10,7 +10,10 @@ import ctypes
 import math
 import os
 import statistics
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import gguf
@@ -55,6 +58,35 @@ def load(path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None
         raise NumpruneError(f"llama.cpp could not load {path}: {e}") from None
 
 
+@contextmanager
+def native_log(verbose: bool = False) -> Iterator[None]:
+    """While the block runs, llama.cpp writes its own log from C: to stderr if ``verbose``, else nowhere.
+
+    llama-cpp-python passes llama.cpp's log lines to a Python callback, called from C. A signal handler
+    (SIGTERM, Ctrl-C) that runs inside it raises where ctypes can only print the exception and go on,
+    so the signal is lost. With no Python callback, the handler runs when llama.cpp returns to Python.
+    """
+    if llama_cpp is None:
+        raise NumpruneError(INSTALL_HINT)
+    from llama_cpp import _logger  # the bindings' own callback, put back after the block
+
+    llama_cpp.llama_log_set(llama_cpp.llama_log_callback(0), None)  # NULL: llama.cpp logs from C to descriptor 2
+    saved = None
+    if not verbose:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, 2)
+        os.close(quiet)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
 def log_probs(llm, ids) -> np.ndarray:
     """llama.cpp's next-token log-probabilities (float64, ``[len(ids), vocab]``) for one window from position 0."""
     llm.reset()
@@ -87,7 +119,8 @@ def greedy(llm, prompt, new_tokens: int) -> list[int]:
 
 def quantize(source: str | os.PathLike, out: str | os.PathLike, quant: str, n_threads: int | None = None, *,
              overwrite: bool = False) -> Path:
-    """llama.cpp's quantiser (``llama_model_quantize``) from an f32/f16/bf16 GGUF to ``quant``, written atomically.
+    """llama.cpp's quantiser (``llama_model_quantize``) from an f32/f16/bf16 GGUF to ``quant``, written atomically
+    (never over ``source``).
 
     Matrices whose rows do not divide a k-quant's 256-wide blocks get llama.cpp's own fallback type.
     """
@@ -98,7 +131,7 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, quant: str, n_th
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTS[quant]
     params.nthread = n_threads or default_threads()
-    with output_file(out, overwrite=overwrite) as tmp:
+    with output_file(out, overwrite=overwrite, inputs=[source]) as tmp:
         if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
             raise NumpruneError(f"llama.cpp could not quantise {source} to {quant}")
     return Path(out)

@@ -184,9 +184,11 @@ def _warmup_cosine(step: int, steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(steps - warmup, 1))))
 
 
-def save_digits_model(model: LlamaGenForCausalLM, report: dict, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """The model as a safetensors folder with its training report, written atomically."""
-    with output_folder(out, overwrite=overwrite, marker=TRAINING_REPORT) as tmp:
+def save_digits_model(model: LlamaGenForCausalLM, report: dict, out: str | os.PathLike, overwrite: bool = False, *,
+                      into_cache: bool = False) -> Path:
+    """The model as a safetensors folder with its training report, written atomically (``into_cache``: the
+    default recipe's model, written into numprune's cache, where no other output may go)."""
+    with output_folder(out, overwrite=overwrite, marker=TRAINING_REPORT, into_cache=into_cache) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / TRAINING_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return Path(out)
@@ -202,5 +204,5 @@ def digits_model_folder(progress: bool = True) -> Path:
     folder = default_digits_folder()
     if not (folder / TRAINING_REPORT).is_file():
         model, report = train_digits(progress=progress)
-        save_digits_model(model, report, folder, overwrite=True)
+        save_digits_model(model, report, folder, overwrite=True, into_cache=True)
     return folder

@@ -14,22 +14,31 @@ fallback is a hard link for files (which fails if the target exists) and, for fo
 rename after a check (a plain rename still refuses to replace a non-empty folder); replacing then
 takes two renames, with a short moment between them with no output at the target.
 
-Everything a path decides is checked up front (``check_target``), before any long work: an
-existing target without ``overwrite``, a folder where a file is wanted or the reverse, a dangling
-symbolic link, an overlong name, an unwritable parent, and a target that is, contains or lies
-inside one of the run's inputs. Any OSError while writing (a full disk) becomes one NumpruneError;
-the temporary output and any parent folders created for it are removed.
+Everything a path decides is checked up front by one function, ``check_target``, before any long
+work: an existing target without ``overwrite``, a folder where a file is wanted or the reverse,
+something that is neither a regular file nor numprune's own folder (a device, a pipe, a socket,
+a foreign folder), a dangling symbolic link, an overlong name, an unwritable parent, a target that
+is, contains or lies inside one of the run's inputs, numprune's cache or another output of the
+same run. Any OSError while writing (a full disk) becomes one NumpruneError; the temporary output
+and any parent folders created for it are removed.
+
+A temporary's name carries its process id (``.numprune-<pid>-<random>.<name>``): a run killed
+outright (SIGKILL, a power cut) cannot remove its own, so the next output written beside it removes
+those whose process is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
+import re
 import secrets
 import shutil
 import signal
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +46,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from numprune.errors import NumpruneError
+from numprune.io.cache import cache_root
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -44,21 +54,28 @@ _RENAME_EXCHANGE = 2
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _RENAMEAT2 = getattr(_LIBC, "renameat2", None)
 _TEMP_PREFIX = ".numprune-"
-_TEMP_EXTRA = len(_TEMP_PREFIX) + 9  # ".numprune-" + 8 hex digits + "."
+# ".numprune-" + a process id (Linux: at most 7 digits) + "-" + 8 hex digits + "."
+_TEMP_EXTRA = len(_TEMP_PREFIX) + 7 + 1 + 8 + 1
+_TEMP_NAME = re.compile(rf"{re.escape(_TEMP_PREFIX)}(\d+)-[0-9a-f]{{8}}\.")
 _BLOCKED = {signal.SIGINT, signal.SIGTERM}
 # Outputs this process has put in place: the command line's message on Ctrl-C says which.
 committed: list[Path] = []
 
 
 def check_target(out: str | os.PathLike, *, overwrite: bool = False, folder: bool = True,
-                 inputs: Iterable[str | os.PathLike | None] = (), marker: str | None = None) -> Path:
-    """The absolute target path, once everything the path alone decides is known to allow writing it.
+                 inputs: Iterable[str | os.PathLike | None] = (), outputs: Iterable[str | os.PathLike | None] = (),
+                 marker: str | None = None, into_cache: bool = False) -> Path:
+    """The absolute target path, once everything the path alone decides is known to allow writing it: the one
+    place that decides whether a path may be written, called by every writer before its work.
 
     ``folder`` says whether a folder or a file is written. ``inputs`` are paths the run reads (model
-    folders, data files): the target may not be one of them, contain one, or lie inside one; nor
-    may it be the current folder or one above it. With ``overwrite``, an existing folder is
-    replaced only if it is empty or holds ``marker`` (a file every such output has), so that a
-    mistyped path never deletes a folder numprune did not write.
+    folders, data files): the target may not be one of them (nor the same file through a link),
+    contain one, or lie inside one; ``outputs`` are the run's other outputs, written or not yet:
+    the target may not be one, contain one or lie inside one. Nor may it be the current folder or
+    one above it, numprune's cache folder or one of its entries (unless ``into_cache``: numprune's
+    own cache builders). With ``overwrite``, only a regular file, or a folder that is empty or holds
+    ``marker`` (a file every such output has), is replaced, so that a mistyped path never deletes
+    a folder numprune did not write, nor a device or a pipe.
     """
     if out is None or not str(out).strip():
         raise NumpruneError("the output path is empty")
@@ -68,18 +85,19 @@ def check_target(out: str | os.PathLike, *, overwrite: bool = False, folder: boo
         raise NumpruneError(f"cannot write the {kind} {target}: it is the root folder")
     _check_names(target)
     try:
-        return _check_target(target, overwrite, folder, inputs, marker, kind)
+        return _check_target(target, overwrite, folder, inputs, outputs, marker, into_cache, kind)
     except OSError as e:  # a path the system refuses to look at (too long, a loop of links, ...)
         raise NumpruneError(f"cannot write {str(target)[:80]}: {e.strerror or e}") from None
 
 
-def _check_target(target: Path, overwrite: bool, folder: bool, inputs: Iterable, marker: str | None,
-                  kind: str) -> Path:
+def _check_target(target: Path, overwrite: bool, folder: bool, inputs: Iterable, outputs: Iterable,
+                  marker: str | None, into_cache: bool, kind: str) -> Path:
     real = Path(os.path.realpath(target))
     if target.is_symlink() and not target.exists():
         raise NumpruneError(f"output path {target} is a symbolic link to a missing target; remove it or choose "
                             "another path")
-    _check_not_an_input(target, real, inputs, kind)
+    _check_not_an_input(target, real, inputs, kind, into_cache)
+    _check_not_another_output(target, real, outputs, kind)
     if target.exists():
         if not overwrite:
             raise NumpruneError(f"output {kind} {target} already exists and overwriting was not asked for")
@@ -87,6 +105,9 @@ def _check_target(target: Path, overwrite: bool, folder: bool, inputs: Iterable,
             raise NumpruneError(f"output path {target} exists and is not a folder")
         if not folder and target.is_dir():
             raise NumpruneError(f"output path {target} is a folder; give a file name")
+        if not folder and not stat.S_ISREG(target.stat().st_mode):
+            raise NumpruneError(f"output path {target} is not a regular file (a device, a pipe or a socket); "
+                                "it is not replaced")
         if folder and marker and any(target.iterdir()) and not (target / marker).exists():
             raise NumpruneError(f"{target} is not empty and was not written by numprune (it has no {marker}); "
                                 "it is not replaced")
@@ -102,14 +123,42 @@ def _check_target(target: Path, overwrite: bool, folder: bool, inputs: Iterable,
     return target
 
 
-def _check_not_an_input(target: Path, real: Path, inputs: Iterable, kind: str) -> None:
-    protected = [(Path(os.path.realpath(p)), "an input of this run") for p in inputs if p is not None]
-    protected.append((Path(os.path.realpath(os.getcwd())), "the current folder"))
-    for path, what in protected:
+def _check_not_an_input(target: Path, real: Path, inputs: Iterable, kind: str, into_cache: bool) -> None:
+    """Not over, around or inside what the run reads or numprune keeps; the current folder and the cache folder
+    itself may hold outputs, but are never replaced."""
+    inputs = [Path(p) for p in inputs if p is not None]
+    protected = [(Path(os.path.realpath(p)), "an input of this run", True) for p in inputs]
+    protected.append((Path(os.path.realpath(os.getcwd())), "the current folder", False))
+    if not into_cache:
+        cache = cache_root()
+        protected.append((Path(os.path.realpath(cache)), "numprune's cache", False))
+        protected += [(Path(os.path.realpath(entry)), "in numprune's cache", True) for entry in _entries(cache)]
+    for path, what, enclosing in protected:
         if real == path or real in path.parents:
             raise NumpruneError(f"output {kind} {target} would replace {path} ({what}); choose another path")
-        if what != "the current folder" and path in real.parents and path.is_dir():
+        if enclosing and path in real.parents and path.is_dir():
             raise NumpruneError(f"output {kind} {target} lies inside {path} ({what}); choose a path outside it")
+    if target.exists():  # the same file through a hard link
+        for path in inputs:
+            if path.is_file() and os.path.samefile(target, path):
+                raise NumpruneError(f"output {kind} {target} is the same file as {path} (an input of this run); "
+                                    "choose another path")
+
+
+def _entries(folder: Path) -> list[Path]:
+    """What ``folder`` holds; nothing if it is not a folder or cannot be read."""
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
+
+
+def _check_not_another_output(target: Path, real: Path, outputs: Iterable, kind: str) -> None:
+    """Two outputs of one run never share a path, nor does one lie inside the other (written or not yet)."""
+    for other in (Path(os.path.realpath(Path(p).expanduser())) for p in outputs if p is not None and str(p).strip()):
+        if real == other or real in other.parents or other in real.parents:
+            raise NumpruneError(f"output {kind} {target} and {other} (another output of this run) overlap; "
+                                "choose separate paths")
 
 
 def _check_names(target: Path) -> None:
@@ -125,16 +174,16 @@ def _check_names(target: Path) -> None:
 
 @contextmanager
 def output_folder(out: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable = (),
-                  marker: str | None = None) -> Iterator[Path]:
+                  marker: str | None = None, into_cache: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``out`` that becomes ``out`` only if the block completes."""
-    with _output(out, overwrite, inputs, marker, folder=True) as tmp:
+    with _output(out, overwrite, inputs, marker, into_cache, folder=True) as tmp:
         yield tmp
 
 
 @contextmanager
 def output_file(out: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable = ()) -> Iterator[Path]:
     """Yield a temporary file path beside ``out`` (same suffix) that becomes ``out`` only if the block completes."""
-    with _output(out, overwrite, inputs, None, folder=False) as tmp:
+    with _output(out, overwrite, inputs, None, False, folder=False) as tmp:
         yield tmp
 
 
@@ -146,10 +195,11 @@ def write_text(out: str | os.PathLike, text: str, *, overwrite: bool = False, in
 
 
 @contextmanager
-def _output(out, overwrite: bool, inputs: Iterable, marker: str | None, *, folder: bool) -> Iterator[Path]:
-    inputs = list(inputs)
-    target = check_target(out, overwrite=overwrite, folder=folder, inputs=inputs, marker=marker)
+def _output(out, overwrite: bool, inputs: Iterable, marker: str | None, into_cache: bool, *,
+            folder: bool) -> Iterator[Path]:
+    target = check_target(out, overwrite=overwrite, folder=folder, inputs=inputs, marker=marker, into_cache=into_cache)
     created = _make_parents(target.parent)
+    _remove_stale_temporaries(target.parent)
     tmp = None
     try:
         tmp = _make_temp(target.parent, target.name, folder=folder)
@@ -195,11 +245,11 @@ def _make_parents(folder: Path) -> list[Path]:
 
 
 def _make_temp(parent: Path, name: str, *, folder: bool) -> Path:
-    """A new hidden path beside the target: a folder made with mkdir's normal permissions (0o777 less the
-    umask, not mkdtemp's 0o700), or a file path with the target's name at the end (so its suffix says the
-    format to writers such as matplotlib)."""
+    """A new hidden path beside the target, named with this process's id: a folder made with mkdir's normal
+    permissions (0o777 less the umask, not mkdtemp's 0o700), or a file path with the target's name at the end
+    (so its suffix says the format to writers such as matplotlib)."""
     while True:
-        path = parent / f"{_TEMP_PREFIX}{secrets.token_hex(4)}.{name}"
+        path = parent / f"{_TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.{name}"
         try:
             if folder:
                 path.mkdir()
@@ -208,6 +258,26 @@ def _make_temp(parent: Path, name: str, *, folder: bool) -> Path:
             return path
         except FileExistsError:
             continue
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporaries in ``folder`` left by numprune processes that no longer run (killed outright), as
+    far as this user may (another user's, in a shared folder, stay)."""
+    for entry in _entries(folder):
+        match = _TEMP_NAME.match(entry.name)
+        if match and not _running(int(match[1])):
+            with contextlib.suppress(OSError):
+                _remove(entry)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
