@@ -39,8 +39,9 @@ def write_pruned_card(folder: Path, report: Mapping, source: str | None) -> Path
     data = ModelCardData(library_name="transformers", tags=TAGS,
                          base_model=origin.get("base_model"),
                          **{k: v for k, v in origin.items() if CARRIED.match(k)})
-    body = "\n".join([_pruned_title(report, source, origin), _how_pruned(report), _measured(report),
-                      _how_to_load(report), _terms(origin)])
+    pruning = "parameters" in report and "options" in report  # save_pruned also takes a report of the caller's own
+    body = "\n".join([_pruned_title(report, source, origin) if pruning else _saved_title(report, source, origin),
+                      _how_pruned(report) if pruning else "", _measured(report), _how_to_load(report), _terms(origin)])
     return _save(folder, data, body)
 
 
@@ -96,8 +97,18 @@ def _origin(source: str | None) -> dict:
     return origin
 
 
+def _source_name(report: Mapping, source: str | None, origin: dict) -> str:
+    return origin.get("base_model") or report.get("model") or (Path(source).name if source else "The source model")
+
+
+def _saved_title(report: Mapping, source: str | None, origin: dict) -> str:
+    name = _source_name(report, source, origin)
+    return (f"# {name}, saved by numprune\n\nA modified version of {name}, saved by numprune {VERSION}; the report "
+            f"given with it (`{REPORT_NAME}`) records no pruning run.\n")
+
+
 def _pruned_title(report: Mapping, source: str | None, origin: dict) -> str:
-    name = origin.get("base_model") or report.get("model") or (Path(source).name if source else "The source model")
+    name = _source_name(report, source, origin)
     p = report["parameters"]
     return (f"# {name}, pruned by numprune\n\n{name}, with {p['achieved_ratio']:.1%} of its attention and MLP parameters "
             f"removed (whole attention heads and MLP channels, target {p['target_ratio']:.0%}): "
@@ -149,16 +160,20 @@ def _measured(report: Mapping) -> str:
 
 
 def _how_to_load(report: Mapping) -> str:
-    if report.get("loads_without_numprune"):
-        python = ["from transformers import AutoModelForCausalLM", "",
-                  'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")']
+    stock = report.get("loads_without_numprune")
+    if stock is None:
+        first = ["import numprune  # needed only for numprune's own configs (model_type numprune_*)"]
+        note = ("A stock config (see `model_type` in `config.json`) loads in plain transformers; numprune's own "
+                "configs (`numprune_*`) load after `import numprune` (no `trust_remote_code`).")
+    elif stock:
+        first = []
         note = "Its config is the family's stock one: plain transformers loads it, numprune is not needed."
     else:
-        python = ["import numprune  # registers numprune's per-layer model classes with transformers' Auto classes",
-                  "from transformers import AutoModelForCausalLM", "",
-                  'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")']
-        note = (f"Its layers have different widths (config class `{report.get('config_class')}`), which no stock "
-                "config can say: load it after `import numprune` (no `trust_remote_code`).")
+        first = ["import numprune  # registers numprune's model classes with transformers' Auto classes"]
+        note = (f"Its config is numprune's (`{report.get('config_class')}`): per-layer widths, or a head count or output "
+                "bias the stock config cannot say. Load it after `import numprune` (no `trust_remote_code`).")
+    python = [*first, "from transformers import AutoModelForCausalLM", "",
+              'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")']
     return "\n".join(["## How to load\n", note, "", "```python", *python, "```", "",
                       "For llama.cpp and Ollama (LLaMA and Mistral layouts): `numprune export --model path/to/this/folder "
                       "--gguf model.gguf`, then `llama-cli -m model.gguf` (or `FROM ./model.gguf` in an Ollama "

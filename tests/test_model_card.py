@@ -51,6 +51,13 @@ def test_saved_folder_card_says_how_it_was_pruned_and_how_to_load_it(allocation,
     assert "Nothing in this run" in card.text
 
 
+def test_a_report_without_a_pruning_record_still_gives_a_card(tmp_path):
+    out = save_pruned(tiny_llama("gqa"), None, {}, tmp_path / "out")
+    card, data = card_of(out)
+    assert {"numprune", "pruned"} <= set(data["tags"]) and "records no pruning run" in card.text
+    assert "How it was pruned" not in card.text and "model_type" in card.text
+
+
 def test_card_carries_base_model_license_and_terms_from_the_source(tmp_path):
     """A folder from the hub's cache is its hub id; its card's license and gated terms travel; pruning the pruned
     folder again keeps naming the original model."""
