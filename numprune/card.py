@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard import metadata_load
 
@@ -86,8 +87,7 @@ def _origin(source: str | None) -> dict:
     known = source_card(folder)
     if known is not None:
         return dict(known)
-    card = folder / CARD_NAME
-    metadata = (metadata_load(card) or {}) if card.is_file() else {}
+    metadata = _front_matter(folder / CARD_NAME)
     origin = {k: v for k, v in metadata.items() if CARRIED.match(k)}
     snapshot = HUB_SNAPSHOT.search(str(folder.resolve()))
     if snapshot:
@@ -95,6 +95,15 @@ def _origin(source: str | None) -> dict:
     elif "numprune" in (metadata.get("tags") or []) and metadata.get("base_model"):
         origin["base_model"] = metadata["base_model"]
     return origin
+
+
+def _front_matter(card: Path) -> dict:
+    """The source card's front matter; none when it is missing or unreadable (a card is never worth a failed save)."""
+    try:
+        metadata = metadata_load(card) if card.is_file() else None
+    except (OSError, ValueError, yaml.YAMLError):  # ValueError: not a mapping, or not UTF-8
+        return {}
+    return metadata or {}
 
 
 def _source_name(report: Mapping, source: str | None, origin: dict) -> str:

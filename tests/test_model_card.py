@@ -78,6 +78,16 @@ def test_card_carries_base_model_license_and_terms_from_the_source(tmp_path):
     assert data["base_model"] == "acme/tiny-lm" and data["license"] == "other"
 
 
+@pytest.mark.parametrize("text", ["---\nlicense: [unclosed\n---\n", "---\n- a list\n---\n", b"---\n\xff\xfe\n---\n"])
+def test_an_unreadable_source_card_is_left_out(tmp_path, text):
+    source = tmp_path / "source"
+    tiny_llama("gqa").save_pretrained(source)
+    (source / "README.md").write_bytes(text if isinstance(text, bytes) else text.encode())
+    pruned, report = prune(load_model(str(source))[0], tiny_tokens(), ratio=0.3, progress=False)
+    _, data = card_of(save_pruned(pruned, None, report, tmp_path / "out"))
+    assert "license" not in data and "numprune" in data["tags"]
+
+
 def test_embedded_model_card_names_its_hub_model_and_license(tmp_path):
     pruned, report = prune(tiny_llama("gqa"), tiny_tokens(), ratio=0.3, progress=False)
     write_pruned_card(tmp_path, report, str(smollm2_folder()))
