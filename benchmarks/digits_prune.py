@@ -4,7 +4,7 @@ Calibrates once on self-generated sequences (the paper's recipe for LlamaGen: im
 model samples for every class), prunes with both methods at every ratio from the same statistics,
 and measures each model against the held-out real digits. Prints a markdown table, writes the
 comparison folder (results.json/.md/.csv, measures.png, samples.png) and a copy of the samples
-picture for the README. Usage:
+picture for the documentation's results page. Usage:
 
     .venv/bin/python benchmarks/digits_prune.py --out runs/digits-prune
 
@@ -38,8 +38,8 @@ def main() -> None:
     parser.add_argument("--calib-per-class", type=int, default=64)
     parser.add_argument("--eval-per-class", type=int, default=100)
     parser.add_argument("--out", default="runs/digits-prune")
-    parser.add_argument("--picture", default="benchmarks/digits_prune_samples.png",
-                        help="where to copy samples.png (the README shows it)")
+    parser.add_argument("--picture", default="docs/assets/digits_prune_samples.png",
+                        help="where to copy samples.png (the results page shows it)")
     args = parser.parse_args()
 
     start = time.perf_counter()

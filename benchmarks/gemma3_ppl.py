@@ -10,7 +10,7 @@ addresses from 2000 on and of Moby-Dick; no special tokens; fp32 on the CPU. It 
 
 Gemma's 262,144-token vocabulary makes every evaluated token cost more in the LM head (168 M
 multiply-adds) than in all 18 layers together (100 M): on 2 shared CPU cores the full protocol takes
-hours; --nsamples and --eval-windows shorten it (the README states what was run).
+hours; --nsamples and --eval-windows shorten it (the results page states what was run).
 """
 
 from __future__ import annotations

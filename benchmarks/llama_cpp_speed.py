@@ -1,4 +1,4 @@
-"""SmolLM2-135M dense vs pruned in llama.cpp, at f16 and quantised: the README's llama.cpp table.
+"""SmolLM2-135M dense vs pruned in llama.cpp, at f16 and quantised: the llama.cpp table of the documentation's results page.
 
 Each model folder is exported to an f16 GGUF, quantised to q8_0 and Q4_K_M by llama.cpp's own
 quantiser, and measured in llama.cpp (batch 1, greedy) for speed, file size and memory, and for

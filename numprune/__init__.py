@@ -28,9 +28,9 @@ try:
     from numprune.recipe import PruneOptions
     from numprune.save import save_pruned
     from numprune.stream import prune_streaming
+    from numprune.version import VERSION as __version__
 except KeyboardInterrupt:
     exit_if_command_interrupted()
     raise
 
-__version__ = "0.1.0"
 __all__ = ["NumpruneError", "PruneOptions", "calibrate", "prune", "prune_streaming", "save_pruned", "__version__"]

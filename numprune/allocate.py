@@ -32,7 +32,7 @@ criterion's ranking always decides which (any criterion works under any allocati
   overfits the calibration text; from about 30% on FLAP's widths cut too deep into some layers,
   and three quarters of the way to the global ranking's widths does better than either.
   The weight w is ``blend_weight`` if given, else ``blend_schedule(ratio)``, chosen on validation
-  texts (README, "The default method").
+  texts (docs/method.md, "The default method").
 - ``compensated-error`` ranks by what removal costs after compensation: for each layer and kind,
   the calibration error the compensation leaves when the criterion's k lowest-ranked units go
   (every k, exactly; see compensate.removal_errors), divided by the layer's output energy
@@ -62,7 +62,7 @@ from numprune.criteria.base import CriterionInputs, LayerScores
 from numprune.errors import NumpruneError
 
 GQA_UNITS = ("query", "kv-group")
-# blend_schedule (chosen on validation texts, README "The default method"): no share of the global
+# blend_schedule (chosen on validation texts, docs/method.md "The default method"): no share of the global
 # ranking's widths up to a ratio of BLEND_FROM, BLEND_MAX of it from BLEND_TO on, linear between.
 BLEND_FROM, BLEND_TO, BLEND_MAX = 0.25, 0.30, 0.75
 

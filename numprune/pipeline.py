@@ -168,7 +168,8 @@ def select(source: LayerSource, tokens: torch.Tensor | None, stats: Sequence[Lay
         stats = StatsStore()
     criterion = get_method(opts.method).criterion
     scores, guides = [], []
-    for i in tqdm(range(adapter.num_layers()), desc="calibrating" if stream else "scoring", unit="layer",
+    # One visit per layer does both stages (scoring takes most of it), so the bar names both.
+    for i in tqdm(range(adapter.num_layers()), desc="calibrating and scoring" if stream else "scoring", unit="layer",
                   disable=not compute.progress):
         with source.layer(i) as layer:
             if stream is not None:

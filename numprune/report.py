@@ -18,6 +18,9 @@ import torch
 
 from numprune.adapters import Adapter, LayerPlan
 from numprune.recipe import PruneOptions
+from numprune.version import VERSION
+
+REPORT_NAME = "pruning_report.json"
 
 
 def parameter_counts(adapter: Adapter) -> dict:
@@ -81,10 +84,12 @@ class PruneReport(Mapping):
     model: str | None = None  # what was pruned: a name or a folder
     # an evaluation's dense-vs-pruned record under its report key (``Evaluation.compared``), as saved
     measured: dict[str, dict] = field(default_factory=dict)
+    numprune_version: str = VERSION  # which numprune pruned it (the same options may prune differently elsewhere)
 
     def to_json(self) -> dict:
         """The report as pruning_report.json holds it; fields that were not set are left out."""
         report = {
+            "numprune_version": self.numprune_version,
             "method": self.method,
             "options": asdict(self.options),
             "calibration": self.calibration,

@@ -1,4 +1,4 @@
-"""Saving a pruned model: a plain Hugging Face folder plus pruning_report.json, written atomically.
+"""Saving a pruned model: a plain Hugging Face folder plus pruning_report.json and a model card, written atomically.
 
 Written through numprune.io.output: a hidden temporary folder beside the target, renamed into
 place only when complete, so an interrupted or failed run never leaves a half-written output
@@ -12,10 +12,10 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from numprune.card import write_pruned_card
 from numprune.io.output import output_folder
 from numprune.models import source_folder
-
-REPORT_NAME = "pruning_report.json"
+from numprune.report import REPORT_NAME
 
 
 def save_pruned(model, tokenizer, report: Mapping, out: str | os.PathLike, overwrite: bool = False,
@@ -31,4 +31,10 @@ def save_pruned(model, tokenizer, report: Mapping, out: str | os.PathLike, overw
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / REPORT_NAME).write_text(json.dumps(dict(report), indent=2) + "\n")
+        write_pruned_card(tmp, report, _loaded_from(model))
     return Path(out)
+
+
+def _loaded_from(model) -> str | None:
+    """The folder or hub id ``model`` was loaded from (its config's ``_name_or_path``), for the model card."""
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None

@@ -33,6 +33,7 @@ from transformers.initialization import no_init_weights
 
 from numprune import distributed
 from numprune.adapters import LayerPlan, adapter_for
+from numprune.card import write_pruned_card
 from numprune.errors import NumpruneError
 from numprune.models import TOKENIZER_FILES, WEIGHTS_FILE, WEIGHTS_INDEX, check_config, check_finite, check_model_folder
 from numprune.io.output import check_target, output_folder
@@ -270,4 +271,5 @@ def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, *, ratio: f
                               compute.describe(source.adapter, streaming=True))
         report.model = str(source.folder.resolve())
         (tmp / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        write_pruned_card(tmp, report, str(folder))
     return report

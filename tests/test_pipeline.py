@@ -220,3 +220,16 @@ def test_the_report_is_typed_reads_like_its_json_and_is_saved_as_it(tokens, tmp_
     record = {"text": {"dense": 2.0, "pruned": 3.0, "protocol": {"windows": 1}}}
     report.measured = {"perplexity": record}  # an evaluation's record, under its report key, after the model
     assert list(report)[-2:] == ["model", "perplexity"] and report["perplexity"] == record
+
+
+def test_scoring_has_a_progress_bar_that_quiet_silences(tokens, capsys):
+    """Scoring shares calibration's visit of each layer and takes most of it: the bar names it, with and without
+    a calibration pass; ``progress=False`` (the command line's --quiet) shows no bar."""
+    model = tiny_llama("gqa")
+    prune(model, tokens, ratio=0.3, progress=True)
+    bars = capsys.readouterr().err
+    assert "calibrating and scoring" in bars and f"{adapter_for(model).num_layers()}/" in bars
+    prune(model, tokens, ratio=0.3, progress=True, stats=collect_statistics(model, adapter_for(model), tokens, 2, False))
+    assert "scoring" in capsys.readouterr().err
+    prune(model, tokens, ratio=0.3, progress=False)
+    assert capsys.readouterr().err == ""

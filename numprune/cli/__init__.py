@@ -14,6 +14,7 @@ import sys
 from numprune import exit_if_command_interrupted
 from numprune.errors import NumpruneError
 from numprune.io import output
+from numprune.version import VERSION
 
 try:
     from transformers.utils import logging as transformers_logging
@@ -65,6 +66,7 @@ def _terminate(*_) -> None:
 def parser() -> argparse.ArgumentParser:
     root = Parser(prog="numprune", description="Numerical structured pruning of autoregressive transformers: whole "
                   "heads and MLP channels removed, kept weights corrected.")
+    root.add_argument("--version", action="version", version=f"numprune {VERSION}")
     commands = root.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(commands)

@@ -34,7 +34,7 @@ def methods() -> dict[str, Method]:
         "numerical": Method(numerical.score, "global", "least-squares"),
         "numerical-unit": Method(numerical.unit_score, "global", "least-squares"),
         # numprune's default: the paper's score and refit, per-layer widths from FLAP's toward the global
-        # ranking's as the ratio grows (README, "The default method")
+        # ranking's as the ratio grows (docs/method.md, "The default method")
         "numerical-robust": Method(numerical.score, "blend", "least-squares"),
         "flap": Method(flap.score, "global", "bias"),
         "wanda-sp": Method(wanda_sp.score, "uniform", "none"),

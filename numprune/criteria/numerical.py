@@ -6,7 +6,7 @@ inputs X, the score z in R^D minimises
     F(z) = 1/2 sum_i ||X W_i - X (z * W_i)||^2 + lambda/2 (1^T z - r)^2,   r = (1 - rho) D,
 
 whose Hessian is H = (W W^T) o (X^T X) + lambda 11^T (o: Hadamard product). Channels with a low z
-are removed first. Choices the paper leaves open (documented in README, "Method choices"):
+are removed first. Choices the paper leaves open (documented in docs/method.md, "Choices the paper leaves open"):
 
 - normalisation: X^T X is divided by the token count; lambda and the damping are relative to the
   mean diagonal of A = (W W^T) o (X^T X / N), so the score does not depend on the scale of X or W;

