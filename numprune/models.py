@@ -100,26 +100,52 @@ def _load(source: str, dtype: torch.dtype, with_tokenizer: bool):
     """The model (safetensors only, no code from the folder, every tensor checked) and its tokenizer."""
     if Path(source).is_dir():
         check_model_folder(Path(source))
+    config = load_config(source)
+    try:
+        with _quiet_transformers():
+            # Mismatched shapes are reported in ``info`` (and refused below by name) rather than raised.
+            model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
+                                                               trust_remote_code=False, use_safetensors=True,
+                                                               ignore_mismatched_sizes=True, output_loading_info=True)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False) if with_tokenizer else None
+    except Exception as e:  # noqa: BLE001  (a hostile folder makes transformers raise almost any type)
+        raise NumpruneError(f"could not load model '{source}': {_reason(e)}") from None
+    check_weights_fit(source, *(info.get(f"{kind}_keys") or () for kind in ("missing", "unexpected", "mismatched")))
+    check_finite(model.state_dict(), source)
+    return model.eval(), tokenizer
+
+
+def load_config(source: str | os.PathLike):
+    """The config of ``source`` (a folder or a hub id) as transformers reads it, checked; one line with the
+    reason when transformers refuses it (heads that do not divide the hidden size, ...)."""
     try:
         with _quiet_transformers():
             config = AutoConfig.from_pretrained(source, trust_remote_code=False)
-            check_config(config, source)
-            model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
-                                                               trust_remote_code=False, use_safetensors=True,
-                                                               output_loading_info=True)
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False) if with_tokenizer else None
-    except NumpruneError:
-        raise
-    except Exception as e:  # noqa: BLE001  (a hostile folder makes transformers raise almost any type)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise NumpruneError(f"could not load model '{source}': {reason}") from None
-    for kind in ("missing", "unexpected", "mismatched"):
-        names = sorted(map(str, info.get(f"{kind}_keys") or ()))
+    except Exception as e:  # noqa: BLE001  (a hostile config makes transformers raise almost any type)
+        raise NumpruneError(f"could not load model '{source}': {_reason(e)}") from None
+    check_config(config, source)
+    return config
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of the innermost cause: transformers wraps the reason (a config validator's ValueError)
+    in an error whose own first line does not say it."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def check_weights_fit(source, missing=(), unexpected=(), mismatched=()) -> None:
+    """Refuse weights that do not fit the config, naming the first tensor: ``missing`` and ``unexpected`` are
+    names, ``mismatched`` (name, shape in the file, shape the config gives) triples."""
+    shapes = {str(name): f" (shape {list(found)} in the file, {list(expected)} from the config)"
+              for name, found, expected in mismatched}
+    for kind, names in (("missing", missing), ("unexpected", unexpected), ("mismatched", shapes)):
+        names = sorted(map(str, names))
         if names:
             more = f" and {len(names) - 1} more" if len(names) > 1 else ""
-            raise NumpruneError(f"the weights of '{source}' do not fit its config: {kind} tensor {names[0]}{more}")
-    check_finite(model.state_dict(), source)
-    return model.eval(), tokenizer
+            raise NumpruneError(f"the weights of '{source}' do not fit its config: {kind} tensor {names[0]}"
+                                f"{shapes.get(names[0], '')}{more}")
 
 
 @contextmanager

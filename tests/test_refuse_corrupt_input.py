@@ -28,7 +28,7 @@ def _state(state):
 CORRUPT_WEIGHTS = {
     "missing tensor": (lambda s: _state(s), "missing tensor"),
     "unexpected tensor": (lambda s: {**s, "model.extra.weight": torch.zeros(3)}, "unexpected tensor"),
-    "mis-shaped tensor": (lambda s: {**s, DOWN: torch.zeros(3, 3)}, "could not load model"),
+    "mis-shaped tensor": (lambda s: {**s, DOWN: torch.zeros(3, 3)}, f"mismatched tensor {DOWN} (shape [3, 3] in the file"),
     "NaN weights": (lambda s: {**s, DOWN: torch.full_like(s[DOWN], float("nan"))}, "NaN or infinite"),
 }
 CORRUPT_BYTES = {
@@ -37,8 +37,9 @@ CORRUPT_BYTES = {
     "garbage safetensors": (lambda b: os.urandom(4096), "not a readable safetensors file"),
 }
 BAD_CONFIGS = {
-    "heads that do not divide the hidden size": ({"num_attention_heads": 7, "num_key_value_heads": 7, "head_dim": None},
-                                                 "could not load model"),
+    "heads that do not divide the hidden size": ({"num_attention_heads": 5, "num_key_value_heads": 5, "head_dim": None},
+                                                 "The hidden size (36) is not a multiple of the number of attention "
+                                                 "heads (5)"),
     "config with -1 layers": ({"num_hidden_layers": -1}, "must be a positive integer"),
     "config with 0 attention heads": ({"num_attention_heads": 0}, "must be a positive integer"),
     "KV heads that do not divide the heads": ({"num_key_value_heads": 4}, "do not divide"),
@@ -59,6 +60,14 @@ def test_weights_that_do_not_fit_the_config_are_refused(copy, case):
     refused(f"info: {case}", message, "info", "--model", copy, inputs=[copy])
 
 
+def test_a_mis_shaped_tensor_is_refused_when_streaming_too(copy, tmp_path):
+    change, message = CORRUPT_WEIGHTS["mis-shaped tensor"]
+    save_file(change(load_file(copy / WEIGHTS)), copy / WEIGHTS, metadata={"format": "pt"})
+    refused("prune --stream: mis-shaped tensor", message, "prune", "--stream", "--model", copy, "--ratio", "0.3",
+            "--nsamples", "2", "--seqlen", "8", "--calib", "moby-dick", "--out", tmp_path / "out", inputs=[copy])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("case", sorted(CORRUPT_BYTES))
 def test_broken_safetensors_files_are_refused(copy, case):
     change, message = CORRUPT_BYTES[case]
@@ -74,6 +83,8 @@ def test_nonsense_configs_are_refused(copy, case):
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**config, **fields}))
     refused(f"info: {case}", message, "info", "--model", copy, inputs=[copy])
+    refused(f"prune --stream: {case}", message, "prune", "--stream", "--model", copy, "--ratio", "0.3",
+            "--nsamples", "2", "--seqlen", "8", "--calib", "moby-dick", "--out", copy.parent / "out", inputs=[copy])
 
 
 def test_unreadable_config_and_index_are_refused(copy):

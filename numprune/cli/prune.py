@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
 
 from numprune.allocate import BLEND_FROM, BLEND_MAX, BLEND_TO
 from numprune.api import prune
@@ -19,7 +18,7 @@ from numprune.errors import NumpruneError
 from numprune.export.gguf import check_exportable, export_gguf
 from numprune.export.gguf import check_target as check_gguf_target
 from numprune.io.output import check_target
-from numprune.models import registry_folder
+from numprune.models import load_config, registry_folder
 from numprune.recipe import PruneOptions, option_types
 from numprune.save import REPORT_NAME, save_pruned
 from numprune.stream import check_folder, load_tokenizer, prune_streaming
@@ -126,7 +125,7 @@ def _streaming(args, device: str, dtype) -> int:
     check_target(args.out, overwrite=args.overwrite, inputs=protected_inputs(args), marker=REPORT_NAME)
     folder = check_folder(registry_folder(args.model) or args.model)
     if args.gguf:
-        check_exportable(AutoConfig.from_pretrained(folder))
+        check_exportable(load_config(folder))
     tokenizer = load_tokenizer(folder)
     # The model's own samples need the whole model once, before the layer-by-layer run.
     model = load(str(folder))[0] if needs_model(args.calib) else None
