@@ -145,3 +145,15 @@ def test_windows_longer_than_a_position_table_are_refused_before_work(tiny_model
                                                                  "--repeats", "1", "--batch", "1"])]:
         refused(f"GPT-2 (32 positions): {case}", "longer than", *args, "--model", gpt2, inputs=[gpt2])
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unusable_cache_is_refused_naming_its_variable(tmp_path, monkeypatch):
+    a_file = tmp_path / "cache-file"
+    a_file.write_text("not a folder")
+    for cache, reason in [(a_file, "not a folder"), ("/dev/null", "not a folder"), (a_file / "below", "Not a directory"),
+                          ("/proc", "")]:  # /proc: a folder nobody, root included, may create files in
+        monkeypatch.setenv("NUMPRUNE_CACHE", str(cache))
+        refused(f"NUMPRUNE_CACHE={cache}", f"numprune's cache {cache} (NUMPRUNE_CACHE", "info", "--model", "smollm2",
+                inputs=[a_file])
+        refused(f"NUMPRUNE_CACHE={cache}: ppl", reason, "ppl", "--model", "smollm2", "--data", "moby-dick",
+                inputs=[a_file])
