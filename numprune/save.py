@@ -12,8 +12,10 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from numprune.errors import NumpruneError
 from numprune.io.output import output_folder
 from numprune.models import source_folder
+from numprune.report import check_report
 
 REPORT_NAME = "pruning_report.json"
 
@@ -31,3 +33,17 @@ def save_pruned(model, tokenizer, report: Mapping, out: str | os.PathLike, overw
             tokenizer.save_pretrained(tmp)
         (tmp / REPORT_NAME).write_text(json.dumps(dict(report), indent=2) + "\n")
     return Path(out)
+
+
+def read_report(folder: str | os.PathLike) -> dict | None:
+    """The pruning report saved in ``folder``, checked (``check_report``); None when there is none (a dense model)."""
+    path = Path(folder).expanduser() / REPORT_NAME
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise NumpruneError(f"{path} is not a valid pruning report ({e})") from None
+    if not isinstance(report, dict):
+        raise NumpruneError(f"{path} is not a valid pruning report (not a JSON object)")
+    return check_report(report, path)

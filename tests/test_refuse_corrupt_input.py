@@ -105,6 +105,14 @@ def test_a_corrupt_pruning_report_is_refused_by_bench(copy):
             "--repeats", "1", inputs=[copy])
 
 
+@pytest.mark.parametrize("report", ['{"method": 5', "{}", "[]", '{"method": "numerical", "options": 3}'])
+def test_a_corrupt_pruning_report_is_refused_by_export(copy, tmp_path, report):
+    (copy / "pruning_report.json").write_text(report)
+    refused(f"export: pruning_report.json {report}", "pruning_report.json is not a valid pruning report", "export",
+            "--model", copy, "--gguf", tmp_path / "m.gguf", inputs=[copy])
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_calibration_files_that_are_not_plain_text_files_are_refused(tiny_model_folder, tmp_path):
     fifo = tmp_path / "fifo.txt"
     os.mkfifo(fifo)

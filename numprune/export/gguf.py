@@ -29,7 +29,8 @@ from numprune.errors import NumpruneError
 from numprune.models import load_model
 from numprune.io.output import check_target as check_output_target
 from numprune.io.output import output_file
-from numprune.save import REPORT_NAME
+from numprune.report import check_report
+from numprune.save import read_report
 
 # Output types: GGUF tensor type of the matrices (norms, biases and rotary factors stay float32) and file type.
 OUTTYPES = {
@@ -85,11 +86,11 @@ def export_gguf(model_or_folder, out: str | os.PathLike, outtype: str = "f16", *
     if folder is not None:
         if not (folder / "config.json").is_file():
             raise NumpruneError(f"no model folder at {folder} (config.json missing)")
+        report = read_report(folder)
         model, tokenizer, _ = load_model(str(folder))
-        report_path = folder / REPORT_NAME
-        report = json.loads(report_path.read_text()) if report_path.is_file() else None
     else:
         model = model_or_folder
+        report = check_report(report, "the report") if report is not None else None
     check_exportable(model.config)
     name = folder.resolve().name if folder is not None else str(getattr(model.config, "_name_or_path", "") or "model")
 
