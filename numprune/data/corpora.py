@@ -141,6 +141,8 @@ def check_evaluation_source(spec: str) -> None:
 
 def mixture_counts(weights: list[float], nsamples: int) -> list[int]:
     """``nsamples`` shared out in proportion to ``weights`` by largest remainders (ties: the earlier part)."""
+    largest = max(weights)
+    weights = [w / largest for w in weights]  # weights near the largest float would overflow their sum
     total = sum(weights)
     quotas = [nsamples * w / total for w in weights]
     counts = [math.floor(q) for q in quotas]
