@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+import numprune.cli.generate
 from hostile import refused
+from numprune.modeling.llamagen import LlamaGenConfig, LlamaGenForCausalLM
 
 PRUNE = ["prune", "--ratio", "0.3", "--nsamples", "2", "--seqlen", "16", "--quiet"]
 
@@ -66,3 +68,20 @@ def test_info_on_an_unknown_command_or_option_is_one_line(tmp_path):
     refused("numprune frobnicate", "invalid choice", "frobnicate", inputs=[tmp_path])
     refused("prune --no-such-option", "unrecognized arguments", *PRUNE, "--out", tmp_path / "o", "--no-such-option",
             inputs=[tmp_path])
+
+
+@pytest.mark.parametrize("hook,message", [("builtins:len", "it returned int"),
+                                          ("builtins:abs", "it returned a tensor torch.int64 [1, 16]"),
+                                          ("json:dumps", "failed on token ids [1, 16]: TypeError")])
+def test_a_decoder_hook_that_returns_no_images_is_refused_before_sampling(hook, message, tmp_path, monkeypatch):
+    folder = tmp_path / "image-model"
+    LlamaGenForCausalLM(LlamaGenConfig(vocab_size=17, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=16, num_classes=3, image_tokens=16)).save_pretrained(folder)
+
+    def sampling_started(*_, **__):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(numprune.cli.generate, "generate", sampling_started)
+    refused(f"generate --decoder {hook}", message, "generate", "--model", folder, "--decoder", hook, "--classes", "0-2",
+            "--grid", tmp_path / "g.png", inputs=[folder])
+    assert not (tmp_path / "g.png").exists()
