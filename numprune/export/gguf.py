@@ -195,8 +195,16 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> str:
     if tokenizer is None:
         writer.add_tokenizer_model("none")
         return "none"
+    if len(tokenizer) > vocab_size:
+        raise NumpruneError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} embeddings")
     source = _source_gguf_tokenizer(tokenizer)
     if source is not None:
+        tokens, scores, types = _padding(len(tokenizer), vocab_size)
+        for key, extra in (("tokenizer.ggml.tokens", tokens), ("tokenizer.ggml.scores", scores),
+                           ("tokenizer.ggml.token_type", types)):
+            if key in source:
+                value, kind, item_kind = source[key]
+                source = {**source, key: ([*value, *extra], kind, item_kind)}
         for key, value in source.items():
             writer.add_key_value(key, *value)
         return f"copied from {smollm2_gguf().name}"
@@ -246,16 +254,22 @@ def _add_vocab_from_files(writer: gguf.GGUFWriter, path: Path, vocab_size: int) 
     for added in tokenizer_json.get("added_tokens", []):  # special tokens of the main vocabulary, too
         if added.get("special"):
             types[added["id"]] = gguf.TokenType.CONTROL
-    for i in range(len(tokens), vocab_size):  # embeddings no token uses (vocabularies padded for speed)
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
+    padding = _padding(len(tokens), vocab_size)
+    tokens, scores, types = tokens + [t.encode() for t in padding[0]], scores + padding[1], types + padding[2]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_bpe_pre_tokenizer(tokenizer_json))
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
     gguf.SpecialVocab(path, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+
+def _padding(count: int, vocab_size: int) -> tuple[list[str], list[float], list[gguf.TokenType]]:
+    """Tokens, scores and types for the embeddings past the tokenizer's ``count`` tokens (vocabularies padded for
+    speed): unused ``[PAD{i}]`` tokens, as llama.cpp's converter writes them (llama.cpp refuses a GGUF whose token
+    list is shorter than its embedding)."""
+    extra = range(count, vocab_size)
+    return [f"[PAD{i}]" for i in extra], [-1000.0] * len(extra), [gguf.TokenType.UNUSED] * len(extra)
 
 
 def _bpe_pre_tokenizer(tokenizer_json: dict) -> str:
