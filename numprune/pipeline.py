@@ -105,6 +105,7 @@ def check_run(adapter: Adapter, tokens, stats, opts: PruneOptions) -> None:
         _check_stats(adapter, stats)
     elif tokens is not None:
         _check_activation_memory(adapter, tokens)
+    _check_undamped_solves(adapter, int(tokens.numel()) if tokens is not None else stats[0].attention.count, opts)
     layers = range(adapter.num_layers())
     equal = [LayerScores(torch.zeros(adapter.attention_layout(i).num_heads, dtype=torch.float64),
                          torch.zeros(adapter.mlp_width(i), dtype=torch.float64)) for i in layers]
@@ -128,6 +129,25 @@ def _check_activation_memory(adapter: Adapter, tokens: torch.Tensor) -> None:
     if needed > available:
         raise NumpruneError(f"calibrating on {tokens.numel():,} tokens holds about {needed / 2**30:.1f} GiB of "
                             f"activations; {available / 2**30:.1f} GiB of memory is free")
+
+
+def _check_undamped_solves(adapter: Adapter, count: int, opts: PruneOptions) -> None:
+    """At damping 0 a compensation's solve needs more calibration tokens than the projection has inputs: the
+    covariance of D inputs over fewer tokens is singular (centred, over D tokens or fewer), and which kept inputs
+    it would be solved on is known only after calibration and scoring. Refused before either, naming the first
+    projection with too few."""
+    names = {opts.compensation} | ({opts.allocation_compensation} if opts.allocation == "compensated-error" else set())
+    if opts.compensation_damp > 0:
+        return
+    for name in sorted(n for n in names if compensation_registry.REGISTRY[n].options is compensation_registry.Damped):
+        for i, layer in enumerate(adapter.layers()):
+            for path in (adapter.modules.attention_output, adapter.modules.mlp_output):
+                width = projection_weight(layer.get_submodule(path)).shape[1]
+                needed = width + (name == "affine")  # the centred covariance loses one rank to the mean
+                if count < needed:
+                    raise NumpruneError(f"{name} compensation at damping 0 needs at least {needed} calibration tokens "
+                                        f"for layer {i}'s {path} ({width} inputs, whose covariance is singular with "
+                                        f"fewer); got {count}: calibrate on more tokens or give a damping > 0")
 
 
 def _check_stats(adapter: Adapter, stats) -> None:

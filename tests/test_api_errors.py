@@ -31,6 +31,12 @@ BAD_CALLS = {
     "compensation_damp NaN": (dict(ratio=0.3, compensation_damp=float("nan")), "compensation damping"),
     "device cpufoo": (dict(ratio=0.3, device="cpufoo"), "device must be cpu, cuda or cuda:N"),
     "ratio that empties a layer": (dict(ratio=0.99), "would leave"),
+    "damping 0 on fewer tokens than inputs": (dict(ratio=0.3, tokens=TOKENS[:2], compensation="least-squares",
+                                                   compensation_damp=0.0),
+                                              "needs at least 48 calibration tokens for layer 0's self_attn.o_proj"),
+    "damping 0 guiding the allocation": (dict(ratio=0.3, tokens=TOKENS[:2], allocation="compensated-error",
+                                              allocation_compensation="affine", compensation_damp=0.0),
+                                         "affine compensation at damping 0 needs at least 49"),
 }
 
 

@@ -51,6 +51,11 @@ SHAPE_CASES = {
     "--round-to 100000": (["--round-to", "100000"], "against a target of 30.0%"),
     "--gqa-unit sideways": (["--gqa-unit", "sideways"], "unknown GQA unit"),
     "--nsamples 1000000 --seqlen 512": (["--nsamples", "1000000", "--seqlen", "512"], "tokens; at most"),
+    "--damp 0 on 32 tokens": (["--damp", "0", "--compensation", "least-squares"],
+                              "least-squares compensation at damping 0 needs at least 36 calibration tokens for layer "
+                              "0's self_attn.o_proj (36 inputs"),
+    "--damp 0 --compensation affine on 32 tokens": (["--damp", "0", "--compensation", "affine"],
+                                                    "affine compensation at damping 0 needs at least 37"),
 }
 
 
