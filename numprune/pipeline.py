@@ -30,7 +30,7 @@ from numprune.allocate import GUIDED, allocate, layer_guide
 from numprune.calibrate import LayerStats, LayerStream, StatsStore
 from numprune.criteria import CriterionInputs, LayerScores, get_method
 from numprune.errors import NumpruneError
-from numprune.recipe import POSITIVE_INT, PruneOptions
+from numprune.recipe import GUIDED_BY_COMPENSATION, POSITIVE_INT, PruneOptions
 from numprune.report import (Clock, ComputeRecord, ParameterReport, PruneReport, parameter_counts,
                              removed_share)
 from numprune.sources import LayerSource
@@ -52,6 +52,8 @@ class Compute:
 
     def __post_init__(self):
         POSITIVE_INT.check("batch size", self.batch_size)
+        if self.dtype is not None and self.dtype not in FLOAT_DTYPES:
+            raise NumpruneError(f"dtype must be a torch floating dtype such as torch.bfloat16, got {self.dtype!r}")
         if self.device is not None:
             try:
                 torch.device(self.device)
@@ -105,7 +107,7 @@ def check_run(adapter: Adapter, tokens, stats, opts: PruneOptions) -> None:
         _check_stats(adapter, stats)
     elif tokens is not None:
         _check_activation_memory(adapter, tokens)
-    _check_undamped_solves(adapter, int(tokens.numel()) if tokens is not None else stats[0].attention.count, opts)
+    _check_undamped_solves(adapter, stats[0].attention.count if stats is not None else int(tokens.numel()), opts)
     layers = range(adapter.num_layers())
     equal = [LayerScores(torch.zeros(adapter.attention_layout(i).num_heads, dtype=torch.float64),
                          torch.zeros(adapter.mlp_width(i), dtype=torch.float64)) for i in layers]
@@ -136,7 +138,7 @@ def _check_undamped_solves(adapter: Adapter, count: int, opts: PruneOptions) -> 
     covariance of D inputs over fewer tokens is singular (centred, over D tokens or fewer), and which kept inputs
     it would be solved on is known only after calibration and scoring. Refused before either, naming the first
     projection with too few."""
-    names = {opts.compensation} | ({opts.allocation_compensation} if opts.allocation == "compensated-error" else set())
+    names = {opts.compensation} | ({opts.allocation_compensation} if opts.allocation == GUIDED_BY_COMPENSATION else set())
     if opts.compensation_damp > 0:
         return
     for name in sorted(n for n in names if compensation_registry.REGISTRY[n].options is compensation_registry.Damped):
@@ -152,6 +154,9 @@ def _check_undamped_solves(adapter: Adapter, count: int, opts: PruneOptions) -> 
 
 def _check_stats(adapter: Adapter, stats) -> None:
     """Statistics from ``calibrate`` on a model of this shape (one entry per layer, matching widths)."""
+    if not isinstance(stats, Sequence) or not all(isinstance(s, LayerStats) for s in stats):
+        raise NumpruneError(f"stats must be what calibrate returns (one LayerStats per layer), got "
+                            f"{type(stats).__name__}")
     if len(stats) != adapter.num_layers():
         raise NumpruneError(f"the statistics are for {len(stats)} layers; this model has {adapter.num_layers()}")
     for i in sorted({0, adapter.num_layers() - 1}):

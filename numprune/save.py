@@ -15,6 +15,7 @@ from pathlib import Path
 from numprune.errors import NumpruneError
 from numprune.io.output import output_folder
 from numprune.models import source_folder
+from numprune.recipe import FLAG
 from numprune.report import check_report
 
 REPORT_NAME = "pruning_report.json"
@@ -27,6 +28,9 @@ def save_pruned(model, tokenizer, report: Mapping, out: str | os.PathLike, overw
     ``out`` may not be, contain or lie inside ``inputs`` or the folder the model was loaded from;
     an existing ``out`` is replaced only with ``overwrite`` and only if it is a numprune output.
     """
+    FLAG.check("overwrite", overwrite)
+    if not hasattr(model, "save_pretrained"):
+        raise NumpruneError(f"expected a loaded transformers model (with save_pretrained), got {type(model).__name__}")
     with output_folder(out, overwrite=overwrite, inputs=[*inputs, source_folder(model)], marker=REPORT_NAME) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

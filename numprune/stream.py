@@ -38,6 +38,7 @@ from numprune.models import (TOKENIZER_FILES, WEIGHTS_FILE, WEIGHTS_INDEX, check
                              check_weights_fit, load_config)
 from numprune.io.output import check_target, output_folder
 from numprune.pipeline import Compute, build_report, check_run, compensate, resolve, select
+from numprune.recipe import FLAG
 from numprune.report import Clock, PruneReport, parameter_counts
 from numprune.save import REPORT_NAME
 from numprune.shrink import kept_slices
@@ -253,6 +254,7 @@ def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, *, ratio: f
     report; the others get None.
     """
     opts = resolve(ratio, options, tokens, None)
+    FLAG.check("overwrite", overwrite)
     _allocate_large_blocks_apart()
     world = distributed.world()
     if world.writer:

@@ -16,9 +16,9 @@ from numprune.recipe import NONNEGATIVE, POSITIVE_INT, RATIO, SEED, PruneOptions
 
 
 def test_an_entry_sets_prune_options_and_score_options_by_their_declared_types():
-    opts = PruneOptions.parse("numerical:allocation=flap-widths:compensation=affine:compensation_damp=0.1:"
+    opts = PruneOptions.parse("numerical:allocation=compensated-error:compensation=affine:compensation_damp=0.1:"
                               "centred=true:allocation_compensation=bias", ratio=0.3)
-    expected = PruneOptions(ratio=0.3, method="numerical", allocation="flap-widths", compensation="affine",
+    expected = PruneOptions(ratio=0.3, method="numerical", allocation="compensated-error", compensation="affine",
                             compensation_damp=0.1, allocation_compensation="bias", score_options={"centred": True})
     expected.resolve()
     assert opts == expected

@@ -32,12 +32,30 @@ PARSER_CASES = {
     "generate --cfg-scale inf": (["generate", "--model", "digits", "--cfg-scale", "inf"],
                                  "--cfg-scale: expected a finite number"),
     "bench --batch 1,,8": (["bench", "--batch", "1,,8"], "--batch: expected a comma-separated list"),
+    "bench --quant q8_0,q8_0": (["bench", "--backend", "llama.cpp", "--quant", "q8_0,q8_0"],
+                                "--quant: q8_0 is given twice in 'q8_0,q8_0'"),
+    "compare --methods numerical,numerical": (["compare", "--methods", "numerical,numerical"],
+                                              "--methods: numerical is given twice"),
+    "compare --ratios 0.3,0.30": (["compare", "--ratios", "0.3,0.30"], "--ratios: 0.3 is given twice in '0.3,0.30'"),
+}
+
+# Flags that mean nothing without another, or contradict one: refused before anything is loaded.
+MEANINGLESS_CASES = {
+    "prune --outtype q8_0 without --gguf": (PRUNE + ["--outtype", "q8_0"], "--outtype is the tensor type of the --gguf"),
+    "prune --compensation affine --no-compensate": (PRUNE + ["--compensation", "affine", "--no-compensate"],
+                                                    "--no-compensate contradicts --compensation affine"),
+    "prune --allocation-compensation affine (blend allocation)": (
+        PRUNE + ["--allocation-compensation", "affine"],
+        "an allocation compensation guides the compensated-error allocation only, not blend"),
+    "bench --quant q8_0 (transformers backend)": (["bench", "--quant", "q8_0"], "--quant is for the llama.cpp backend"),
+    "compare: damp twice in one entry": (["compare", "--methods", "numerical:damp=0.1:damp=0.2"],
+                                         "'numerical:damp=0.1:damp=0.2' sets damp twice"),
 }
 
 
-@pytest.mark.parametrize("case", list(PARSER_CASES))
-def test_the_parser_refuses_in_one_line(case, tmp_path):
-    args, message = PARSER_CASES[case]
+@pytest.mark.parametrize("case", [*PARSER_CASES, *MEANINGLESS_CASES])
+def test_nonsense_flags_are_refused_in_one_line_before_loading(case, tmp_path):
+    args, message = {**PARSER_CASES, **MEANINGLESS_CASES}[case]
     refused(case, message, *args, *(["--out", tmp_path / "out"] if args[0] in ("prune", "compare") else []),
             *(["--grid", tmp_path / "g.png"] if args[0] == "generate" else []), inputs=[tmp_path])
     assert list(tmp_path.iterdir()) == []

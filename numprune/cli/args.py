@@ -72,13 +72,18 @@ def device(text: str) -> str:
 
 
 def comma_list(item=str):
-    """A converter for ``a,b,c``: every item non-empty and converted by ``item``."""
+    """A converter for ``a,b,c``: every item non-empty and converted by ``item``, none given twice (a repeated
+    ratio, method, data set or quantisation would be run and reported twice)."""
 
     def convert(text: str) -> list:
         parts = [part.strip() for part in text.split(",")]
         if not text.strip() or any(not part for part in parts):
             raise argparse.ArgumentTypeError(f"expected a comma-separated list without empty items, got {text!r}")
-        return [item(part) for part in parts]
+        values = [item(part) for part in parts]
+        repeated = next((part for part, value in zip(parts, values) if values.count(value) > 1), None)
+        if repeated is not None:
+            raise argparse.ArgumentTypeError(f"{repeated} is given twice in {text!r}")
+        return values
 
     convert.__name__ = f"comma-separated {getattr(item, '__name__', 'value')} list"
     return convert

@@ -10,7 +10,7 @@ import torch
 from numprune.allocate import BLEND_FROM, BLEND_MAX, BLEND_TO
 from numprune.api import prune
 from numprune.cli import args as a
-from numprune.cli.export import add_gguf_options, print_export
+from numprune.cli.export import add_gguf_options, gguf_outtype, print_export
 from numprune.cli.inputs import check_calibration, load, prepare, protected_inputs
 from numprune.data.corpora import calibration_windows, needs_model
 from numprune.distributed import process_group, world
@@ -92,7 +92,12 @@ def run(args) -> int:
 
 
 def prune_options(args) -> dict:
-    """The run's options as ``numprune.prune`` takes them, checked before anything is loaded."""
+    """The run's options as ``numprune.prune`` takes them, checked before anything is loaded (with the flags that
+    mean nothing without another)."""
+    if args.no_compensate and args.compensation not in (None, "none"):
+        raise NumpruneError(f"--no-compensate contradicts --compensation {args.compensation}; give one of them")
+    if args.outtype and not args.gguf:
+        raise NumpruneError("--outtype is the tensor type of the --gguf file; without --gguf nothing uses it")
     options = dict(method=args.method, allocation=args.allocation, gqa_unit=args.gqa_unit, round_to=args.round_to,
                    compensation="none" if args.no_compensate else args.compensation,
                    compensation_stats=args.compensation_stats, compensation_damp=args.damp,
@@ -168,7 +173,7 @@ def _in_memory(args, device: str, dtype) -> int:
 def _export(args) -> None:
     """``--gguf``: the saved folder, also as a GGUF file for llama.cpp."""
     if args.gguf:
-        print_export(export_gguf(args.out, args.gguf, args.outtype, overwrite=args.overwrite))
+        print_export(export_gguf(args.out, args.gguf, gguf_outtype(args), overwrite=args.overwrite))
 
 
 def _print_summary(report: dict, out, figures_lines: Sequence[str] = ()) -> None:

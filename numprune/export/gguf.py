@@ -29,6 +29,7 @@ from numprune.errors import NumpruneError
 from numprune.models import load_model
 from numprune.io.output import check_target as check_output_target
 from numprune.io.output import output_file
+from numprune.recipe import FLAG
 from numprune.report import check_report
 from numprune.save import read_report
 
@@ -78,8 +79,12 @@ def export_gguf(model_or_folder, out: str | os.PathLike, outtype: str = "f16", *
     ``out`` and renamed when complete; an existing ``out`` is refused unless ``overwrite``, and the
     input is never written over.
     """
-    if outtype not in OUTTYPES:
+    if not isinstance(outtype, str) or outtype not in OUTTYPES:
         raise NumpruneError(f"unknown GGUF output type {outtype!r}; choose from {', '.join(OUTTYPES)}")
+    FLAG.check("overwrite", overwrite)
+    if not isinstance(model_or_folder, (str, os.PathLike, nn.Module)):
+        raise NumpruneError(f"expected a model folder or a loaded transformers model, got "
+                            f"{type(model_or_folder).__name__}")
     out = Path(out)
     folder = Path(model_or_folder) if isinstance(model_or_folder, (str, os.PathLike)) else None
     check_target(out, overwrite, folder)
