@@ -5,9 +5,12 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -26,6 +29,7 @@ REGISTRY_MODELS = {
 }
 # Files whose presence means a folder ships a tokenizer (fast, sentencepiece or BPE vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+HUB_TIMEOUT_S = 5  # one connection attempt to the Hugging Face hub before a hub id is looked up
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -59,6 +63,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
         return *_load(str(folder), dtype, with_tokenizer=has_tokenizer), str(folder.resolve())
     if _looks_like_path(spec):
         raise NumpruneError(f"no model folder at {spec}")
+    _check_hub_reachable(spec)
     return *_load(spec, dtype, with_tokenizer=True), spec
 
 
@@ -94,6 +99,33 @@ def _looks_like_path(spec: str) -> bool:
     than a hub lookup that retries for 20 s before failing."""
     return (spec.startswith((".", "~", "/")) or spec.count("/") > 1 or "\\" in spec
             or ("/" in spec and Path(spec).parent.is_dir()))
+
+
+def _check_hub_reachable(spec: str) -> None:
+    """Before a hub id is looked up: one line saying what to do when the hub cannot be reached and the model is not
+    cached (or HF_HUB_OFFLINE is set and it is not cached), instead of half a minute of retries and a bare
+    network error. One connection attempt, to the hub or the proxy that reaches it, of at most HUB_TIMEOUT_S."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    choices = f"give a local model folder or '{EMBEDDED_MODEL}'"
+    if constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise NumpruneError(f"model '{spec}' is not a local folder, and HF_HUB_OFFLINE is set but the Hugging Face "
+                                f"cache does not hold it: {choices}, or download it once while online")
+        return
+    endpoint = urlsplit(constants.ENDPOINT)
+    proxy = urlsplit(getproxies().get(endpoint.scheme, "")) if not proxy_bypass(endpoint.hostname or "") else None
+    address = proxy if proxy and proxy.hostname else endpoint
+    try:
+        socket.create_connection((address.hostname, address.port or (443 if address.scheme == "https" else 80)),
+                                 timeout=HUB_TIMEOUT_S).close()
+    except (OSError, ValueError, TypeError) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        then = ("set HF_HUB_OFFLINE=1 to use the cached copy" if cached else
+                f"{choices}, or set HF_HUB_OFFLINE=1 with the model in the Hugging Face cache")
+        raise NumpruneError(f"model '{spec}' is not a local folder and the Hugging Face hub ({address.hostname}) "
+                            f"cannot be reached ({reason}): {then}") from None
 
 
 def _load(source: str, dtype: torch.dtype, with_tokenizer: bool):

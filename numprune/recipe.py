@@ -44,6 +44,14 @@ def plain(value):
     return value
 
 
+def number_from_text(text: str, kind: type):
+    """``kind(text)`` for int or float, refusing underscores (ValueError): Python reads ``0_5`` as 5, which is
+    never what a typed 0_5 meant."""
+    if "_" in text:
+        raise ValueError(text)
+    return kind(text)
+
+
 def is_int(value) -> bool:
     """An int that is not a bool (``True`` is an int to Python, never a count or a seed here)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -214,4 +222,4 @@ def _cast(kind: type, value: str):
         if value.lower() not in BOOLEANS:
             raise ValueError(value)
         return BOOLEANS[value.lower()]
-    return kind(value)
+    return number_from_text(value, kind) if kind in (int, float) else kind(value)

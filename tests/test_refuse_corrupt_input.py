@@ -165,3 +165,16 @@ def test_an_unusable_cache_is_refused_naming_its_variable(tmp_path, monkeypatch)
                 inputs=[a_file])
         refused(f"NUMPRUNE_CACHE={cache}: ppl", reason, "ppl", "--model", "smollm2", "--data", "moby-dick",
                 inputs=[a_file])
+
+
+def test_a_hub_id_without_a_reachable_hub_says_what_to_do(tmp_path, monkeypatch):
+    """Fresh processes: huggingface_hub reads its endpoint and offline switch when imported."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    done = refused("info --model owner/name, hub unreachable", "the Hugging Face hub (127.0.0.1) cannot be reached",
+                   "info", "--model", "owner/name", fresh=True, inputs=[tmp_path])
+    assert "a local model folder or 'smollm2'" in done.stderr and "HF_HUB_OFFLINE=1" in done.stderr
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    refused("info --model owner/name, HF_HUB_OFFLINE=1 and not cached", "HF_HUB_OFFLINE is set but the Hugging Face "
+            "cache does not hold it: give a local model folder or 'smollm2'", "info", "--model", "owner/name",
+            fresh=True, inputs=[tmp_path])

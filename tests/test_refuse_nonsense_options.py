@@ -37,6 +37,7 @@ PARSER_CASES = {
     "compare --methods numerical,numerical": (["compare", "--methods", "numerical,numerical"],
                                               "--methods: numerical is given twice"),
     "compare --ratios 0.3,0.30": (["compare", "--ratios", "0.3,0.30"], "--ratios: 0.3 is given twice in '0.3,0.30'"),
+    "--blend-weight 0_5": (PRUNE + ["--blend-weight", "0_5"], "--blend-weight: expected a number, got '0_5'"),
 }
 
 # Flags that mean nothing without another, or contradict one: refused before anything is loaded.
@@ -50,6 +51,11 @@ MEANINGLESS_CASES = {
     "bench --quant q8_0 (transformers backend)": (["bench", "--quant", "q8_0"], "--quant is for the llama.cpp backend"),
     "compare: damp twice in one entry": (["compare", "--methods", "numerical:damp=0.1:damp=0.2"],
                                          "'numerical:damp=0.1:damp=0.2' sets damp twice"),
+    "compare: compensation_damp=0_1": (["compare", "--methods", "numerical:compensation_damp=0_1"],
+                                       "bad value '0_1' for compensation_damp"),
+    "prune --calib sotu:1_0+emails": (PRUNE + ["--calib", "sotu:1_0+emails"], "bad weight '1_0' for 'sotu'"),
+    "prune --gguf ''": (PRUNE + ["--gguf", ""], "--gguf is empty; name the GGUF file to write"),
+    "export --gguf ''": (["export", "--model", "smollm2", "--gguf", ""], "the output path is empty"),
 }
 
 

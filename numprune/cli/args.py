@@ -13,7 +13,7 @@ import torch
 
 from numprune.data.self_generated import Sampling
 from numprune.image.calibration import CALIB_CFG_SCALE
-from numprune.recipe import NONNEGATIVE, POSITIVE_INT, RATIO, SEED, SHARE, Rule
+from numprune.recipe import NONNEGATIVE, POSITIVE_INT, RATIO, SEED, SHARE, Rule, number_from_text
 
 DATA_HELP = "sotu, moby-dick, sotu-val, emails, wikitext2, ptb, c4, or a .txt / .jsonl file"
 EVAL_DATA_HELP = f"{DATA_HELP}; in prune and compare also self: text the dense model samples (--eval-seed)"
@@ -26,7 +26,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _number(text: str, cast):
     try:
-        value = cast(text)
+        value = number_from_text(text, cast)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {'an integer' if cast is int else 'a number'}, got {text!r}") from None
     if cast is float and not math.isfinite(value):

@@ -96,6 +96,8 @@ def prune_options(args) -> dict:
     mean nothing without another)."""
     if args.no_compensate and args.compensation not in (None, "none"):
         raise NumpruneError(f"--no-compensate contradicts --compensation {args.compensation}; give one of them")
+    if args.gguf is not None and not args.gguf.strip():
+        raise NumpruneError("--gguf is empty; name the GGUF file to write")
     if args.outtype and not args.gguf:
         raise NumpruneError("--outtype is the tensor type of the --gguf file; without --gguf nothing uses it")
     options = dict(method=args.method, allocation=args.allocation, gqa_unit=args.gqa_unit, round_to=args.round_to,

@@ -85,9 +85,9 @@ def export_gguf(model_or_folder, out: str | os.PathLike, outtype: str = "f16", *
     if not isinstance(model_or_folder, (str, os.PathLike, nn.Module)):
         raise NumpruneError(f"expected a model folder or a loaded transformers model, got "
                             f"{type(model_or_folder).__name__}")
-    out = Path(out)
     folder = Path(model_or_folder) if isinstance(model_or_folder, (str, os.PathLike)) else None
-    check_target(out, overwrite, folder)
+    check_target(out, overwrite, folder)  # before Path(out), which reads an empty path as the current folder
+    out = Path(out)
     if folder is not None:
         if not (folder / "config.json").is_file():
             raise NumpruneError(f"no model folder at {folder} (config.json missing)")
