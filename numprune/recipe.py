@@ -134,7 +134,7 @@ class PruneOptions:
         """Check every option and fill in the method's defaults."""
         for name in ("method", "allocation", "gqa_unit", "compensation", "compensation_stats", "allocation_compensation"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
+            if not isinstance(value, str) and (value is not None or name == "method"):  # None: the method's own
                 raise NumpruneError(f"{name} must be a name, got {value!r}")
         if not isinstance(self.score_options, dict):
             raise NumpruneError(f"score options must be a dict, got {self.score_options!r}")
