@@ -151,13 +151,14 @@ class PruneOptions:
         if self.compensation not in compensate.REGISTRY:
             raise NumpruneError(f"unknown compensation {self.compensation!r}; choose from "
                                 f"{', '.join(compensate.COMPENSATIONS)}")
-        if self.allocation_compensation is not None and self.allocation != GUIDED_BY_COMPENSATION:
+        if self.allocation == GUIDED_BY_COMPENSATION:  # the one allocation a compensation guides (None for the others)
+            self.allocation_compensation = self.allocation_compensation or self.compensation
+            if self.allocation_compensation not in compensate.REGISTRY:
+                raise NumpruneError(f"unknown compensation {self.allocation_compensation!r} for the allocation; "
+                                    f"choose from {', '.join(compensate.COMPENSATIONS)}")
+        elif self.allocation_compensation is not None:
             raise NumpruneError(f"an allocation compensation guides the {GUIDED_BY_COMPENSATION} allocation only, "
                                 f"not {self.allocation}")
-        self.allocation_compensation = self.allocation_compensation or self.compensation
-        if self.allocation_compensation not in compensate.REGISTRY:
-            raise NumpruneError(f"unknown compensation {self.allocation_compensation!r} for the allocation; choose "
-                                f"from {', '.join(compensate.COMPENSATIONS)}")
         if self.compensation_damp is None:  # the method's own damping goes with its own compensation
             self.compensation_damp = (method.compensation_damp if own_compensation
                                       else compensate.Damped.compensation_damp)
