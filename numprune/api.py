@@ -17,8 +17,10 @@ from torch import nn
 from numprune import distributed
 from numprune.adapters import adapter_for
 from numprune.calibrate import LayerStats, collect_statistics
+from numprune.errors import NumpruneError
 from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, resolve, select
 from numprune.precision import full_precision
+from numprune.recipe import FLAG
 from numprune.report import Clock, PruneReport, parameter_counts
 from numprune.shrink import shrink
 from numprune.sources import InMemory
@@ -55,6 +57,9 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
     each process calibrates on its share of ``tokens`` and all return the same result.
     """
     opts = resolve(ratio, options, tokens, stats)
+    if calibration_info is not None and not isinstance(calibration_info, dict):
+        raise NumpruneError(f"calibration_info must be a dict, got {type(calibration_info).__name__}")
+    FLAG.check("inplace", inplace)
     compute = Compute(batch_size, progress, device, dtype)
     source = InMemory(model)
     clock = Clock(compute.where(source.adapter))

@@ -7,11 +7,9 @@ heads and channels helps them differently, and decode is what a user waits on.
 
 from __future__ import annotations
 
-import json
 import statistics
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import torch
@@ -19,7 +17,7 @@ import torch
 from numprune.adapters import check_window
 from numprune.errors import NumpruneError
 from numprune.io.table import markdown_table
-from numprune.save import REPORT_NAME
+from numprune.save import read_report
 
 MiB = 2**20
 
@@ -177,16 +175,8 @@ class PeakMemory:
 
 def pruning_ratio(spec: str | None) -> float:
     """The achieved ratio recorded in a pruned folder's report; 0.0 for anything without one (a dense model)."""
-    report = Path(spec).expanduser() / REPORT_NAME if spec else None
-    if report is None or not report.is_file():
-        return 0.0
-    try:
-        ratio = json.loads(report.read_text())["parameters"]["achieved_ratio"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        ratio = None
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
-        raise NumpruneError(f"{report} is not a valid pruning report (no achieved ratio between 0 and 1)")
-    return float(ratio)
+    report = read_report(spec) if spec else None
+    return float(report["parameters"]["achieved_ratio"]) if report else 0.0
 
 
 def bench(models, batch_sizes=(1, 8), ratios=None, **measure_options) -> dict:

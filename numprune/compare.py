@@ -33,6 +33,11 @@ from numprune.recipe import PruneOptions
 
 def recipes(methods: list[str], ratios: list[float]) -> dict[tuple[str, float], PruneOptions]:
     """Every method entry at every ratio as checked options, so that a bad entry fails before any work."""
+    for what, items in (("method entry", [m.strip() if isinstance(m, str) else m for m in methods]),
+                        ("ratio", ratios)):
+        repeated = next((item for item in items if items.count(item) > 1), None)
+        if repeated is not None:
+            raise NumpruneError(f"{what} {repeated!r} is given twice; each cell of the grid is run once")
     return {(entry, ratio): PruneOptions.parse(entry, ratio) for entry in methods for ratio in ratios}
 
 

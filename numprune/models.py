@@ -5,9 +5,12 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -26,6 +29,7 @@ REGISTRY_MODELS = {
 }
 # Files whose presence means a folder ships a tokenizer (fast, sentencepiece or BPE vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+HUB_TIMEOUT_S = 5  # one connection attempt to the Hugging Face hub before a hub id is looked up
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -59,6 +63,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
         return *_load(str(folder), dtype, with_tokenizer=has_tokenizer), str(folder.resolve())
     if _looks_like_path(spec):
         raise NumpruneError(f"no model folder at {spec}")
+    _check_hub_reachable(spec)
     return *_load(spec, dtype, with_tokenizer=True), spec
 
 
@@ -97,30 +102,83 @@ def _looks_like_path(spec: str) -> bool:
             or ("/" in spec and Path(spec).parent.is_dir()))
 
 
+def _check_hub_reachable(spec: str) -> None:
+    """Before a hub id is looked up: one line saying what to do when the hub cannot be reached and the model is not
+    cached (or HF_HUB_OFFLINE is set and it is not cached), instead of half a minute of retries and a bare
+    network error. One connection attempt, to the hub or the proxy that reaches it, of at most HUB_TIMEOUT_S."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    choices = f"give a local model folder or '{EMBEDDED_MODEL}'"
+    if constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise NumpruneError(f"model '{spec}' is not a local folder, and HF_HUB_OFFLINE is set but the Hugging Face "
+                                f"cache does not hold it: {choices}, or download it once while online")
+        return
+    endpoint = urlsplit(constants.ENDPOINT)
+    proxy = urlsplit(getproxies().get(endpoint.scheme, "")) if not proxy_bypass(endpoint.hostname or "") else None
+    address = proxy if proxy and proxy.hostname else endpoint
+    try:
+        socket.create_connection((address.hostname, address.port or (443 if address.scheme == "https" else 80)),
+                                 timeout=HUB_TIMEOUT_S).close()
+    except (OSError, ValueError, TypeError) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        then = ("set HF_HUB_OFFLINE=1 to use the cached copy" if cached else
+                f"{choices}, or set HF_HUB_OFFLINE=1 with the model in the Hugging Face cache")
+        raise NumpruneError(f"model '{spec}' is not a local folder and the Hugging Face hub ({address.hostname}) "
+                            f"cannot be reached ({reason}): {then}") from None
+
+
 def _load(source: str, dtype: torch.dtype, with_tokenizer: bool):
     """The model (safetensors only, no code from the folder, every tensor checked) and its tokenizer."""
     if Path(source).is_dir():
         check_model_folder(Path(source))
+    config = load_config(source)
+    try:
+        with _quiet_transformers():
+            # Mismatched shapes are reported in ``info`` (and refused below by name) rather than raised.
+            model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
+                                                               trust_remote_code=False, use_safetensors=True,
+                                                               ignore_mismatched_sizes=True, output_loading_info=True)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False) if with_tokenizer else None
+    except Exception as e:  # noqa: BLE001  (a hostile folder makes transformers raise almost any type)
+        raise NumpruneError(f"could not load model '{source}': {_reason(e)}") from None
+    check_weights_fit(source, *(info.get(f"{kind}_keys") or () for kind in ("missing", "unexpected", "mismatched")))
+    check_finite(model.state_dict(), source)
+    return model.eval(), tokenizer
+
+
+def load_config(source: str | os.PathLike):
+    """The config of ``source`` (a folder or a hub id) as transformers reads it, checked; one line with the
+    reason when transformers refuses it (heads that do not divide the hidden size, ...)."""
     try:
         with _quiet_transformers():
             config = AutoConfig.from_pretrained(source, trust_remote_code=False)
-            check_config(config, source)
-            model, info = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
-                                                               trust_remote_code=False, use_safetensors=True,
-                                                               output_loading_info=True)
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False) if with_tokenizer else None
-    except NumpruneError:
-        raise
-    except Exception as e:  # noqa: BLE001  (a hostile folder makes transformers raise almost any type)
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise NumpruneError(f"could not load model '{source}': {reason}") from None
-    for kind in ("missing", "unexpected", "mismatched"):
-        names = sorted(map(str, info.get(f"{kind}_keys") or ()))
+    except Exception as e:  # noqa: BLE001  (a hostile config makes transformers raise almost any type)
+        raise NumpruneError(f"could not load model '{source}': {_reason(e)}") from None
+    check_config(config, source)
+    return config
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of the innermost cause: transformers wraps the reason (a config validator's ValueError)
+    in an error whose own first line does not say it."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def check_weights_fit(source, missing=(), unexpected=(), mismatched=()) -> None:
+    """Refuse weights that do not fit the config, naming the first tensor: ``missing`` and ``unexpected`` are
+    names, ``mismatched`` (name, shape in the file, shape the config gives) triples."""
+    shapes = {str(name): f" (shape {list(found)} in the file, {list(expected)} from the config)"
+              for name, found, expected in mismatched}
+    for kind, names in (("missing", missing), ("unexpected", unexpected), ("mismatched", shapes)):
+        names = sorted(map(str, names))
         if names:
             more = f" and {len(names) - 1} more" if len(names) > 1 else ""
-            raise NumpruneError(f"the weights of '{source}' do not fit its config: {kind} tensor {names[0]}{more}")
-    check_finite(model.state_dict(), source)
-    return model.eval(), tokenizer
+            raise NumpruneError(f"the weights of '{source}' do not fit its config: {kind} tensor {names[0]}"
+                                f"{shapes.get(names[0], '')}{more}")
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from numprune.calibrate import LayerStats, LayerStream, StatsStore
 from numprune.criteria import CriterionInputs, LayerScores, get_method
 from numprune.errors import NumpruneError
 from numprune.precision import check_device, full_precision, model_device
-from numprune.recipe import POSITIVE_INT, PruneOptions
+from numprune.recipe import GUIDED_BY_COMPENSATION, POSITIVE_INT, PruneOptions
 from numprune.report import (Clock, ComputeRecord, ParameterReport, PruneReport, parameter_counts,
                              removed_share)
 from numprune.sources import LayerSource
@@ -53,6 +53,8 @@ class Compute:
 
     def __post_init__(self):
         POSITIVE_INT.check("batch size", self.batch_size)
+        if self.dtype is not None and self.dtype not in FLOAT_DTYPES:
+            raise NumpruneError(f"dtype must be a torch floating dtype such as torch.bfloat16, got {self.dtype!r}")
         self.device = check_device(self.device)
 
     def where(self, adapter: Adapter) -> torch.device:
@@ -106,6 +108,7 @@ def check_run(adapter: Adapter, tokens, stats, opts: PruneOptions) -> None:
         _check_stats(adapter, stats)
     elif tokens is not None:
         _check_activation_memory(adapter, tokens)
+    _check_undamped_solves(adapter, stats[0].attention.count if stats is not None else int(tokens.numel()), opts)
     layers = range(adapter.num_layers())
     equal = [LayerScores(torch.zeros(adapter.attention_layout(i).num_heads, dtype=torch.float64, device="cpu"),
                          torch.zeros(adapter.mlp_width(i), dtype=torch.float64, device="cpu")) for i in layers]
@@ -138,8 +141,30 @@ def _check_activation_memory(adapter: Adapter, tokens: torch.Tensor) -> None:
                             f"activations; {available / 2**30:.1f} GiB of memory is free")
 
 
+def _check_undamped_solves(adapter: Adapter, count: int, opts: PruneOptions) -> None:
+    """At damping 0 a compensation's solve needs more calibration tokens than the projection has inputs: the
+    covariance of D inputs over fewer tokens is singular (centred, over D tokens or fewer), and which kept inputs
+    it would be solved on is known only after calibration and scoring. Refused before either, naming the first
+    projection with too few."""
+    names = {opts.compensation} | ({opts.allocation_compensation} if opts.allocation == GUIDED_BY_COMPENSATION else set())
+    if opts.compensation_damp > 0:
+        return
+    for name in sorted(n for n in names if compensation_registry.REGISTRY[n].options is compensation_registry.Damped):
+        for i, layer in enumerate(adapter.layers()):
+            for path in (adapter.modules.attention_output, adapter.modules.mlp_output):
+                width = projection_weight(layer.get_submodule(path)).shape[1]
+                needed = width + (name == "affine")  # the centred covariance loses one rank to the mean
+                if count < needed:
+                    raise NumpruneError(f"{name} compensation at damping 0 needs at least {needed} calibration tokens "
+                                        f"for layer {i}'s {path} ({width} inputs, whose covariance is singular with "
+                                        f"fewer); got {count}: calibrate on more tokens or give a damping > 0")
+
+
 def _check_stats(adapter: Adapter, stats) -> None:
     """Statistics from ``calibrate`` on a model of this shape (one entry per layer, matching widths)."""
+    if not isinstance(stats, Sequence) or not all(isinstance(s, LayerStats) for s in stats):
+        raise NumpruneError(f"stats must be what calibrate returns (one LayerStats per layer), got "
+                            f"{type(stats).__name__}")
     if len(stats) != adapter.num_layers():
         raise NumpruneError(f"the statistics are for {len(stats)} layers; this model has {adapter.num_layers()}")
     for i in sorted({0, adapter.num_layers() - 1}):

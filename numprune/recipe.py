@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import get_args, get_type_hints
+
+import torch
 
 from numprune import compensate
 from numprune.allocate import ALLOCATIONS, GQA_UNITS, blend_schedule
@@ -21,6 +24,7 @@ from numprune.criteria import get_method
 from numprune.errors import NumpruneError
 
 COMPENSATION_STATS = ("dense", "sequential")
+GUIDED_BY_COMPENSATION = "compensated-error"  # the allocation that ranks by a compensation's error curves
 MAX_SEED = 2**32 - 1  # seeds torch and numpy both take
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -28,6 +32,24 @@ BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "n
 def is_number(value) -> bool:
     """A real number that is not NaN (and not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def plain(value):
+    """A numpy or torch scalar as the Python number it holds (it is a number; the rules test Python's types);
+    anything else as it is."""
+    if torch.is_tensor(value) and value.dim() == 0 and value.dtype != torch.bool and not value.is_complex():
+        return value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value) not in (int, float):
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+    return value
+
+
+def number_from_text(text: str, kind: type):
+    """``kind(text)`` for int or float, refusing underscores (ValueError): Python reads ``0_5`` as 5, which is
+    never what a typed 0_5 meant."""
+    if "_" in text:
+        raise ValueError(text)
+    return kind(text)
 
 
 def is_int(value) -> bool:
@@ -53,6 +75,7 @@ SEED = Rule(int, lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"an integer betwee
 NONNEGATIVE = Rule(float, lambda v: is_number(v) and 0 <= v < math.inf, "a finite number >= 0")
 RATIO = Rule(float, lambda v: is_number(v) and 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
 SHARE = Rule(float, lambda v: is_number(v) and 0.0 <= v <= 1.0, "between 0 and 1")
+FLAG = Rule(bool, lambda v: isinstance(v, bool), "True or False")
 # The criteria's keyword options that are numbers, by name (every criterion that takes one means the same by it).
 SCORE_OPTION_RULES = {"iterations": POSITIVE_INT, "damp": NONNEGATIVE, "lambda_rel": NONNEGATIVE, "seed": SEED}
 
@@ -97,6 +120,8 @@ class PruneOptions:
             if not sep or key not in declared:
                 raise NumpruneError(f"bad method option {item!r} in {entry!r}; use key=value with key in: "
                                     f"{', '.join(sorted(declared))}")
+            if key in options or key in score:
+                raise NumpruneError(f"{entry!r} sets {key} twice")
             try:
                 (score if key in score_options else options)[key] = _cast(declared[key], value.strip())
             except ValueError:
@@ -107,11 +132,18 @@ class PruneOptions:
 
     def resolve(self) -> None:
         """Check every option and fill in the method's defaults."""
+        for name in ("method", "allocation", "gqa_unit", "compensation", "compensation_stats", "allocation_compensation"):
+            value = getattr(self, name)
+            if not isinstance(value, str) and (value is not None or name == "method"):  # None: the method's own
+                raise NumpruneError(f"{name} must be a name, got {value!r}")
+        if not isinstance(self.score_options, dict):
+            raise NumpruneError(f"score options must be a dict, got {self.score_options!r}")
+        for name in ("ratio", "round_to", "compensation_damp", "blend_weight"):
+            setattr(self, name, plain(getattr(self, name)))
+        self.score_options = {name: plain(value) for name, value in self.score_options.items()}
         if not is_number(self.ratio):
             raise NumpruneError(f"ratio must be a number, got {self.ratio!r}")
         RATIO.check("ratio", self.ratio)
-        if not isinstance(self.method, str):
-            raise NumpruneError(f"method must be a name, got {self.method!r}")
         method = get_method(self.method)
         self.allocation = self.allocation or method.allocation
         own_compensation = self.compensation in (None, method.compensation)
@@ -119,10 +151,14 @@ class PruneOptions:
         if self.compensation not in compensate.REGISTRY:
             raise NumpruneError(f"unknown compensation {self.compensation!r}; choose from "
                                 f"{', '.join(compensate.COMPENSATIONS)}")
-        self.allocation_compensation = self.allocation_compensation or self.compensation
-        if self.allocation_compensation not in compensate.REGISTRY:
-            raise NumpruneError(f"unknown compensation {self.allocation_compensation!r} for the allocation; choose "
-                                f"from {', '.join(compensate.COMPENSATIONS)}")
+        if self.allocation == GUIDED_BY_COMPENSATION:  # the one allocation a compensation guides (None for the others)
+            self.allocation_compensation = self.allocation_compensation or self.compensation
+            if self.allocation_compensation not in compensate.REGISTRY:
+                raise NumpruneError(f"unknown compensation {self.allocation_compensation!r} for the allocation; "
+                                    f"choose from {', '.join(compensate.COMPENSATIONS)}")
+        elif self.allocation_compensation is not None:
+            raise NumpruneError(f"an allocation compensation guides the {GUIDED_BY_COMPENSATION} allocation only, "
+                                f"not {self.allocation}")
         if self.compensation_damp is None:  # the method's own damping goes with its own compensation
             self.compensation_damp = (method.compensation_damp if own_compensation
                                       else compensate.Damped.compensation_damp)
@@ -168,8 +204,6 @@ def score_option_names(criterion) -> list[str]:
 
 def _check_score_options(method: str, options) -> None:
     """The criterion's own options: names it takes, numbers that follow their rule."""
-    if not isinstance(options, dict):
-        raise NumpruneError(f"score options must be a dict, got {options!r}")
     accepted = score_option_names(get_method(method).criterion)
     for name, value in options.items():
         if name not in accepted:
@@ -189,4 +223,4 @@ def _cast(kind: type, value: str):
         if value.lower() not in BOOLEANS:
             raise ValueError(value)
         return BOOLEANS[value.lower()]
-    return kind(value)
+    return number_from_text(value, kind) if kind in (int, float) else kind(value)

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from numprune.adapters import Adapter, LayerPlan
-from numprune.recipe import PruneOptions
+from numprune.errors import NumpruneError
+from numprune.recipe import SHARE, PruneOptions, is_int
 from numprune.version import VERSION
 
 REPORT_NAME = "pruning_report.json"
@@ -114,6 +115,30 @@ class PruneReport(Mapping):
 
     def __len__(self) -> int:
         return len(self.to_json())
+
+
+# The fields readers of a saved report use (bench's ratio, the GGUF metadata), and what each must be.
+READ_FIELDS = {("method",): (lambda v: isinstance(v, str), "a name"),
+               ("options", "allocation"): (lambda v: isinstance(v, str), "a name"),
+               ("options", "compensation"): (lambda v: isinstance(v, str), "a name"),
+               ("parameters", "target_ratio"): (SHARE.accepts, SHARE.says),
+               ("parameters", "achieved_ratio"): (SHARE.accepts, SHARE.says),
+               ("parameters", "total_before"): (lambda v: is_int(v) and v >= 0, "a count"),
+               ("parameters", "total_after"): (lambda v: is_int(v) and v >= 0, "a count")}
+
+
+def check_report(report: Mapping, where) -> dict:
+    """``report`` as a dict, once every field readers use is there and of its kind; else one line naming the first
+    that is not (a hand-edited or truncated pruning_report.json, ``{}``)."""
+    report = report.to_json() if isinstance(report, PruneReport) else report
+    for path, (accepts, says) in READ_FIELDS.items():
+        value = report
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if value is None or not accepts(value):
+            raise NumpruneError(f"{where} is not a valid pruning report ({'.'.join(path)} must be {says}, got "
+                                f"{'nothing' if value is None else repr(value)[:40]})")
+    return dict(report)
 
 
 def layer_report(plan: LayerPlan) -> dict:

@@ -13,9 +13,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from numprune.card import write_pruned_card
+from numprune.errors import NumpruneError
 from numprune.io.output import output_folder
 from numprune.models import source_folder
-from numprune.report import REPORT_NAME
+from numprune.recipe import FLAG
+from numprune.report import REPORT_NAME, check_report
 
 
 def save_pruned(model, tokenizer, report: Mapping, out: str | os.PathLike, overwrite: bool = False,
@@ -25,6 +27,9 @@ def save_pruned(model, tokenizer, report: Mapping, out: str | os.PathLike, overw
     ``out`` may not be, contain or lie inside ``inputs`` or the folders the model and the tokenizer were loaded from;
     an existing ``out`` is replaced only with ``overwrite`` and only if it is a numprune output.
     """
+    FLAG.check("overwrite", overwrite)
+    if not hasattr(model, "save_pretrained"):
+        raise NumpruneError(f"expected a loaded transformers model (with save_pretrained), got {type(model).__name__}")
     inputs = [*inputs, source_folder(model), source_folder(tokenizer)]
     with output_folder(out, overwrite=overwrite, inputs=inputs, marker=REPORT_NAME) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -38,3 +43,17 @@ def save_pruned(model, tokenizer, report: Mapping, out: str | os.PathLike, overw
 def _loaded_from(model) -> str | None:
     """The folder or hub id ``model`` was loaded from (its config's ``_name_or_path``), for the model card."""
     return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def read_report(folder: str | os.PathLike) -> dict | None:
+    """The pruning report saved in ``folder``, checked (``check_report``); None when there is none (a dense model)."""
+    path = Path(folder).expanduser() / REPORT_NAME
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise NumpruneError(f"{path} is not a valid pruning report ({e})") from None
+    if not isinstance(report, dict):
+        raise NumpruneError(f"{path} is not a valid pruning report (not a JSON object)")
+    return check_report(report, path)

@@ -28,16 +28,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from numprune import distributed
 from numprune.adapters import LayerPlan, adapter_for
 from numprune.card import write_pruned_card
 from numprune.errors import NumpruneError
-from numprune.models import TOKENIZER_FILES, WEIGHTS_FILE, WEIGHTS_INDEX, check_config, check_finite, check_model_folder
+from numprune.models import (TOKENIZER_FILES, WEIGHTS_FILE, WEIGHTS_INDEX, check_finite, check_model_folder,
+                             check_weights_fit, load_config)
 from numprune.io.output import check_target, output_folder
 from numprune.pipeline import Compute, build_report, check_run, compensate, resolve, select
+from numprune.recipe import FLAG
 from numprune.report import Clock, PruneReport, parameter_counts
 from numprune.save import REPORT_NAME
 from numprune.shrink import kept_slices
@@ -68,11 +70,13 @@ def _allocate_large_blocks_apart() -> None:
 
 
 def check_folder(folder: str | os.PathLike) -> Path:
-    """``folder`` if it holds a config and safetensors weights; else one clear error, before any work."""
+    """``folder`` if it holds a config transformers accepts and safetensors weights; else one clear error, before
+    any work (the in-memory load's checks)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise NumpruneError(f"streaming needs a local model folder; {folder} is not one")
     check_model_folder(folder)
+    load_config(folder)
     return folder
 
 
@@ -120,6 +124,14 @@ class Checkpoint:
         check_finite(tensors, self.folder)
         return tensors
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, read from the file headers only."""
+        shapes = {}
+        for file in sorted(set(self.weight_map.values())):
+            with self._open(file) as f:
+                shapes |= {n: tuple(f.get_slice(n).get_shape()) for n in f.keys() if self.weight_map.get(n) == file}
+        return shapes
+
     def dtype(self) -> torch.dtype:
         """The dtype most of the tensors have (read from the file headers only)."""
         names = Counter()
@@ -138,17 +150,16 @@ class StreamedModel(LayerSource):
     def __init__(self, folder: str | os.PathLike, clock: Clock):
         self.folder = check_folder(folder)
         self.checkpoint = Checkpoint(self.folder)
-        try:
-            config = AutoConfig.from_pretrained(self.folder, trust_remote_code=False)
-        except Exception as e:  # noqa: BLE001  (a hostile config makes transformers raise almost any type)
-            raise NumpruneError(f"cannot read the config of {folder}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
-        check_config(config, folder)
+        config = load_config(self.folder)
         from accelerate import init_empty_weights
 
         self.dtype = self.checkpoint.dtype()
         with init_empty_weights(include_buffers=False), no_init_weights():  # buffers (rotary tables) are real
             self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype).eval()
         self.model.tie_weights()
+        expected = {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
+        check_weights_fit(self.folder, mismatched=[(n, shape, expected[n]) for n, shape in self.checkpoint.shapes().items()
+                                                   if n in expected and shape != expected[n]])
         self.adapter = adapter_for(self.model)
         modules = {id(m): name for name, m in self.model.named_modules()}
         self.layers_prefix = modules[id(self.adapter.layers())] + "."
@@ -245,6 +256,7 @@ def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, *, ratio: f
     report; the others get None.
     """
     opts = resolve(ratio, options, tokens, None)
+    FLAG.check("overwrite", overwrite)
     _allocate_large_blocks_apart()
     world = distributed.world()
     if world.writer:

@@ -3,12 +3,16 @@ IndexError or RuntimeError, and before calibration wherever the inputs' shapes d
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import numprune.pipeline
 from conftest import tiny_llama, tiny_tokens
 from numprune import NumpruneError, calibrate, prune, save_pruned
+from numprune.compare import recipes
+from numprune.export import export_gguf
 
 TOKENS = tiny_tokens()
 BAD_CALLS = {
@@ -31,6 +35,22 @@ BAD_CALLS = {
     "compensation_damp NaN": (dict(ratio=0.3, compensation_damp=float("nan")), "compensation damping"),
     "device cpufoo": (dict(ratio=0.3, device="cpufoo"), "device must be cpu, cuda or cuda:N"),
     "ratio that empties a layer": (dict(ratio=0.99), "would leave"),
+    "damping 0 on fewer tokens than inputs": (dict(ratio=0.3, tokens=TOKENS[:2], compensation="least-squares",
+                                                   compensation_damp=0.0),
+                                              "needs at least 48 calibration tokens for layer 0's self_attn.o_proj"),
+    "damping 0 guiding the allocation": (dict(ratio=0.3, tokens=TOKENS[:2], allocation="compensated-error",
+                                              allocation_compensation="affine", compensation_damp=0.0),
+                                         "affine compensation at damping 0 needs at least 49"),
+    "allocation_compensation beside the global allocation": (dict(ratio=0.3, allocation="global",
+                                                                  allocation_compensation="affine"),
+                                                             "guides the compensated-error allocation only, not global"),
+    "stats as a string": (dict(ratio=0.3, stats="abc"), "stats must be what calibrate returns"),
+    "stats as a list of strings": (dict(ratio=0.3, stats=["a", "b", "c"]), "stats must be what calibrate returns"),
+    "dtype as a string": (dict(ratio=0.3, dtype="float32"), "dtype must be a torch floating dtype"),
+    "calibration_info as a list": (dict(ratio=0.3, calibration_info=[1]), "calibration_info must be a dict"),
+    "score_options as a list": (dict(ratio=0.3, score_options=[1]), "score options must be a dict"),
+    "compensation as a list": (dict(ratio=0.3, compensation=["none"]), "compensation must be a name"),
+    "inplace='no'": (dict(ratio=0.3, inplace="no"), "inplace must be True or False"),
 }
 
 
@@ -85,6 +105,41 @@ def test_activations_that_cannot_fit_in_memory_are_refused(model, no_calibration
     monkeypatch.setattr(numprune.pipeline.psutil, "virtual_memory", lambda: Scarce)
     with pytest.raises(NumpruneError, match="GiB of activations"):
         prune(model, TOKENS, ratio=0.3, progress=False)
+
+
+@pytest.mark.parametrize("not_a_model", ["model", None, 3])
+def test_what_is_not_a_model_is_refused_by_name(not_a_model, tmp_path):
+    for call in (lambda: prune(not_a_model, TOKENS, ratio=0.3), lambda: calibrate(not_a_model, TOKENS)):
+        with pytest.raises(NumpruneError, match=f"expected a loaded transformers model .*got {type(not_a_model).__name__}"):
+            call()
+    with pytest.raises(NumpruneError, match="got " + type(not_a_model).__name__):
+        save_pruned(not_a_model, None, {}, tmp_path / "out")
+    if not isinstance(not_a_model, str):  # a string is a folder's name
+        with pytest.raises(NumpruneError, match="expected a model folder or a loaded transformers model"):
+            export_gguf(not_a_model, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flags_must_be_booleans_and_a_grid_names_each_cell_once(model, tmp_path):
+    for call in (lambda: export_gguf(model, tmp_path / "m.gguf", overwrite="no"),
+                 lambda: save_pruned(model, None, {}, tmp_path / "out", overwrite="yes")):
+        with pytest.raises(NumpruneError, match="overwrite must be True or False"):
+            call()
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(NumpruneError, match="method entry 'numerical' is given twice"):
+        recipes(["numerical", " numerical"], [0.3])
+    with pytest.raises(NumpruneError, match="ratio 0.3 is given twice"):
+        recipes(["numerical"], [0.3, 0.3])
+
+
+@pytest.mark.parametrize("ratio", [np.float32(0.25), np.float64(0.25), torch.tensor(0.25), torch.tensor(0.25).double()])
+def test_numpy_and_torch_scalars_are_numbers(model, ratio):
+    """They prune exactly as the Python float they hold (0.25 is exact in every float type)."""
+    _, expected = prune(model, TOKENS, ratio=0.25, round_to=2, progress=False, score_options={"iterations": 50})
+    _, report = prune(model, TOKENS, ratio=ratio, round_to=np.int64(2), progress=False,
+                      score_options={"iterations": torch.tensor(50)})
+    assert report["layers"] == expected["layers"] and report["options"] == expected["options"]
+    assert type(report["options"]["ratio"]) is float and type(report["options"]["round_to"]) is int
 
 
 def test_save_pruned_refuses_an_empty_path(model):

@@ -116,6 +116,14 @@ def test_equal_shares_give_leftovers_to_the_first_parts():
     assert mixture_counts([1, 1], 7) == [4, 3]
 
 
+def test_weights_whose_sum_overflows_share_as_their_ratios_say(texts):
+    assert mixture_counts([1e308, 1e308], 7) == [4, 3] and mixture_counts([1e308, 1e308 / 3], 8) == [6, 2]
+    lower, upper = texts
+    huge, info = calibration_windows(CharTokenizer(), f"{lower}:1e308+{upper}:1e308", 5, 12, seed=2)
+    assert torch.equal(huge, calibration_windows(CharTokenizer(), f"{lower}+{upper}", 5, 12, seed=2)[0])
+    assert [p["weight"] for p in info["mixture"]] == [1e308, 1e308] and [p["nsamples"] for p in info["mixture"]] == [3, 2]
+
+
 def test_mixture_windows_come_from_their_sources(texts, model):
     lower, upper = texts
     tokenizer = CharTokenizer()

@@ -133,6 +133,29 @@ def test_tokenizer_built_from_files_gives_the_hugging_face_ids(tmp_path):
 
 
 @needs_llama_cpp
+def test_embeddings_past_the_embedded_vocabulary_get_unused_pad_tokens_that_llama_cpp_loads(tmp_path):
+    """SmolLM2's own vocabulary (copied from its GGUF) under an embedding padded by 64 rows, as released checkpoints
+    pad theirs: llama.cpp's converter's [PAD{i}] tokens of type UNUSED fill the difference."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+    vocab = len(tokenizer) + 64
+    result = export_gguf(tiny_llama("mha", layers=1, vocab_size=vocab), tmp_path / "padded.gguf", "f32",
+                         tokenizer=tokenizer)
+    assert result.tokenizer.startswith("copied from")
+    fields = gguf.GGUFReader(result.path).fields
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    assert len(tokens) == len(types) == vocab
+    assert tokens[len(tokenizer):] == [f"[PAD{i}]" for i in range(len(tokenizer), vocab)]
+    assert set(types[len(tokenizer):]) == {gguf.TokenType.UNUSED}
+    llm = llamacpp.load(result.path, n_ctx=64)
+    assert llm.n_vocab() == vocab
+    assert llm.tokenize(b"The State of the Union", add_bos=False) == tokenizer("The State of the Union").input_ids
+    llm.close()
+    with pytest.raises(NumpruneError, match=f"the tokenizer has {len(tokenizer)} tokens but the model only 97"):
+        export_gguf(tiny_llama("mha", layers=1, vocab_size=97), tmp_path / "short.gguf", tokenizer=tokenizer)
+    assert not (tmp_path / "short.gguf").exists()
+
+
+@needs_llama_cpp
 def test_smollm2_in_llama_cpp_matches_transformers(tmp_path):
     """The real model (the slow test): f32 and q8_0 files from the embedded SmolLM2 against transformers."""
     folder = smollm2_folder()

@@ -59,7 +59,8 @@ def test_load_model_missing_folder(tmp_path, monkeypatch, spec):
 def test_load_model_unreachable_hub_id(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import, so patched too
-    with pytest.raises(NumpruneError, match="could not load model 'HuggingFaceTB/SmolLM2-135M': "):
+    with pytest.raises(NumpruneError, match="model 'HuggingFaceTB/SmolLM2-135M' is not a local folder, and "
+                       "HF_HUB_OFFLINE is set but the Hugging Face cache does not hold it: give a local model folder"):
         load_model("HuggingFaceTB/SmolLM2-135M")
 
 

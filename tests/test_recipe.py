@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import re
+from dataclasses import asdict
 
 import pytest
 
@@ -16,9 +17,9 @@ from numprune.recipe import NONNEGATIVE, POSITIVE_INT, RATIO, SEED, PruneOptions
 
 
 def test_an_entry_sets_prune_options_and_score_options_by_their_declared_types():
-    opts = PruneOptions.parse("numerical:allocation=flap-widths:compensation=affine:compensation_damp=0.1:"
+    opts = PruneOptions.parse("numerical:allocation=compensated-error:compensation=affine:compensation_damp=0.1:"
                               "centred=true:allocation_compensation=bias", ratio=0.3)
-    expected = PruneOptions(ratio=0.3, method="numerical", allocation="flap-widths", compensation="affine",
+    expected = PruneOptions(ratio=0.3, method="numerical", allocation="compensated-error", compensation="affine",
                             compensation_damp=0.1, allocation_compensation="bias", score_options={"centred": True})
     expected.resolve()
     assert opts == expected
@@ -64,3 +65,16 @@ def test_the_parser_and_the_api_refuse_a_value_by_the_same_rule(rule, convert, o
 def test_unknown_options_are_named():
     with pytest.raises(NumpruneError, match="unknown option 'ratoi'"):
         PruneOptions.checked(0.3, ratoi=0.3)
+
+
+@pytest.mark.parametrize("options", [dict(method="numerical"), dict(method="numerical-robust"),
+                                     dict(method="flap", allocation="compensated-error"),
+                                     dict(method="numerical", allocation="compensated-error",
+                                          allocation_compensation="affine")])
+def test_resolved_options_resolve_to_themselves(options):
+    """compare passes each cell's resolved options back to prune: resolving them again changes and refuses nothing;
+    only the compensated-error allocation records a guiding compensation."""
+    opts = PruneOptions.checked(0.3, **options)
+    again = PruneOptions.checked(0.3, **{k: v for k, v in asdict(opts).items() if k != "ratio"})
+    assert again == opts
+    assert (opts.allocation_compensation is None) == (opts.allocation != "compensated-error")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+import numprune.cli.generate
 from hostile import refused
+from numprune.modeling.llamagen import LlamaGenConfig, LlamaGenForCausalLM
 
 PRUNE = ["prune", "--ratio", "0.3", "--nsamples", "2", "--seqlen", "16", "--quiet"]
 
@@ -30,12 +32,36 @@ PARSER_CASES = {
     "generate --cfg-scale inf": (["generate", "--model", "digits", "--cfg-scale", "inf"],
                                  "--cfg-scale: expected a finite number"),
     "bench --batch 1,,8": (["bench", "--batch", "1,,8"], "--batch: expected a comma-separated list"),
+    "bench --quant q8_0,q8_0": (["bench", "--backend", "llama.cpp", "--quant", "q8_0,q8_0"],
+                                "--quant: q8_0 is given twice in 'q8_0,q8_0'"),
+    "compare --methods numerical,numerical": (["compare", "--methods", "numerical,numerical"],
+                                              "--methods: numerical is given twice"),
+    "compare --ratios 0.3,0.30": (["compare", "--ratios", "0.3,0.30"], "--ratios: 0.3 is given twice in '0.3,0.30'"),
+    "--blend-weight 0_5": (PRUNE + ["--blend-weight", "0_5"], "--blend-weight: expected a number, got '0_5'"),
+}
+
+# Flags that mean nothing without another, or contradict one: refused before anything is loaded.
+MEANINGLESS_CASES = {
+    "prune --outtype q8_0 without --gguf": (PRUNE + ["--outtype", "q8_0"], "--outtype is the tensor type of the --gguf"),
+    "prune --compensation affine --no-compensate": (PRUNE + ["--compensation", "affine", "--no-compensate"],
+                                                    "--no-compensate contradicts --compensation affine"),
+    "prune --allocation-compensation affine (blend allocation)": (
+        PRUNE + ["--allocation-compensation", "affine"],
+        "an allocation compensation guides the compensated-error allocation only, not blend"),
+    "bench --quant q8_0 (transformers backend)": (["bench", "--quant", "q8_0"], "--quant is for the llama.cpp backend"),
+    "compare: damp twice in one entry": (["compare", "--methods", "numerical:damp=0.1:damp=0.2"],
+                                         "'numerical:damp=0.1:damp=0.2' sets damp twice"),
+    "compare: compensation_damp=0_1": (["compare", "--methods", "numerical:compensation_damp=0_1"],
+                                       "bad value '0_1' for compensation_damp"),
+    "prune --calib sotu:1_0+emails": (PRUNE + ["--calib", "sotu:1_0+emails"], "bad weight '1_0' for 'sotu'"),
+    "prune --gguf ''": (PRUNE + ["--gguf", ""], "--gguf is empty; name the GGUF file to write"),
+    "export --gguf ''": (["export", "--model", "smollm2", "--gguf", ""], "the output path is empty"),
 }
 
 
-@pytest.mark.parametrize("case", list(PARSER_CASES))
-def test_the_parser_refuses_in_one_line(case, tmp_path):
-    args, message = PARSER_CASES[case]
+@pytest.mark.parametrize("case", [*PARSER_CASES, *MEANINGLESS_CASES])
+def test_nonsense_flags_are_refused_in_one_line_before_loading(case, tmp_path):
+    args, message = {**PARSER_CASES, **MEANINGLESS_CASES}[case]
     refused(case, message, *args, *(["--out", tmp_path / "out"] if args[0] in ("prune", "compare") else []),
             *(["--grid", tmp_path / "g.png"] if args[0] == "generate" else []), inputs=[tmp_path])
     assert list(tmp_path.iterdir()) == []
@@ -49,6 +75,11 @@ SHAPE_CASES = {
     "--round-to 100000": (["--round-to", "100000"], "against a target of 30.0%"),
     "--gqa-unit sideways": (["--gqa-unit", "sideways"], "unknown GQA unit"),
     "--nsamples 1000000 --seqlen 512": (["--nsamples", "1000000", "--seqlen", "512"], "tokens; at most"),
+    "--damp 0 on 32 tokens": (["--damp", "0", "--compensation", "least-squares"],
+                              "least-squares compensation at damping 0 needs at least 36 calibration tokens for layer "
+                              "0's self_attn.o_proj (36 inputs"),
+    "--damp 0 --compensation affine on 32 tokens": (["--damp", "0", "--compensation", "affine"],
+                                                    "affine compensation at damping 0 needs at least 37"),
 }
 
 
@@ -66,3 +97,20 @@ def test_info_on_an_unknown_command_or_option_is_one_line(tmp_path):
     refused("numprune frobnicate", "invalid choice", "frobnicate", inputs=[tmp_path])
     refused("prune --no-such-option", "unrecognized arguments", *PRUNE, "--out", tmp_path / "o", "--no-such-option",
             inputs=[tmp_path])
+
+
+@pytest.mark.parametrize("hook,message", [("builtins:len", "it returned int"),
+                                          ("builtins:abs", "it returned a tensor torch.int64 [1, 16]"),
+                                          ("json:dumps", "failed on token ids [1, 16]: TypeError")])
+def test_a_decoder_hook_that_returns_no_images_is_refused_before_sampling(hook, message, tmp_path, monkeypatch):
+    folder = tmp_path / "image-model"
+    LlamaGenForCausalLM(LlamaGenConfig(vocab_size=17, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=16, num_classes=3, image_tokens=16)).save_pretrained(folder)
+
+    def sampling_started(*_, **__):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(numprune.cli.generate, "generate", sampling_started)
+    refused(f"generate --decoder {hook}", message, "generate", "--model", folder, "--decoder", hook, "--classes", "0-2",
+            "--grid", tmp_path / "g.png", inputs=[folder])
+    assert not (tmp_path / "g.png").exists()

@@ -6,6 +6,7 @@ Each family's module in numprune/families/ registers its adapter with ``register
 
 from __future__ import annotations
 
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from numprune.adapters.base import Adapter, AttentionLayout, LayerPlan, UnitCosts
@@ -38,6 +39,9 @@ def supported_model_types() -> list[str]:
 
 
 def adapter_for(model: PreTrainedModel) -> Adapter:
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise NumpruneError(f"expected a loaded transformers model (a torch.nn.Module with a config), got "
+                            f"{type(model).__name__}")
     model_type = getattr(model.config, "model_type", None)
     if model_type not in _ADAPTERS:
         raise NumpruneError(f"model type {model_type!r} is not supported; "

@@ -15,7 +15,7 @@ from numprune.data.self_generated import Sampling
 from numprune.errors import NumpruneError
 from numprune.image.calibration import CALIB_CFG_SCALE
 from numprune.precision import check_device
-from numprune.recipe import NONNEGATIVE, POSITIVE_INT, RATIO, SEED, SHARE, Rule
+from numprune.recipe import NONNEGATIVE, POSITIVE_INT, RATIO, SEED, SHARE, Rule, number_from_text
 
 DATA_HELP = "sotu, moby-dick, sotu-val, emails, wikitext2, ptb, c4, or a .txt / .jsonl file"
 EVAL_DATA_HELP = f"{DATA_HELP}; in prune and compare also self: text the dense model samples (--eval-seed)"
@@ -28,7 +28,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _number(text: str, cast):
     try:
-        value = cast(text)
+        value = number_from_text(text, cast)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {'an integer' if cast is int else 'a number'}, got {text!r}") from None
     if cast is float and not math.isfinite(value):
@@ -75,13 +75,18 @@ def device(text: str) -> str:
 
 
 def comma_list(item=str):
-    """A converter for ``a,b,c``: every item non-empty and converted by ``item``."""
+    """A converter for ``a,b,c``: every item non-empty and converted by ``item``, none given twice (a repeated
+    ratio, method, data set or quantisation would be run and reported twice)."""
 
     def convert(text: str) -> list:
         parts = [part.strip() for part in text.split(",")]
         if not text.strip() or any(not part for part in parts):
             raise argparse.ArgumentTypeError(f"expected a comma-separated list without empty items, got {text!r}")
-        return [item(part) for part in parts]
+        values = [item(part) for part in parts]
+        repeated = next((part for part, value in zip(parts, values) if values.count(value) > 1), None)
+        if repeated is not None:
+            raise argparse.ArgumentTypeError(f"{repeated} is given twice in {text!r}")
+        return values
 
     convert.__name__ = f"comma-separated {getattr(item, '__name__', 'value')} list"
     return convert

@@ -15,6 +15,8 @@ from numprune.export import llamacpp
 from numprune.io.output import check_target, output_file, write_text
 from numprune.models import load_model, registry_folder
 
+DEFAULT_QUANTS = ["f16", "q8_0", "q4_k_m"]
+
 
 def add_parser(commands) -> None:
     p = commands.add_parser("bench", help="prefill/decode speed and memory of dense and pruned models")
@@ -24,9 +26,9 @@ def add_parser(commands) -> None:
     p.add_argument("--backend", choices=("transformers", "llama.cpp"), default="transformers",
                    help="transformers (default), or llama.cpp: each model folder exported to GGUF and measured there "
                    "at each --quant, batch 1")
-    p.add_argument("--quant", type=a.comma_list(), default="f16,q8_0,q4_k_m",
+    p.add_argument("--quant", type=a.comma_list(), default=None,
                    help=f"llama.cpp backend: GGUF types, comma-separated, from {', '.join(llamacpp.QUANTS)} (default "
-                   "f16,q8_0,q4_k_m; all but f16 made by llama.cpp's quantiser)")
+                   f"{','.join(DEFAULT_QUANTS)}; all but f16 made by llama.cpp's quantiser)")
     p.add_argument("--batch", type=a.comma_list(a.positive_int), default=None,
                    help="batch sizes, comma-separated (default 1,8; llama.cpp backend: 1 only)")
     p.add_argument("--prompt-len", type=a.positive_int, default=64, help="prompt tokens (default 64)")
@@ -49,6 +51,8 @@ def add_parser(commands) -> None:
 def run(args) -> int:
     if args.backend == "llama.cpp":
         return run_llama_cpp(args)
+    if args.quant is not None:
+        raise NumpruneError("--quant is for the llama.cpp backend (--backend llama.cpp)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise NumpruneError("--device cuda asked for, but torch sees no CUDA GPU")
     specs = args.model or [None]
@@ -88,14 +92,15 @@ def run_llama_cpp(args) -> int:
         raise NumpruneError("--backend llama.cpp measures batch 1 only")
     if args.plot:
         raise NumpruneError("--plot is for the transformers backend")
-    unknown = [q for q in args.quant if q not in llamacpp.QUANTS]
+    quants = args.quant or DEFAULT_QUANTS
+    unknown = [q for q in quants if q not in llamacpp.QUANTS]
     if unknown:
         raise NumpruneError(f"unknown --quant {', '.join(unknown)}; choose from {', '.join(llamacpp.QUANTS)}")
     specs = args.model or [None]
     inputs = check_outputs(args)
     models = [(spec or "smollm2", registry_folder(spec) or spec) for spec in specs]
     with llamacpp.native_log(args.verbose), tempfile.TemporaryDirectory(prefix="numprune-bench-") as workdir:
-        results = llamacpp.bench(models, args.quant, workdir=workdir, n_threads=args.threads,
+        results = llamacpp.bench(models, quants, workdir=workdir, n_threads=args.threads,
                                  prompt_len=args.prompt_len, new_tokens=args.new_tokens, warmup=args.warmup,
                                  repeats=args.repeats)
     print(llamacpp.format_table(results))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from numprune.cli import args as a
 from numprune.export.gguf import OUTTYPES, export_gguf
 from numprune.models import registry_folder
+
+DEFAULT_OUTTYPE = "f16"
 
 
 def add_parser(commands) -> None:
@@ -18,12 +19,18 @@ def add_parser(commands) -> None:
 def add_gguf_options(p, required: bool) -> None:
     p.add_argument("--gguf", required=required, default=None, help="GGUF file to write (atomically); per-layer "
                    "widths use llama.cpp's deci architecture, uniform ones its llama architecture")
-    p.add_argument("--outtype", choices=tuple(OUTTYPES), default="f16", help="tensor type of the GGUF's matrices "
-                   "(default f16; q8_0 keeps matrices whose rows are not a multiple of 32 in f16)")
+    p.add_argument("--outtype", choices=tuple(OUTTYPES), default=None, help=f"tensor type of the GGUF's matrices "
+                   f"(default {DEFAULT_OUTTYPE}; q8_0 keeps matrices whose rows are not a multiple of 32 in f16)")
+
+
+def gguf_outtype(args) -> str:
+    """--outtype, or the default (unset by default, so that prune can tell --outtype without --gguf)."""
+    return args.outtype or DEFAULT_OUTTYPE
 
 
 def run(args) -> int:
-    result = export_gguf(registry_folder(args.model) or args.model, args.gguf, args.outtype, overwrite=args.overwrite)
+    result = export_gguf(registry_folder(args.model) or args.model, args.gguf, gguf_outtype(args),
+                         overwrite=args.overwrite)
     print_export(result)
     return 0
 

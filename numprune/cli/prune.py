@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from transformers import AutoConfig
 
 from numprune.allocate import BLEND_FROM, BLEND_MAX, BLEND_TO
 from numprune.api import prune
 from numprune.cli import args as a
-from numprune.cli.export import add_gguf_options, print_export
+from numprune.cli.export import add_gguf_options, gguf_outtype, print_export
 from numprune.cli.inputs import check_calibration, load, prepare, protected_inputs
 from numprune.data.corpora import calibration_windows, needs_model
 from numprune.distributed import process_group, world
@@ -17,7 +16,7 @@ from numprune.errors import NumpruneError
 from numprune.export.gguf import check_exportable, export_gguf
 from numprune.export.gguf import check_target as check_gguf_target
 from numprune.io.output import check_target
-from numprune.models import registry_folder
+from numprune.models import load_config, registry_folder
 from numprune.recipe import PruneOptions, option_types
 from numprune.save import REPORT_NAME, save_pruned
 from numprune.stream import check_folder, load_tokenizer, prune_streaming
@@ -90,7 +89,14 @@ def run(args) -> int:
 
 
 def prune_options(args) -> dict:
-    """The run's options as ``numprune.prune`` takes them, checked before anything is loaded."""
+    """The run's options as ``numprune.prune`` takes them, checked before anything is loaded (with the flags that
+    mean nothing without another)."""
+    if args.no_compensate and args.compensation not in (None, "none"):
+        raise NumpruneError(f"--no-compensate contradicts --compensation {args.compensation}; give one of them")
+    if args.gguf is not None and not args.gguf.strip():
+        raise NumpruneError("--gguf is empty; name the GGUF file to write")
+    if args.outtype and not args.gguf:
+        raise NumpruneError("--outtype is the tensor type of the --gguf file; without --gguf nothing uses it")
     options = dict(method=args.method, allocation=args.allocation, gqa_unit=args.gqa_unit, round_to=args.round_to,
                    compensation="none" if args.no_compensate else args.compensation,
                    compensation_stats=args.compensation_stats, compensation_damp=args.damp,
@@ -117,7 +123,7 @@ def _streaming(args, device: str | None, dtype) -> int:
                  marker=REPORT_NAME)
     folder = check_folder(registry_folder(args.model) or args.model)
     if args.gguf:
-        check_exportable(AutoConfig.from_pretrained(folder))
+        check_exportable(load_config(folder))
     tokenizer = load_tokenizer(folder)
     # The model's own samples need the whole model once, before the layer-by-layer run.
     model = load(str(folder))[0] if needs_model(args.calib) else None
@@ -160,7 +166,7 @@ def _in_memory(args, device: str | None, dtype) -> int:
 def _export(args) -> None:
     """``--gguf``: the saved folder, also as a GGUF file for llama.cpp."""
     if args.gguf:
-        print_export(export_gguf(args.out, args.gguf, args.outtype, overwrite=args.overwrite))
+        print_export(export_gguf(args.out, args.gguf, gguf_outtype(args), overwrite=args.overwrite))
 
 
 def _print_summary(report: dict, out, figures_lines: Sequence[str] = ()) -> None:

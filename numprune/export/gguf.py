@@ -29,7 +29,9 @@ from numprune.errors import NumpruneError
 from numprune.models import load_model, source_folder
 from numprune.io.output import check_target as check_output_target
 from numprune.io.output import output_file
-from numprune.save import REPORT_NAME
+from numprune.recipe import FLAG
+from numprune.report import check_report
+from numprune.save import read_report
 
 # Output types: GGUF tensor type of the matrices (norms, biases and rotary factors stay float32) and file type.
 OUTTYPES = {
@@ -77,20 +79,25 @@ def export_gguf(model_or_folder, out: str | os.PathLike, outtype: str = "f16", *
     ``out`` and renamed when complete; an existing ``out`` is refused unless ``overwrite``, and the
     input is never written over.
     """
-    if outtype not in OUTTYPES:
+    if not isinstance(outtype, str) or outtype not in OUTTYPES:
         raise NumpruneError(f"unknown GGUF output type {outtype!r}; choose from {', '.join(OUTTYPES)}")
-    out = Path(out)
+    FLAG.check("overwrite", overwrite)
+    if not isinstance(model_or_folder, (str, os.PathLike, nn.Module)):
+        raise NumpruneError(f"expected a model folder or a loaded transformers model, got "
+                            f"{type(model_or_folder).__name__}")
     folder = Path(model_or_folder) if isinstance(model_or_folder, (str, os.PathLike)) else None
     # A model object protects the folder it was loaded from, as a folder does itself.
+    # before Path(out), which reads an empty path as the current folder
     check_target(out, overwrite, [folder or source_folder(model_or_folder), source_folder(tokenizer)])
+    out = Path(out)
     if folder is not None:
         if not (folder / "config.json").is_file():
             raise NumpruneError(f"no model folder at {folder} (config.json missing)")
+        report = read_report(folder)
         model, tokenizer, _ = load_model(str(folder))
-        report_path = folder / REPORT_NAME
-        report = json.loads(report_path.read_text()) if report_path.is_file() else None
     else:
         model = model_or_folder
+        report = check_report(report, "the report") if report is not None else None
     check_exportable(model.config)
     name = folder.resolve().name if folder is not None else str(getattr(model.config, "_name_or_path", "") or "model")
 
@@ -196,8 +203,16 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> str:
     if tokenizer is None:
         writer.add_tokenizer_model("none")
         return "none"
+    if len(tokenizer) > vocab_size:
+        raise NumpruneError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} embeddings")
     source = _source_gguf_tokenizer(tokenizer)
     if source is not None:
+        tokens, scores, types = _padding(len(tokenizer), vocab_size)
+        for key, extra in (("tokenizer.ggml.tokens", tokens), ("tokenizer.ggml.scores", scores),
+                           ("tokenizer.ggml.token_type", types)):
+            if key in source:
+                value, kind, item_kind = source[key]
+                source = {**source, key: ([*value, *extra], kind, item_kind)}
         for key, value in source.items():
             writer.add_key_value(key, *value)
         return f"copied from {smollm2_gguf().name}"
@@ -247,16 +262,22 @@ def _add_vocab_from_files(writer: gguf.GGUFWriter, path: Path, vocab_size: int) 
     for added in tokenizer_json.get("added_tokens", []):  # special tokens of the main vocabulary, too
         if added.get("special"):
             types[added["id"]] = gguf.TokenType.CONTROL
-    for i in range(len(tokens), vocab_size):  # embeddings no token uses (vocabularies padded for speed)
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
+    padding = _padding(len(tokens), vocab_size)
+    tokens, scores, types = tokens + [t.encode() for t in padding[0]], scores + padding[1], types + padding[2]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_bpe_pre_tokenizer(tokenizer_json))
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
     gguf.SpecialVocab(path, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+
+def _padding(count: int, vocab_size: int) -> tuple[list[str], list[float], list[gguf.TokenType]]:
+    """Tokens, scores and types for the embeddings past the tokenizer's ``count`` tokens (vocabularies padded for
+    speed): unused ``[PAD{i}]`` tokens, as llama.cpp's converter writes them (llama.cpp refuses a GGUF whose token
+    list is shorter than its embedding)."""
+    extra = range(count, vocab_size)
+    return [f"[PAD{i}]" for i in extra], [-1000.0] * len(extra), [gguf.TokenType.UNUSED] * len(extra)
 
 
 def _bpe_pre_tokenizer(tokenizer_json: dict) -> str:

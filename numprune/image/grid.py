@@ -35,7 +35,9 @@ def decoder_for(model, hook: str | None = None) -> Decoder:
             raise NumpruneError(f"decoder hook {hook!r} cannot be loaded: {e}") from None
         if not callable(decode):
             raise NumpruneError(f"decoder hook {hook!r} must name a function, as module:function")
-        return decode
+        checked = _checked_hook(decode, hook)
+        checked(torch.zeros(1, model.config.image_tokens, dtype=torch.long))  # refused now, not after sampling
+        return checked
     from numprune.image.digits import tokens_to_images
 
     if not is_digits_model(model):
@@ -43,6 +45,25 @@ def decoder_for(model, hook: str | None = None) -> Decoder:
                             "decoder hook module:function (token ids [N, T] -> floats in [0, 1], [N, H, W] or "
                             "[N, 3, H, W])")
     return tokens_to_images
+
+
+def _checked_hook(decode: Decoder, hook: str) -> Decoder:
+    """``decode``, each call refused in one line when it fails or returns anything but a float image per sequence."""
+    def checked(tokens: torch.Tensor) -> torch.Tensor:
+        try:
+            images = decode(tokens)
+        except Exception as e:  # noqa: BLE001  (the hook is the user's code: any error is its own)
+            reason = (str(e).strip().splitlines() or [""])[0]
+            raise NumpruneError(f"decoder hook {hook!r} failed on token ids {list(tokens.shape)}: "
+                                f"{type(e).__name__}: {reason}") from None
+        if not (torch.is_tensor(images) and images.is_floating_point() and images.dim() in (3, 4)
+                and len(images) == len(tokens) and (images.dim() == 3 or images.shape[1] == 3)):
+            got = f"a tensor {images.dtype} {list(images.shape)}" if torch.is_tensor(images) else type(images).__name__
+            raise NumpruneError(f"decoder hook {hook!r} must return floats in [0, 1] shaped [N, H, W] or [N, 3, H, W] "
+                                f"for token ids {list(tokens.shape)}; it returned {got}")
+        return images
+
+    return checked
 
 
 def is_digits_model(model) -> bool:
