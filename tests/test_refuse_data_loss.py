@@ -407,3 +407,19 @@ def test_llama_cpp_bench_ends_on_a_signal_while_llama_cpp_logs(tiny_model_folder
     assert proc.wait(timeout=120) == status, err[-2000:]
     assert "Exception ignored" not in err and "Traceback" not in err
     assert err.splitlines()[-1] == f"numprune: {word}; nothing was written" and not out.exists()
+
+
+# Found by trying the merged check again as a hostile user would.
+
+def test_a_folder_whose_marker_is_a_link_or_a_folder_is_not_numprunes(tiny_model_folder, tmp_path):
+    """numprune writes its marker as a regular file: a folder holding a link or a folder of that name is the
+    user's, and --overwrite does not replace it."""
+    for name, make in [("link", lambda p: p.symlink_to("/etc/hostname")), ("folder", Path.mkdir)]:
+        project = tmp_path / name
+        project.mkdir()
+        (project / "thesis.tex").write_text("years of work")
+        make(project / "pruning_report.json")
+        refused(f"prune --out <folder whose pruning_report.json is a {name}> --overwrite", "was not written by numprune",
+                *PRUNE, "--model", tiny_model_folder, "--out", project, "--overwrite", inputs=[tmp_path])
+        assert sorted(p.name for p in project.iterdir()) == ["pruning_report.json", "thesis.tex"]
+

@@ -108,7 +108,7 @@ def _check_target(target: Path, overwrite: bool, folder: bool, inputs: Iterable,
         if not folder and not stat.S_ISREG(target.stat().st_mode):
             raise NumpruneError(f"output path {target} is not a regular file (a device, a pipe or a socket); "
                                 "it is not replaced")
-        if folder and marker and any(target.iterdir()) and not (target / marker).exists():
+        if folder and marker and any(target.iterdir()) and not _is_regular_file(target / marker):
             raise NumpruneError(f"{target} is not empty and was not written by numprune (it has no {marker}); "
                                 "it is not replaced")
     ancestor = next(p for p in target.parents if os.path.lexists(p))
@@ -143,6 +143,11 @@ def _check_not_an_input(target: Path, real: Path, inputs: Iterable, kind: str, i
             if path.is_file() and os.path.samefile(target, path):
                 raise NumpruneError(f"output {kind} {target} is the same file as {path} (an input of this run); "
                                     "choose another path")
+
+
+def _is_regular_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file itself (numprune writes its marker so): not a link to one, nor a folder."""
+    return path.is_file() and not path.is_symlink()
 
 
 def _entries(folder: Path) -> list[Path]:
