@@ -54,9 +54,9 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
 
         return *_load(str(digits_model_folder()), dtype, with_tokenizer=False), DIGITS_DESCRIPTION
     folder = Path(spec).expanduser()
-    if folder.is_dir():
+    if folder.is_dir():  # loaded by its absolute path: the folder its outputs protect, whatever the working folder later
         has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
-        return *_load(str(folder), dtype, with_tokenizer=has_tokenizer), str(folder.resolve())
+        return *_load(str(folder.absolute()), dtype, with_tokenizer=has_tokenizer), str(folder.resolve())
     if _looks_like_path(spec):
         raise NumpruneError(f"no model folder at {spec}")
     return *_load(spec, dtype, with_tokenizer=True), spec

@@ -28,6 +28,7 @@ from numprune.errors import NumpruneError
 from numprune.export import export_gguf
 from numprune.io import output
 from numprune.models import load_model
+from numprune.save import save_pruned
 
 PRUNE = ("prune", "--ratio", "0.3", "--nsamples", "2", "--seqlen", "16", "--quiet")
 
@@ -423,3 +424,19 @@ def test_a_folder_whose_marker_is_a_link_or_a_folder_is_not_numprunes(tiny_model
                 *PRUNE, "--model", tiny_model_folder, "--out", project, "--overwrite", inputs=[tmp_path])
         assert sorted(p.name for p in project.iterdir()) == ["pruning_report.json", "thesis.tex"]
 
+
+def test_a_model_loaded_by_a_relative_path_keeps_its_folder_after_a_chdir(tiny_model_folder, tmp_path, monkeypatch):
+    """The folder a model object protects is where it was loaded from, not that path read from a later working
+    folder (M is a numprune output here, so only the input check stands between it and the overwrite)."""
+    m = model_copy(tiny_model_folder, tmp_path)
+    (m / "pruning_report.json").write_text("{}\n")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer, _ = load_model("M")
+    monkeypatch.chdir(tmp_path / "work")
+    before = hashes(m)
+    with pytest.raises(NumpruneError, match="lies inside"):
+        export_gguf(model, "../M/model.safetensors", tokenizer=tokenizer, overwrite=True)
+    with pytest.raises(NumpruneError, match="would replace"):
+        save_pruned(model, tokenizer, {}, "../M", overwrite=True)
+    assert hashes(m) == before and sorted(p.name for p in tmp_path.iterdir()) == ["M", "work"]
