@@ -440,3 +440,14 @@ def test_a_model_loaded_by_a_relative_path_keeps_its_folder_after_a_chdir(tiny_m
     with pytest.raises(NumpruneError, match="would replace"):
         save_pruned(model, tokenizer, {}, "../M", overwrite=True)
     assert hashes(m) == before and sorted(p.name for p in tmp_path.iterdir()) == ["M", "work"]
+
+
+def test_an_output_path_that_is_not_utf8_is_refused_before_the_work(tiny_model_folder, tmp_path):
+    """safetensors and tokenizers write UTF-8 paths only: such an --out failed after the work with a traceback."""
+    for case, args in [
+        ("prune --out <name not in UTF-8>", [*PRUNE, "--model", tiny_model_folder, "--out", tmp_path / os.fsdecode(b"out\xff")]),
+        ("export --gguf <folder not in UTF-8>/m.gguf", ["export", "--model", tiny_model_folder, "--gguf",
+                                                        tmp_path / os.fsdecode(b"\xfe") / "m.gguf"]),
+    ]:
+        refused(case, "not valid UTF-8", *args, inputs=[tiny_model_folder])
+    assert list(tmp_path.iterdir()) == []

@@ -84,6 +84,9 @@ def check_target(out: str | os.PathLike, *, overwrite: bool = False, folder: boo
     if target.parent == target:
         raise NumpruneError(f"cannot write the {kind} {target}: it is the root folder")
     _check_names(target)
+    if not _is_utf8(target):  # safetensors and tokenizers write UTF-8 paths only
+        shown = os.fsencode(target).decode("utf-8", "replace")
+        raise NumpruneError(f"output path {shown} is not valid UTF-8; choose a name in UTF-8")
     try:
         return _check_target(target, overwrite, folder, inputs, outputs, marker, into_cache, kind)
     except OSError as e:  # a path the system refuses to look at (too long, a loop of links, ...)
@@ -164,6 +167,15 @@ def _check_not_another_output(target: Path, real: Path, outputs: Iterable, kind:
         if real == other or real in other.parents or other in real.parents:
             raise NumpruneError(f"output {kind} {target} and {other} (another output of this run) overlap; "
                                 "choose separate paths")
+
+
+def _is_utf8(path: Path) -> bool:
+    """Whether ``path`` is UTF-8 (a name that is not holds its undecodable bytes as surrogates)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_names(target: Path) -> None:
