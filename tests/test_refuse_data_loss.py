@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import needs_llama_cpp
-from hostile import REPO, hashes, numprune, refused
+from hostile import REPO, hashes, in_process, numprune, refused
 from numprune.errors import NumpruneError
 from numprune.export import export_gguf
 from numprune.io import output
@@ -451,3 +451,15 @@ def test_an_output_path_that_is_not_utf8_is_refused_before_the_work(tiny_model_f
     ]:
         refused(case, "not valid UTF-8", *args, inputs=[tiny_model_folder])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_calibration_file_whose_name_is_not_utf8_reaches_the_model_card(tiny_model_folder, tmp_path):
+    """The card names the calibration file: a name not in UTF-8 failed the card's write with a traceback after the
+    work; its undecodable bytes are now shown as "?"."""
+    calib = tmp_path / os.fsdecode(b"calib\xff.txt")
+    calib.write_text("the calibration text, a user's own file. " * 200)
+    before = hashes(tiny_model_folder, calib)
+    done = in_process(*PRUNE, "--model", tiny_model_folder, "--calib", calib, "--out", tmp_path / "out")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "calib?.txt" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert hashes(tiny_model_folder, calib) == before
