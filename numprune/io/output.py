@@ -72,8 +72,8 @@ def check_target(out: str | os.PathLike, *, overwrite: bool = False, folder: boo
     folders, data files): the target may not be one of them (nor the same file through a link),
     contain one, or lie inside one; ``outputs`` are the run's other outputs, written or not yet:
     the target may not be one, contain one or lie inside one. Nor may it be the current folder or
-    one above it, numprune's cache folder or one of its entries (unless ``into_cache``: numprune's
-    own cache builders). With ``overwrite``, only a regular file, or a folder that is empty or holds
+    one above it, nor lie in numprune's cache folder (unless ``into_cache``: numprune's own cache
+    builders). With ``overwrite``, only a regular file, or a folder that is empty or holds
     ``marker`` (a file every such output has), is replaced, so that a mistyped path never deletes
     a folder numprune did not write, nor a device or a pipe.
     """
@@ -127,19 +127,20 @@ def _check_target(target: Path, overwrite: bool, folder: bool, inputs: Iterable,
 
 
 def _check_not_an_input(target: Path, real: Path, inputs: Iterable, kind: str, into_cache: bool) -> None:
-    """Not over, around or inside what the run reads or numprune keeps; the current folder and the cache folder
-    itself may hold outputs, but are never replaced."""
+    """Not over, around or inside what the run reads or numprune keeps; the current folder may hold outputs, but
+    is never replaced. Nothing but numprune's own cache builders writes in the cache folder: an output named as an
+    entry not built yet would be taken for it by later runs (a pruned model as the embedded one)."""
     inputs = [Path(p) for p in inputs if p is not None]
     protected = [(Path(os.path.realpath(p)), "an input of this run", True) for p in inputs]
     protected.append((Path(os.path.realpath(os.getcwd())), "the current folder", False))
     if not into_cache:
         cache = cache_root()
-        protected.append((Path(os.path.realpath(cache)), "numprune's cache", False))
+        protected.append((Path(os.path.realpath(cache)), "numprune's cache", True))
         protected += [(Path(os.path.realpath(entry)), "in numprune's cache", True) for entry in _entries(cache)]
     for path, what, enclosing in protected:
         if real == path or real in path.parents:
             raise NumpruneError(f"output {kind} {target} would replace {path} ({what}); choose another path")
-        if enclosing and path in real.parents and path.is_dir():
+        if enclosing and path in real.parents and not path.is_file():  # a folder, or the cache before its first use
             raise NumpruneError(f"output {kind} {target} lies inside {path} ({what}); choose a path outside it")
     if target.exists():  # the same file through a hard link
         for path in inputs:
