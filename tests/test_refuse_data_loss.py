@@ -478,3 +478,21 @@ def test_no_output_is_written_in_numprunes_cache_folder(tiny_model_folder, tmp_p
                 inputs=[tiny_model_folder])
         cache.mkdir(exist_ok=True)
     assert list(cache.iterdir()) == []
+
+
+def test_another_machines_temporary_in_a_shared_folder_is_left_alone(tmp_path):
+    """A run on another machine (or in another container) writing into a shared folder has a process id that means
+    nothing here: its temporary, still being written, was removed by this machine's next output beside it because
+    no process here had that id. (Stood in for by a process that takes another machine's name and stops, SIGKILLed,
+    mid-write.)"""
+    other = subprocess.run([sys.executable, "-c", "import os, signal, sys\nfrom numprune.io import output\n"
+                            "output.HOST = 'a0b1c2d3'\n"
+                            "with output.output_folder(sys.argv[1]) as tmp:\n"
+                            "    (tmp / 'model.safetensors').write_bytes(bytes(1000))\n"
+                            "    os.kill(os.getpid(), signal.SIGKILL)", tmp_path / "theirs"],
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True)
+    assert other.returncode == -signal.SIGKILL
+    (theirs,) = tmp_path.iterdir()
+    output.write_text(tmp_path / "mine.json", "{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([theirs.name, "mine.json"])
+    assert (theirs / "model.safetensors").stat().st_size == 1000

@@ -22,9 +22,10 @@ is, contains or lies inside one of the run's inputs, numprune's cache or another
 same run. Any OSError while writing (a full disk) becomes one NumpruneError; the temporary output
 and any parent folders created for it are removed.
 
-A temporary's name carries its process id (``.numprune-<pid>-<random>.<name>``): a run killed
-outright (SIGKILL, a power cut) cannot remove its own, so the next output written beside it removes
-those whose process is gone.
+A temporary's name carries its machine and process id (``.numprune-<host>-<pid>-<random>.<name>``): a
+run killed outright (SIGKILL, a power cut) cannot remove its own, so the next output written beside it
+removes those of this machine whose process is gone. Another machine's (a shared folder) or another
+container's are left alone: their process ids mean nothing here, and their run may still be writing.
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import os
 import re
 import secrets
 import shutil
 import signal
+import socket
 import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -54,10 +57,21 @@ _RENAME_EXCHANGE = 2
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _RENAMEAT2 = getattr(_LIBC, "renameat2", None)
 _TEMP_PREFIX = ".numprune-"
-# ".numprune-" + a process id (Linux: at most 7 digits) + "-" + 8 hex digits + "."
-_TEMP_EXTRA = len(_TEMP_PREFIX) + 7 + 1 + 8 + 1
-_TEMP_NAME = re.compile(rf"{re.escape(_TEMP_PREFIX)}(\d+)-[0-9a-f]{{8}}\.")
+# ".numprune-" + the host (8 hex digits) + "-" + a process id (Linux: at most 7 digits) + "-" + 8 hex digits + "."
+_TEMP_EXTRA = len(_TEMP_PREFIX) + 8 + 1 + 7 + 1 + 8 + 1
+_TEMP_NAME = re.compile(rf"{re.escape(_TEMP_PREFIX)}([0-9a-f]{{8}})-(\d+)-[0-9a-f]{{8}}\.")
 _BLOCKED = {signal.SIGINT, signal.SIGTERM}
+
+
+def _host() -> str:
+    """This machine and process namespace as 8 hex digits: where the process ids in temporaries' names mean something."""
+    namespace = ""
+    with contextlib.suppress(OSError):
+        namespace = os.readlink("/proc/self/ns/pid")
+    return hashlib.sha256(f"{socket.gethostname()} {namespace}".encode()).hexdigest()[:8]
+
+
+HOST = _host()
 # Outputs this process has put in place: the command line's message on Ctrl-C says which.
 committed: list[Path] = []
 
@@ -267,7 +281,7 @@ def _make_temp(parent: Path, name: str, *, folder: bool) -> Path:
     permissions (0o777 less the umask, not mkdtemp's 0o700), or a file path with the target's name at the end
     (so its suffix says the format to writers such as matplotlib)."""
     while True:
-        path = parent / f"{_TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.{name}"
+        path = parent / f"{_TEMP_PREFIX}{HOST}-{os.getpid()}-{secrets.token_hex(4)}.{name}"
         try:
             if folder:
                 path.mkdir()
@@ -279,11 +293,11 @@ def _make_temp(parent: Path, name: str, *, folder: bool) -> Path:
 
 
 def _remove_stale_temporaries(folder: Path) -> None:
-    """Remove the temporaries in ``folder`` left by numprune processes that no longer run (killed outright), as
-    far as this user may (another user's, in a shared folder, stay)."""
+    """Remove the temporaries in ``folder`` left by this machine's numprune processes that no longer run (killed
+    outright), as far as this user may (another user's, in a shared folder, stay)."""
     for entry in _entries(folder):
         match = _TEMP_NAME.match(entry.name)
-        if match and not _running(int(match[1])):
+        if match and match[1] == HOST and not _running(int(match[2])):
             with contextlib.suppress(OSError):
                 _remove(entry)
 
