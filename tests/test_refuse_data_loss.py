@@ -496,3 +496,12 @@ def test_another_machines_temporary_in_a_shared_folder_is_left_alone(tmp_path):
     output.write_text(tmp_path / "mine.json", "{}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([theirs.name, "mine.json"])
     assert (theirs / "model.safetensors").stat().st_size == 1000
+
+
+def test_a_gguf_path_with_a_tilde_is_the_file_written(tiny_model_folder, tmp_path, monkeypatch):
+    """``--gguf '~/m.gguf'`` (a tilde the shell left alone): the GGUF was written to the home folder, then its size
+    looked up at the unexpanded path, a FileNotFoundError traceback after the work."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    done = in_process("export", "--model", tiny_model_folder, "--gguf", "~/m.gguf")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert f"gguf: {tmp_path / 'm.gguf'} (" in done.stdout and (tmp_path / "m.gguf").stat().st_size > 0
