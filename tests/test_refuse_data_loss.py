@@ -505,3 +505,12 @@ def test_a_gguf_path_with_a_tilde_is_the_file_written(tiny_model_folder, tmp_pat
     done = in_process("export", "--model", tiny_model_folder, "--gguf", "~/m.gguf")
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert f"gguf: {tmp_path / 'm.gguf'} (" in done.stdout and (tmp_path / "m.gguf").stat().st_size > 0
+
+
+def test_ctrl_c_while_stale_temporaries_are_removed_leaves_no_parent_folder(tiny_model_folder, tmp_path):
+    """Removing a killed run's temporaries (77 MB or more) takes a while; Ctrl-C then left the output's parent
+    folders, just created, behind."""
+    done = numprune("export", "--model", tiny_model_folder, "--gguf", tmp_path / "new" / "parents" / "m.gguf",
+                    signal_at="SIGINT numprune.io.output _remove_stale_temporaries")
+    assert done.returncode == 130 and done.stderr.splitlines() == ["numprune: interrupted; nothing was written"]
+    assert list(tmp_path.iterdir()) == []

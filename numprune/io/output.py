@@ -231,9 +231,9 @@ def _output(out, overwrite: bool, inputs: Iterable, marker: str | None, into_cac
             folder: bool) -> Iterator[Path]:
     target = check_target(out, overwrite=overwrite, folder=folder, inputs=inputs, marker=marker, into_cache=into_cache)
     created = _make_parents(target.parent)
-    _remove_stale_temporaries(target.parent)
     tmp = None
-    try:
+    try:  # from here on, an interrupt removes the parents created (the stale temporaries may take a while)
+        _remove_stale_temporaries(target.parent)
         tmp = _make_temp(target.parent, target.name, folder=folder)
         yield tmp
         _normal_permissions(tmp)
