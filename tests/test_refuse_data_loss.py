@@ -514,3 +514,17 @@ def test_ctrl_c_while_stale_temporaries_are_removed_leaves_no_parent_folder(tiny
                     signal_at="SIGINT numprune.io.output _remove_stale_temporaries")
     assert done.returncode == 130 and done.stderr.splitlines() == ["numprune: interrupted; nothing was written"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_as_the_old_output_is_replaced_is_held_until_the_new_one_is_in_place(tiny_model_folder, tmp_path):
+    """Ctrl-C just after the new GGUF and the old one swapped places (as the old one is deleted): blocking the signal
+    in the main thread did not hold it (torch's threads take it, Python runs the handler in the main thread at
+    once), so the run said "nothing was written" with the new GGUF in place and the old one left as a temporary."""
+    gguf = tmp_path / "m.gguf"
+    export_gguf(tiny_model_folder, gguf)
+    old = hashes(gguf)
+    done = numprune("export", "--model", tiny_model_folder, "--gguf", gguf, "--outtype", "f32", "--overwrite",
+                    signal_at="SIGINT numprune.io.output _remove")
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.splitlines() == [f"numprune: interrupted; {gguf} had been written completely"]
+    assert hashes(gguf) != old and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]

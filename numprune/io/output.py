@@ -42,6 +42,7 @@ import shutil
 import signal
 import socket
 import stat
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -314,8 +315,7 @@ def _running(pid: int) -> bool:
 
 def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
     """Put ``tmp`` in place at ``target`` in one step, with Ctrl-C and SIGTERM held until it is done."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
-    try:
+    with _signals_held():
         if not overwrite or not os.path.lexists(target):
             try:
                 _rename_noreplace(tmp, target)
@@ -327,8 +327,32 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
         else:
             _replace(tmp, target)
         committed.append(target)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done, then reach the handlers they had.
+
+    Blocking them in this thread alone does not hold them: the kernel hands a signal to another thread (torch
+    has several), and Python runs the handler in the main thread at its next step, inside the block (the old
+    output then deleted and the new one in place, reported as nothing written). So, in the main thread, the
+    handlers themselves wait: they note the signal, raised again after the block.
+    """
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
+    noted: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in _BLOCKED} if main else {}
+    handlers = {s: h for s, h in handlers.items() if h is not None}  # None: set outside Python, left alone
+    for signum in handlers:
+        signal.signal(signum, lambda number, _frame: noted.append(number))
+    try:
+        yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        if noted:
+            signal.raise_signal(noted[0])
 
 
 def _replace(tmp: Path, target: Path) -> None:
