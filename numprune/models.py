@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import huggingface_hub.constants
 import torch
+from huggingface_hub.file_download import repo_folder_name
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
@@ -63,8 +65,9 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
 
 
 def model_folder(spec: str | None) -> Path | None:
-    """The local folder ``spec`` names (a registry model's cache, the digits model's, an existing folder);
-    None for a hub id. Outputs are checked against it, so that none is ever written into or over it."""
+    """The local folder ``spec`` names (a registry model's cache, the digits model's, an existing folder, a hub
+    model's folder in the Hugging Face cache); None for a hub id not cached. Outputs are checked against it, so
+    that none is ever written into or over it (a cached snapshot's file replaced breaks every later load)."""
     if spec is None or spec in REGISTRY_MODELS:
         return registry_folder(spec)
     if spec == DIGITS_MODEL:
@@ -72,7 +75,10 @@ def model_folder(spec: str | None) -> Path | None:
 
         return default_digits_folder()
     folder = Path(spec).expanduser()
-    return folder if folder.is_dir() else None
+    if folder.is_dir():
+        return folder
+    cached = Path(huggingface_hub.constants.HF_HUB_CACHE) / repo_folder_name(repo_id=spec, repo_type="model")
+    return cached if cached.is_dir() else None
 
 
 def source_folder(loaded) -> str | None:

@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -528,3 +529,18 @@ def test_ctrl_c_as_the_old_output_is_replaced_is_held_until_the_new_one_is_in_pl
     assert done.returncode == 130, done.stderr
     assert done.stderr.splitlines() == [f"numprune: interrupted; {gguf} had been written completely"]
     assert hashes(gguf) != old and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+def test_a_hub_models_folder_in_the_hugging_face_cache_is_an_input(tiny_model_folder, tmp_path, monkeypatch):
+    """``--model owner/name`` loads the cached snapshot: an output over one of its files (links into blobs/)
+    broke every later load of that model ("Unrecognized model")."""
+    repo = tmp_path / "hub" / "models--probe--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    shutil.copytree(tiny_model_folder, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    refused("bench --model owner/name --json <its snapshot>/config.json --overwrite", "lies inside", "bench",
+            "--model", "probe/tiny", "--json", snapshot / "config.json", "--overwrite", inputs=[tmp_path])
