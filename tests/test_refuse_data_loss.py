@@ -28,6 +28,7 @@ from hostile import REPO, hashes, in_process, numprune, refused
 from numprune.errors import NumpruneError
 from numprune.export import export_gguf
 from numprune.io import output
+from numprune.io.cache import cache_root
 from numprune.models import load_model
 from numprune.save import save_pruned
 
@@ -544,3 +545,13 @@ def test_a_hub_models_folder_in_the_hugging_face_cache_is_an_input(tiny_model_fo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     refused("bench --model owner/name --json <its snapshot>/config.json --overwrite", "lies inside", "bench",
             "--model", "probe/tiny", "--json", snapshot / "config.json", "--overwrite", inputs=[tmp_path])
+
+
+def test_prune_out_with_a_tilde_is_exported_too(tiny_model_folder, tmp_path, monkeypatch):
+    """``prune --out '~/o' --gguf g.gguf``: the folder was saved at ~/o, then its export looked for the unexpanded
+    folder and refused ("no model folder at ~/o") after the whole run."""
+    monkeypatch.setenv("NUMPRUNE_CACHE", str(cache_root()))  # the corpora where they are, not under the new home
+    monkeypatch.setenv("HOME", str(tmp_path))
+    done = in_process(*PRUNE, "--model", tiny_model_folder, "--out", "~/o", "--gguf", tmp_path / "g.gguf")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert (tmp_path / "o" / "pruning_report.json").is_file() and (tmp_path / "g.gguf").stat().st_size > 0

@@ -80,7 +80,7 @@ def export_gguf(model_or_folder, out: str | os.PathLike, outtype: str = "f16", *
     if outtype not in OUTTYPES:
         raise NumpruneError(f"unknown GGUF output type {outtype!r}; choose from {', '.join(OUTTYPES)}")
     out = Path(out).expanduser()  # "~/m.gguf" is the file written, and the one measured after
-    folder = Path(model_or_folder) if isinstance(model_or_folder, (str, os.PathLike)) else None
+    folder = Path(model_or_folder).expanduser() if isinstance(model_or_folder, (str, os.PathLike)) else None
     # A model object protects the folder it was loaded from, as a folder does itself.
     check_target(out, overwrite, [folder or source_folder(model_or_folder), source_folder(tokenizer)])
     if folder is not None:
