@@ -555,3 +555,18 @@ def test_prune_out_with_a_tilde_is_exported_too(tiny_model_folder, tmp_path, mon
     done = in_process(*PRUNE, "--model", tiny_model_folder, "--out", "~/o", "--gguf", tmp_path / "g.gguf")
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert (tmp_path / "o" / "pruning_report.json").is_file() and (tmp_path / "g.gguf").stat().st_size > 0
+
+
+@needs_llama_cpp
+def test_quantize_reads_a_source_named_with_a_tilde_or_not_in_utf8(tiny_model_folder, tmp_path, monkeypatch):
+    """The source went to llama.cpp as ``str(path).encode()``: a name not in UTF-8 failed with a UnicodeEncodeError
+    traceback, and ``~/a.gguf`` reached llama.cpp unexpanded (and was checked against the output unexpanded)."""
+    from numprune.export import llamacpp
+
+    source = export_gguf(tiny_model_folder, tmp_path / "a.gguf").path
+    odd = Path(shutil.copy(source, tmp_path / os.fsdecode(b"a\xff.gguf")))
+    assert llamacpp.quantize(odd, tmp_path / "q.gguf", "q8_0").stat().st_size > 0
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(NumpruneError, match="would replace"):
+        llamacpp.quantize("~/a.gguf", source, "q8_0", overwrite=True)
+    assert llamacpp.quantize("~/a.gguf", tmp_path / "q2.gguf", "q8_0").stat().st_size > 0
