@@ -570,3 +570,17 @@ def test_quantize_reads_a_source_named_with_a_tilde_or_not_in_utf8(tiny_model_fo
     with pytest.raises(NumpruneError, match="would replace"):
         llamacpp.quantize("~/a.gguf", source, "q8_0", overwrite=True)
     assert llamacpp.quantize("~/a.gguf", tmp_path / "q2.gguf", "q8_0").stat().st_size > 0
+
+
+def test_compare_on_a_data_file_whose_name_is_not_utf8_writes_its_results(tiny_model_folder, tmp_path):
+    """The tables' columns are named after the data file: a name not in UTF-8 failed results.csv's write with a
+    UnicodeEncodeError traceback after the whole sweep (and the plot's title a TypeError); its undecodable bytes are
+    now shown escaped."""
+    data = tmp_path / os.fsdecode(b"eval\xff.txt")
+    data.write_text("the evaluation text, a user's own file. " * 200)
+    done = in_process("compare", "--model", tiny_model_folder, "--ratios", "0.3", "--methods", "magnitude",
+                      "--nsamples", "2", "--seqlen", "16", "--data", data, "--eval-seqlen", "16", "--eval-windows", "2",
+                      "--quiet", "--out", tmp_path / "out")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    for name in ("results.csv", "results.md"):
+        assert "eval\\udcff.txt" in (tmp_path / "out" / name).read_text(encoding="utf-8")
