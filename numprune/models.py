@@ -56,7 +56,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
 
         return *_load(str(digits_model_folder()), dtype, with_tokenizer=False), DIGITS_DESCRIPTION
     folder = Path(spec).expanduser()
-    if folder.is_dir():  # loaded by its absolute path: the folder its outputs protect, whatever the working folder later
+    if folder.is_dir():  # by its absolute path: the folder its outputs protect, whatever the working folder later
         has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
         return *_load(str(folder.absolute()), dtype, with_tokenizer=has_tokenizer), str(folder.resolve())
     if _looks_like_path(spec):

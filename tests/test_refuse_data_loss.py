@@ -422,8 +422,9 @@ def test_a_folder_whose_marker_is_a_link_or_a_folder_is_not_numprunes(tiny_model
         project.mkdir()
         (project / "thesis.tex").write_text("years of work")
         make(project / "pruning_report.json")
-        refused(f"prune --out <folder whose pruning_report.json is a {name}> --overwrite", "was not written by numprune",
-                *PRUNE, "--model", tiny_model_folder, "--out", project, "--overwrite", inputs=[tmp_path])
+        refused(f"prune --out <folder whose pruning_report.json is a {name}> --overwrite",
+                "was not written by numprune", *PRUNE, "--model", tiny_model_folder, "--out", project, "--overwrite",
+                inputs=[tmp_path])
         assert sorted(p.name for p in project.iterdir()) == ["pruning_report.json", "thesis.tex"]
 
 
@@ -447,7 +448,8 @@ def test_a_model_loaded_by_a_relative_path_keeps_its_folder_after_a_chdir(tiny_m
 def test_an_output_path_that_is_not_utf8_is_refused_before_the_work(tiny_model_folder, tmp_path):
     """safetensors and tokenizers write UTF-8 paths only: such an --out failed after the work with a traceback."""
     for case, args in [
-        ("prune --out <name not in UTF-8>", [*PRUNE, "--model", tiny_model_folder, "--out", tmp_path / os.fsdecode(b"out\xff")]),
+        ("prune --out <name not in UTF-8>", [*PRUNE, "--model", tiny_model_folder, "--out",
+                                             tmp_path / os.fsdecode(b"out\xff")]),
         ("export --gguf <folder not in UTF-8>/m.gguf", ["export", "--model", tiny_model_folder, "--gguf",
                                                         tmp_path / os.fsdecode(b"\xfe") / "m.gguf"]),
     ]:

@@ -121,6 +121,6 @@ def build_evaluation(names: list[str], args, model, tokenizer) -> Evaluation | N
     # compare prints each cell's figures as they come; only prune shows perplexity's progress. A file named outside
     # UTF-8 (undecodable bytes held as surrogates, which tables and plots refuse) is labelled with them escaped,
     # as \udcff: two such names stay two labels.
-    return Perplexity({name.encode("utf-8", "backslashreplace").decode("utf-8"): eval_windows(tokenizer, name, args, model)
-                       for name in names},
+    labels = {name: name.encode("utf-8", "backslashreplace").decode("utf-8") for name in names}
+    return Perplexity({labels[name]: eval_windows(tokenizer, name, args, model) for name in names},
                       progress=not args.quiet and args.command != "compare")

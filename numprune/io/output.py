@@ -65,7 +65,7 @@ _BLOCKED = {signal.SIGINT, signal.SIGTERM}
 
 
 def _host() -> str:
-    """This machine and process namespace as 8 hex digits: where the process ids in temporaries' names mean something."""
+    """This machine and process namespace, as 8 hex digits: where a temporary's process id means something."""
     namespace = ""
     with contextlib.suppress(OSError):
         namespace = os.readlink("/proc/self/ns/pid")
