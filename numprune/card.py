@@ -68,7 +68,9 @@ def _text(value) -> str:
 
 def _save(folder: Path, data: ModelCardData, body: str) -> Path:
     path = Path(folder) / CARD_NAME
-    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}").save(path)
+    text = f"---\n{data.to_yaml()}\n---\n\n{body}"
+    # A name that is not UTF-8 (a calibration file's, its undecodable bytes held as surrogates) shows "?" for them.
+    ModelCard(text.encode("utf-8", "replace").decode("utf-8")).save(path)
     return path
 
 

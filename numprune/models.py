@@ -12,7 +12,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import getproxies, proxy_bypass
 
+import huggingface_hub.constants
 import torch
+from huggingface_hub.file_download import repo_folder_name
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
@@ -58,9 +60,9 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
 
         return *_load(str(digits_model_folder()), dtype, with_tokenizer=False), DIGITS_DESCRIPTION
     folder = Path(spec).expanduser()
-    if folder.is_dir():
+    if folder.is_dir():  # by its absolute path: the folder its outputs protect, whatever the working folder later
         has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
-        return *_load(str(folder), dtype, with_tokenizer=has_tokenizer), str(folder.resolve())
+        return *_load(str(folder.absolute()), dtype, with_tokenizer=has_tokenizer), str(folder.resolve())
     if _looks_like_path(spec):
         raise NumpruneError(f"no model folder at {spec}")
     _check_hub_reachable(spec)
@@ -68,8 +70,9 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32):
 
 
 def model_folder(spec: str | None) -> Path | None:
-    """The local folder ``spec`` names (a registry model's cache, the digits model's, an existing folder);
-    None for a hub id. Outputs are checked against it, so that none is ever written into or over it."""
+    """The local folder ``spec`` names (a registry model's cache, the digits model's, an existing folder, a hub
+    model's folder in the Hugging Face cache); None for a hub id not cached. Outputs are checked against it, so
+    that none is ever written into or over it (a cached snapshot's file replaced breaks every later load)."""
     if spec is None or spec in REGISTRY_MODELS:
         return registry_folder(spec)
     if spec == DIGITS_MODEL:
@@ -77,7 +80,10 @@ def model_folder(spec: str | None) -> Path | None:
 
         return default_digits_folder()
     folder = Path(spec).expanduser()
-    return folder if folder.is_dir() else None
+    if folder.is_dir():
+        return folder
+    cached = Path(huggingface_hub.constants.HF_HUB_CACHE) / repo_folder_name(repo_id=spec, repo_type="model")
+    return cached if cached.is_dir() else None
 
 
 def source_folder(loaded) -> str | None:

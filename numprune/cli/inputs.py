@@ -118,6 +118,9 @@ def build_evaluation(names: list[str], args, model, tokenizer) -> Evaluation | N
         sampling = {"cfg_scale": args.calib_cfg_scale, **sampling_options(args)}
         protocol = DigitsProtocol(per_class=args.eval_per_class, seed=args.eval_seed, **sampling)
         return DigitsEvaluator(protocol, progress=not args.quiet)
-    # compare prints each cell's figures as they come; only prune shows perplexity's progress
-    return Perplexity({name: eval_windows(tokenizer, name, args, model) for name in names},
+    # compare prints each cell's figures as they come; only prune shows perplexity's progress. A file named outside
+    # UTF-8 (undecodable bytes held as surrogates, which tables and plots refuse) is labelled with them escaped,
+    # as \udcff: two such names stay two labels.
+    labels = {name: name.encode("utf-8", "backslashreplace").decode("utf-8") for name in names}
+    return Perplexity({labels[name]: eval_windows(tokenizer, name, args, model) for name in names},
                       progress=not args.quiet and args.command != "compare")

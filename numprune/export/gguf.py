@@ -85,9 +85,11 @@ def export_gguf(model_or_folder, out: str | os.PathLike, outtype: str = "f16", *
     if not isinstance(model_or_folder, (str, os.PathLike, nn.Module)):
         raise NumpruneError(f"expected a model folder or a loaded transformers model, got "
                             f"{type(model_or_folder).__name__}")
-    folder = Path(model_or_folder) if isinstance(model_or_folder, (str, os.PathLike)) else None
-    # A model object protects the folder it was loaded from, as a folder does itself.
-    # before Path(out), which reads an empty path as the current folder
+    # "~/m.gguf" is the file written, and the one measured after; an empty path stays empty for the check
+    out = os.path.expanduser(out) if isinstance(out, (str, os.PathLike)) else out
+    folder = Path(model_or_folder).expanduser() if isinstance(model_or_folder, (str, os.PathLike)) else None
+    # A model object protects the folder it was loaded from, as a folder does itself. Checked before Path(out),
+    # which reads an empty path as the current folder.
     check_target(out, overwrite, [folder or source_folder(model_or_folder), source_folder(tokenizer)])
     out = Path(out)
     if folder is not None:

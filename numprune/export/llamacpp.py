@@ -131,8 +131,9 @@ def quantize(source: str | os.PathLike, out: str | os.PathLike, quant: str, n_th
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTS[quant]
     params.nthread = n_threads or default_threads()
-    with output_file(out, overwrite=overwrite, inputs=[source]) as tmp:
-        if llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+    source = Path(source).expanduser()
+    with output_file(out, overwrite=overwrite, inputs=[source]) as tmp:  # the paths' own bytes: any name opens
+        if llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(tmp), ctypes.byref(params)) != 0:
             raise NumpruneError(f"llama.cpp could not quantise {source} to {quant}")
     return Path(out)
 

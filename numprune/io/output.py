@@ -22,9 +22,10 @@ is, contains or lies inside one of the run's inputs, numprune's cache or another
 same run. Any OSError while writing (a full disk) becomes one NumpruneError; the temporary output
 and any parent folders created for it are removed.
 
-A temporary's name carries its process id (``.numprune-<pid>-<random>.<name>``): a run killed
-outright (SIGKILL, a power cut) cannot remove its own, so the next output written beside it removes
-those whose process is gone.
+A temporary's name carries its machine and process id (``.numprune-<host>-<pid>-<random>.<name>``): a
+run killed outright (SIGKILL, a power cut) cannot remove its own, so the next output written beside it
+removes those of this machine whose process is gone. Another machine's (a shared folder) or another
+container's are left alone: their process ids mean nothing here, and their run may still be writing.
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import os
 import re
 import secrets
 import shutil
 import signal
+import socket
 import stat
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,10 +58,21 @@ _RENAME_EXCHANGE = 2
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _RENAMEAT2 = getattr(_LIBC, "renameat2", None)
 _TEMP_PREFIX = ".numprune-"
-# ".numprune-" + a process id (Linux: at most 7 digits) + "-" + 8 hex digits + "."
-_TEMP_EXTRA = len(_TEMP_PREFIX) + 7 + 1 + 8 + 1
-_TEMP_NAME = re.compile(rf"{re.escape(_TEMP_PREFIX)}(\d+)-[0-9a-f]{{8}}\.")
+# ".numprune-" + the host (8 hex digits) + "-" + a process id (Linux: at most 7 digits) + "-" + 8 hex digits + "."
+_TEMP_EXTRA = len(_TEMP_PREFIX) + 8 + 1 + 7 + 1 + 8 + 1
+_TEMP_NAME = re.compile(rf"{re.escape(_TEMP_PREFIX)}([0-9a-f]{{8}})-(\d+)-[0-9a-f]{{8}}\.")
 _BLOCKED = {signal.SIGINT, signal.SIGTERM}
+
+
+def _host() -> str:
+    """This machine and process namespace, as 8 hex digits: where a temporary's process id means something."""
+    namespace = ""
+    with contextlib.suppress(OSError):
+        namespace = os.readlink("/proc/self/ns/pid")
+    return hashlib.sha256(f"{socket.gethostname()} {namespace}".encode()).hexdigest()[:8]
+
+
+HOST = _host()
 # Outputs this process has put in place: the command line's message on Ctrl-C says which.
 committed: list[Path] = []
 
@@ -72,8 +87,8 @@ def check_target(out: str | os.PathLike, *, overwrite: bool = False, folder: boo
     folders, data files): the target may not be one of them (nor the same file through a link),
     contain one, or lie inside one; ``outputs`` are the run's other outputs, written or not yet:
     the target may not be one, contain one or lie inside one. Nor may it be the current folder or
-    one above it, numprune's cache folder or one of its entries (unless ``into_cache``: numprune's
-    own cache builders). With ``overwrite``, only a regular file, or a folder that is empty or holds
+    one above it, nor lie in numprune's cache folder (unless ``into_cache``: numprune's own cache
+    builders). With ``overwrite``, only a regular file, or a folder that is empty or holds
     ``marker`` (a file every such output has), is replaced, so that a mistyped path never deletes
     a folder numprune did not write, nor a device or a pipe.
     """
@@ -84,6 +99,9 @@ def check_target(out: str | os.PathLike, *, overwrite: bool = False, folder: boo
     if target.parent == target:
         raise NumpruneError(f"cannot write the {kind} {target}: it is the root folder")
     _check_names(target)
+    if not _is_utf8(target):  # safetensors and tokenizers write UTF-8 paths only
+        shown = os.fsencode(target).decode("utf-8", "replace")
+        raise NumpruneError(f"output path {shown} is not valid UTF-8; choose a name in UTF-8")
     try:
         return _check_target(target, overwrite, folder, inputs, outputs, marker, into_cache, kind)
     except OSError as e:  # a path the system refuses to look at (too long, a loop of links, ...)
@@ -108,7 +126,7 @@ def _check_target(target: Path, overwrite: bool, folder: bool, inputs: Iterable,
         if not folder and not stat.S_ISREG(target.stat().st_mode):
             raise NumpruneError(f"output path {target} is not a regular file (a device, a pipe or a socket); "
                                 "it is not replaced")
-        if folder and marker and any(target.iterdir()) and not (target / marker).exists():
+        if folder and marker and any(target.iterdir()) and not _is_regular_file(target / marker):
             raise NumpruneError(f"{target} is not empty and was not written by numprune (it has no {marker}); "
                                 "it is not replaced")
     ancestor = next(p for p in target.parents if os.path.lexists(p))
@@ -124,25 +142,31 @@ def _check_target(target: Path, overwrite: bool, folder: bool, inputs: Iterable,
 
 
 def _check_not_an_input(target: Path, real: Path, inputs: Iterable, kind: str, into_cache: bool) -> None:
-    """Not over, around or inside what the run reads or numprune keeps; the current folder and the cache folder
-    itself may hold outputs, but are never replaced."""
+    """Not over, around or inside what the run reads or numprune keeps; the current folder may hold outputs, but
+    is never replaced. Nothing but numprune's own cache builders writes in the cache folder: an output named as an
+    entry not built yet would be taken for it by later runs (a pruned model as the embedded one)."""
     inputs = [Path(p) for p in inputs if p is not None]
     protected = [(Path(os.path.realpath(p)), "an input of this run", True) for p in inputs]
     protected.append((Path(os.path.realpath(os.getcwd())), "the current folder", False))
     if not into_cache:
         cache = cache_root()
-        protected.append((Path(os.path.realpath(cache)), "numprune's cache", False))
+        protected.append((Path(os.path.realpath(cache)), "numprune's cache", True))
         protected += [(Path(os.path.realpath(entry)), "in numprune's cache", True) for entry in _entries(cache)]
     for path, what, enclosing in protected:
         if real == path or real in path.parents:
             raise NumpruneError(f"output {kind} {target} would replace {path} ({what}); choose another path")
-        if enclosing and path in real.parents and path.is_dir():
+        if enclosing and path in real.parents and not path.is_file():  # a folder, or the cache before its first use
             raise NumpruneError(f"output {kind} {target} lies inside {path} ({what}); choose a path outside it")
     if target.exists():  # the same file through a hard link
         for path in inputs:
             if path.is_file() and os.path.samefile(target, path):
                 raise NumpruneError(f"output {kind} {target} is the same file as {path} (an input of this run); "
                                     "choose another path")
+
+
+def _is_regular_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file itself (numprune writes its marker so): not a link to one, nor a folder."""
+    return path.is_file() and not path.is_symlink()
 
 
 def _entries(folder: Path) -> list[Path]:
@@ -159,6 +183,15 @@ def _check_not_another_output(target: Path, real: Path, outputs: Iterable, kind:
         if real == other or real in other.parents or other in real.parents:
             raise NumpruneError(f"output {kind} {target} and {other} (another output of this run) overlap; "
                                 "choose separate paths")
+
+
+def _is_utf8(path: Path) -> bool:
+    """Whether ``path`` is UTF-8 (a name that is not holds its undecodable bytes as surrogates)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_names(target: Path) -> None:
@@ -199,9 +232,9 @@ def _output(out, overwrite: bool, inputs: Iterable, marker: str | None, into_cac
             folder: bool) -> Iterator[Path]:
     target = check_target(out, overwrite=overwrite, folder=folder, inputs=inputs, marker=marker, into_cache=into_cache)
     created = _make_parents(target.parent)
-    _remove_stale_temporaries(target.parent)
     tmp = None
-    try:
+    try:  # from here on, an interrupt removes the parents created (the stale temporaries may take a while)
+        _remove_stale_temporaries(target.parent)
         tmp = _make_temp(target.parent, target.name, folder=folder)
         yield tmp
         _normal_permissions(tmp)
@@ -249,7 +282,7 @@ def _make_temp(parent: Path, name: str, *, folder: bool) -> Path:
     permissions (0o777 less the umask, not mkdtemp's 0o700), or a file path with the target's name at the end
     (so its suffix says the format to writers such as matplotlib)."""
     while True:
-        path = parent / f"{_TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.{name}"
+        path = parent / f"{_TEMP_PREFIX}{HOST}-{os.getpid()}-{secrets.token_hex(4)}.{name}"
         try:
             if folder:
                 path.mkdir()
@@ -261,11 +294,11 @@ def _make_temp(parent: Path, name: str, *, folder: bool) -> Path:
 
 
 def _remove_stale_temporaries(folder: Path) -> None:
-    """Remove the temporaries in ``folder`` left by numprune processes that no longer run (killed outright), as
-    far as this user may (another user's, in a shared folder, stay)."""
+    """Remove the temporaries in ``folder`` left by this machine's numprune processes that no longer run (killed
+    outright), as far as this user may (another user's, in a shared folder, stay)."""
     for entry in _entries(folder):
         match = _TEMP_NAME.match(entry.name)
-        if match and not _running(int(match[1])):
+        if match and match[1] == HOST and not _running(int(match[2])):
             with contextlib.suppress(OSError):
                 _remove(entry)
 
@@ -282,8 +315,7 @@ def _running(pid: int) -> bool:
 
 def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
     """Put ``tmp`` in place at ``target`` in one step, with Ctrl-C and SIGTERM held until it is done."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
-    try:
+    with _signals_held():
         if not overwrite or not os.path.lexists(target):
             try:
                 _rename_noreplace(tmp, target)
@@ -295,8 +327,32 @@ def _commit(tmp: Path, target: Path, overwrite: bool) -> None:
         else:
             _replace(tmp, target)
         committed.append(target)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done, then reach the handlers they had.
+
+    Blocking them in this thread alone does not hold them: the kernel hands a signal to another thread (torch
+    has several), and Python runs the handler in the main thread at its next step, inside the block (the old
+    output then deleted and the new one in place, reported as nothing written). So, in the main thread, the
+    handlers themselves wait: they note the signal, raised again after the block.
+    """
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED)
+    noted: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in _BLOCKED} if main else {}
+    handlers = {s: h for s, h in handlers.items() if h is not None}  # None: set outside Python, left alone
+    for signum in handlers:
+        signal.signal(signum, lambda number, _frame: noted.append(number))
+    try:
+        yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        if noted:
+            signal.raise_signal(noted[0])
 
 
 def _replace(tmp: Path, target: Path) -> None:
