@@ -14,7 +14,8 @@ read from disk one layer at a time) are both these steps over a layer source (nu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import psutil
@@ -200,7 +201,7 @@ def select(source: LayerSource, tokens: torch.Tensor | None, stats: Sequence[Lay
             if stream is not None:
                 with clock.timed("calibration"), full_precision():
                     stats.append(stream.run(layer, collect=True, advance=True))
-            with clock.timed("scoring"), full_precision():
+            with clock.timed("scoring"), full_precision(), _solvable(i, "scoring"):
                 inputs = criterion_inputs(adapter, i, layer, stats[i], opts.ratio)
                 scores.append(criterion(inputs, **opts.score_options))
                 guides.append(layer_guide(opts.allocation, adapter, inputs, scores[-1], opts.allocation_compensation,
@@ -212,6 +213,18 @@ def select(source: LayerSource, tokens: torch.Tensor | None, stats: Sequence[Lay
     _check_rounding(adapter, plans, opts)
     distributed.agree("the allocation", [asdict(p) for p in plans])
     return plans, stats
+
+
+@contextmanager
+def _solvable(i: int, stage: str) -> Iterator[None]:
+    """A factorisation that fails on layer ``i``'s statistics (singular at damping 0: tokens that do not vary, a
+    channel never active) as one line that says what to change, not a linear-algebra traceback."""
+    try:
+        yield
+    except torch.linalg.LinAlgError as e:
+        reason = str(e).splitlines()[0]
+        raise NumpruneError(f"{stage} of layer {i} failed: its calibration statistics are singular ({reason}); "
+                            "give a damping > 0 or calibrate on more varied text") from None
 
 
 def criterion_inputs(adapter: Adapter, i: int, layer: nn.Module, stats: LayerStats, ratio: float) -> CriterionInputs:
@@ -241,7 +254,8 @@ def compensate(source: LayerSource, plans: list[LayerPlan], stats: Sequence[Laye
             stream = compute.stream(adapter, tokens)
     for i in tqdm(range(adapter.num_layers()), desc="compensating", unit="layer", disable=not compute.progress):
         with source.layer(i) as layer:
-            with clock.timed("compensation"), full_precision():  # statistics and fits where the statistics are
+            # statistics and fits where the statistics are
+            with clock.timed("compensation"), full_precision(), _solvable(i, "compensation"):
                 if not compensation.needs:
                     layer_stats = None
                 elif stream is None:

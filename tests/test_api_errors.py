@@ -146,3 +146,16 @@ def test_save_pruned_refuses_an_empty_path(model):
     for out in ("", "   "):
         with pytest.raises(NumpruneError, match="output path is empty"):
             save_pruned(model, None, {}, out)
+
+
+@pytest.mark.parametrize("compensation", ["least-squares", "affine"])
+def test_singular_statistics_at_damping_0_are_one_line_naming_the_layer(model, compensation):
+    """Enough tokens for the up-front count check, but a channel that is never active (its row and column of
+    X^T X exactly zero): the undamped factorisation fails, and the user gets the layer and what to change."""
+    stats = list(calibrate(model, tiny_tokens(8, 16), progress=False))
+    dead = stats[1].mlp
+    dead.gram[0, :] = dead.gram[:, 0] = 0
+    dead.total[0] = 0
+    with pytest.raises(NumpruneError, match="compensation of layer 1 failed: its calibration statistics are singular"):
+        prune(model, None, ratio=0.1, method="magnitude", stats=stats, compensation=compensation,
+              compensation_damp=0.0, progress=False)
