@@ -5,18 +5,29 @@ transformers' Auto classes, so pruned folders with different widths per layer lo
 ``AutoModelForCausalLM.from_pretrained``.
 """
 
+import os
 import sys
 
 INTERRUPTED_AT_START = "numprune: interrupted while starting; nothing was written"
+
+
+def _run_as_module() -> bool:
+    """Whether this process is ``python -m numprune``."""
+    argv = getattr(sys, "orig_argv", sys.argv)
+    return any(flag == "-m" and name == "numprune" for flag, name in zip(argv, argv[1:]))
+
+
+# `python -m numprune` puts the current folder first on the import path, so a model folder holding, say,
+# safetensors.py would have its code run by the imports below. The command never needs that folder there.
+if _run_as_module() and sys.path and sys.path[0] == os.getcwd():
+    del sys.path[0]
 
 
 def exit_if_command_interrupted() -> None:
     """Ctrl-C while the command line is still importing torch and transformers: one line and status 130,
     not a traceback. Only when this process is the ``numprune`` command; an importing program gets the
     KeyboardInterrupt as usual."""
-    argv = getattr(sys, "orig_argv", sys.argv)
-    as_module = any(flag == "-m" and name == "numprune" for flag, name in zip(argv, argv[1:]))
-    if as_module or sys.argv[0].rsplit("/", 1)[-1] == "numprune":
+    if _run_as_module() or sys.argv[0].rsplit("/", 1)[-1] == "numprune":
         print(INTERRUPTED_AT_START, file=sys.stderr)
         raise SystemExit(130)
 

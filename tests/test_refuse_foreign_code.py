@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from hostile import refused
+from hostile import numprune, refused
 
 # A module that leaves a mark wherever it is imported, and a pickle that leaves one when loaded.
 PLANTED_CODE = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
@@ -56,3 +56,12 @@ def test_pickled_weights_are_refused_with_a_way_to_convert_them(planted, name):
                        "safetensors only", *command, inputs=[folder])
         assert "weights_only=True" in done.stderr and "save_file" in done.stderr
     assert not marker.exists()
+
+
+def test_python_m_numprune_in_a_folder_with_code_runs_none_of_it(tmp_path):
+    """`python -m numprune` puts the current folder first on the import path: a folder holding a module that
+    numprune imports (safetensors.py) must not have it run."""
+    (tmp_path / "safetensors.py").write_text("open(__file__ + '.ran', 'w').close()\nraise SystemExit(7)\n")
+    done = numprune("--version", cwd=tmp_path)
+    assert done.returncode == 0 and not (tmp_path / "safetensors.py.ran").exists(), done.stderr
+    assert done.stdout.startswith("numprune ")
