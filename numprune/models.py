@@ -14,6 +14,7 @@ from urllib.request import getproxies, proxy_bypass
 
 import huggingface_hub.constants
 import torch
+from huggingface_hub.errors import HFValidationError
 from huggingface_hub.file_download import repo_folder_name
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
@@ -82,7 +83,12 @@ def model_folder(spec: str | None) -> Path | None:
     folder = Path(spec).expanduser()
     if folder.is_dir():
         return folder
-    cached = Path(huggingface_hub.constants.HF_HUB_CACHE) / repo_folder_name(repo_id=spec, repo_type="model")
+    if _looks_like_path(spec):  # a missing folder, not a hub id: the loader says so in one line
+        return None
+    try:
+        cached = Path(huggingface_hub.constants.HF_HUB_CACHE) / repo_folder_name(repo_id=spec, repo_type="model")
+    except HFValidationError:  # not a valid hub id either: nothing to protect
+        return None
     return cached if cached.is_dir() else None
 
 

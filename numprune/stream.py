@@ -77,7 +77,26 @@ def check_folder(folder: str | os.PathLike) -> Path:
         raise NumpruneError(f"streaming needs a local model folder; {folder} is not one")
     check_model_folder(folder)
     load_config(folder)
+    side_files(folder)
     return folder
+
+
+def side_files(folder: Path) -> list[Path]:
+    """The side files of ``folder`` that are copied beside the pruned weights as they are. A link may point
+    within the folder, or within its Hugging Face cache repository (a snapshot's files link into its
+    ``blobs/``), but nowhere else: a hostile folder could otherwise pull any readable file into the output."""
+    home = Path(os.path.realpath(folder))
+    if home.parent.name == "snapshots" and home.parent.parent.name.startswith("models--"):
+        home = home.parent.parent
+    found = []
+    for path in (folder / name for name in SIDE_FILES):
+        if not path.is_file():
+            continue
+        real = Path(os.path.realpath(path))
+        if home not in real.parents:
+            raise NumpruneError(f"{path} links to {real}, outside the model folder; copy the file into the folder")
+        found.append(path)
+    return found
 
 
 def load_tokenizer(folder: Path):
@@ -237,9 +256,9 @@ class StreamedModel(LayerSource):
                                                        "weight_map": dict(sorted(self.weight_map.items()))}, indent=2))
         config.dtype = self.dtype
         config.save_pretrained(self.out)
-        for name in SIDE_FILES:
-            if (self.folder / name).is_file() and not (self.out / name).exists():
-                shutil.copy2(self.folder / name, self.out / name)
+        for path in side_files(self.folder):
+            if not (self.out / path.name).exists():
+                shutil.copy2(path, self.out / path.name)
         return pruned
 
 

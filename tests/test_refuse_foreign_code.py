@@ -65,3 +65,19 @@ def test_python_m_numprune_in_a_folder_with_code_runs_none_of_it(tmp_path):
     done = numprune("--version", cwd=tmp_path)
     assert done.returncode == 0 and not (tmp_path / "safetensors.py.ran").exists(), done.stderr
     assert done.stdout.startswith("numprune ")
+
+
+def test_a_side_file_linking_outside_the_model_folder_is_not_copied_into_a_streamed_output(tiny_model_folder,
+                                                                                          tmp_path):
+    """prune --stream copies side files (generation_config.json, merges.txt, ...) as they are: a link to a file
+    outside the folder would pull any readable file into an output the user may publish."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_folder, folder)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not publish\n")
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    (folder / "generation_config.json").symlink_to(secret)
+    refused("prune --stream: generation_config.json links outside", "outside the model folder", "prune", "--model",
+            folder, "--ratio", "0.3", "--stream", "--calib", "sotu", "--nsamples", "2", "--seqlen", "16", "--out",
+            tmp_path / "out", inputs=[folder, secret])
+    assert not (tmp_path / "out").exists()
