@@ -34,8 +34,9 @@ def numprune(*args, cwd=None, timeout=300, signal_at: str | None = None, **popen
     itself that signal as that module starts being imported, or as that function is first called
     (tests/signal_hook/sitecustomize.py), so an interruption lands at a point the test chose, whatever the load.
     """
-    path = [str(REPO), *([str(REPO / "tests" / "signal_hook")] if signal_at else []), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "NUMPRUNE_TEST_SIGNAL": signal_at or ""}
+    path = [str(REPO), *([str(REPO / "tests" / "signal_hook")] if signal_at else []), os.environ.get("PYTHONPATH")]
+    # No empty entry: Python reads one as the current folder, which a test of what runs from there must not add.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), "NUMPRUNE_TEST_SIGNAL": signal_at or ""}
     popen.setdefault("stdin", None if "input" in popen else subprocess.DEVNULL)  # nothing to answer a prompt
     return subprocess.run([sys.executable, "-m", "numprune", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env, **popen)
