@@ -321,15 +321,23 @@ def test_only_regular_files_and_numprunes_own_folders_are_replaced(tiny_model_fo
         assert kind(os.stat(tmp_path / name).st_mode), name
 
 
+def killed_while_writing(out, size: int, host: str | None = None) -> None:
+    """A process that writes ``size`` bytes into an output folder at ``out`` (as machine ``host``, if given) and is
+    SIGKILLed before it can finish: the temporary it leaves behind."""
+    script = ("import os, signal, sys\nfrom numprune.io import output\n"
+              + (f"output.HOST = {host!r}\n" if host else "")
+              + "with output.output_folder(sys.argv[1]) as tmp:\n"
+              f"    (tmp / 'model.safetensors').write_bytes(bytes({size}))\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)")
+    done = subprocess.run([sys.executable, "-c", script, out], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True)
+    assert done.returncode == -signal.SIGKILL
+
+
 def test_a_killed_runs_temporary_is_removed_by_the_next_write_there(tmp_path):
     """SIGKILL leaves a hidden temporary output nothing else removes; the next output written beside it removes
     it (its process is gone), and keeps the temporaries of running processes."""
-    killed = subprocess.run([sys.executable, "-c", "import os, signal, sys\nfrom numprune.io import output\n"
-                             "with output.output_folder(sys.argv[1]) as tmp:\n"
-                             "    (tmp / 'model.safetensors').write_bytes(bytes(100_000))\n"
-                             "    os.kill(os.getpid(), signal.SIGKILL)", tmp_path / "out"],
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True)
-    assert killed.returncode == -signal.SIGKILL
+    killed_while_writing(tmp_path / "out", 100_000)
     (stale,) = tmp_path.iterdir()
     assert stale.name.startswith(".numprune-") and (stale / "model.safetensors").stat().st_size == 100_000
     with output.output_file(tmp_path / "running.json") as running:  # this process's, still being written
@@ -489,13 +497,7 @@ def test_another_machines_temporary_in_a_shared_folder_is_left_alone(tmp_path):
     nothing here: its temporary, still being written, was removed by this machine's next output beside it because
     no process here had that id. (Stood in for by a process that takes another machine's name and stops, SIGKILLed,
     mid-write.)"""
-    other = subprocess.run([sys.executable, "-c", "import os, signal, sys\nfrom numprune.io import output\n"
-                            "output.HOST = 'a0b1c2d3'\n"
-                            "with output.output_folder(sys.argv[1]) as tmp:\n"
-                            "    (tmp / 'model.safetensors').write_bytes(bytes(1000))\n"
-                            "    os.kill(os.getpid(), signal.SIGKILL)", tmp_path / "theirs"],
-                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True)
-    assert other.returncode == -signal.SIGKILL
+    killed_while_writing(tmp_path / "theirs", 1000, host="a0b1c2d3")
     (theirs,) = tmp_path.iterdir()
     output.write_text(tmp_path / "mine.json", "{}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([theirs.name, "mine.json"])
