@@ -7,6 +7,7 @@ Test modules take their helpers from here or from ``hostile.py``, never from one
 from __future__ import annotations
 
 import copy
+import signal
 import os
 import subprocess
 import sys
@@ -28,6 +29,11 @@ from numprune.recipe import PruneOptions
 from numprune.report import Clock
 from numprune.shrink import shrink
 from numprune.sources import InMemory
+
+# A run started as a background job of a shell without job control inherits SIGINT ignored, and so would every
+# process the tests start: the Ctrl-C tests would then see their signal ignored. The tests need Python's own.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SHAPES = {
     "mha": dict(num_attention_heads=4, num_key_value_heads=4, hidden_size=32, intermediate_size=48),
