@@ -47,8 +47,8 @@ def main() -> None:
     tokens, calib_info = self_generated_calibration(model, args.calib_per_class, cfg_scale=CALIB_CFG_SCALE, seed=0)
     generated_s = time.perf_counter() - start
     evaluator = DigitsEvaluator(DigitsProtocol(per_class=args.eval_per_class, seed=1, cfg_scale=CALIB_CFG_SCALE))
-    results = compare.run_grid(model, tokens, args.methods.split(","), [float(r) for r in args.ratios.split(",")],
-                               evaluator, calibration_info=calib_info, batch_size=64, progress=True)
+    grid = compare.recipes(args.methods.split(","), [float(r) for r in args.ratios.split(",")])
+    results = compare.run_grid(model, tokens, grid, evaluator, calibration_info=calib_info, batch_size=64, progress=True)
     results["model"] = source
     out = compare.write(results, evaluator, Path(args.out), overwrite=True)
     shutil.copyfile(out / "samples.png", args.picture)

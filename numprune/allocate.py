@@ -136,14 +136,8 @@ def allocate(adapter: Adapter, scores: list[LayerScores], ratio: float, mode: st
     ``guides`` holds each layer's ``layer_guide`` for the modes that need one. ``round_to`` > 1
     then moves each layer's kept MLP width to the nearest multiple of it (the highest-scoring
     channels are the ones kept), for hardware-friendly matrix shapes; the achieved ratio, which
-    the report states, moves with it.
+    the report states, moves with it. The options come checked (numprune.recipe.PruneOptions).
     """
-    if mode not in REGISTRY:
-        raise NumpruneError(f"unknown allocation {mode!r}; choose from {', '.join(ALLOCATIONS)}")
-    if round_to < 1:
-        raise NumpruneError(f"round-to must be a positive integer, got {round_to}")
-    if gqa_unit not in GQA_UNITS:
-        raise NumpruneError(f"unknown GQA unit {gqa_unit!r}; choose from {', '.join(GQA_UNITS)}")
     layers = []
     for i, s in enumerate(scores):
         if torch.isnan(s.heads).any() or torch.isnan(s.channels).any():
@@ -153,8 +147,6 @@ def allocate(adapter: Adapter, scores: list[LayerScores], ratio: float, mode: st
                        mlp_units(i, s.channels, costs)))
     if mode in GUIDED and (guides is None or len(guides) != len(scores)):
         raise NumpruneError(f"the {mode} allocation needs a guide for every layer")
-    if blend_weight is not None and not 0.0 <= blend_weight <= 1.0:
-        raise NumpruneError(f"the blend weight must be between 0 and 1, got {blend_weight}")
     removed = REGISTRY[mode].remove(adapter, layers, ratio, guides, Settings(gqa_unit, blend_weight))
     if round_to > 1:
         removed = _round_widths(layers, removed, round_to)
@@ -354,14 +346,20 @@ class Allocation:
 
     remove: Callable  # (adapter, layers' units in removal order, ratio, guides, Settings) -> removed units
     guide: Callable | None = None  # (adapter, CriterionInputs, LayerScores, compensation, its options, gqa_unit)
+    description: str = ""  # one line: the command line's help lists it
 
 
 REGISTRY: dict[str, Allocation] = {
-    "global": Allocation(lambda adapter, layers, ratio, guides, settings: _global_ranking(adapter, layers, ratio)),
-    "uniform": Allocation(lambda adapter, layers, ratio, guides, settings: _uniform(adapter, layers, ratio)),
-    "flap-widths": Allocation(_flap_widths, _flap_guide),
-    "blend": Allocation(_blend, _flap_guide),
-    "compensated-error": Allocation(_compensated_error, _compensated_error_guide),
+    "global": Allocation(lambda adapter, layers, ratio, guides, settings: _global_ranking(adapter, layers, ratio),
+                         description="the units of all layers ranked together"),
+    "uniform": Allocation(lambda adapter, layers, ratio, guides, settings: _uniform(adapter, layers, ratio),
+                          description="the same share from every layer"),
+    "flap-widths": Allocation(_flap_widths, _flap_guide,
+                              description="FLAP's per-layer widths, the method's ranking inside each layer"),
+    "blend": Allocation(_blend, _flap_guide, description="between flap-widths and global, toward global as the "
+                                                         "ratio grows"),
+    "compensated-error": Allocation(_compensated_error, _compensated_error_guide,
+                                    description="by the relative error left after compensation"),
 }
 ALLOCATIONS = tuple(REGISTRY)
 GUIDED = tuple(name for name, a in REGISTRY.items() if a.guide)  # global rankings of what their guides compute

@@ -20,7 +20,7 @@ from numprune.calibrate import LayerStats, collect_statistics
 from numprune.errors import NumpruneError
 from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, resolve, select
 from numprune.precision import full_precision
-from numprune.recipe import FLAG
+from numprune.recipe import FLAG, PruneOptions
 from numprune.report import Clock, PruneReport, parameter_counts
 from numprune.shrink import shrink
 from numprune.sources import InMemory
@@ -41,22 +41,23 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, progr
                                   device=compute.where(adapter), dtype=compute.dtype, reduce=distributed.reducer())
 
 
-def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float, stats: Sequence[LayerStats] | None = None,
-          inplace: bool = False, batch_size: int = 8, progress: bool = True, calibration_info: dict | None = None,
+def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOptions | None = None, *,
+          stats: Sequence[LayerStats] | None = None, inplace: bool = False, batch_size: int = 8, progress: bool = True, calibration_info: dict | None = None,
           device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-          **options) -> tuple[nn.Module, PruneReport]:
+          **overrides) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` and return the narrower model and its report.
 
     ``tokens`` ([samples, seqlen] token ids) calibrate the run unless ``stats`` from ``calibrate``
-    are given; sequential compensation statistics always need ``tokens``. ``options`` are the
-    fields of PruneOptions. Unless ``inplace``, ``model`` is left untouched (it is copied first).
+    are given; sequential compensation statistics always need ``tokens``. The run follows ``recipe``
+    (a PruneOptions) changed by ``overrides`` (its fields: ``ratio=0.3, method="numerical"``), or the
+    ``overrides`` alone (``ratio`` is then needed). Unless ``inplace``, ``model`` is left untouched (it is copied first).
     ``device``/``dtype`` say where and in what precision the layer passes run (default: the model's
     own device and dtype). The model may be anywhere and stays there: statistics and solves run in
     float64 without TF32, and each weight gets its result on its own device in its own dtype
     (numprune.precision). Inside a torch.distributed process group
     each process calibrates on its share of ``tokens`` and all return the same result.
     """
-    opts = resolve(ratio, options, tokens, stats)
+    opts = resolve(recipe, overrides, tokens, stats)
     if calibration_info is not None and not isinstance(calibration_info, dict):
         raise NumpruneError(f"calibration_info must be a dict, got {type(calibration_info).__name__}")
     FLAG.check("inplace", inplace)

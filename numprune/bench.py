@@ -16,6 +16,7 @@ import torch
 
 from numprune.adapters import check_window
 from numprune.errors import NumpruneError
+from numprune.extras import need
 from numprune.io.table import markdown_table
 from numprune.save import read_report
 
@@ -255,8 +256,7 @@ def _model_cells(run: dict) -> tuple:
 
 def plot(results: dict, path) -> None:
     """Decode throughput and memory against pruning ratio, one line per batch size (the paper's figure 5)."""
-    import matplotlib
-
+    matplotlib = need("matplotlib", "the plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -3,7 +3,7 @@
 One calibration pass collects the statistics every criterion needs (Gram matrices, means,
 variances of the output projections' inputs); each method and ratio then reuses them, so a grid
 costs one calibration plus one cheap scoring/compensation/surgery per cell. A method entry is a
-name with optional overrides, e.g. ``numerical``, ``numerical:compensation=none``,
+name with optional overrides, e.g. ``numerical-robust`` (the default method), ``numerical``, ``numerical:compensation=none``,
 ``numerical:compensation_stats=sequential:iterations=1`` or
 ``numerical:allocation=flap-widths:compensation=affine:compensation_damp=0.1:centred=true``: any
 PruneOptions field or keyword option of the method's criterion, parsed by its declared type
@@ -20,19 +20,20 @@ import csv
 import io
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from numprune.api import calibrate, prune
 from numprune.errors import NumpruneError
 from numprune.evaluate.base import Evaluation
+from numprune.extras import need
 from numprune.io.output import output_folder
 from numprune.io.table import markdown_table
 from numprune.recipe import PruneOptions
 
 
 def recipes(methods: list[str], ratios: list[float]) -> dict[tuple[str, float], PruneOptions]:
-    """Every method entry at every ratio as checked options, so that a bad entry fails before any work."""
+    """Every method entry at every ratio as its recipe, method by method, so that a bad entry fails before any
+    work."""
     for what, items in (("method entry", [m.strip() if isinstance(m, str) else m for m in methods]),
                         ("ratio", ratios)):
         repeated = next((item for item in items if items.count(item) > 1), None)
@@ -41,14 +42,14 @@ def recipes(methods: list[str], ratios: list[float]) -> dict[tuple[str, float], 
     return {(entry, ratio): PruneOptions.parse(entry, ratio) for entry in methods for ratio in ratios}
 
 
-def run_grid(model, tokens, methods: list[str], ratios: list[float], evaluation: Evaluation, *,
+def run_grid(model, tokens, grid: dict[tuple[str, float], PruneOptions], evaluation: Evaluation, *,
              calibration_info: dict, batch_size: int = 8, progress: bool = True) -> dict:
-    """Prune and measure every method at every ratio; returns the results with their protocol.
+    """Prune and measure every cell of ``grid`` (``recipes``: method entry and ratio -> its recipe); returns the
+    results with their protocol.
 
     Each row holds the model's figures under ``evaluation.row_key``; every model's artefact (if the
     evaluation keeps one) is under ``results["artefacts"]``, for ``write``, and not saved in results.json.
     """
-    checked = recipes(methods, ratios)
     artefacts = {}
 
     def measured(m, name: str) -> dict:
@@ -64,21 +65,19 @@ def run_grid(model, tokens, methods: list[str], ratios: list[float], evaluation:
              "params": sum(p.numel() for p in model.parameters())}]
     if progress:
         _print_row(rows[0], evaluation)
-    for entry in methods:
-        for ratio in ratios:
-            row = {"method": entry, "ratio": ratio}
-            try:
-                pruned, report = prune(model, tokens, stats=stats, batch_size=batch_size, progress=False,
-                                       **asdict(checked[entry, ratio]))
-            except NumpruneError as error:
-                rows.append({**row, "error": str(error)})
-                continue
-            row.update(achieved_ratio=report["parameters"]["achieved_ratio"],
-                       params=report["parameters"]["total_after"], options=report["options"],
-                       time_s=report["time_s"], **measured(pruned, f"{entry} {ratio:.0%}"))
-            rows.append(row)
-            if progress:
-                _print_row(row, evaluation)
+    for (entry, ratio), recipe in grid.items():
+        row = {"method": entry, "ratio": ratio}
+        try:
+            pruned, report = prune(model, tokens, recipe, stats=stats, batch_size=batch_size, progress=False)
+        except NumpruneError as error:
+            rows.append({**row, "error": str(error)})
+            continue
+        row.update(achieved_ratio=report["parameters"]["achieved_ratio"],
+                   params=report["parameters"]["total_after"], options=report["options"],
+                   time_s=report["time_s"], **measured(pruned, f"{entry} {ratio:.0%}"))
+        rows.append(row)
+        if progress:
+            _print_row(row, evaluation)
     sweep_s = time.perf_counter() - start
     runs = sum(1 for r in rows[1:] if "error" not in r)
     return {"calibration": {**calibration_info, "tokens": int(tokens.numel())}, "evaluation": evaluation.describe(),
@@ -119,8 +118,7 @@ def table_csv(results: dict, evaluation: Evaluation) -> str:
 
 def plot(results: dict, evaluation: Evaluation, path: Path) -> None:
     """Each column of ``evaluation`` against ratio (on its own scale), one line per method, dense as a level."""
-    import matplotlib
-
+    matplotlib = need("matplotlib", "the plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -57,6 +57,7 @@ class Compensation:
     removal_errors: Callable[[torch.Tensor, InputStats, torch.Tensor, object], torch.Tensor]
     options: type = NoOptions
     needs: tuple[str, ...] = ()  # InputStats fields it reads; empty: no statistics at all
+    description: str = ""  # one line: the command line's help lists it
 
 
 def least_squares(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -121,18 +122,20 @@ REGISTRY: dict[str, Compensation] = {
     "least-squares": Compensation(
         fit=lambda w, s, keep, o: (least_squares(w, s.gram, keep, o.compensation_damp), None),
         removal_errors=lambda w, s, order, o: refit_errors(w, s.second_moment, order, o.compensation_damp),
-        options=Damped, needs=("gram",)),
+        options=Damped, needs=("gram",), description="refit the kept columns by least squares (ridge: damping)"),
     "affine": Compensation(
         fit=lambda w, s, keep, o: affine(w, s, keep, o.compensation_damp),
         removal_errors=lambda w, s, order, o: refit_errors(w, centred_covariance(s), order, o.compensation_damp),
-        options=Damped, needs=("gram", "total")),
+        options=Damped, needs=("gram", "total"),
+        description="least squares with an intercept, on the centred covariance"),
     "bias": Compensation(
         fit=lambda w, s, keep, o: (w[:, keep].clone(), bias_shift(w, s.mean, keep)),
         removal_errors=lambda w, s, order, o: kept_errors(w, centred_covariance(s), order),
-        needs=("gram", "total")),
+        needs=("gram", "total"), description="FLAP's: the removed inputs' mean contribution moves into the bias"),
     "none": Compensation(
         fit=lambda w, s, keep, o: (w[:, keep].clone(), None),
-        removal_errors=lambda w, s, order, o: kept_errors(w, s.second_moment, order)),
+        removal_errors=lambda w, s, order, o: kept_errors(w, s.second_moment, order),
+        description="the kept columns stay as they are"),
 }
 COMPENSATIONS = tuple(REGISTRY)
 

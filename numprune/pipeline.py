@@ -32,7 +32,7 @@ from numprune.calibrate import LayerStats, LayerStream, StatsStore
 from numprune.criteria import CriterionInputs, LayerScores, get_method
 from numprune.errors import NumpruneError
 from numprune.precision import check_device, full_precision, model_device
-from numprune.recipe import GUIDED_BY_COMPENSATION, POSITIVE_INT, PruneOptions
+from numprune.recipe import GUIDED_BY_COMPENSATION, POSITIVE_INT, PruneOptions, recipe_of
 from numprune.report import (Clock, ComputeRecord, ParameterReport, PruneReport, parameter_counts,
                              removed_share)
 from numprune.sources import LayerSource
@@ -75,9 +75,9 @@ class Compute:
 
 # 1. Checks, before any long work.
 
-def resolve(ratio: float, options: dict, tokens, stats) -> PruneOptions:
-    """Checked options; the calibration tokens are there when needed."""
-    opts = PruneOptions.checked(ratio, **options)
+def resolve(recipe: PruneOptions | None, options: dict, tokens, stats) -> PruneOptions:
+    """The run's recipe (numprune.recipe.recipe_of); the calibration tokens are there when needed."""
+    opts = recipe_of(recipe, options)
     if tokens is None and (stats is None or opts.compensation_stats == "sequential"):
         raise NumpruneError("calibration tokens are needed" + (" for sequential compensation statistics"
                                                                if stats is not None else ""))

@@ -1,8 +1,8 @@
 """The recipe of a pruning run (method, allocation, compensation, statistics, options), checked in one place.
 
-``PruneOptions`` holds it; ``resolve`` fills in the method's defaults and checks every option,
-whether it came from Python, from the command line or from a ``method:key=value`` string
-(``PruneOptions.parse``, which casts each value to its declared type: a PruneOptions field's or a
+``PruneOptions`` holds it, immutable: constructing it fills in the method's defaults and checks every
+option, once, whether it came from Python, from the command line, from a recipe file (``read_recipe``) or
+from a ``method:key=value`` string (``PruneOptions.parse``, which casts each value to its declared type: a PruneOptions field's or a
 keyword-only parameter of the method's criterion). The rules a number must follow (``Rule``) are
 stated here once; the command line's argument converters are built from the same rules.
 """
@@ -10,10 +10,12 @@ stated here once; the command line's argument converters are built from the same
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import get_args, get_type_hints
 
 import torch
@@ -80,12 +82,19 @@ FLAG = Rule(bool, lambda v: isinstance(v, bool), "True or False")
 SCORE_OPTION_RULES = {"iterations": POSITIVE_INT, "damp": NONNEGATIVE, "lambda_rel": NONNEGATIVE, "seed": SEED}
 
 
-@dataclass
+DEFAULT_METHOD = "numerical-robust"  # the API's, the command line's and compare's (docs/method.md, "The default method")
+
+
+@dataclass(frozen=True)
 class PruneOptions:
-    """Everything that decides a pruning run's result (recorded verbatim in the report)."""
+    """Everything that decides a pruning run's result (recorded verbatim in the report).
+
+    Immutable and complete once constructed: the method's defaults are filled in and every field is
+    checked here, once; nothing downstream checks an option again. ``replace`` gives a changed copy.
+    """
 
     ratio: float
-    method: str = "numerical"
+    method: str = DEFAULT_METHOD
     allocation: str | None = None  # None: the method's own (see criteria.methods)
     gqa_unit: str = "query"
     round_to: int = 1
@@ -94,22 +103,23 @@ class PruneOptions:
     compensation_damp: float | None = None  # None: the method's own with its compensation, else 0.01
     allocation_compensation: str | None = None  # compensated-error: whose error curves guide it (None: the run's own)
     blend_weight: float | None = None  # blend: the share of the global ranking's widths (None: the ratio's schedule)
-    score_options: dict = field(default_factory=dict)
+    score_options: dict = field(default_factory=dict)  # the criterion's keyword options (unset: its own defaults)
+
+    def __post_init__(self):
+        _resolve(self, lambda name, value: object.__setattr__(self, name, value))
 
     @classmethod
-    def checked(cls, ratio: float, **options) -> PruneOptions:
-        """Resolved options from keyword arguments (the fields); an unknown name is refused."""
-        unknown = sorted(set(options) - {f.name for f in fields(cls)} - {"ratio"})
+    def checked(cls, ratio: float | None = None, **options) -> PruneOptions:
+        """Options from keyword arguments (the fields); an unknown name is refused."""
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
         if unknown:
             raise NumpruneError(f"unknown option {unknown[0]!r}; the options are "
                                 f"{', '.join(f.name for f in fields(cls) if f.name != 'ratio')}")
-        opts = cls(ratio=ratio, **options)
-        opts.resolve()
-        return opts
+        return cls(ratio=ratio, **options)
 
     @classmethod
     def parse(cls, entry: str, ratio: float) -> PruneOptions:
-        """Resolved options from ``name:key=value:...``, every value cast to its declared type."""
+        """Options from ``name:key=value:...``, every value cast to its declared type."""
         name, *overrides = entry.strip().split(":")
         prune_options, score_options = option_types(name.strip())
         declared = prune_options | score_options
@@ -130,56 +140,114 @@ class PruneOptions:
             options["score_options"] = score
         return cls.checked(ratio, method=name, **options)
 
-    def resolve(self) -> None:
-        """Check every option and fill in the method's defaults."""
-        for name in ("method", "allocation", "gqa_unit", "compensation", "compensation_stats", "allocation_compensation"):
-            value = getattr(self, name)
-            if not isinstance(value, str) and (value is not None or name == "method"):  # None: the method's own
-                raise NumpruneError(f"{name} must be a name, got {value!r}")
-        if not isinstance(self.score_options, dict):
-            raise NumpruneError(f"score options must be a dict, got {self.score_options!r}")
-        for name in ("ratio", "round_to", "compensation_damp", "blend_weight"):
-            setattr(self, name, plain(getattr(self, name)))
-        self.score_options = {name: plain(value) for name, value in self.score_options.items()}
-        if not is_number(self.ratio):
-            raise NumpruneError(f"ratio must be a number, got {self.ratio!r}")
-        RATIO.check("ratio", self.ratio)
-        method = get_method(self.method)
-        self.allocation = self.allocation or method.allocation
-        own_compensation = self.compensation in (None, method.compensation)
-        self.compensation = self.compensation or method.compensation
-        if self.compensation not in compensate.REGISTRY:
-            raise NumpruneError(f"unknown compensation {self.compensation!r}; choose from "
-                                f"{', '.join(compensate.COMPENSATIONS)}")
-        if self.allocation == GUIDED_BY_COMPENSATION:  # the one allocation a compensation guides (None for the others)
-            self.allocation_compensation = self.allocation_compensation or self.compensation
-            if self.allocation_compensation not in compensate.REGISTRY:
-                raise NumpruneError(f"unknown compensation {self.allocation_compensation!r} for the allocation; "
-                                    f"choose from {', '.join(compensate.COMPENSATIONS)}")
-        elif self.allocation_compensation is not None:
-            raise NumpruneError(f"an allocation compensation guides the {GUIDED_BY_COMPENSATION} allocation only, "
-                                f"not {self.allocation}")
-        if self.compensation_damp is None:  # the method's own damping goes with its own compensation
-            self.compensation_damp = (method.compensation_damp if own_compensation
-                                      else compensate.Damped.compensation_damp)
-        self.score_options = {**method.score_options, **self.score_options}
-        for value, allowed, what in ((self.allocation, ALLOCATIONS, "allocation"), (self.gqa_unit, GQA_UNITS, "GQA unit"),
-                                     (self.compensation_stats, COMPENSATION_STATS, "compensation statistics")):
-            if value not in allowed:
-                raise NumpruneError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
-        NONNEGATIVE.check("compensation damping", self.compensation_damp)
-        if self.allocation == "blend":
-            self.blend_weight = blend_schedule(self.ratio) if self.blend_weight is None else self.blend_weight
-            SHARE.check("blend weight", self.blend_weight)
-        elif self.blend_weight is not None:
-            raise NumpruneError(f"a blend weight applies to the blend allocation only, not to {self.allocation}")
-        POSITIVE_INT.check("round_to", self.round_to)
-        _check_score_options(self.method, self.score_options)
+    def requested(self) -> dict:
+        """The fields that differ from what the others imply (the method's defaults, the ratio's blend weight):
+        the shortest keyword arguments that construct these options again. A value equal to its default counts
+        as the default."""
+        given = asdict(self)
+        for name in (*DERIVED, "gqa_unit", "round_to", "compensation_stats"):
+            trial = {**given, name: _FIELD_DEFAULTS[name]}
+            if _quietly(trial) == self:
+                given = trial
+        criterion_defaults = keyword_defaults(get_method(self.method).criterion)
+        given["score_options"] = {k: v for k, v in self.score_options.items() if criterion_defaults.get(k, v) != v
+                                  or k in get_method(self.method).score_options}
+        return {k: v for k, v in given.items() if k == "ratio" or v != _FIELD_DEFAULTS[k]}
+
+    def replace(self, **changes) -> PruneOptions:
+        """These options with ``changes``; what the changed fields imply (the method's defaults, the ratio's
+        blend weight) is derived again unless these options set it to something else."""
+        return PruneOptions.checked(**{**self.requested(), **changes})
 
     def compensation_options(self, name: str | None = None):
         """The resolved options of compensation ``name`` (default: the run's), as its registry entry declares them."""
         options = compensate.REGISTRY[name or self.compensation].options
         return options(**{f.name: getattr(self, f.name) for f in fields(options)})
+
+
+# The fields whose default another field implies: the method's allocation and compensation, the ratio's blend weight.
+DERIVED = ("allocation", "compensation", "compensation_damp", "allocation_compensation", "blend_weight")
+_FIELD_DEFAULTS = {f.name: {} if f.name == "score_options" else f.default for f in fields(PruneOptions)}
+
+
+def _quietly(options: dict) -> PruneOptions | None:
+    """PruneOptions from ``options``, or None where they are refused."""
+    try:
+        return PruneOptions(**options)
+    except NumpruneError:
+        return None
+
+
+def _resolve(opts: PruneOptions, put: Callable[[str, object], None]) -> None:
+    """Check every option of ``opts`` and fill in the method's defaults (``put`` sets a field of the frozen options)."""
+    for name in ("method", "allocation", "gqa_unit", "compensation", "compensation_stats", "allocation_compensation"):
+        value = getattr(opts, name)
+        if not isinstance(value, str) and (value is not None or name == "method"):  # None: the method's own
+            raise NumpruneError(f"{name} must be a name, got {value!r}")
+    if not isinstance(opts.score_options, dict):
+        raise NumpruneError(f"score options must be a dict, got {opts.score_options!r}")
+    for name in ("ratio", "round_to", "compensation_damp", "blend_weight"):
+        put(name, plain(getattr(opts, name)))
+    if not is_number(opts.ratio):
+        raise NumpruneError(f"ratio must be a number, got {opts.ratio!r}")
+    RATIO.check("ratio", opts.ratio)
+    method = get_method(opts.method)
+    own_compensation = opts.compensation in (None, method.compensation)
+    put("allocation", opts.allocation or method.allocation)
+    put("compensation", opts.compensation or method.compensation)
+    if opts.compensation not in compensate.REGISTRY:
+        raise NumpruneError(f"unknown compensation {opts.compensation!r}; choose from "
+                            f"{', '.join(compensate.COMPENSATIONS)}")
+    if opts.allocation == GUIDED_BY_COMPENSATION:  # the one allocation a compensation guides (None for the others)
+        put("allocation_compensation", opts.allocation_compensation or opts.compensation)
+        if opts.allocation_compensation not in compensate.REGISTRY:
+            raise NumpruneError(f"unknown compensation {opts.allocation_compensation!r} for the allocation; "
+                                f"choose from {', '.join(compensate.COMPENSATIONS)}")
+    elif opts.allocation_compensation is not None:
+        raise NumpruneError(f"an allocation compensation guides the {GUIDED_BY_COMPENSATION} allocation only, "
+                            f"not {opts.allocation}")
+    if opts.compensation_damp is None:  # the method's own damping goes with its own compensation
+        put("compensation_damp", method.compensation_damp if own_compensation else compensate.Damped.compensation_damp)
+    for value, allowed, what in ((opts.allocation, ALLOCATIONS, "allocation"), (opts.gqa_unit, GQA_UNITS, "GQA unit"),
+                                 (opts.compensation_stats, COMPENSATION_STATS, "compensation statistics")):
+        if value not in allowed:
+            raise NumpruneError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
+    NONNEGATIVE.check("compensation damping", opts.compensation_damp)
+    if opts.allocation == "blend":
+        put("blend_weight", blend_schedule(opts.ratio) if opts.blend_weight is None else opts.blend_weight)
+        SHARE.check("blend weight", opts.blend_weight)
+    elif opts.blend_weight is not None:
+        raise NumpruneError(f"a blend weight applies to the blend allocation only, not to {opts.allocation}")
+    POSITIVE_INT.check("round_to", opts.round_to)
+    given = {name: plain(value) for name, value in opts.score_options.items()}
+    _check_score_options(opts.method, given)
+    merged = {**keyword_defaults(method.criterion), **method.score_options, **given}
+    put("score_options", {name: merged[name] for name in score_option_names(method.criterion) if name in merged})
+
+
+def read_recipe(path: str | Path) -> PruneOptions:
+    """The recipe a JSON file holds: PruneOptions' fields, or a pruning_report.json (the options it was run with)."""
+    path = Path(path).expanduser()
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise NumpruneError(f"cannot read the recipe {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NumpruneError(f"the recipe {path} is not JSON: {e}") from None
+    if isinstance(data, dict) and isinstance(data.get("options"), dict):  # a pruning report
+        data = data["options"]
+    if not isinstance(data, dict):
+        raise NumpruneError(f"the recipe {path} must hold a JSON object of options, got {type(data).__name__}")
+    return PruneOptions.checked(**data)
+
+
+def recipe_of(recipe: PruneOptions | None, options: dict) -> PruneOptions:
+    """The recipe a call gives: ``recipe``, changed by ``options`` (PruneOptions' fields), or ``options`` alone."""
+    if recipe is None:
+        return PruneOptions.checked(**options)
+    if not isinstance(recipe, PruneOptions):
+        raise NumpruneError(f"recipe must be a PruneOptions, got {type(recipe).__name__}")
+    return recipe.replace(**options) if options else recipe
 
 
 def option_types(method: str) -> tuple[dict, dict]:
@@ -200,6 +268,12 @@ def option_types(method: str) -> tuple[dict, dict]:
 def score_option_names(criterion) -> list[str]:
     """The options a criterion takes: its keyword-only parameters, in their declared order."""
     return [n for n, p in inspect.signature(criterion).parameters.items() if p.kind is p.KEYWORD_ONLY]
+
+
+def keyword_defaults(criterion) -> dict:
+    """The defaults of a criterion's keyword options."""
+    return {n: p.default for n, p in inspect.signature(criterion).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and p.default is not p.empty}
 
 
 def _check_score_options(method: str, options) -> None:

@@ -39,7 +39,7 @@ from numprune.models import (TOKENIZER_FILES, WEIGHTS_FILE, WEIGHTS_INDEX, check
                              check_weights_fit, load_config)
 from numprune.io.output import check_target, output_folder
 from numprune.pipeline import Compute, build_report, check_run, compensate, resolve, select
-from numprune.recipe import FLAG
+from numprune.recipe import FLAG, PruneOptions
 from numprune.report import Clock, PruneReport, parameter_counts
 from numprune.save import REPORT_NAME
 from numprune.shrink import kept_slices
@@ -262,19 +262,20 @@ class StreamedModel(LayerSource):
         return pruned
 
 
-def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, *, ratio: float, out: str | os.PathLike,
+def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, recipe: PruneOptions | None = None, *,
+                    out: str | os.PathLike,
                     overwrite: bool = False, tokenizer=None, batch_size: int = 8, progress: bool = True,
                     calibration_info: dict | None = None, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None, **options) -> PruneReport | None:
+                    dtype: torch.dtype | None = None, **overrides) -> PruneReport | None:
     """Prune the safetensors model in ``folder`` into ``out`` without ever loading it whole; return the report.
 
-    Same options and same result as ``numprune.prune`` on the loaded model followed by
+    Same recipe and overrides and same result as ``numprune.prune`` on the loaded model followed by
     ``save_pruned``; as there, the layer passes run on ``device``, by default the model's own: the CPU,
     where the weights are read. ``tokenizer`` is saved beside the weights if given (else the folder's
     tokenizer files are copied). In a process group only process 0 writes ``out`` and gets the
     report; the others get None.
     """
-    opts = resolve(ratio, options, tokens, None)
+    opts = resolve(recipe, overrides, tokens, None)
     FLAG.check("overwrite", overwrite)
     _allocate_large_blocks_apart()
     world = distributed.world()

@@ -212,7 +212,7 @@ def test_blend_schedule_and_its_options():
 
 def test_the_default_method_is_numerical_robust_with_the_blend_schedule():
     args = parser().parse_args(["prune", "--ratio", "0.4", "--out", "unused"])
-    opts = PruneOptions.checked(0.4, **prune_options(args))
+    opts = prune_options(args)
     assert (opts.method, opts.allocation, opts.compensation) == ("numerical-robust", "blend", "least-squares")
     assert opts.blend_weight == BLEND_MAX
     assert PruneOptions.checked(0.1, method="numerical-robust").blend_weight == 0.0

@@ -51,7 +51,7 @@ def test_prune_writes_a_loadable_folder_with_a_report(tiny_model_folder, tmp_pat
     (["--ratio", "0.99"], "would leave"),
     (["--ratio", "0.3", "--calib", "missing.txt"], "missing.txt"),
     (["--ratio", "0.3", "--calib", "TOO_SHORT"], "tokens"),
-    (["--ratio", "0.3", "--method", "nope"], "unknown method"),
+    (["--ratio", "0.3", "--method", "nope"], "--method: invalid choice: 'nope'"),
     (["--ratio", "0.3", "--eval", "nosuchcorpus"], "nosuchcorpus"),
     (["--ratio", "0.3", "--nsamples", "0"], "--nsamples: must be a positive integer"),
 ])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -65,9 +64,9 @@ def figures_of(model, windows: torch.Tensor) -> dict:
 def grid():
     model, tokens, windows = tiny_llama("gqa"), tiny_tokens(), tiny_tokens(n=3, length=12, seed=7)
     evaluation = NextTokenAccuracy(windows)
-    results = compare.run_grid(model, tokens, METHODS, RATIOS, evaluation, calibration_info={}, progress=False)
     options = compare.recipes(METHODS, RATIOS)
-    pruned = {entry: prune(model, tokens, progress=False, **asdict(options[entry, RATIOS[0]]))[0] for entry in METHODS}
+    results = compare.run_grid(model, tokens, options, evaluation, calibration_info={}, progress=False)
+    pruned = {entry: prune(model, tokens, options[entry, RATIOS[0]], progress=False)[0] for entry in METHODS}
     return model, windows, evaluation, results, pruned
 
 

@@ -21,7 +21,6 @@ def test_an_entry_sets_prune_options_and_score_options_by_their_declared_types()
                               "centred=true:allocation_compensation=bias", ratio=0.3)
     expected = PruneOptions(ratio=0.3, method="numerical", allocation="compensated-error", compensation="affine",
                             compensation_damp=0.1, allocation_compensation="bias", score_options={"centred": True})
-    expected.resolve()
     assert opts == expected
     assert PruneOptions.parse("random:seed=3", ratio=0.2).score_options == {"seed": 3}
     for bad in ("numerical:seed=3", "numerical:centred=maybe", "numerical:compensation=ridge", "flap:centred=true",

@@ -38,6 +38,9 @@ PARSER_CASES = {
                                               "--methods: numerical is given twice"),
     "compare --ratios 0.3,0.30": (["compare", "--ratios", "0.3,0.30"], "--ratios: 0.3 is given twice in '0.3,0.30'"),
     "--blend-weight 0_5": (PRUNE + ["--blend-weight", "0_5"], "--blend-weight: expected a number, got '0_5'"),
+    "--gqa-unit sideways": (PRUNE + ["--gqa-unit", "sideways"], "--gqa-unit: invalid choice: 'sideways'"),
+    "--allocation nope": (PRUNE + ["--allocation", "nope"], "--allocation: invalid choice: 'nope'"),
+    "--compensation ridge": (PRUNE + ["--compensation", "ridge"], "--compensation: invalid choice: 'ridge'"),
 }
 
 # Flags that mean nothing without another, or contradict one: refused before anything is loaded.
@@ -73,7 +76,6 @@ SHAPE_CASES = {
     "--ratio 0.99 (would empty a layer)": (["--ratio", "0.99"], "would leave"),
     "--ratio 0.99 --allocation uniform": (["--ratio", "0.99", "--allocation", "uniform"], "would leave layer"),
     "--round-to 100000": (["--round-to", "100000"], "against a target of 30.0%"),
-    "--gqa-unit sideways": (["--gqa-unit", "sideways"], "unknown GQA unit"),
     "--nsamples 1000000 --seqlen 512": (["--nsamples", "1000000", "--seqlen", "512"], "tokens; at most"),
     "--damp 0 on 32 tokens": (["--damp", "0", "--compensation", "least-squares"],
                               "least-squares compensation at damping 0 needs at least 36 calibration tokens for layer "

@@ -92,6 +92,11 @@ def comma_list(item=str):
     return convert
 
 
+def choices_help(entries: dict[str, str], default: str) -> str:
+    """A flag's help from a registry: each name with its one-line description, then the default."""
+    return "; ".join(f"{name}: {text}" if text else name for name, text in entries.items()) + f" (default: {default})"
+
+
 def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=MODEL_HELP)
 

@@ -5,13 +5,19 @@ from __future__ import annotations
 from numprune import compare
 from numprune.cli import args as a
 from numprune.cli.inputs import prepare, protected_inputs
+from numprune.criteria import methods
+from numprune.recipe import DEFAULT_METHOD
+
+# The default method first, then the paper's and the baselines.
+DEFAULT_METHODS = (DEFAULT_METHOD, "numerical", "flap", "wanda-sp", "magnitude")
 
 
 def add_parser(commands) -> None:
     p = commands.add_parser("compare", help="methods x ratios x evaluation sets, calibrated once")
     a.add_model(p)
-    p.add_argument("--methods", type=a.comma_list(), default="numerical,flap,wanda-sp,magnitude",
-                   help="comma-separated; each a method with optional overrides, e.g. numerical:compensation=none")
+    p.add_argument("--methods", type=a.comma_list(), default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated; each a method ({', '.join(methods())}) with optional overrides, e.g. "
+                   f"numerical:compensation=none (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--ratios", type=a.comma_list(a.ratio), default="0.1,0.2,0.3,0.4,0.5",
                    help="comma-separated pruning ratios")
     a.add_calibration(p)
@@ -24,9 +30,9 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    compare.recipes(args.methods, args.ratios)  # a bad method entry fails before the model is loaded
+    grid = compare.recipes(args.methods, args.ratios)  # a bad method entry fails before the model is loaded
     model, _, source, tokens, calib_info, evaluation = prepare(args, compare.RESULTS_NAME)
-    results = compare.run_grid(model, tokens, args.methods, args.ratios, evaluation, calibration_info=calib_info,
+    results = compare.run_grid(model, tokens, grid, evaluation, calibration_info=calib_info,
                                batch_size=args.batch_size, progress=not args.quiet)
     results["model"] = source
     out = compare.write(results, evaluation, args.out, args.overwrite, inputs=protected_inputs(args))

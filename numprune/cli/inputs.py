@@ -34,10 +34,12 @@ def load(spec):
 
 def protected_inputs(args) -> list[Path]:
     """What the run reads and its outputs must never replace, enter or contain: the model folders (for the
-    embedded model, its cached folder and the GGUF it comes from), the calibration and evaluation files."""
+    embedded model, its cached folder and the GGUF it comes from), the calibration and evaluation files, the
+    recipe file."""
     models = args.model if isinstance(args.model, list) else [args.model]
     calibration = [name for name, _ in calibration_parts(args.calib)] if getattr(args, "calib", None) else []
-    files = [Path(s).expanduser() for s in [*calibration, *(getattr(args, "eval_data", None) or [])] if s]
+    named = [*calibration, *(getattr(args, "eval_data", None) or []), getattr(args, "recipe", None)]
+    files = [Path(s).expanduser() for s in named if s]
     return [*map(model_folder, models), *installed_sources(), *(f for f in files if f.is_file())]
 
 

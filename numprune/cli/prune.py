@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-from numprune.allocate import BLEND_FROM, BLEND_MAX, BLEND_TO
+from numprune.allocate import ALLOCATIONS, BLEND_FROM, BLEND_MAX, BLEND_TO, GQA_UNITS
+from numprune.allocate import REGISTRY as ALLOCATION_REGISTRY
 from numprune.api import prune
 from numprune.cli import args as a
 from numprune.cli.export import add_gguf_options, gguf_outtype, print_export
@@ -17,10 +18,19 @@ from numprune.export.gguf import check_exportable, export_gguf
 from numprune.export.gguf import check_target as check_gguf_target
 from numprune.io.output import check_target
 from numprune.models import load_config, registry_folder
-from numprune.recipe import PruneOptions, option_types
+from numprune.compensate import COMPENSATIONS, Damped
+from numprune.compensate import REGISTRY as COMPENSATION_REGISTRY
+from numprune.criteria import get_method, methods
+from numprune.recipe import (COMPENSATION_STATS, DEFAULT_METHOD, PruneOptions, keyword_defaults, option_types,
+                             read_recipe, recipe_of)
 from numprune.save import REPORT_NAME, save_pruned
 from numprune.stream import check_folder, load_tokenizer, prune_streaming
 
+# PruneOptions' fields that have a flag of their own: field -> the flag's attribute (unset: None).
+RECIPE_FLAGS = {"ratio": "ratio", "method": "method", "allocation": "allocation", "gqa_unit": "gqa_unit",
+                "round_to": "round_to", "compensation": "compensation", "compensation_stats": "compensation_stats",
+                "compensation_damp": "damp", "allocation_compensation": "allocation_compensation",
+                "blend_weight": "blend_weight"}
 # The criteria's keyword options that have a flag of their own: option name -> the flag's attribute.
 SCORE_FLAGS = {"lambda_rel": "lambda_rel", "damp": "score_damp", "iterations": "iterations", "centred": "centred",
                "seed": "seed"}
@@ -29,40 +39,39 @@ SCORE_FLAGS = {"lambda_rel": "lambda_rel", "damp": "score_damp", "iterations": "
 def add_parser(commands) -> None:
     p = commands.add_parser("prune", help="prune a model and save the narrower one")
     a.add_model(p)
-    p.add_argument("--ratio", type=a.ratio, required=True, help="fraction of attention+MLP parameters to remove, in (0, 1)")
-    p.add_argument("--method", default="numerical-robust", help="numerical-robust (default: the paper's score and "
-                   "least squares, per-layer widths blended from FLAP's toward the global ranking's as the ratio "
-                   "grows), numerical (the paper's), numerical-unit (one "
-                   "Newton variable per head), flap, wanda-sp, magnitude or random")
-    p.add_argument("--allocation", default=None, help="global, uniform, flap-widths (FLAP's per-layer widths, the "
-                   "method's ranking inside each layer), blend (between flap-widths and global, moving toward global "
-                   "as the ratio grows) or compensated-error (by the relative error left after compensation) "
-                   "(default: the method's own; numerical-robust: blend, numerical and flap: global, the others: "
-                   "uniform)")
+    p.add_argument("--ratio", type=a.ratio, default=None, help="fraction of attention+MLP parameters to remove, in "
+                   "(0, 1) (needed unless --recipe gives it)")
+    p.add_argument("--recipe", default=None, help="a JSON recipe: PruneOptions' fields, or a pruning_report.json, "
+                   "which holds the recipe a run followed; the recipe flags given beside it change it")
+    p.add_argument("--method", choices=list(methods()), default=None,
+                   help=a.choices_help({n: m.description for n, m in methods().items()}, DEFAULT_METHOD))
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                   help=a.choices_help({n: x.description for n, x in ALLOCATION_REGISTRY.items()}, "the method's own"))
     p.add_argument("--blend-weight", type=a.share, default=None, help="blend allocation: the share of the global "
                    f"ranking's widths, 0 (flap-widths) to 1 (global) (default: 0 up to a ratio of {BLEND_FROM}, "
                    f"{BLEND_MAX} from {BLEND_TO}, linear between)")
-    p.add_argument("--allocation-compensation", default=None, help="compensated-error allocation: the compensation "
-                   "whose error curves guide it (default: the run's own)")
-    p.add_argument("--gqa-unit", default="query", help="grouped-query attention unit: query (one query head per KV "
-                   "group; default) or kv-group (a KV head with all its query heads)")
-    p.add_argument("--round-to", type=a.positive_int, default=1, help="keep each layer's MLP width a multiple of N "
+    p.add_argument("--allocation-compensation", choices=COMPENSATIONS, default=None, help="compensated-error "
+                   "allocation: the compensation whose error curves guide it (default: the run's own)")
+    p.add_argument("--gqa-unit", choices=GQA_UNITS, default=None, help="grouped-query attention unit: query (one query "
+                   "head per KV group; default) or kv-group (a KV head with all its query heads)")
+    p.add_argument("--round-to", type=a.positive_int, default=None, help="keep each layer's MLP width a multiple of N "
                    "(default 1)")
     a.add_calibration(p)
-    p.add_argument("--compensation", default=None, help="least-squares, affine (least squares with an intercept, "
-                   "ridge --damp), bias (FLAP's) or none (default: the method's own; numerical: least-squares, flap: "
-                   "bias, the others: none)")
+    p.add_argument("--compensation", choices=COMPENSATIONS, default=None, help=a.choices_help(
+        {n: c.description for n, c in COMPENSATION_REGISTRY.items()}, "the method's own"))
     p.add_argument("--no-compensate", action="store_true", help="same as --compensation none")
-    p.add_argument("--compensation-stats", default="dense", help="dense (default) or sequential: statistics from the "
-                   "unpruned model, or re-collected with upstream layers already pruned")
+    p.add_argument("--compensation-stats", choices=COMPENSATION_STATS, default=None, help="dense (default) or "
+                   "sequential: statistics from the unpruned model, or re-collected with upstream layers already pruned")
     p.add_argument("--damp", type=a.nonnegative_float, default=None, help="least-squares / affine ridge, relative to "
-                   "the mean diagonal of X^T X (affine: of the centred covariance) (default: the method's own, 0.01 "
-                   "for numerical)")
-    p.add_argument("--score-damp", type=a.nonnegative_float, default=0.01, help="Newton score damping, relative to "
-                   "mean diag A")
-    p.add_argument("--lambda-rel", type=a.nonnegative_float, default=1.0, help="Newton penalty lambda relative to "
-                   "tr(A)/D")
-    p.add_argument("--iterations", type=a.positive_int, default=50, help="maximum Newton iterations (default 50)")
+                   "the mean diagonal of X^T X (affine: of the centred covariance) (default: the method's own, "
+                   f"{Damped.compensation_damp} for numerical)")
+    newton = keyword_defaults(get_method("numerical").criterion)  # the flags' defaults are the criterion's own
+    p.add_argument("--score-damp", type=a.nonnegative_float, default=None, help="Newton score damping, relative to "
+                   f"mean diag A (default {newton['damp']})")
+    p.add_argument("--lambda-rel", type=a.nonnegative_float, default=None, help="Newton penalty lambda relative to "
+                   f"tr(A)/D (default {newton['lambda_rel']})")
+    p.add_argument("--iterations", type=a.positive_int, default=None, help="maximum Newton iterations (default "
+                   f"{newton['iterations']})")
     p.add_argument("--centred", action="store_true", default=None, help="Newton score on the centred covariance "
                    "(default: the method's own; numerical: uncentred, as the paper)")
     a.add_output_folder(p, "output folder")
@@ -88,29 +97,36 @@ def run(args) -> int:
         return (_streaming if args.stream else _in_memory)(args, device, args.dtype)
 
 
-def prune_options(args) -> dict:
-    """The run's options as ``numprune.prune`` takes them, checked before anything is loaded (with the flags that
-    mean nothing without another)."""
+def prune_options(args) -> PruneOptions:
+    """The run's recipe: --recipe's changed by the recipe flags given, or the flags alone; checked before anything is
+    loaded (with the flags that mean nothing without another)."""
     if args.no_compensate and args.compensation not in (None, "none"):
         raise NumpruneError(f"--no-compensate contradicts --compensation {args.compensation}; give one of them")
     if args.gguf is not None and not args.gguf.strip():
         raise NumpruneError("--gguf is empty; name the GGUF file to write")
     if args.outtype and not args.gguf:
         raise NumpruneError("--outtype is the tensor type of the --gguf file; without --gguf nothing uses it")
-    options = dict(method=args.method, allocation=args.allocation, gqa_unit=args.gqa_unit, round_to=args.round_to,
-                   compensation="none" if args.no_compensate else args.compensation,
-                   compensation_stats=args.compensation_stats, compensation_damp=args.damp,
-                   allocation_compensation=args.allocation_compensation, blend_weight=args.blend_weight,
-                   score_options=_score_options(args))
-    PruneOptions.checked(args.ratio, **options)
-    return options
+    given = {name: getattr(args, flag) for name, flag in RECIPE_FLAGS.items() if getattr(args, flag) is not None}
+    if args.no_compensate:
+        given["compensation"] = "none"
+    recipe = read_recipe(args.recipe) if args.recipe is not None else None
+    if recipe is None and "ratio" not in given:
+        raise NumpruneError("--ratio is needed (or a --recipe that gives it)")
+    method = given.get("method") or (recipe.method if recipe is not None else DEFAULT_METHOD)
+    score = _score_options(args, method, seeded=recipe is None)
+    if score:
+        kept = recipe.requested().get("score_options", {}) if recipe is not None and "method" not in given else {}
+        given["score_options"] = {**kept, **score}
+    return recipe_of(recipe, given)
 
 
-def _score_options(args) -> dict:
+def _score_options(args, method: str, seeded: bool) -> dict:
     """The flags of the options the method's criterion takes (Newton's for numerical, the seed for random); an
-    unset --centred leaves the method's own."""
-    _, accepted = option_types(args.method)
-    values = {name: getattr(args, attribute) for name, attribute in SCORE_FLAGS.items() if name in accepted}
+    unset flag leaves the criterion's own. --seed counts only when ``seeded`` (a recipe file keeps its own seed;
+    --seed then draws the calibration windows only)."""
+    _, accepted = option_types(method)
+    values = {name: getattr(args, attribute) for name, attribute in SCORE_FLAGS.items()
+              if name in accepted and (seeded or name != "seed")}
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -130,9 +146,9 @@ def _streaming(args, device: str | None, dtype) -> int:
     tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed, model=model,
                                              sampling=a.self_sampling(args), progress=not args.quiet and world().writer)
     del model
-    report = prune_streaming(folder, tokens, ratio=args.ratio, out=args.out, overwrite=args.overwrite,
+    report = prune_streaming(folder, tokens, options, out=args.out, overwrite=args.overwrite,
                              tokenizer=tokenizer, batch_size=args.batch_size, progress=not args.quiet and world().writer,
-                             calibration_info=calib_info, device=device, dtype=dtype, **options)
+                             calibration_info=calib_info, device=device, dtype=dtype)
     if world().writer:
         _print_summary(report, args.out)
         _export(args)
@@ -145,9 +161,9 @@ def _in_memory(args, device: str | None, dtype) -> int:
     if args.gguf:
         check_exportable(model.config)
     dense = evaluation.measure(model).figures if evaluation is not None else None
-    pruned, report = prune(model, tokens, ratio=args.ratio, batch_size=args.batch_size,
+    pruned, report = prune(model, tokens, options, batch_size=args.batch_size,
                            progress=not args.quiet and world().writer, calibration_info=calib_info, device=device,
-                           dtype=dtype, **options)
+                           dtype=dtype)
     del model
     if not world().writer:
         return 0

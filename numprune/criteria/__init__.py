@@ -27,19 +27,24 @@ class Method:
     compensation: str
     compensation_damp: float = 0.01
     score_options: dict = field(default_factory=dict)
+    description: str = ""  # one line: the command line's help lists it
 
 
 def methods() -> dict[str, Method]:
     return {
-        "numerical": Method(numerical.score, "global", "least-squares"),
-        "numerical-unit": Method(numerical.unit_score, "global", "least-squares"),
+        "numerical": Method(numerical.score, "global", "least-squares",
+                            description="the paper's: Newton scores, global ranking, least-squares refit"),
+        "numerical-unit": Method(numerical.unit_score, "global", "least-squares",
+                                 description="numerical with one Newton variable per head"),
         # numprune's default: the paper's score and refit, per-layer widths from FLAP's toward the global
         # ranking's as the ratio grows (docs/method.md, "The default method")
-        "numerical-robust": Method(numerical.score, "blend", "least-squares"),
-        "flap": Method(flap.score, "global", "bias"),
-        "wanda-sp": Method(wanda_sp.score, "uniform", "none"),
-        "magnitude": Method(magnitude.score, "uniform", "none"),
-        "random": Method(random.score, "uniform", "none"),
+        "numerical-robust": Method(numerical.score, "blend", "least-squares",
+                                   description="the paper's score and refit, per-layer widths blended from FLAP's "
+                                               "toward the global ranking's as the ratio grows"),
+        "flap": Method(flap.score, "global", "bias", description="FLAP: fluctuation scores, bias compensation"),
+        "wanda-sp": Method(wanda_sp.score, "uniform", "none", description="Wanda-SP: |W| times input norm, uniform"),
+        "magnitude": Method(magnitude.score, "uniform", "none", description="column norms of the weights, uniform"),
+        "random": Method(random.score, "uniform", "none", description="random scores (seeded), uniform"),
     }
 
 

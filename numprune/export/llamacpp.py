@@ -23,6 +23,7 @@ import torch
 from numprune.bench import MiB, PeakMemory, throughput
 from numprune.errors import NumpruneError
 from numprune.export.gguf import export_gguf
+from numprune.extras import install_line
 from numprune.io.output import output_file
 from numprune.io.table import markdown_table
 
@@ -31,7 +32,7 @@ try:
 except ImportError:  # an optional extra: `bash scripts/setup.sh --llama-cpp` builds it
     llama_cpp = None
 
-INSTALL_HINT = "llama.cpp's Python bindings (llama-cpp-python 0.3.36) are not installed; scripts/setup.sh builds them"
+INSTALL_HINT = install_line("llama_cpp", "running a GGUF")
 # llama.cpp's quantiser targets by name (its llama_ftype values).
 QUANTS = {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 

@@ -25,6 +25,7 @@ from numprune.card import write_trained_card
 from numprune.data.assets import cache_dir
 from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import summed_nll
+from numprune.extras import need
 from numprune.modeling.llamagen import LlamaGenConfig, LlamaGenForCausalLM
 from numprune.io.output import output_folder
 
@@ -58,6 +59,7 @@ def digits_split() -> dict[str, torch.Tensor]:
     Returns ``train_tokens`` / ``heldout_tokens`` (LongTensor ``[N, 64]``, values 0..16) and
     ``train_labels`` / ``heldout_labels`` (LongTensor ``[N]``, 0..9).
     """
+    need("sklearn", "the handwritten digits")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
