@@ -40,7 +40,7 @@ def write_random_model(folder: Path, config: LlamaConfig, seed: int = 0) -> int:
         groups.setdefault(group, []).append(name)
     generator = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0
-    for number, (group, members) in enumerate(sorted(groups.items()), start=1):
+    for number, (_group, members) in enumerate(sorted(groups.items()), start=1):
         shard = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
         tensors = {n: (torch.randn(names[n].shape, generator=generator) * 0.02 if names[n].dim() == 2
                        else torch.ones(names[n].shape)) for n in members}

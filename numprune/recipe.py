@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import get_args, get_type_hints
 
 import torch
+import yaml
 
 from numprune import compensate
 from numprune.allocate import ALLOCATIONS, GQA_UNITS, blend_schedule
@@ -226,18 +227,22 @@ def _resolve(opts: PruneOptions, put: Callable[[str, object], None]) -> None:
 
 
 def read_recipe(path: str | Path) -> PruneOptions:
-    """The recipe a JSON file holds: PruneOptions' fields, or a pruning_report.json (the options it was run with)."""
+    """The recipe a JSON or YAML file (.yaml, .yml) holds: PruneOptions' fields, or a pruning_report.json (the options
+    its run followed)."""
     path = Path(path).expanduser()
+    kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
+        data = yaml.safe_load(text) if kind == "YAML" else json.loads(text)
     except OSError as e:
         raise NumpruneError(f"cannot read the recipe {path}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NumpruneError(f"the recipe {path} is not JSON: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NumpruneError(f"the recipe {path} is not {kind}: {reason}") from None
     if isinstance(data, dict) and isinstance(data.get("options"), dict):  # a pruning report
         data = data["options"]
     if not isinstance(data, dict):
-        raise NumpruneError(f"the recipe {path} must hold a JSON object of options, got {type(data).__name__}")
+        raise NumpruneError(f"the recipe {path} must hold a mapping of options, got {type(data).__name__}")
     return PruneOptions.checked(**data)
 
 

@@ -51,7 +51,7 @@ def test_flap_widths_by_hand():
     target = ratio * sum(adapter.prunable_parameters(i) for i in range(len(inputs)))
     cheapest = min(c[-1] for c in candidates)
     removed, total = {}, 0
-    for score, i, kind, cost in sorted(candidates):
+    for _score, i, kind, cost in sorted(candidates):
         if total >= target:
             break
         if total + cost >= target + cheapest:  # would overshoot by a channel or more: cheaper units close the gap

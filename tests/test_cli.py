@@ -94,7 +94,6 @@ def test_invalid_gqa_layout_is_refused(tmp_path):
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=6))
     model.model.layers[0].self_attn.k_proj = __import__("torch").nn.Linear(24, 18, bias=False)  # 3 KV heads for 4
     from numprune.adapters import adapter_for
-    from numprune.errors import NumpruneError
 
     with pytest.raises(NumpruneError, match="grouped-query layout"):
         adapter_for(model)

@@ -90,7 +90,7 @@ def test_statistics_and_solves_run_without_tf32_and_the_callers_setting_comes_ba
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # the caller's, back
         torch.set_float32_matmul_precision("medium")
         with pytest.raises(ZeroDivisionError), full_precision():
-            1 / 0
+            raise ZeroDivisionError
         assert torch.get_float32_matmul_precision() == "medium"  # back after an error too, exactly
     finally:
         torch.set_float32_matmul_precision(caller[0])

@@ -15,7 +15,6 @@ from numprune.calibrate import InputStats, LayerStream, collect_statistics
 from numprune.criteria import LayerScores
 from numprune.errors import NumpruneError
 from numprune.save import save_pruned
-from numprune.shrink import shrink
 
 
 def test_statistics_equal_a_brute_force_pass(tokens):

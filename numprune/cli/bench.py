@@ -12,6 +12,7 @@ from numprune.cli import args as a
 from numprune.cli.inputs import protected_inputs
 from numprune.errors import NumpruneError
 from numprune.export import llamacpp
+from numprune.extras import need
 from numprune.io.output import check_target, output_file, write_text
 from numprune.models import load_model, registry_folder
 
@@ -55,6 +56,8 @@ def run(args) -> int:
         raise NumpruneError("--quant is for the llama.cpp backend (--backend llama.cpp)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise NumpruneError("--device cuda asked for, but torch sees no CUDA GPU")
+    if args.plot:
+        need("matplotlib", "--plot")
     specs = args.model or [None]
     inputs = check_outputs(args)
     ratios = [bench.pruning_ratio(spec) for spec in specs]  # a corrupt report fails here, before any measurement

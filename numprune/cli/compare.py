@@ -6,6 +6,7 @@ from numprune import compare
 from numprune.cli import args as a
 from numprune.cli.inputs import prepare, protected_inputs
 from numprune.criteria import methods
+from numprune.extras import need
 from numprune.recipe import DEFAULT_METHOD
 
 # The default method first, then the paper's and the baselines.
@@ -30,6 +31,7 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
+    need("matplotlib", "compare's plot")  # before hours of work, not after
     grid = compare.recipes(args.methods, args.ratios)  # a bad method entry fails before the model is loaded
     model, _, source, tokens, calib_info, evaluation = prepare(args, compare.RESULTS_NAME)
     results = compare.run_grid(model, tokens, grid, evaluation, calibration_info=calib_info,

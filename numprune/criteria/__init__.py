@@ -8,12 +8,14 @@ is none of a criterion's business.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from numprune.criteria import flap, magnitude, numerical, random, wanda_sp
 from numprune.criteria.base import CriterionInputs, LayerScores
 from numprune.errors import NumpruneError
 
+
+__all__ = ["Criterion", "CriterionInputs", "LayerScores", "Method", "get_method", "methods"]
 
 Criterion = Callable[..., LayerScores]
 

@@ -75,5 +75,5 @@ class Evaluation(ABC):
         """The dense-vs-pruned record of pruning_report.json."""
         return {"dense": dense, "pruned": pruned, "protocol": self.describe()}
 
-    def write_artefacts(self, artefacts: dict[str, object], folder: Path) -> None:
+    def write_artefacts(self, artefacts: dict[str, object], folder: Path) -> None:  # noqa: B027 (optional: most keep none)
         """Write ``artefact_names`` into ``folder`` from every model's artefact (``{model name: artefact}``)."""

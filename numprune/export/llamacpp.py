@@ -32,7 +32,7 @@ try:
 except ImportError:  # an optional extra: `bash scripts/setup.sh --llama-cpp` builds it
     llama_cpp = None
 
-INSTALL_HINT = install_line("llama_cpp", "running a GGUF")
+INSTALL_HINT = install_line("llama_cpp", "measuring in llama.cpp")
 # llama.cpp's quantiser targets by name (its llama_ftype values).
 QUANTS = {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 
