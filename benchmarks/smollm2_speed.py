@@ -1,8 +1,8 @@
 """Generation speed and memory of SmolLM2 dense vs pruned (numerical, global), and the effect of --round-to.
 
 Calibrates once, prunes at each ratio, and measures each model in turn (all are held in memory;
-model_peak_bytes counts each model's own weights and growth). Prints the markdown table of numprune.bench and writes JSON / a plot. Run it
-on a quiet machine: CPU timings move a lot under load.
+model_peak_bytes counts each model's own weights and growth). Prints the markdown table of numprune.bench and
+writes JSON / a plot. Run it on a quiet machine: CPU timings move a lot under load.
 
     .venv/bin/python benchmarks/smollm2_speed.py --json runs/smollm2_speed.json --plot runs/smollm2_speed.png
 """

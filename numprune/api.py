@@ -42,7 +42,8 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, progr
 
 
 def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOptions | None = None, *,
-          stats: Sequence[LayerStats] | None = None, inplace: bool = False, batch_size: int = 8, progress: bool = True, calibration_info: dict | None = None,
+          stats: Sequence[LayerStats] | None = None, inplace: bool = False, batch_size: int = 8, progress: bool = True,
+          calibration_info: dict | None = None,
           device: torch.device | str | None = None, dtype: torch.dtype | None = None,
           **overrides) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` and return the narrower model and its report.

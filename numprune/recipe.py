@@ -2,8 +2,8 @@
 
 ``PruneOptions`` holds it, immutable: constructing it fills in the method's defaults and checks every
 option, once, whether it came from Python, from the command line, from a recipe file (``read_recipe``) or
-from a ``method:key=value`` string (``PruneOptions.parse``, which casts each value to its declared type: a PruneOptions field's or a
-keyword-only parameter of the method's criterion). The rules a number must follow (``Rule``) are
+from a ``method:key=value`` string (``PruneOptions.parse``, which casts each value to its declared type: a
+PruneOptions field's or a keyword-only parameter of the method's criterion). The rules a number must follow (``Rule``) are
 stated here once; the command line's argument converters are built from the same rules.
 """
 

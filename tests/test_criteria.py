@@ -16,7 +16,8 @@ def inputs_from(x_attn, w_attn, x_mlp, w_mlp, heads=2):
         s = InputStats.empty(x.shape[1])
         s.add(x)
         stats.append(s)
-    return CriterionInputs(0, LayerStats(*stats), w_attn, w_mlp, AttentionLayout(heads, heads, x_attn.shape[1] // heads), 0.5)
+    layout = AttentionLayout(heads, heads, x_attn.shape[1] // heads)
+    return CriterionInputs(0, LayerStats(*stats), w_attn, w_mlp, layout, 0.5)
 
 
 def four_channel_layer():

@@ -151,7 +151,8 @@ def test_released_checkpoint_layout_loads_by_key_name(tmp_path):
     renamed = dict(state)
     renamed["layers.0.attention.qkv.weight"] = renamed.pop("layers.0.attention.wqkv.weight")
     save_file(renamed, tmp_path / "renamed.safetensors")
-    with pytest.raises(NumpruneError, match=r"missing layers\.0\.attention\.wqkv\.weight, unexpected layers\.0\.attention\.qkv"):
+    message = r"missing layers\.0\.attention\.wqkv\.weight, unexpected layers\.0\.attention\.qkv"
+    with pytest.raises(NumpruneError, match=message):
         load_llamagen_checkpoint(tmp_path / "renamed.safetensors", "B", **overrides)
     with pytest.raises(NumpruneError, match="wrong shapes"):
         load_llamagen_checkpoint(path, "B", num_hidden_layers=1, vocab_size=64, num_classes=20)

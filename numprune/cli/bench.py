@@ -35,7 +35,8 @@ def add_parser(commands) -> None:
     p.add_argument("--prompt-len", type=a.positive_int, default=64, help="prompt tokens (default 64)")
     p.add_argument("--new-tokens", type=a.positive_int, default=128, help="decode steps (default 128)")
     p.add_argument("--warmup", type=a.nonnegative_int, default=1, help="untimed runs first (default 1)")
-    p.add_argument("--repeats", type=a.positive_int, default=3, help="timed runs (default 3; llama.cpp: rounds, each timing every file once)")
+    p.add_argument("--repeats", type=a.positive_int, default=3,
+                   help="timed runs (default 3; llama.cpp: rounds, each timing every file once)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="default: cuda if available, else cpu")
     p.add_argument("--dtype", type=a.dtype, default="float32", help=f"{', '.join(a.DTYPES)} (default float32)")

@@ -45,7 +45,8 @@ def self_generated_calibration(model, samples_per_class: int, *, cfg_scale: floa
     start = time.perf_counter()
     tokens = self_generated_tokens(model, samples_per_class, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
                                    progress=progress)
-    info = {"sampling_s": round(time.perf_counter() - start, 3), "source": "self-generated", "classes": model.config.num_classes, "samples_per_class": samples_per_class,
+    info = {"sampling_s": round(time.perf_counter() - start, 3), "source": "self-generated",
+            "classes": model.config.num_classes, "samples_per_class": samples_per_class,
             "cfg_scale": cfg_scale, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": seed,
             "samples": tokens.shape[0], "seqlen": tokens.shape[1]}
     return tokens, info

@@ -3,7 +3,8 @@
 A LLaMA-style decoder over VQ image tokens in raster order, conditioned by one class-embedding
 token in front. Module and parameter names are LlamaGen's own (``cls_embedding.embedding_table``,
 ``tok_embeddings``, ``layers.N.attention.wqkv`` / ``wo``, ``feed_forward.w1/w3/w2``,
-``attention_norm``, ``ffn_norm``, ``norm``, ``output``), so a released ``c2i_*.pt``, converted to safetensors, loads by key name.
+``attention_norm``, ``ffn_norm``, ``norm``, ``output``), so a released ``c2i_*.pt``, converted to safetensors,
+loads by key name.
 Per-layer head counts and MLP widths live in the config, so a pruned model is the same class.
 
 Sequence convention (what the rest of numprune relies on): ``input_ids[:, 0]`` is the class label
