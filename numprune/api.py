@@ -8,7 +8,6 @@ with an ``InMemory`` layer source (numprune.sources); the options are numprune.r
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
@@ -51,7 +50,10 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     ``tokens`` ([samples, seqlen] token ids) calibrate the run unless ``stats`` from ``calibrate``
     are given; sequential compensation statistics always need ``tokens``. The run follows ``recipe``
     (a PruneOptions) changed by ``overrides`` (its fields: ``ratio=0.3, method="numerical"``), or the
-    ``overrides`` alone (``ratio`` is then needed). Unless ``inplace``, ``model`` is left untouched (it is copied first).
+    ``overrides`` alone (``ratio`` is then needed). ``model`` is left untouched and never copied: the
+    narrower model is built from it and the compensation's fits (numprune.shrink); with ``inplace`` it
+    shares the tensors that do not shrink (embeddings, norms) with ``model``, which is then the caller's
+    to drop.
     ``device``/``dtype`` say where and in what precision the layer passes run (default: the model's
     own device and dtype). The model may be anywhere and stays there: statistics and solves run in
     float64 without TF32, and each weight gets its result on its own device in its own dtype
@@ -68,12 +70,8 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     check_run(source.adapter, tokens, stats, opts)
     before = parameter_counts(source.adapter)
     plans, stats = select(source, tokens, stats, opts, compute, clock)
-
-    if not inplace:
-        model = copy.deepcopy(model)
-        source = InMemory(model)
     compensate(source, plans, stats, tokens, opts, compute, clock)
     with clock.timed("surgery"):
-        pruned = shrink(source.adapter, plans)
+        pruned = shrink(source.adapter, plans, source.fits, share=inplace)
     return pruned, build_report(opts, tokens, calibration_info, before, pruned, plans, clock,
                                 compute.describe(source.adapter))

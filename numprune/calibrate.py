@@ -232,6 +232,7 @@ def _moved(value, device: torch.device, dtype: torch.dtype | None, memo: dict):
 
     ``memo`` (id -> moved tensor) makes a tensor met again the same moved tensor, not another copy;
     the tensors it was made from must stay alive while it is used (ids are unique only among the living).
+    accelerate's ``send_to_device`` would copy a shared mask once per layer and casts no dtype, hence this.
     """
     if torch.is_tensor(value):
         if id(value) not in memo:

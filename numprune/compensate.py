@@ -27,7 +27,8 @@ C = E[x x^T] - mu mu^T, and b = b0 + W_P mu_P - (W'_K - W_K) mu_K. The ridge gam
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,7 @@ class NoOptions:
 
 
 Fit = tuple[torch.Tensor, torch.Tensor | None]  # the new kept columns [out, K], the bias shift [out] or None
+LayerFits = tuple[Fit, Fit]  # a layer's: its attention output projection's, its MLP output projection's
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,25 @@ REGISTRY: dict[str, Compensation] = {
         description="the kept columns stay as they are"),
 }
 COMPENSATIONS = tuple(REGISTRY)
+
+
+@contextmanager
+def applied(linears: Sequence[torch.nn.Module], kept: Sequence[torch.Tensor], fits: Sequence[Fit]) -> Iterator[None]:
+    """While the block runs, ``linears`` compute what their fits make of them (``apply``); after it, what they did
+    before, exactly (their weights and biases are put back)."""
+    saved = [(projection_weight(linear).detach().clone(), linear.bias) for linear in linears]
+    for linear in linears:
+        if linear.bias is not None:
+            linear.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+    try:
+        for linear, keep, fit in zip(linears, kept, fits):
+            apply(linear, keep, fit)
+        yield
+    finally:
+        with torch.no_grad():
+            for linear, (weight, bias) in zip(linears, saved):
+                projection_weight(linear).copy_(weight)
+                linear.bias = bias
 
 
 def apply(linear: torch.nn.Module, keep: torch.Tensor, fit: Fit) -> None:

@@ -96,7 +96,7 @@ def reducer():
 def agree(what: str, value) -> None:
     """Fail on every process, with one clear line, unless all processes hold the same ``value``.
 
-    ``value`` is anything JSON can write or a tensor; a fingerprint of it is compared.
+    ``value`` is anything JSON can write or a tensor; its SHA-256 fingerprints are gathered and compared.
     """
     w = world()
     if w.size == 1:
@@ -107,11 +107,9 @@ def agree(what: str, value) -> None:
         digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     else:
         digest.update(json.dumps(value, sort_keys=True, default=str).encode())
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    mine = torch.tensor([int.from_bytes(digest.digest()[:7], "big")], dtype=torch.int64, device=device)
-    every = [torch.zeros_like(mine) for _ in range(w.size)]
-    dist.all_gather(every, mine)
-    differing = [r for r, other in enumerate(every) if not torch.equal(other, every[0])]
+    every = [None] * w.size
+    dist.all_gather_object(every, digest.hexdigest())
+    differing = [r for r, other in enumerate(every) if other != every[0]]
     if differing:
         raise NumpruneError(f"the {w.size} processes disagree on {what} (process {differing[0]} differs from "
                             "process 0); every process must be given the same model, data and options")

@@ -7,8 +7,9 @@ read from disk one layer at a time) are both these steps over a layer source (nu
    decide, before any long work.
 2. ``select``: calibrate (numprune.calibrate), score (numprune.criteria) and allocate
    (numprune.allocate), visiting each layer once; gives each layer's plan.
-3. ``compensate``: mask and refit each layer's output projections (numprune.compensate), visiting
-   each layer once more; the source then slices (streamed) or ``shrink`` slices the whole model.
+3. ``compensate``: refit each layer's output projections (numprune.compensate), visiting each
+   layer once more; the source writes each layer narrowed with its fits (streamed), or ``shrink``
+   builds the narrower model from the dense one and the fits (numprune.shrink).
 4. ``build_report``: the typed report (numprune.report), timed by a ``Clock``.
 """
 
@@ -198,11 +199,14 @@ def select(source: LayerSource, tokens: torch.Tensor | None, stats: Sequence[Lay
     for i in tqdm(range(adapter.num_layers()), desc="calibrating and scoring" if stream else "scoring", unit="layer",
                   disable=not compute.progress):
         with source.layer(i) as layer:
-            if stream is not None:
+            if stream is not None:  # scored from memory; the store keeps it for compensation
                 with clock.timed("calibration"), full_precision():
-                    stats.append(stream.run(layer, collect=True, advance=True))
+                    layer_stats = stream.run(layer, collect=True, advance=True)
+                    stats.append(layer_stats)
+            else:
+                layer_stats = stats[i]
             with clock.timed("scoring"), full_precision(), _solvable(i, "scoring"):
-                inputs = criterion_inputs(adapter, i, layer, stats[i], opts.ratio)
+                inputs = criterion_inputs(adapter, i, layer, layer_stats, opts.ratio)
                 scores.append(criterion(inputs, **opts.score_options))
                 guides.append(layer_guide(opts.allocation, adapter, inputs, scores[-1], opts.allocation_compensation,
                                           opts.compensation_options(opts.allocation_compensation), opts.gqa_unit))
@@ -236,15 +240,17 @@ def criterion_inputs(adapter: Adapter, i: int, layer: nn.Module, stats: LayerSta
                            ratio)
 
 
-# 3. Compensate: mask and refit.
+# 3. Compensate: refit.
 
 def compensate(source: LayerSource, plans: list[LayerPlan], stats: Sequence[LayerStats], tokens,
                opts: PruneOptions, compute: Compute, clock: Clock) -> None:
-    """Mask (and, unless disabled, refit) every layer's output projections in place.
+    """Fit every layer's output projections to what its plan keeps; ``source.done`` receives each layer's fits.
 
+    The dense model stays as it is: the fits are applied while the narrower model is built (numprune.shrink).
     ``dense`` statistics come from the unpruned model (the calibration pass); ``sequential`` ones
-    are re-collected with the layers upstream already pruned and compensated, so each layer
-    corrects the drift of those before it. ``source.done`` receives each layer once compensated.
+    are re-collected with the layers upstream already pruned and compensated (each layer computes
+    what its fits make of it while the next layer's inputs are computed), so each layer corrects
+    the drift of those before it.
     """
     adapter = source.adapter
     stream = None
@@ -265,14 +271,13 @@ def compensate(source: LayerSource, plans: list[LayerPlan], stats: Sequence[Laye
                 kept = adapter.kept_inputs(i, plans[i])
                 outputs = (adapter.attention_output(layer), adapter.mlp_output(layer))
                 parts = (layer_stats.attention, layer_stats.mlp) if layer_stats is not None else (None, None)
-                for linear, keep, s in zip(outputs, kept, parts):
-                    weight = projection_weight(linear).detach()
-                    fit = compensation.fit(weight.to(s.gram.device) if s is not None else weight, s, keep, options)
-                    compensation_registry.apply(linear, keep, fit)  # back on the weight's device, in its dtype
+                fits = tuple(compensation.fit(weight.to(s.gram.device) if s is not None else weight, s, keep, options)
+                             for weight, keep, s in zip((projection_weight(o).detach() for o in outputs), kept, parts))
                 if stream is not None:
-                    stream.run(layer, collect=False, advance=True)
+                    with compensation_registry.applied(outputs, kept, fits):
+                        stream.run(layer, collect=False, advance=True)
             with clock.timed("surgery"):
-                source.done(i, layer, plans[i])
+                source.done(i, layer, plans[i], fits)
 
 
 # 4. Report.

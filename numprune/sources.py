@@ -1,8 +1,9 @@
 """Layer sources: where a pruning run finds its decoder layers, one at a time.
 
 The run (numprune.pipeline) never holds more than the layer a source hands out: ``InMemory``
-hands out the layers of a loaded model as they are; numprune.stream's ``StreamedModel`` reads
-each from disk while it is visited, frees it after, and writes each layer once it is compensated.
+hands out the layers of a loaded model as they are and keeps each layer's fits; numprune.stream's
+``StreamedModel`` reads each from disk while it is visited, frees it after, and writes each layer
+narrowed with its fits once they are computed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Protocol
 from torch import nn
 
 from numprune.adapters import Adapter, LayerPlan, adapter_for
+from numprune.compensate import LayerFits
 
 
 class LayerSource(Protocol):
@@ -28,8 +30,8 @@ class LayerSource(Protocol):
     def inputs(self) -> AbstractContextManager[None]:
         """While the block runs, whatever computing the first layer's inputs needs (embeddings) is present."""
 
-    def done(self, i: int, layer: nn.Module, plan: LayerPlan) -> None:
-        """Layer ``i`` is compensated (masked and refit) and keeps what ``plan`` says."""
+    def done(self, i: int, layer: nn.Module, plan: LayerPlan, fits: LayerFits) -> None:
+        """Layer ``i`` keeps what ``plan`` says, its output projections refit as ``fits`` say."""
 
 
 class InMemory(LayerSource):
@@ -37,6 +39,7 @@ class InMemory(LayerSource):
 
     def __init__(self, model: nn.Module):
         self.adapter = adapter_for(model)
+        self.fits: list[LayerFits] = []  # each layer's, for ``shrink``
 
     @contextmanager
     def layer(self, i: int) -> Iterator[nn.Module]:
@@ -46,5 +49,6 @@ class InMemory(LayerSource):
         """What the first layer's inputs need is loaded already."""
         return nullcontext()
 
-    def done(self, i: int, layer: nn.Module, plan: LayerPlan) -> None:
-        """Nothing to do: ``shrink`` slices the whole model at the end."""
+    def done(self, i: int, layer: nn.Module, plan: LayerPlan, fits: LayerFits) -> None:
+        """Keep the fits: ``shrink`` builds the narrower model from the dense one and them at the end."""
+        self.fits.append(fits)

@@ -5,7 +5,7 @@ frequencies are real; they are tiny). ``StreamedModel`` is a layer source (numpr
 run in numprune.pipeline, which ``prune_streaming`` drives as ``numprune.prune`` does. It
 materialises, from the memory-mapped safetensors files, the modules before the first layer while
 the first layer's inputs are captured, then layer i for its statistics and scores, and after the
-global allocation layer i again for compensation; each compensated layer is sliced and
+global allocation layer i again for compensation; each layer, narrowed with its fits, is
 written to its own output shard at once, and every layer is freed (back to meta) after its visit.
 Tensors outside the decoder layers (embeddings, final norm, LM head) are copied as they are.
 Weights keep the checkpoint's dtype; ``dtype`` only sets the precision of the layer passes.
@@ -34,6 +34,7 @@ from transformers.initialization import no_init_weights
 from numprune import distributed
 from numprune.adapters import LayerPlan, adapter_for
 from numprune.card import write_pruned_card
+from numprune.compensate import LayerFits
 from numprune.errors import NumpruneError
 from numprune.models import (TOKENIZER_FILES, WEIGHTS_FILE, WEIGHTS_INDEX, check_finite, check_model_folder,
                              check_weights_fit, load_config)
@@ -42,7 +43,7 @@ from numprune.pipeline import Compute, build_report, check_run, compensate, reso
 from numprune.recipe import FLAG, PruneOptions
 from numprune.report import Clock, PruneReport, parameter_counts
 from numprune.save import REPORT_NAME
-from numprune.shrink import kept_slices
+from numprune.shrink import narrowed
 from numprune.sources import LayerSource
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -187,6 +188,7 @@ class StreamedModel(LayerSource):
         self.clock = clock
         self.out: Path | None = None  # set while the output is written; None on processes that do not write
         self.weight_map: dict[str, str] = {}
+        self.shifted = (False, False)  # whether a fit shifts some attention / MLP output projection's bias
 
     def _shard(self, number: int) -> str:
         return f"model-{number:05d}-of-{self.adapter.num_layers() + 1:05d}.safetensors"
@@ -220,13 +222,14 @@ class StreamedModel(LayerSource):
         with self._loaded(self.model, "", names):
             yield
 
-    def done(self, i: int, layer: nn.Module, plan: LayerPlan) -> None:
-        """Slice the compensated layer and write it to its own shard (on the writing process)."""
+    def done(self, i: int, layer: nn.Module, plan: LayerPlan, fits: LayerFits) -> None:
+        """Write the layer narrowed with its fits (numprune.shrink.narrowed) to its own shard (on the writing
+        process)."""
+        self.shifted = tuple(s or fit[1] is not None for s, fit in zip(self.shifted, fits))
         if self.out is None:
             return
-        prefix = f"{self.layers_prefix}{i}."
-        state = kept_slices({prefix + n: t for n, t in layer.state_dict().items()}, self.adapter.kept_indices(i, plan))
-        self._write(state, self._shard(i + 1))
+        state = {f"{self.layers_prefix}{i}.{n}": t for n, t in layer.state_dict().items()}
+        self._write(state | narrowed(self.adapter, i, state, plan, fits), self._shard(i + 1))
 
     def _write(self, state: dict[str, torch.Tensor], shard: str) -> None:
         save_file({n: t.contiguous() for n, t in state.items()}, self.out / shard, metadata={"format": "pt"})
@@ -238,7 +241,7 @@ class StreamedModel(LayerSource):
         Biases the pruned config implies but no layer has (q/k/v beside a bias-compensated o_proj)
         are written as zeros, as ``shrink`` does in memory.
         """
-        config = self.adapter.pruned_config(plans)
+        config = self.adapter.pruned_config(plans, self.shifted)
         with torch.device("meta"), no_init_weights():
             pruned = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         pruned.tie_weights()

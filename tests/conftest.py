@@ -23,6 +23,8 @@ from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 import numprune  # noqa: F401  (registers the per-layer classes)
+from numprune.adapters import adapter_for
+from numprune.compensate import apply
 from numprune.data.assets import smollm2_folder
 from numprune.pipeline import Compute, compensate, select
 from numprune.recipe import PruneOptions
@@ -192,14 +194,21 @@ def reload_all(plain: list[Path], with_numprune: list[Path], probe: torch.Tensor
 
 
 def stages(model, tokens, ratio=0.3, **options):
-    """The pipeline's steps one by one, returning the masked (compensated, not yet shrunk) model, the shrunk one
-    and the plans."""
+    """The pipeline's steps one by one, returning the masked model (a copy at full width with the fits applied and
+    the removed inputs zeroed, numprune.compensate.apply), the shrunk one (built by numprune.shrink from the
+    dense model and the fits) and the plans."""
     opts = PruneOptions.checked(ratio, **options)
     compute, clock = Compute(batch_size=4, progress=False), Clock()
-    plans, stats = select(InMemory(model), tokens, None, opts, compute, clock)
-    masked = InMemory(copy.deepcopy(model))
-    compensate(masked, plans, stats, tokens, opts, compute, clock)
-    return masked.adapter.model, shrink(masked.adapter, plans), plans
+    source = InMemory(model)
+    plans, stats = select(source, tokens, None, opts, compute, clock)
+    compensate(source, plans, stats, tokens, opts, compute, clock)
+    masked = adapter_for(copy.deepcopy(model))
+    for i, fits in enumerate(source.fits):
+        layer = masked.layers()[i]
+        for linear, keep, fit in zip((masked.attention_output(layer), masked.mlp_output(layer)),
+                                     masked.kept_inputs(i, plans[i]), fits):
+            apply(linear, keep, fit)
+    return masked.model, shrink(source.adapter, plans, source.fits), plans
 
 
 def assert_valid_groups(adapter, plans, gqa_unit):

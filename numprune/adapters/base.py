@@ -86,8 +86,9 @@ class Adapter(ABC):
                                 f"{self.max_positions} positions")
 
     @abstractmethod
-    def pruned_config(self, plans: list[LayerPlan]) -> PretrainedConfig:
-        """The config of the shrunk model: the stock class when it can describe it, else numprune's."""
+    def pruned_config(self, plans: list[LayerPlan], shifted: tuple[bool, bool] = (False, False)) -> PretrainedConfig:
+        """The config of the shrunk model: the stock class when it can describe it, else numprune's. ``shifted``:
+        whether a compensation shifts some attention / MLP output projection's bias (then they all have one)."""
 
     def layers(self) -> nn.ModuleList:
         """The decoder layers, in order."""
@@ -168,10 +169,11 @@ class Adapter(ABC):
         q, _, channels = self.kept_channels(layer_idx, plan)
         return q, channels
 
-    def output_biases(self) -> tuple[bool, bool]:
-        """Whether any layer's attention / MLP output projection has a bias (FLAP's compensation adds one)."""
-        return tuple(any(get(layer).bias is not None for layer in self.layers())
-                     for get in (self.attention_output, self.mlp_output))
+    def output_biases(self, shifted: tuple[bool, bool] = (False, False)) -> tuple[bool, bool]:
+        """Whether any layer's attention / MLP output projection has a bias, or gets one from a compensation that
+        shifts it (``shifted``, FLAP's bias compensation)."""
+        return tuple(shift or any(get(layer).bias is not None for layer in self.layers())
+                     for get, shift in zip((self.attention_output, self.mlp_output), shifted))
 
     def full_plan(self, layer_idx: int) -> LayerPlan:
         layout = self.attention_layout(layer_idx)

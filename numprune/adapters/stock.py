@@ -38,13 +38,13 @@ class StockAdapter(Adapter):
         say so (FLAP's bias compensation adds one); None when the stock config cannot express it."""
         return None if attention or mlp else {}
 
-    def pruned_config(self, plans: list[LayerPlan]) -> PretrainedConfig:
+    def pruned_config(self, plans: list[LayerPlan], shifted: tuple[bool, bool] = (False, False)) -> PretrainedConfig:
         spec = self.spec
         heads = [len(p.heads) for p in plans]
         kv_heads = [len(p.kv_heads) for p in plans]
         widths = [len(p.channels) for p in plans]
         head_dim = self.attention_layout(0).head_dim
-        biases = self.output_biases()
+        biases = self.output_biases(shifted)
         base = {k: v for k, v in self.config.to_dict().items() if k not in _NOT_CARRIED}
         if len(set(zip(heads, kv_heads, widths))) == 1:
             config = self._stock_config(base, heads[0], kv_heads[0], widths[0], head_dim, *biases)

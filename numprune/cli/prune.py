@@ -41,8 +41,8 @@ def add_parser(commands) -> None:
     a.add_model(p)
     p.add_argument("--ratio", type=a.ratio, default=None, help="fraction of attention+MLP parameters to remove, in "
                    "(0, 1) (needed unless --recipe gives it)")
-    p.add_argument("--recipe", default=None, help="a JSON recipe: PruneOptions' fields, or a pruning_report.json, "
-                   "which holds the recipe a run followed; the recipe flags given beside it change it")
+    p.add_argument("--recipe", default=None, metavar="FILE", help="a JSON or YAML recipe: PruneOptions' fields, or "
+                   "a pruning_report.json, which holds the recipe a run followed; recipe flags given beside it change it")
     p.add_argument("--method", choices=list(methods()), default=None,
                    help=a.choices_help({n: m.description for n, m in methods().items()}, DEFAULT_METHOD))
     p.add_argument("--allocation", choices=ALLOCATIONS, default=None,

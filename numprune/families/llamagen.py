@@ -25,10 +25,10 @@ class LlamaGenAdapter(Adapter):
     modules = LayerModules("attention", (("attention.wqkv", (QUERY, KV, KV)), ("feed_forward.w1", (MLP,)),
                                          ("feed_forward.w3", (MLP,))), "attention.wo", "feed_forward.w2")
 
-    def pruned_config(self, plans: list[LayerPlan]) -> PretrainedConfig:
+    def pruned_config(self, plans: list[LayerPlan], shifted: tuple[bool, bool] = (False, False)) -> PretrainedConfig:
         base = {k: v for k, v in self.config.to_dict().items()
                 if k not in ("model_type", "architectures", "transformers_version", *PER_LAYER_FIELDS)}
-        attention_bias, mlp_bias = self.output_biases()  # FLAP's bias compensation gives wo / w2 a bias
+        attention_bias, mlp_bias = self.output_biases(shifted)  # FLAP's bias compensation gives wo / w2 a bias
         heads = [len(p.heads) for p in plans]
         kv_heads = [len(p.kv_heads) for p in plans]
         widths = [len(p.channels) for p in plans]
