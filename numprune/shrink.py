@@ -73,7 +73,8 @@ def shrink(adapter: Adapter, plans: list[LayerPlan], fits: list[LayerFits] | Non
     config = adapter.pruned_config(plans, shifted(fits))
     config._attn_implementation = model.config._attn_implementation
     weight = next(model.parameters())
-    with init_empty_weights(include_buffers=False), no_init_weights():  # parameters on meta, assigned below
+    # parameters on the meta device, assigned below; buffers (rotary tables) real, where the weights are
+    with torch.device(weight.device), init_empty_weights(include_buffers=False), no_init_weights():
         shrunk = AutoModelForCausalLM.from_config(config, dtype=weight.dtype)
     expected = shrunk.state_dict()
     missing = [name for name in expected if name not in state]
@@ -83,7 +84,6 @@ def shrink(adapter: Adapter, plans: list[LayerPlan], fits: list[LayerFits] | Non
     # biases the config adds beside compensated ones (e.g. q/k/v beside o_proj) start at 0
     state |= {name: torch.zeros(expected[name].shape, dtype=weight.dtype, device=weight.device) for name in missing}
     shrunk.load_state_dict(state, assign=True)
-    shrunk.to(weight.device)  # the buffers (rotary tables), built on the CPU
     shrunk.tie_weights()
     if getattr(model, "generation_config", None) is not None:
         shrunk.generation_config = model.generation_config
