@@ -32,7 +32,8 @@ def worker(rank: int, port: int, folder: str, out: str) -> None:
                 save_file({k: v.clone() for k, v in pruned.state_dict().items()}, f"{out}/{name}.safetensors")
                 with open(f"{out}/{name}.json", "w") as f:
                     json.dump(report.to_json(), f)
-        prune_streaming(folder, tokens(), ratio=0.3, out=f"{out}/streamed", batch_size=2, progress=False)
+        prune_streaming(folder, tokens(), ratio=0.3, out=f"{out}/streamed", batch_size=2, progress=False,
+                        **RUNS["dense"])
         with open(f"{out}/shard{rank}.json", "w") as f:
             json.dump(shard(tokens()).tolist(), f)
         try:  # each process given different calibration data
