@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from numprune import distributed
 from numprune.adapters import adapter_for
 from numprune.calibrate import LayerStats, collect_statistics
 from numprune.errors import NumpruneError
+from numprune.heal import heal
 from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, resolve, select
 from numprune.precision import full_precision
 from numprune.recipe import FLAG
@@ -60,6 +62,9 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
     if calibration_info is not None and not isinstance(calibration_info, dict):
         raise NumpruneError(f"calibration_info must be a dict, got {type(calibration_info).__name__}")
     FLAG.check("inplace", inplace)
+    if inplace and opts.heal:
+        raise NumpruneError("healing fits the pruned model to the dense one, which inplace=True would overwrite; "
+                            "prune with inplace=False")
     compute = Compute(batch_size, progress, device, dtype)
     source = InMemory(model)
     clock = Clock(compute.where(source.adapter))
@@ -67,11 +72,19 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
     before = parameter_counts(source.adapter)
     plans, stats = select(source, tokens, stats, opts, compute, clock)
 
+    dense = model
     if not inplace:
         model = copy.deepcopy(model)
         source = InMemory(model)
     compensate(source, plans, stats, tokens, opts, compute, clock)
     with clock.timed("surgery"):
         pruned = shrink(source.adapter, plans)
-    return pruned, build_report(opts, tokens, calibration_info, before, pruned, plans, clock,
-                                compute.describe(source.adapter))
+    record = None
+    if opts.heal:
+        with clock.timed("healing"):
+            pruned, record = heal(dense, pruned, tokens, progress=compute.progress, device=compute.device,
+                                  **asdict(opts.heal_options()))
+    report = build_report(opts, tokens, calibration_info, before, pruned, plans, clock,
+                          compute.describe(source.adapter))
+    report.healing = record.to_json() if record is not None else None
+    return pruned, report

@@ -78,8 +78,9 @@ class Compute:
 def resolve(ratio: float, options: dict, tokens, stats) -> PruneOptions:
     """Checked options; the calibration tokens are there when needed."""
     opts = PruneOptions.checked(ratio, **options)
-    if tokens is None and (stats is None or opts.compensation_stats == "sequential"):
-        raise NumpruneError("calibration tokens are needed" + (" for sequential compensation statistics"
+    if tokens is None and (stats is None or opts.compensation_stats == "sequential" or opts.heal):
+        raise NumpruneError("calibration tokens are needed" + (" for healing" if stats is not None and opts.heal else
+                                                               " for sequential compensation statistics"
                                                                if stats is not None else ""))
     return opts
 

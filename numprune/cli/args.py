@@ -15,7 +15,7 @@ from numprune.data.self_generated import Sampling
 from numprune.errors import NumpruneError
 from numprune.image.calibration import CALIB_CFG_SCALE
 from numprune.precision import check_device
-from numprune.recipe import NONNEGATIVE, POSITIVE_INT, RATIO, SEED, SHARE, Rule, number_from_text
+from numprune.recipe import NONNEGATIVE, POSITIVE, POSITIVE_INT, RATIO, SEED, SHARE, Rule, number_from_text
 
 DATA_HELP = "sotu, moby-dick, sotu-val, emails, wikitext2, ptb, c4, or a .txt / .jsonl file"
 EVAL_DATA_HELP = f"{DATA_HELP}; in prune and compare also self: text the dense model samples (--eval-seed)"
@@ -52,6 +52,7 @@ def converter(rule: Rule):
 positive_int = converter(POSITIVE_INT)
 seed = converter(SEED)
 nonnegative_float = converter(NONNEGATIVE)
+positive_float = converter(POSITIVE)
 ratio = converter(RATIO)
 share = converter(SHARE)
 nonnegative_int = converter(Rule(int, lambda v: v >= 0, "zero or more"))

@@ -17,7 +17,7 @@ from numprune.export.gguf import check_exportable, export_gguf
 from numprune.export.gguf import check_target as check_gguf_target
 from numprune.io.output import check_target
 from numprune.models import load_config, registry_folder
-from numprune.recipe import PruneOptions, option_types
+from numprune.recipe import HEAL_FIELDS, HEAL_LOSSES, HEAL_PARAMS, HealOptions, PruneOptions, option_types
 from numprune.save import REPORT_NAME, save_pruned
 from numprune.stream import check_folder, load_tokenizer, prune_streaming
 
@@ -65,6 +65,7 @@ def add_parser(commands) -> None:
     p.add_argument("--iterations", type=a.positive_int, default=50, help="maximum Newton iterations (default 50)")
     p.add_argument("--centred", action="store_true", default=None, help="Newton score on the centred covariance "
                    "(default: the method's own; numerical: uncentred, as the paper)")
+    add_heal_options(p)
     a.add_output_folder(p, "output folder")
     add_gguf_options(p, required=False)
     a.add_evaluation(p, ("--eval", "--eval-seqlen", "--eval-windows"), None,
@@ -78,6 +79,24 @@ def add_parser(commands) -> None:
                    "(default: the weights' own); statistics and solves stay in float64")
     a.add_quiet(p)
     p.set_defaults(run=run)
+
+
+def add_heal_options(p) -> None:
+    """--heal and the options of block-local healing (numprune.heal); unset ones take HealOptions' defaults."""
+    d = HealOptions()
+    p.add_argument("--heal", action="store_true", help="after pruning, fit each pruned layer's kept weights to the "
+                   "dense layer's output on the calibration windows, layer by layer (block-local healing)")
+    p.add_argument("--heal-lr", type=a.positive_float, default=None, help=f"healing: Adam's learning rate, decaying "
+                   f"along a cosine (default {d.lr})")
+    p.add_argument("--heal-epochs", type=a.positive_int, default=None, help=f"healing: passes over the calibration "
+                   f"windows per layer (default {d.epochs})")
+    p.add_argument("--heal-batch", type=a.positive_int, default=None, help=f"healing: calibration windows per step "
+                   f"(default {d.batch})")
+    p.add_argument("--heal-params", default=None, help=f"healing: {' or '.join(HEAL_PARAMS)} (all kept weights, or "
+                   f"the norms and biases only) (default {d.params})")
+    p.add_argument("--heal-loss", default=None, help=f"healing: {' or '.join(HEAL_LOSSES)} (squared error of the "
+                   "layer's output, or each sub-block's squared error over its dense output's energy) "
+                   f"(default {d.loss})")
 
 
 def run(args) -> int:
@@ -101,7 +120,8 @@ def prune_options(args) -> dict:
                    compensation="none" if args.no_compensate else args.compensation,
                    compensation_stats=args.compensation_stats, compensation_damp=args.damp,
                    allocation_compensation=args.allocation_compensation, blend_weight=args.blend_weight,
-                   score_options=_score_options(args))
+                   score_options=_score_options(args), heal=args.heal,
+                   **{f"heal_{name}": getattr(args, f"heal_{name}") for name in HEAL_FIELDS})
     PruneOptions.checked(args.ratio, **options)
     return options
 
@@ -116,6 +136,8 @@ def _score_options(args) -> dict:
 
 def _streaming(args, device: str | None, dtype) -> int:
     options = prune_options(args)
+    if args.heal:
+        raise NumpruneError("--heal needs the dense and the pruned model in memory side by side; drop --stream")
     if args.eval_data:
         raise NumpruneError("--eval needs the whole model in memory; with --stream, run `numprune ppl` on the output")
     check_calibration(args)
@@ -178,6 +200,11 @@ def _print_summary(report: dict, out, figures_lines: Sequence[str] = ()) -> None
     print(f"parameters: {params['total_before']:,} -> {params['total_after']:,} "
           f"(attention+MLP {params['attention_mlp_before']:,} -> {params['attention_mlp_after']:,}, "
           f"removed {params['achieved_ratio']:.1%}, target {params['target_ratio']:.0%})")
+    if "healing" in report:
+        layers = report["healing"]["layers"]
+        print(f"healing: {sum(layer['kept'] for layer in layers)} of {len(layers)} layers kept their fit; calibration "
+              f"loss, last layer {layers[-1]['before']:.4g} -> {layers[-1]['after']:.4g}, in "
+              f"{report['healing']['seconds']:.1f}s")
     for line in figures_lines:
         print(line)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in report["time_s"].items())
