@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import reload_all, tiny_llama, tiny_tokens
-from hostile import refused
+from hostile import hashes, refused
 from numprune.adapters import adapter_for
 from numprune.cli import main
 from numprune.api import calibrate, prune
@@ -183,3 +183,24 @@ def test_bad_heal_flags_are_one_line(tiny_model_folder, tmp_path, extra, message
     refused("heal flags", message, "prune", "--model", tiny_model_folder, "--ratio", "0.3", "--nsamples", "2",
             "--seqlen", "32", "--out", tmp_path / "out", "--quiet", *extra, inputs=[tiny_model_folder])
     assert not (tmp_path / "out").exists()
+
+
+def test_heal_command_heals_a_saved_pruned_folder(tiny_model_folder, tmp_path):
+    pruned = tmp_path / "pruned"
+    calibration = ["--nsamples", "4", "--seqlen", "32", "--quiet"]
+    assert main(["prune", "--model", str(tiny_model_folder), "--ratio", "0.3", "--out", str(pruned), *calibration]) == 0
+    before = hashes(pruned)
+    out = tmp_path / "healed"
+    assert main(["heal", "--model", str(tiny_model_folder), "--pruned", str(pruned), "--heal-lr", "0.001",
+                 "--out", str(out), *calibration]) == 0
+    assert hashes(pruned) == before
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["options"]["heal"] and report["options"]["heal_lr"] == 0.001
+    assert report["healing"]["calibration"]["nsamples"] == 4 and len(report["healing"]["layers"]) == 2
+    probe = tiny_tokens(2, 12, seed=7)
+    [(healed_logits, _), (pruned_logits, _)] = reload_all([], [out, pruned], probe, tmp_path)
+    assert not torch.allclose(healed_logits, pruned_logits, atol=1e-4)
+    for case, folder, message in [("not pruned", tiny_model_folder, "has no pruning_report.json"),
+                                  ("onto its input", pruned, "would replace")]:
+        refused(case, message, "heal", "--model", tiny_model_folder, "--pruned", folder, "--out", pruned,
+                "--overwrite", *calibration, inputs=[tiny_model_folder, pruned])

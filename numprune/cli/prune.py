@@ -17,7 +17,7 @@ from numprune.export.gguf import check_exportable, export_gguf
 from numprune.export.gguf import check_target as check_gguf_target
 from numprune.io.output import check_target
 from numprune.models import load_config, registry_folder
-from numprune.recipe import HEAL_FIELDS, HEAL_LOSSES, HEAL_PARAMS, HealOptions, PruneOptions, option_types
+from numprune.recipe import HEAL_FIELDS, PruneOptions, option_types
 from numprune.save import REPORT_NAME, save_pruned
 from numprune.stream import check_folder, load_tokenizer, prune_streaming
 
@@ -65,7 +65,9 @@ def add_parser(commands) -> None:
     p.add_argument("--iterations", type=a.positive_int, default=50, help="maximum Newton iterations (default 50)")
     p.add_argument("--centred", action="store_true", default=None, help="Newton score on the centred covariance "
                    "(default: the method's own; numerical: uncentred, as the paper)")
-    add_heal_options(p)
+    p.add_argument("--heal", action="store_true", help="after pruning, fit each pruned layer's kept weights to "
+                   "the dense layer's output on the calibration windows, layer by layer (block-local healing)")
+    a.add_heal_options(p)
     a.add_output_folder(p, "output folder")
     add_gguf_options(p, required=False)
     a.add_evaluation(p, ("--eval", "--eval-seqlen", "--eval-windows"), None,
@@ -79,24 +81,6 @@ def add_parser(commands) -> None:
                    "(default: the weights' own); statistics and solves stay in float64")
     a.add_quiet(p)
     p.set_defaults(run=run)
-
-
-def add_heal_options(p) -> None:
-    """--heal and the options of block-local healing (numprune.heal); unset ones take HealOptions' defaults."""
-    d = HealOptions()
-    p.add_argument("--heal", action="store_true", help="after pruning, fit each pruned layer's kept weights to the "
-                   "dense layer's output on the calibration windows, layer by layer (block-local healing)")
-    p.add_argument("--heal-lr", type=a.positive_float, default=None, help=f"healing: Adam's learning rate, decaying "
-                   f"along a cosine (default {d.lr})")
-    p.add_argument("--heal-epochs", type=a.positive_int, default=None, help=f"healing: passes over the calibration "
-                   f"windows per layer (default {d.epochs})")
-    p.add_argument("--heal-batch", type=a.positive_int, default=None, help=f"healing: calibration windows per step "
-                   f"(default {d.batch})")
-    p.add_argument("--heal-params", default=None, help=f"healing: {' or '.join(HEAL_PARAMS)} (all kept weights, or "
-                   f"the norms and biases only) (default {d.params})")
-    p.add_argument("--heal-loss", default=None, help=f"healing: {' or '.join(HEAL_LOSSES)} (squared error of the "
-                   "layer's output, or each sub-block's squared error over its dense output's energy) "
-                   f"(default {d.loss})")
 
 
 def run(args) -> int:
