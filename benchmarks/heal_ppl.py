@@ -71,9 +71,14 @@ def main() -> None:
     def ppl(m):
         return {spec: round(perplexity(m, w, progress=False)["ppl"], 3) for spec, (w, _) in evals.items()}
 
-    start = time.perf_counter()
-    stats = numprune.calibrate(model, tokens, progress=False)
-    calibration_s = time.perf_counter() - start
+    def calibration_pass():
+        start = time.perf_counter()
+        stats = numprune.calibrate(model, tokens, progress=False)
+        return stats, time.perf_counter() - start
+
+    # The pass is timed twice (on shared cores a single timing can be far off); healing is measured against the faster.
+    stats, calibration_s = calibration_pass()
+    calibration_s = min(calibration_s, calibration_pass()[1])
     print(f"calibration pass: {calibration_s:.1f}s on {tokens.shape[0]} x {tokens.shape[1]} tokens", flush=True)
     rows = [{"ratio": 0.0, "heal": "dense", "ppl": ppl(model)}]
     print(rows[-1], flush=True)

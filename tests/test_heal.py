@@ -123,11 +123,18 @@ def test_a_healed_model_saves_and_reloads_with_its_record(tmp_path):
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_compare_entries_and_the_card_recipe_take_healing():
+def test_compare_takes_healing_as_a_method_option(tiny_model_folder, tmp_path):
     opts = PruneOptions.parse("numerical-robust:heal=true:heal_lr=0.0003:heal_loss=relative", 0.2)
     assert opts.heal and opts.heal_options() == HealOptions(lr=3e-4, loss="relative")
     with pytest.raises(NumpruneError, match="heal_lr is a healing option; it applies only with heal=True"):
         PruneOptions.parse("numerical-robust:heal_lr=0.0003", 0.2)
+    out = tmp_path / "compare"
+    assert main(["compare", "--model", str(tiny_model_folder), "--methods", "numerical-robust,numerical-robust:heal=true",
+                 "--ratios", "0.3", "--data", "moby-dick", "--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "32",
+                 "--eval-windows", "2", "--out", str(out), "--quiet"]) == 0
+    _, plain, healed = json.loads((out / "results.json").read_text())["rows"]
+    assert healed["options"]["heal"] and "healing" in healed["time_s"] and "healing" not in plain["time_s"]
+    assert healed["ppl"]["moby-dick"] != plain["ppl"]["moby-dick"]
 
 
 @pytest.mark.parametrize("options,message", [
