@@ -115,6 +115,10 @@ def _check_pair(dense: Adapter, pruned: Adapter) -> None:
                                 f"dense model's: it was not pruned from this dense model")
 
 
+def _mean_square(tensors: list[torch.Tensor]) -> float:
+    return sum(float(t.double().pow(2).sum()) for t in tensors) / sum(t.numel() for t in tensors)
+
+
 def _usable(value, memo: dict):
     """``value`` (tensors, or tuples/lists/dicts of them) with every tensor a normal one: the stream records under
     inference mode, and autograd cannot save inference tensors for the backward pass. Shared tensors stay shared."""
@@ -160,10 +164,9 @@ class _Fit:
         self.opts, self.targets, self.stream = opts, targets, stream
         memo = {}
         self.arguments = [_usable(arguments, memo) for arguments in stream.arguments[stream.position]]
-        tokens = sum(out.shape[0] * out.shape[1] for out, _ in targets)
-        # each sub-block's dense output energy per element, over all the calibration tokens
-        self.energy = [max(sum(float(t[k].double().pow(2).sum()) for _, t in targets) / (tokens * targets[0][1][k].shape[-1]),
-                           ENERGY_FLOOR) for k in range(len(targets[0][1]))]
+        # each sub-block's dense output energy per element, over all the calibration tokens (relative loss)
+        self.energy = [max(_mean_square([parts[k] for _, parts in targets]), ENERGY_FLOOR)
+                       for k in range(len(targets[0][1]))]
 
     def batch_loss(self, b: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, parts = self.block(hidden, *self.arguments[b])
