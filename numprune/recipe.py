@@ -87,11 +87,11 @@ SCORE_OPTION_RULES = {"iterations": POSITIVE_INT, "damp": NONNEGATIVE, "lambda_r
 class HealOptions:
     """How numprune.heal fits each pruned layer to the dense layer's output (defaults chosen on validation text)."""
 
-    lr: float = 1e-3  # Adam's learning rate at the start; it decays to 0 along a cosine over the steps
+    lr: float = 3e-4  # Adam's learning rate at the start; it decays to 0 along a cosine over the steps
     epochs: int = 1  # passes over the calibration windows per layer
     batch: int = 1  # calibration windows per Adam step
     params: str = "all"  # HEAL_PARAMS
-    loss: str = "mse"  # HEAL_LOSSES
+    loss: str = "relative"  # HEAL_LOSSES
     seed: int = 0  # the order windows are visited in
 
     @classmethod
