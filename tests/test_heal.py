@@ -19,6 +19,7 @@ from numprune.heal import heal
 from numprune.recipe import HealOptions, PruneOptions
 from numprune.save import save_pruned
 from numprune.shrink import shrink
+from numprune.stream import prune_streaming
 
 DEAD = 6  # MLP channels of every layer that are dead in the dense model
 
@@ -211,3 +212,10 @@ def test_heal_command_heals_a_saved_pruned_folder(tiny_model_folder, tmp_path):
                                   ("onto its input", pruned, "would replace")]:
         refused(case, message, "heal", "--model", tiny_model_folder, "--pruned", folder, "--out", pruned,
                 "--overwrite", *calibration, inputs=[tiny_model_folder, pruned])
+
+
+def test_a_streamed_run_refuses_healing(tiny_model_folder, tmp_path):
+    with pytest.raises(NumpruneError, match="a streamed run cannot heal"):
+        prune_streaming(tiny_model_folder, tiny_tokens(2, 16), ratio=0.3, out=tmp_path / "out", heal=True,
+                        progress=False)
+    assert not (tmp_path / "out").exists()
