@@ -52,6 +52,8 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
     ``tokens`` ([samples, seqlen] token ids) calibrate the run unless ``stats`` from ``calibrate``
     are given; sequential compensation statistics always need ``tokens``. ``options`` are the
     fields of PruneOptions. Unless ``inplace``, ``model`` is left untouched (it is copied first).
+    With ``heal=True`` the pruned model is then healed toward ``model`` on ``tokens`` (numprune.heal;
+    the report's ``healing`` has its record).
     ``device``/``dtype`` say where and in what precision the layer passes run (default: the model's
     own device and dtype). The model may be anywhere and stays there: statistics and solves run in
     float64 without TF32, and each weight gets its result on its own device in its own dtype

@@ -78,10 +78,13 @@ class Compute:
 def resolve(ratio: float, options: dict, tokens, stats) -> PruneOptions:
     """Checked options; the calibration tokens are there when needed."""
     opts = PruneOptions.checked(ratio, **options)
-    if tokens is None and (stats is None or opts.compensation_stats == "sequential" or opts.heal):
-        raise NumpruneError("calibration tokens are needed" + (" for healing" if stats is not None and opts.heal else
-                                                               " for sequential compensation statistics"
-                                                               if stats is not None else ""))
+    if tokens is None:
+        if stats is None:
+            raise NumpruneError("calibration tokens are needed")
+        for needed, what in ((opts.compensation_stats == "sequential", "sequential compensation statistics"),
+                             (opts.heal, "healing")):
+            if needed:
+                raise NumpruneError(f"calibration tokens are needed for {what}")
     return opts
 
 
