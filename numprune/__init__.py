@@ -36,6 +36,7 @@ try:
     from numprune import families  # noqa: F401  (registers every family's adapter and Auto classes)
     from numprune.api import calibrate, prune
     from numprune.errors import NumpruneError
+    from numprune.heal import heal
     from numprune.recipe import PruneOptions
     from numprune.save import save_pruned
     from numprune.stream import prune_streaming
@@ -44,4 +45,4 @@ except KeyboardInterrupt:
     exit_if_command_interrupted()
     raise
 
-__all__ = ["NumpruneError", "PruneOptions", "calibrate", "prune", "prune_streaming", "save_pruned", "__version__"]
+__all__ = ["NumpruneError", "PruneOptions", "calibrate", "heal", "prune", "prune_streaming", "save_pruned", "__version__"]

@@ -9,6 +9,7 @@ with an ``InMemory`` layer source (numprune.sources); the options are numprune.r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from numprune import distributed
 from numprune.adapters import adapter_for
 from numprune.calibrate import LayerStats, collect_statistics
 from numprune.errors import NumpruneError
+from numprune.heal import heal
 from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, resolve, select
 from numprune.precision import full_precision
 from numprune.recipe import FLAG, PruneOptions
@@ -53,7 +55,8 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     ``overrides`` alone (``ratio`` is then needed). ``model`` is left untouched and never copied: the
     narrower model is built from it and the compensation's fits (numprune.shrink); with ``inplace`` it
     shares the tensors that do not shrink (embeddings, norms) with ``model``, which is then the caller's
-    to drop.
+    to drop. With ``heal=True`` the pruned model is then healed toward ``model`` on ``tokens``
+    (numprune.heal; the report's ``healing`` has its record).
     ``device``/``dtype`` say where and in what precision the layer passes run (default: the model's
     own device and dtype). The model may be anywhere and stays there: statistics and solves run in
     float64 without TF32, and each weight gets its result on its own device in its own dtype
@@ -64,6 +67,9 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     if calibration_info is not None and not isinstance(calibration_info, dict):
         raise NumpruneError(f"calibration_info must be a dict, got {type(calibration_info).__name__}")
     FLAG.check("inplace", inplace)
+    if inplace and opts.heal:
+        raise NumpruneError("healing fits the pruned model to the dense one, whose norms and embeddings inplace=True would share; "
+                            "prune with inplace=False")
     compute = Compute(batch_size, progress, device, dtype)
     source = InMemory(model)
     clock = Clock(compute.where(source.adapter))
@@ -73,5 +79,12 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     compensate(source, plans, stats, tokens, opts, compute, clock)
     with clock.timed("surgery"):
         pruned = shrink(source.adapter, plans, source.fits, share=inplace)
-    return pruned, build_report(opts, tokens, calibration_info, before, pruned, plans, clock,
-                                compute.describe(source.adapter))
+    record = None
+    if opts.heal:
+        with clock.timed("healing"):
+            pruned, record = heal(model, pruned, tokens, progress=compute.progress, device=compute.device,
+                                  **asdict(opts.heal_options()))
+    report = build_report(opts, tokens, calibration_info, before, pruned, plans, clock,
+                          compute.describe(source.adapter))
+    report.healing = record.to_json() if record is not None else None
+    return pruned, report

@@ -168,12 +168,16 @@ class LayerStream:
                 if advance:
                     outputs.append(out[0] if isinstance(out, tuple) else out)
         if advance:
-            self.hidden = outputs
-            self.arguments[self.position] = None  # what no later layer shares is freed
-            self.position += 1
+            self.advance(outputs)
         if stats is not None and self.reduce is not None:
             self.reduce(stats)
         return stats.to("cpu") if stats is not None else None
+
+    def advance(self, outputs: list[torch.Tensor]) -> None:
+        """Move on to the next layer, whose inputs are ``outputs`` (one tensor per batch, from this layer)."""
+        self.hidden = outputs
+        self.arguments[self.position] = None  # what no later layer shares is freed
+        self.position += 1
 
     def _working_copy(self, layer: nn.Module) -> nn.Module:
         """``layer`` itself if it already lives on the stream's device in its dtype, else a copy there."""

@@ -79,9 +79,13 @@ class Compute:
 def resolve(recipe: PruneOptions | None, options: dict, tokens, stats) -> PruneOptions:
     """The run's recipe (numprune.recipe.recipe_of); the calibration tokens are there when needed."""
     opts = recipe_of(recipe, options)
-    if tokens is None and (stats is None or opts.compensation_stats == "sequential"):
-        raise NumpruneError("calibration tokens are needed" + (" for sequential compensation statistics"
-                                                               if stats is not None else ""))
+    if tokens is None:
+        if stats is None:
+            raise NumpruneError("calibration tokens are needed")
+        for needed, what in ((opts.compensation_stats == "sequential", "sequential compensation statistics"),
+                             (opts.heal, "healing")):
+            if needed:
+                raise NumpruneError(f"calibration tokens are needed for {what}")
     return opts
 
 

@@ -27,6 +27,8 @@ from numprune.criteria import get_method
 from numprune.errors import NumpruneError
 
 COMPENSATION_STATS = ("dense", "sequential")
+HEAL_PARAMS = ("all", "norms")  # healing fits every kept weight of a layer, or its norms and biases only
+HEAL_LOSSES = ("mse", "relative")  # on the block's output; or each sub-block's error over its dense output's energy
 GUIDED_BY_COMPENSATION = "compensated-error"  # the allocation that ranks by a compensation's error curves
 MAX_SEED = 2**32 - 1  # seeds torch and numpy both take
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -76,11 +78,44 @@ class Rule:
 POSITIVE_INT = Rule(int, lambda v: is_int(v) and v >= 1, "a positive integer")
 SEED = Rule(int, lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"an integer between 0 and {MAX_SEED}")
 NONNEGATIVE = Rule(float, lambda v: is_number(v) and 0 <= v < math.inf, "a finite number >= 0")
+POSITIVE = Rule(float, lambda v: is_number(v) and 0 < v < math.inf, "a finite number > 0")
 RATIO = Rule(float, lambda v: is_number(v) and 0.0 < v < 1.0, "between 0 and 1 (exclusive)")
 SHARE = Rule(float, lambda v: is_number(v) and 0.0 <= v <= 1.0, "between 0 and 1")
 FLAG = Rule(bool, lambda v: isinstance(v, bool), "True or False")
 # The criteria's keyword options that are numbers, by name (every criterion that takes one means the same by it).
 SCORE_OPTION_RULES = {"iterations": POSITIVE_INT, "damp": NONNEGATIVE, "lambda_rel": NONNEGATIVE, "seed": SEED}
+
+
+@dataclass(frozen=True)
+class HealOptions:
+    """How numprune.heal fits each pruned layer to the dense layer's output (defaults chosen on validation text)."""
+
+    lr: float = 3e-4  # Adam's learning rate at the start; it decays to 0 along a cosine over the steps
+    epochs: int = 1  # passes over the calibration windows per layer
+    batch: int = 1  # calibration windows per Adam step
+    params: str = "all"  # HEAL_PARAMS
+    loss: str = "relative"  # HEAL_LOSSES
+    seed: int = 0  # the order windows are visited in
+
+    @classmethod
+    def checked(cls, **options) -> HealOptions:
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise NumpruneError(f"unknown healing option {unknown[0]!r}; the options are "
+                                f"{', '.join(f.name for f in fields(cls))}")
+        opts = cls(**{name: plain(value) for name, value in options.items()})
+        POSITIVE.check("healing learning rate", opts.lr)
+        POSITIVE_INT.check("healing epochs", opts.epochs)
+        POSITIVE_INT.check("healing batch", opts.batch)
+        SEED.check("healing seed", opts.seed)
+        for value, allowed, what in ((opts.params, HEAL_PARAMS, "healing parameters"),
+                                     (opts.loss, HEAL_LOSSES, "healing loss")):
+            if value not in allowed:
+                raise NumpruneError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
+        return opts
+
+
+HEAL_FIELDS = ("lr", "epochs", "batch", "params", "loss")  # the HealOptions a PruneOptions carries as heal_<name>
 
 
 DEFAULT_METHOD = "numerical-robust"  # the API's, the command line's and compare's (docs/method.md, "The default method")
@@ -105,6 +140,12 @@ class PruneOptions:
     allocation_compensation: str | None = None  # compensated-error: whose error curves guide it (None: the run's own)
     blend_weight: float | None = None  # blend: the share of the global ranking's widths (None: the ratio's schedule)
     score_options: dict = field(default_factory=dict)  # the criterion's keyword options (unset: its own defaults)
+    heal: bool = False  # block-local healing after pruning (numprune.heal); the heal_* options are its, None: default
+    heal_lr: float | None = None
+    heal_epochs: int | None = None
+    heal_batch: int | None = None
+    heal_params: str | None = None
+    heal_loss: str | None = None
 
     def __post_init__(self):
         _resolve(self, lambda name, value: object.__setattr__(self, name, value))
@@ -159,6 +200,10 @@ class PruneOptions:
         """These options with ``changes``; what the changed fields imply (the method's defaults, the ratio's
         blend weight) is derived again unless these options set it to something else."""
         return PruneOptions.checked(**{**self.requested(), **changes})
+
+    def heal_options(self) -> HealOptions:
+        """The resolved healing options (when ``heal``)."""
+        return HealOptions.checked(**{name: getattr(self, f"heal_{name}") for name in HEAL_FIELDS})
 
     def compensation_options(self, name: str | None = None):
         """The resolved options of compensation ``name`` (default: the run's), as its registry entry declares them."""
@@ -224,6 +269,21 @@ def _resolve(opts: PruneOptions, put: Callable[[str, object], None]) -> None:
     _check_score_options(opts.method, given)
     merged = {**keyword_defaults(method.criterion), **method.score_options, **given}
     put("score_options", {name: merged[name] for name in score_option_names(method.criterion) if name in merged})
+    _resolve_healing(opts, put)
+
+
+def _resolve_healing(opts: PruneOptions, put: Callable[[str, object], None]) -> None:
+    """Healing's options, checked and completed with HealOptions' defaults; refused without healing."""
+    FLAG.check("heal", opts.heal)
+    given = {name: plain(getattr(opts, f"heal_{name}")) for name in HEAL_FIELDS
+             if getattr(opts, f"heal_{name}") is not None}
+    if not opts.heal:
+        if given:
+            raise NumpruneError(f"heal_{next(iter(given))} is a healing option; it applies only with heal=True")
+        return
+    for name, value in asdict(HealOptions.checked(**given)).items():
+        if name in HEAL_FIELDS:
+            put(f"heal_{name}", value)
 
 
 def read_recipe(path: str | Path) -> PruneOptions:

@@ -279,6 +279,9 @@ def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, recipe: Pru
     report; the others get None.
     """
     opts = resolve(recipe, overrides, tokens, None)
+    if opts.heal:
+        raise NumpruneError("healing needs the dense and the pruned model in memory side by side; a streamed run "
+                            "cannot heal (prune in memory, or heal the saved model with numprune.heal)")
     FLAG.check("overwrite", overwrite)
     _allocate_large_blocks_apart()
     world = distributed.world()

@@ -19,12 +19,12 @@ from numprune.version import VERSION
 try:
     from transformers.utils import logging as transformers_logging
 
-    from numprune.cli import bench, compare, export, generate, info, ppl, prune, train_digits, zeroshot
+    from numprune.cli import bench, compare, export, generate, heal, info, ppl, prune, train_digits, zeroshot
 except KeyboardInterrupt:
     exit_if_command_interrupted()
     raise
 
-COMMANDS = (prune, ppl, compare, info, bench, export, zeroshot, generate, train_digits)
+COMMANDS = (prune, heal, ppl, compare, info, bench, export, zeroshot, generate, train_digits)
 
 
 class Parser(argparse.ArgumentParser):

@@ -15,7 +15,8 @@ from numprune.data.self_generated import Sampling
 from numprune.errors import NumpruneError
 from numprune.image.calibration import CALIB_CFG_SCALE
 from numprune.precision import check_device
-from numprune.recipe import NONNEGATIVE, POSITIVE_INT, RATIO, SEED, SHARE, Rule, number_from_text
+from numprune.recipe import (HEAL_LOSSES, HEAL_PARAMS, NONNEGATIVE, POSITIVE, POSITIVE_INT, RATIO, SEED, SHARE, HealOptions,
+                             Rule, number_from_text)
 
 DATA_HELP = "sotu, moby-dick, sotu-val, emails, wikitext2, ptb, c4, or a .txt / .jsonl file"
 EVAL_DATA_HELP = f"{DATA_HELP}; in prune and compare also self: text the dense model samples (--eval-seed)"
@@ -52,6 +53,7 @@ def converter(rule: Rule):
 positive_int = converter(POSITIVE_INT)
 seed = converter(SEED)
 nonnegative_float = converter(NONNEGATIVE)
+positive_float = converter(POSITIVE)
 ratio = converter(RATIO)
 share = converter(SHARE)
 nonnegative_int = converter(Rule(int, lambda v: v >= 0, "zero or more"))
@@ -169,3 +171,19 @@ def add_image_evaluation(p: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-per-class", type=positive_int, default=50,
                        help="generated images per class (default 50)")
     add_sampling(group)
+
+
+def add_heal_options(p: argparse.ArgumentParser) -> None:
+    """The options of block-local healing (numprune.heal); unset ones (None) take HealOptions' defaults."""
+    d = HealOptions()
+    p.add_argument("--heal-lr", type=positive_float, default=None, help=f"healing: Adam's learning rate, decaying "
+                   f"along a cosine (default {d.lr})")
+    p.add_argument("--heal-epochs", type=positive_int, default=None, help=f"healing: passes over the calibration "
+                   f"windows per layer (default {d.epochs})")
+    p.add_argument("--heal-batch", type=positive_int, default=None, help=f"healing: calibration windows per step "
+                   f"(default {d.batch})")
+    p.add_argument("--heal-params", choices=HEAL_PARAMS, default=None, help=f"healing: {' or '.join(HEAL_PARAMS)} (all kept weights, or "
+                   f"the norms and biases only) (default {d.params})")
+    p.add_argument("--heal-loss", choices=HEAL_LOSSES, default=None, help=f"healing: {' or '.join(HEAL_LOSSES)} (squared error of the "
+                   "layer's output, or each sub-block's squared error over its dense output's energy) "
+                   f"(default {d.loss})")

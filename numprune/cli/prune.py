@@ -21,8 +21,8 @@ from numprune.models import load_config, registry_folder
 from numprune.compensate import COMPENSATIONS, Damped
 from numprune.compensate import REGISTRY as COMPENSATION_REGISTRY
 from numprune.criteria import get_method, methods
-from numprune.recipe import (COMPENSATION_STATS, DEFAULT_METHOD, PruneOptions, keyword_defaults, option_types,
-                             read_recipe, recipe_of)
+from numprune.recipe import (COMPENSATION_STATS, DEFAULT_METHOD, HEAL_FIELDS, PruneOptions, keyword_defaults,
+                             option_types, read_recipe, recipe_of)
 from numprune.save import REPORT_NAME, save_pruned
 from numprune.stream import check_folder, load_tokenizer, prune_streaming
 
@@ -30,7 +30,8 @@ from numprune.stream import check_folder, load_tokenizer, prune_streaming
 RECIPE_FLAGS = {"ratio": "ratio", "method": "method", "allocation": "allocation", "gqa_unit": "gqa_unit",
                 "round_to": "round_to", "compensation": "compensation", "compensation_stats": "compensation_stats",
                 "compensation_damp": "damp", "allocation_compensation": "allocation_compensation",
-                "blend_weight": "blend_weight"}
+                "blend_weight": "blend_weight", "heal": "heal",
+                **{f"heal_{name}": f"heal_{name}" for name in HEAL_FIELDS}}
 # The criteria's keyword options that have a flag of their own: option name -> the flag's attribute.
 SCORE_FLAGS = {"lambda_rel": "lambda_rel", "damp": "score_damp", "iterations": "iterations", "centred": "centred",
                "seed": "seed"}
@@ -74,6 +75,9 @@ def add_parser(commands) -> None:
                    f"{newton['iterations']})")
     p.add_argument("--centred", action="store_true", default=None, help="Newton score on the centred covariance "
                    "(default: the method's own; numerical: uncentred, as the paper)")
+    p.add_argument("--heal", action="store_true", default=None, help="after pruning, fit each pruned layer's kept weights to "
+                   "the dense layer's output on the calibration windows, layer by layer (block-local healing)")
+    a.add_heal_options(p)
     a.add_output_folder(p, "output folder")
     add_gguf_options(p, required=False)
     a.add_evaluation(p, ("--eval", "--eval-seqlen", "--eval-windows"), None,
@@ -132,6 +136,8 @@ def _score_options(args, method: str, seeded: bool) -> dict:
 
 def _streaming(args, device: str | None, dtype) -> int:
     options = prune_options(args)
+    if args.heal:
+        raise NumpruneError("--heal needs the dense and the pruned model in memory side by side; drop --stream")
     if args.eval_data:
         raise NumpruneError("--eval needs the whole model in memory; with --stream, run `numprune ppl` on the output")
     check_calibration(args)
@@ -194,6 +200,11 @@ def _print_summary(report: dict, out, figures_lines: Sequence[str] = ()) -> None
     print(f"parameters: {params['total_before']:,} -> {params['total_after']:,} "
           f"(attention+MLP {params['attention_mlp_before']:,} -> {params['attention_mlp_after']:,}, "
           f"removed {params['achieved_ratio']:.1%}, target {params['target_ratio']:.0%})")
+    if "healing" in report:
+        layers = report["healing"]["layers"]
+        print(f"healing: {sum(layer['kept'] for layer in layers)} of {len(layers)} layers kept their fit; calibration "
+              f"loss, last layer {layers[-1]['before']:.4g} -> {layers[-1]['after']:.4g}, in "
+              f"{report['healing']['seconds']:.1f}s")
     for line in figures_lines:
         print(line)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in report["time_s"].items())

@@ -1,0 +1,56 @@
+"""``numprune heal``: heal a saved pruned model toward the dense model it was pruned from, into a new folder."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from numprune.cli import args as a
+from numprune.cli.inputs import load, protected_inputs
+from numprune.data.corpora import calibration_windows
+from numprune.errors import NumpruneError
+from numprune.evaluate.image import is_image_generator
+from numprune.heal import heal
+from numprune.io.output import check_target
+from numprune.recipe import HEAL_FIELDS, HealOptions
+from numprune.save import REPORT_NAME, read_report, save_pruned
+
+
+def add_parser(commands) -> None:
+    p = commands.add_parser("heal", help="fit a pruned model's layers to the dense model's outputs, layer by layer, "
+                            "and save the healed model")
+    a.add_model(p)
+    p.add_argument("--pruned", required=True, help="the pruned model folder (a numprune output) to heal; it is not "
+                   "changed")
+    a.add_calibration(p)
+    a.add_heal_options(p)
+    a.add_output_folder(p, "output folder for the healed model")
+    p.add_argument("--device", type=a.device, default=None, help="where the layer passes and fits run: cpu, cuda or "
+                   "cuda:N (default: where the dense model is, the CPU)")
+    a.add_quiet(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    options = HealOptions.checked(**{name: value for name in HEAL_FIELDS
+                                     if (value := getattr(args, f"heal_{name}")) is not None})
+    report = read_report(args.pruned)
+    if report is None:
+        raise NumpruneError(f"--pruned {args.pruned} has no {REPORT_NAME}: heal a folder numprune pruned")
+    inputs = [*protected_inputs(args), Path(args.pruned).expanduser()]
+    check_target(args.out, overwrite=args.overwrite, inputs=inputs, marker=REPORT_NAME)
+    dense, tokenizer, source = load(args.model)
+    if is_image_generator(dense):
+        raise NumpruneError("heal calibrates on text; image generators are not supported")
+    pruned, pruned_tokenizer, _ = load(args.pruned)
+    tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed, model=dense,
+                                             sampling=a.self_sampling(args), progress=not args.quiet)
+    healed, record = heal(dense, pruned, tokens, progress=not args.quiet, device=args.device, **asdict(options))
+    report["options"].update(heal=True, **{f"heal_{name}": getattr(options, name) for name in HEAL_FIELDS})
+    report["healing"] = {**record.to_json(), "calibration": calib_info, "dense_model": source}
+    out = save_pruned(healed, pruned_tokenizer, report, args.out, args.overwrite, inputs=inputs)
+    kept = sum(layer.kept for layer in record.layers)
+    print(f"healed: {args.pruned} toward {source}, {kept} of {len(record.layers)} layers kept their fit, "
+          f"{record.seconds:.1f}s")
+    print(f"saved: {out} (report in {out}/{REPORT_NAME})")
+    return 0

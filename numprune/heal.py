@@ -1,0 +1,211 @@
+"""Block-local healing: after pruning, fit each pruned layer to the dense layer's output, one layer at a time.
+
+The least-squares compensation refits two matrices per layer from the dense model's statistics; every
+other kept weight stays as it was, and each layer's error feeds the next. Healing visits the layers in
+order: the pruned layer gets the pruned model's own stream (so it also corrects what the layers above
+got wrong) and its kept weights (all, or the norms and biases only) are fitted with Adam, the learning
+rate decaying along a cosine, to the dense layer's output on the dense stream. Alive at any time: the
+two streams of calibration activations (dense and pruned), plus the dense sub-blocks' outputs with the
+``relative`` loss, and float32 working copies of the two layers on the stream's device.
+
+A layer keeps its fitted weights only if its calibration loss went down, so healing never raises it.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from numprune.adapters import Adapter, adapter_for
+from numprune.calibrate import LayerStream
+from numprune.errors import NumpruneError
+from numprune.pipeline import check_tokens
+from numprune.precision import check_device, model_device
+from numprune.recipe import HealOptions
+
+ENERGY_FLOOR = 1e-12  # a dead sub-block's output energy, so that the relative loss stays finite
+
+
+@dataclass(frozen=True)
+class LayerHealing:
+    """One layer's calibration loss before and after its fit, and whether the fitted weights were kept."""
+
+    before: float
+    after: float
+    kept: bool
+    seconds: float
+
+
+@dataclass
+class HealRecord:
+    """What ``heal`` did: its options, each layer's losses, the tokens it fitted on and its time."""
+
+    options: HealOptions
+    layers: list[LayerHealing]
+    tokens: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"options": asdict(self.options), "tokens": self.tokens, "seconds": round(self.seconds, 3),
+                "layers": [{**asdict(layer), "seconds": round(layer.seconds, 3)} for layer in self.layers]}
+
+
+def heal(dense: nn.Module, pruned: nn.Module, tokens: torch.Tensor | None, *, progress: bool = True,
+         device: torch.device | str | None = None, **options) -> tuple[nn.Module, HealRecord]:
+    """Heal ``pruned`` (in place; it is returned) layer by layer toward ``dense``, on calibration ``tokens``.
+
+    ``options`` are HealOptions' fields (lr, epochs, batch, params, loss, seed). ``dense`` is left
+    untouched. The layer passes and the fits run on ``device`` (default: the dense model's own) in float32.
+    """
+    opts = HealOptions.checked(**options)
+    if tokens is None:
+        raise NumpruneError("healing needs calibration tokens")
+    teacher, student = adapter_for(dense), adapter_for(pruned)
+    check_tokens(teacher, tokens)
+    _check_pair(teacher, student)
+    where = check_device(device) or model_device(dense)
+    start = time.perf_counter()
+    dense_stream = LayerStream(dense, teacher, tokens, opts.batch, where, torch.float32)
+    pruned_stream = LayerStream(pruned, student, tokens, opts.batch, where, torch.float32)
+    generator = torch.Generator().manual_seed(opts.seed)
+    layers = []
+    for i, (dense_layer, layer) in enumerate(zip(teacher.layers(), student.layers())):
+        layer_start = time.perf_counter()
+        parts = opts.loss == "relative"
+        targets = _Block(teacher, dense_layer, where, parts).outputs(dense_stream)
+        dense_stream.advance([out for out, _ in targets])
+        fit = _Fit(student, layer, where, parts, opts, targets, pruned_stream)
+        before = fit.loss()
+        bar = tqdm(total=opts.epochs * len(targets), desc=f"healing layer {i}", unit="step", disable=not progress)
+        with bar:
+            fit.train(generator, bar, before)
+            after, outputs = fit.loss(keep_outputs=True)
+            kept = after < before
+            bar.set_postfix_str(f"loss {before:.4g} -> {after:.4g}" + ("" if kept else " (not kept)"))
+        if kept:
+            layer.load_state_dict(fit.block.module.state_dict())  # back where the layer lives, in its dtype
+        else:
+            outputs = [out for out, _ in _Block(student, layer, where, False).outputs(pruned_stream)]
+        pruned_stream.advance(outputs)
+        layers.append(LayerHealing(before, min(after, before), kept, time.perf_counter() - layer_start))
+    return pruned, HealRecord(opts, layers, int(tokens.numel()), time.perf_counter() - start)
+
+
+def _check_pair(dense: Adapter, pruned: Adapter) -> None:
+    """``pruned`` was pruned from ``dense``: same layers, same embeddings, no layer wider than the dense one's."""
+    if dense.model is pruned.model:
+        raise NumpruneError("the dense and the pruned model are the same model; heal a pruned copy")
+    if pruned.num_layers() != dense.num_layers():
+        raise NumpruneError(f"the pruned model has {pruned.num_layers()} layers and the dense model "
+                            f"{dense.num_layers()}: it was not pruned from this dense model")
+    embeddings = [a.model.get_input_embeddings().weight for a in (dense, pruned)]
+    if embeddings[0].shape != embeddings[1].shape or not torch.equal(embeddings[0].detach().cpu(),
+                                                                      embeddings[1].detach().cpu().to(embeddings[0].dtype)):
+        raise NumpruneError(f"the pruned model's embeddings ({tuple(embeddings[1].shape)}) differ from the dense "
+                            f"model's ({tuple(embeddings[0].shape)}): it was not pruned from this dense model")
+    for i in range(dense.num_layers()):
+        heads, width = pruned.attention_layout(i).num_heads, pruned.mlp_width(i)
+        if heads > dense.attention_layout(i).num_heads or width > dense.mlp_width(i):
+            raise NumpruneError(f"layer {i} of the pruned model ({heads} heads, {width} channels) is wider than the "
+                                f"dense model's: it was not pruned from this dense model")
+
+
+def _mean_square(tensors: list[torch.Tensor]) -> float:
+    return sum(float(t.double().pow(2).sum()) for t in tensors) / sum(t.numel() for t in tensors)
+
+
+def _usable(value, memo: dict):
+    """``value`` (tensors, or tuples/lists/dicts of them) with every tensor a normal one: the stream records under
+    inference mode, and autograd cannot save inference tensors for the backward pass. Shared tensors stay shared."""
+    if torch.is_tensor(value):
+        if id(value) not in memo:
+            memo[id(value)] = value.clone()
+        return memo[id(value)]
+    if isinstance(value, (tuple, list)):
+        return type(value)(_usable(v, memo) for v in value)
+    if isinstance(value, dict):
+        return {k: _usable(v, memo) for k, v in value.items()}
+    return value
+
+
+class _Block:
+    """A float32 working copy of a decoder layer on ``device``; with ``parts``, each forward also gives the outputs
+    of its two output projections (the attention and MLP sub-blocks' contributions)."""
+
+    def __init__(self, adapter: Adapter, layer: nn.Module, device: torch.device, parts: bool):
+        self.module = copy.deepcopy(layer).to(device, torch.float32).eval()
+        self.captured = []
+        if parts:
+            for projection in (adapter.attention_output(self.module), adapter.mlp_output(self.module)):
+                projection.register_forward_hook(lambda _m, _args, out: self.captured.append(out))
+
+    def __call__(self, hidden: torch.Tensor, args, kwargs) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        self.captured = []
+        out = self.module(hidden, *args, **kwargs)
+        return (out[0] if isinstance(out, tuple) else out), tuple(self.captured)
+
+    def outputs(self, stream: LayerStream) -> list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+        """The layer's output (and sub-block outputs) for every batch of ``stream``, without gradients."""
+        with torch.inference_mode():
+            return [self(hidden, *arguments) for hidden, arguments in zip(stream.hidden, stream.arguments[stream.position])]
+
+
+class _Fit:
+    """One pruned layer fitted to the dense layer's ``targets`` on the pruned stream's batches."""
+
+    def __init__(self, adapter: Adapter, layer: nn.Module, device: torch.device, parts: bool, opts: HealOptions,
+                 targets: list, stream: LayerStream):
+        self.block = _Block(adapter, layer, device, parts)
+        self.opts, self.targets, self.stream = opts, targets, stream
+        memo = {}
+        self.arguments = [_usable(arguments, memo) for arguments in stream.arguments[stream.position]]
+        # each sub-block's dense output energy per element, over all the calibration tokens (relative loss)
+        self.energy = [max(_mean_square([parts[k] for _, parts in targets]), ENERGY_FLOOR)
+                       for k in range(len(targets[0][1]))]
+
+    def batch_loss(self, b: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, parts = self.block(hidden, *self.arguments[b])
+        target, target_parts = self.targets[b]
+        if self.opts.loss == "mse":
+            return (out - target).pow(2).mean(), out
+        return sum((p - t).pow(2).mean() / e for p, t, e in zip(parts, target_parts, self.energy)), out
+
+    def loss(self, keep_outputs: bool = False):
+        """The layer's calibration loss over every batch (weighted by tokens); with ``keep_outputs``, also its outputs."""
+        total, weight, outputs = 0.0, 0, []
+        with torch.inference_mode():
+            for b, hidden in enumerate(self.stream.hidden):
+                loss, out = self.batch_loss(b, hidden)
+                total += float(loss) * hidden.shape[0] * hidden.shape[1]
+                weight += hidden.shape[0] * hidden.shape[1]
+                if keep_outputs:
+                    outputs.append(out)
+        return (total / weight, outputs) if keep_outputs else total / weight
+
+    def train(self, generator: torch.Generator, bar: tqdm, before: float) -> None:
+        module = self.block.module
+        norms = {id(p) for m in module.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(False)}
+        for name, p in module.named_parameters():
+            p.requires_grad_(self.opts.params == "all" or id(p) in norms or name.endswith("bias"))
+        trained = [p for p in module.parameters() if p.requires_grad]
+        if not trained:
+            raise NumpruneError(f"this layer has no {self.opts.params} parameters to heal")
+        optimizer = torch.optim.Adam(trained, lr=self.opts.lr)
+        steps = self.opts.epochs * len(self.targets)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        for _ in range(self.opts.epochs):
+            for b in torch.randperm(len(self.targets), generator=generator).tolist():
+                loss, _ = self.batch_loss(b, self.stream.hidden[b].clone())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                bar.update()
+                bar.set_postfix_str(f"loss {before:.4g} -> {float(loss.detach()):.4g}", refresh=False)
+        for p in module.parameters():
+            p.requires_grad_(False)
