@@ -17,11 +17,12 @@ from torch import nn
 from numprune import distributed
 from numprune.adapters import adapter_for
 from numprune.calibrate import LayerStats, collect_statistics
+from numprune.depth import DEFAULT_RIDGE, check_depth, prune_depth
 from numprune.errors import NumpruneError
 from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, resolve, select
 from numprune.precision import full_precision
-from numprune.recipe import FLAG
-from numprune.report import Clock, PruneReport, parameter_counts
+from numprune.recipe import FLAG, PruneOptions
+from numprune.report import Clock, ParameterReport, PruneReport, parameter_counts, removed_share
 from numprune.shrink import shrink
 from numprune.sources import InMemory
 
@@ -43,7 +44,8 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, progr
 
 def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float, stats: Sequence[LayerStats] | None = None,
           inplace: bool = False, batch_size: int = 8, progress: bool = True, calibration_info: dict | None = None,
-          device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+          device: torch.device | str | None = None, dtype: torch.dtype | None = None, depth: int = 0,
+          depth_selection: str = "patched", depth_ridge: float = DEFAULT_RIDGE,
           **options) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` and return the narrower model and its report.
 
@@ -55,7 +57,16 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
     float64 without TF32, and each weight gets its result on its own device in its own dtype
     (numprune.precision). Inside a torch.distributed process group
     each process calibrates on its share of ``tokens`` and all return the same result.
+
+    ``depth`` > 0 first removes that many whole layers (numprune.depth: ``depth_selection`` ``patched``, the
+    span of consecutive layers whose least-squares patch, at ridge ``depth_ridge``, leaves the least error;
+    ``shortgpt``, ShortGPT's least influential layers, no patch), on the model's own device; ``ratio`` is then
+    the share the width step removes from the remaining layers (0: depth alone), calibrating on the depth-pruned
+    model.
     """
+    if depth != 0:
+        return _depth_first(model, tokens, ratio, stats, depth, depth_selection, depth_ridge, batch_size, progress,
+                            calibration_info, device, dtype, options)
     opts = resolve(ratio, options, tokens, stats)
     if calibration_info is not None and not isinstance(calibration_info, dict):
         raise NumpruneError(f"calibration_info must be a dict, got {type(calibration_info).__name__}")
@@ -75,3 +86,49 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
         pruned = shrink(source.adapter, plans)
     return pruned, build_report(opts, tokens, calibration_info, before, pruned, plans, clock,
                                 compute.describe(source.adapter))
+
+
+def _depth_first(model: nn.Module, tokens, ratio: float, stats, depth: int, selection: str, ridge: float,
+                 batch_size: int, progress: bool, calibration_info: dict | None, device, dtype,
+                 options: dict) -> tuple[nn.Module, PruneReport]:
+    """Remove ``depth`` layers, then (``ratio`` > 0) prune the width of the rest; one report for both, its parameters
+    counted against ``model``."""
+    adapter = adapter_for(model)
+    check_depth(adapter, depth, selection, ridge)
+    if stats is not None:
+        raise NumpruneError("depth pruning calibrates the width step on the depth-pruned model; give tokens, not stats")
+    if tokens is None:
+        raise NumpruneError("depth pruning needs calibration tokens")
+    check_tokens(adapter, tokens)
+    if ratio != 0:
+        resolve(ratio, options, tokens, None)
+    elif options:
+        raise NumpruneError(f"{sorted(options)[0]} applies to width pruning, which a ratio of 0 skips")
+    compute = Compute(batch_size, progress, device, dtype)
+    clock = Clock(compute.where(adapter))
+    before = parameter_counts(adapter)
+    with clock.timed("depth"):
+        shallow, record = prune_depth(model, tokens, depth, selection, ridge, batch_size, progress)
+    if ratio == 0:
+        after = parameter_counts(adapter_for(shallow))
+        share = removed_share(before["attention_mlp"], after["attention_mlp"])
+        opts = PruneOptions(ratio=0.0, method="depth", allocation="none",
+                            compensation="least-squares patch" if record.patched_layer is not None else "none")
+        kept = adapter_for(shallow)
+        report = build_report(opts, tokens, calibration_info, before, shallow,
+                              [kept.full_plan(i) for i in range(kept.num_layers())], clock,
+                              compute.describe(kept))
+        report.parameters = ParameterReport(before["total"], after["total"], before["attention_mlp"],
+                                            after["attention_mlp"], share)
+    else:
+        middle = parameter_counts(adapter_for(shallow))
+        shallow, report = prune(shallow, tokens, ratio=ratio, inplace=True, batch_size=batch_size, progress=progress,
+                                calibration_info=calibration_info, device=device, dtype=dtype, **options)
+        p = report.parameters
+        target = 1 - (1 - removed_share(before["attention_mlp"], middle["attention_mlp"])) * (1 - ratio)
+        report.parameters = ParameterReport(before["total"], p.total_after, before["attention_mlp"],
+                                            p.attention_mlp_after, target)
+        report.time_s = {"depth": round(clock.laps["depth"], 3), **report.time_s,
+                         "total": round(report.time_s["total"] + clock.laps["depth"], 3)}
+    report.depth = record.to_json()
+    return shallow, report

@@ -86,6 +86,7 @@ class PruneReport(Mapping):
     # an evaluation's dense-vs-pruned record under its report key (``Evaluation.compared``), as saved
     measured: dict[str, dict] = field(default_factory=dict)
     numprune_version: str = VERSION  # which numprune pruned it (the same options may prune differently elsewhere)
+    depth: dict | None = None  # the depth step's record (numprune.depth.DepthRecord), when layers were removed
 
     def to_json(self) -> dict:
         """The report as pruning_report.json holds it; fields that were not set are left out."""
@@ -103,6 +104,7 @@ class PruneReport(Mapping):
             "peak_rss_bytes": self.peak_rss_bytes,
             "peak_gpu_bytes": self.peak_gpu_bytes,
             "model": self.model,
+            "depth": self.depth,
             **self.measured,
         }
         return {key: value for key, value in report.items() if value is not None}
