@@ -37,7 +37,7 @@ from numprune.recipe import NONNEGATIVE, is_int
 
 # Families whose decoder layer adds its MLP output projection's output straight to the stream (no norm after it),
 # so that a new projection weight is exactly a linear patch of the stream leaving the layer.
-PATCHABLE = ("llama", "mistral", "qwen2", "qwen3")
+PATCHABLE = ("llama", "mistral", "phi3", "qwen2", "qwen3")
 SELECTIONS = ("patched", "shortgpt")  # the span with the least error after the patch; ShortGPT's layers, no patch
 DEFAULT_RIDGE = 1e-2  # relative to the mean diagonal of G; chosen on validation texts (docs/method.md)
 PER_LAYER_CONFIG_LISTS = ("layer_types", *PER_LAYER_FIELDS)  # config lists with one entry per layer

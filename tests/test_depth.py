@@ -117,8 +117,9 @@ def sliding_qwen2():
     return break_symmetry(Qwen2ForCausalLM(config).eval())
 
 
-@pytest.mark.parametrize("make", [lambda: tiny_llama("gqa", layers=5), sliding_qwen2, lambda: tiny("qwen3")],
-                         ids=["llama", "qwen2 sliding", "qwen3"])
+@pytest.mark.parametrize("make", [lambda: tiny_llama("gqa", layers=5), sliding_qwen2, lambda: tiny("qwen3"),
+                                  lambda: tiny("mistral"), lambda: tiny("phi3")],
+                         ids=["llama", "qwen2 sliding", "qwen3", "mistral", "phi3"])
 def test_renumbered_model_equals_the_original_with_the_layers_skipped(make):
     model, tokens = make(), tiny_tokens(6, 16)
     depth = 2 if model.config.num_hidden_layers > 3 else 1
@@ -181,8 +182,11 @@ def test_report_counts_the_removed_layers_and_the_width_step_after_depth(tmp_pat
     assert combined["parameters"]["target_ratio"] == pytest.approx(1 - 0.6 * 0.7)
     assert abs(combined["parameters"]["achieved_ratio"] - combined["parameters"]["target_ratio"]) < 0.05
     assert len(combined["layers"]) == 3 and "depth" in combined["time_s"]
-    saved = json.loads((save_pruned(both, None, combined, tmp_path / "out") / REPORT_NAME).read_text())
-    assert saved["depth"] == record
+    out = save_pruned(both, None, combined, tmp_path / "out")
+    assert json.loads((out / REPORT_NAME).read_text())["depth"] == record
+    card = (out / "README.md").read_text()
+    assert "(2 whole decoder layers of 5 and attention heads and MLP channels" in card
+    assert f"| layers removed | {record['removed_layers']} (patched; least-squares patch folded into layer" in card
 
 
 def test_depth_is_deterministic():
@@ -199,7 +203,7 @@ def test_depth_is_deterministic():
     (lambda: tiny_llama("gqa", layers=3), dict(depth=1.5), "depth must be a positive integer"),
     (lambda: tiny_llama("gqa", layers=3), dict(depth=1, depth_selection="cosine"), "unknown depth selection 'cosine'"),
     (lambda: tiny_llama("gqa", layers=3), dict(depth=1, depth_ridge=-1.0), "depth ridge must be a finite number"),
-    (lambda: tiny("gemma3_text"), dict(depth=1), "depth pruning supports the llama, mistral, qwen2, qwen3 families, "
+    (lambda: tiny("gemma3_text"), dict(depth=1), "depth pruning supports the llama, mistral, phi3, qwen2, qwen3 families, "
                                                  "not gemma3_text"),
     (lambda: tiny("gpt2"), dict(depth=1), "not gpt2"),
     (lambda: tiny_llama("gqa", layers=3), dict(depth=1, method="flap"), "method applies to width pruning"),

@@ -35,7 +35,7 @@ def add_parser(commands) -> None:
                    "width (heads and channels), in (0, 1); with --depth, of the layers that remain")
     depth = p.add_mutually_exclusive_group()
     depth.add_argument("--depth", type=a.positive_int, default=None, help="remove this many whole decoder layers "
-                       "first (LLaMA, Mistral, Qwen2, Qwen3 layouts); the result keeps the stock config")
+                       "first (LLaMA, Mistral, Phi-3, Qwen2, Qwen3 layouts); the result keeps the stock config")
     depth.add_argument("--depth-ratio", type=a.ratio, default=None, help="remove this share of the decoder layers "
                        "first (rounded to whole layers)")
     p.add_argument("--depth-selection", default="patched", help="patched (default: the span of consecutive layers "
