@@ -33,7 +33,7 @@ from numprune.adapters.base import projection_weight
 from numprune.errors import NumpruneError
 from numprune.modeling.per_layer import PER_LAYER_FIELDS
 from numprune.precision import full_precision, model_device
-from numprune.recipe import NONNEGATIVE, is_int
+from numprune.recipe import NONNEGATIVE, POSITIVE_INT, is_int, number_from_text
 
 # Families whose decoder layer adds its MLP output projection's output straight to the stream (no norm after it),
 # so that a new projection weight is exactly a linear patch of the stream leaving the layer.
@@ -96,6 +96,35 @@ def layers_for_ratio(num_layers: int, depth_ratio: float) -> int:
     if not isinstance(depth_ratio, (int, float)) or isinstance(depth_ratio, bool) or not 0 < depth_ratio < 1:
         raise NumpruneError(f"depth ratio must be between 0 and 1 (exclusive), got {depth_ratio!r}")
     return max(1, round(depth_ratio * num_layers))
+
+
+def split_entry(entry: str) -> tuple[str, dict]:
+    """A ``method:key=value`` entry (``compare --methods``) without its depth keys (``depth``, ``depth_selection``,
+    ``depth_ridge``), and those keys as ``prune``'s keyword arguments, checked."""
+    name, *items = entry.split(":")
+    kept, depth = [name], {}
+    for item in items:
+        key, _, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in ("depth", "depth_selection", "depth_ridge"):
+            kept.append(item)
+            continue
+        if key in depth:
+            raise NumpruneError(f"{entry!r} sets {key} twice")
+        try:
+            depth[key] = (value.strip() if key == "depth_selection"
+                          else number_from_text(value.strip(), int if key == "depth" else float))
+        except ValueError:
+            raise NumpruneError(f"bad value {value!r} for {key} in {entry!r}") from None
+    if depth:
+        if "depth" not in depth:
+            raise NumpruneError(f"{entry!r} sets depth options without depth=N")
+        POSITIVE_INT.check("depth", depth["depth"])
+        if depth.get("depth_selection", SELECTIONS[0]) not in SELECTIONS:
+            raise NumpruneError(f"unknown depth selection {depth['depth_selection']!r}; choose from "
+                                f"{', '.join(SELECTIONS)}")
+        NONNEGATIVE.check("depth ridge", depth.get("depth_ridge", DEFAULT_RIDGE))
+    return ":".join(kept), depth
 
 
 def _products(x: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,13 @@ from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from conftest import break_symmetry, needs_llama_cpp, reload_all, tiny, tiny_llama, tiny_tokens
+from numprune import compare
 from numprune.adapters import adapter_for
 from numprune.api import calibrate, prune
 from numprune.cli import main
 from numprune.depth import collect_depth_stats, layers_for_ratio, patch_weight, without_layers
 from numprune.errors import NumpruneError
+from numprune.evaluate.perplexity import Perplexity, perplexity
 from numprune.save import REPORT_NAME, save_pruned
 
 
@@ -276,3 +278,20 @@ def test_depth_pruned_export_runs_in_llama_cpp_as_in_transformers(ratio, tmp_pat
         expected = torch.log_softmax(pruned(probe[None]).logits[0].double(), -1).numpy()
     assert np.abs(llamacpp.log_probs(llm, probe) - expected).max() < 1e-4
     llm.close()
+
+
+def test_compare_entries_take_depth_first_and_match_prune():
+    model, tokens, windows = tiny_llama("gqa", layers=4), tiny_tokens(), tiny_tokens(2, 12, seed=7)
+    evaluation = Perplexity({"w": (windows, {})})
+    entries = ["numerical", "numerical:depth=1:depth_ridge=0.1"]
+    results = compare.run_grid(model, tokens, entries, [0.3], evaluation, calibration_info={}, progress=False)
+    row = results["rows"][2]
+    alone, report = prune(model, tokens, ratio=0.3, depth=1, depth_ridge=0.1, method="numerical", progress=False)
+    assert row["depth"] == report["depth"] and row["depth"]["ridge"] == 0.1
+    assert row["ppl"]["w"] == pytest.approx(perplexity(alone, windows, progress=False)["ppl"], rel=1e-6)
+    for entry, message in (("numerical:depth=0", "depth must be a positive integer"),
+                           ("numerical:depth_ridge=0.1", "sets depth options without depth=N"),
+                           ("numerical:depth=1:depth_selection=cosine", "unknown depth selection 'cosine'"),
+                           ("numerical:depth=x", "bad value 'x' for depth")):
+        with pytest.raises(NumpruneError, match=message):
+            compare.recipes([entry], [0.3])
