@@ -11,7 +11,9 @@ def add_parser(commands) -> None:
     p = commands.add_parser("compare", help="methods x ratios x evaluation sets, calibrated once")
     a.add_model(p)
     p.add_argument("--methods", type=a.comma_list(), default="numerical,flap,wanda-sp,magnitude",
-                   help="comma-separated; each a method with optional overrides, e.g. numerical:compensation=none")
+                   help="comma-separated; each a method with optional overrides, e.g. numerical:compensation=none; "
+                   "depth=N (with depth_selection, depth_ridge) removes N layers first, the ratio then applies to "
+                   "the rest")
     p.add_argument("--ratios", type=a.comma_list(a.ratio), default="0.1,0.2,0.3,0.4,0.5",
                    help="comma-separated pruning ratios")
     a.add_calibration(p)
