@@ -5,6 +5,7 @@ determinism, refusals and the report."""
 import copy
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -19,6 +20,7 @@ from numprune.cli import main
 from numprune.depth import collect_depth_stats, layers_for_ratio, patch_weight, without_layers
 from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import Perplexity, perplexity
+from numprune.export import export_gguf, llamacpp
 from numprune.save import REPORT_NAME, save_pruned
 
 
@@ -264,8 +266,6 @@ def test_prune_command_removes_layers_and_refuses_depth_with_stream(tiny_model_f
 @needs_llama_cpp
 @pytest.mark.parametrize("ratio", [None, 0.3])
 def test_depth_pruned_export_runs_in_llama_cpp_as_in_transformers(ratio, tmp_path):
-    from numprune.export import export_gguf, llamacpp
-
     model, tokens = tiny_llama("gqa", layers=5), tiny_tokens(6, 16)
     width = dict(ratio=ratio, allocation="uniform") if ratio else dict(ratio=0)
     pruned, report = prune(model, tokens, depth=2, progress=False, **width)
@@ -295,3 +295,14 @@ def test_compare_entries_take_depth_first_and_match_prune():
                            ("numerical:depth=x", "bad value 'x' for depth")):
         with pytest.raises(NumpruneError, match=message):
             compare.recipes([entry], [0.3])
+
+
+def test_depth_pruned_export_is_a_llama_gguf_with_fewer_blocks(tmp_path):
+    """Without llama.cpp: the file llama.cpp would load (the test above runs it where the bindings are)."""
+    pruned, report = prune(tiny_llama("gqa", layers=5), tiny_tokens(6, 16), ratio=0, depth=2, progress=False)
+    result = export_gguf(save_pruned(pruned, None, report, tmp_path / "pruned"), tmp_path / "pruned.gguf", "f32")
+    fields = gguf.GGUFReader(result.path).fields
+    assert result.architecture == "llama" and fields["llama.block_count"].contents() == 3
+    names = {t.name for t in gguf.GGUFReader(result.path).tensors}
+    assert {"blk.2.ffn_down.weight"} <= names and not any(n.startswith("blk.3.") for n in names)
+    assert fields["numprune.method"].contents() == "depth"
