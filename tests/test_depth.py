@@ -256,7 +256,11 @@ def test_prune_command_removes_layers_and_refuses_depth_with_stream(tiny_model_f
     assert report["depth"]["removed_layers"] == [1] and report["loads_without_numprune"]
     for extra, message in ((["--depth", "1", "--stream"], "--stream cannot remove layers"),
                            ([], "nothing to remove: give --ratio, --depth or --depth-ratio"),
-                           (["--depth", "2"], "cannot remove 2 of this model's 2 layers")):
+                           (["--depth", "2"], "cannot remove 2 of this model's 2 layers"),
+                           (["--depth", "1", "--depth-ratio", "0.5"], "--depth-ratio: not allowed with argument --depth"),
+                           (["--depth", "0"], "--depth: must be a positive integer, got 0"),
+                           (["--depth-ratio", "1"], "--depth-ratio: must be between 0 and 1 (exclusive)"),
+                           (["--depth", "1", "--depth-selection", "x"], "unknown depth selection 'x'")):
         status = main(["prune", "--model", str(tiny_model_folder), "--nsamples", "2", "--seqlen", "16",
                        "--out", str(tmp_path / "refused"), "--quiet", *extra])
         assert status == 2 and message in capsys.readouterr().err
