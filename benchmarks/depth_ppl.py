@@ -7,7 +7,8 @@ parameters: 10/20/30/50% are 3/6/9/15 layers. For each share the benchmark build
   calibration error, patched (numprune.depth), at the ridge with the best validation perplexity;
 - ``shortgpt``: ShortGPT's n least influential layers, no patch (from the same statistics);
 - ``width``: ``numerical-robust`` at the share (statistics of the dense model, reused);
-- ``depth+width``: round(n/2) layers by depth + patch, then ``numerical-robust`` on the rest up to the share.
+- ``depth+width`` (at ``--split-shares``): n // 2 layers by depth + patch (the ridge chosen for n layers), then
+  ``numerical-robust`` on the rest up to the share.
 
 The patch's ridge is chosen per depth among ``--ridges`` by the mean log-perplexity on the validation
 texts (sotu-val, emails) only; the evaluation texts (SOTU >= 2000, Moby-Dick) are measured once per
@@ -36,7 +37,7 @@ import numprune  # noqa: E402
 from numprune.adapters import adapter_for  # noqa: E402
 from numprune.bench import measure  # noqa: E402
 from numprune.data.corpora import calibration_windows, evaluation_windows  # noqa: E402
-from numprune.depth import choose, collect_depth_stats, without_layers  # noqa: E402
+from numprune.depth import DEFAULT_RIDGE, choose, collect_depth_stats, without_layers  # noqa: E402
 from numprune.evaluate.perplexity import perplexity  # noqa: E402
 from numprune.io.table import markdown_table  # noqa: E402
 from numprune.models import load_model  # noqa: E402
@@ -48,6 +49,7 @@ VALIDATION, EVALUATION = ("sotu-val", "emails"), ("sotu", "moby-dick")
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shares", default="0.1,0.2,0.3,0.5", help="removed shares of attention+MLP parameters")
+    p.add_argument("--split-shares", default="0.3,0.5", help="shares also run as depth (n // 2 layers) + width")
     p.add_argument("--ridges", default="0.001,0.01,0.1,1", help="patch ridges tried on the validation texts")
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
@@ -56,10 +58,11 @@ def main() -> None:
     p.add_argument("--speed", action="store_true", help="also time greedy decoding in transformers (batch 1)")
     p.add_argument("--save", action="store_true", help="save every model folder under --out (for llama.cpp)")
     p.add_argument("--out", type=Path, default=Path("runs/depth"))
+    p.add_argument("--model", default="smollm2", help="a model folder (default: the embedded SmolLM2)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    model, tokenizer, source = load_model("smollm2")
+    model, tokenizer, source = load_model(args.model)
     layers = adapter_for(model).num_layers()
     tokens, calib = calibration_windows(tokenizer, "sotu", args.nsamples, args.seqlen, seed=0)
     texts = {name: evaluation_windows(tokenizer, name, args.eval_seqlen, args.eval_windows)
@@ -77,9 +80,9 @@ def main() -> None:
                "ppl": ppl(m, (*VALIDATION, *EVALUATION)), **extra}
         if args.speed:
             timed = measure(m, batch_size=1, prompt_len=64, new_tokens=64, repeats=3)
-            row["decode_tokens_per_s"], row["prefill_tokens_per_s"] = (timed["decode"]["median"],
-                                                                       timed["prefill"]["median"])
-        if args.save and report is not None:
+            row["decode_tokens_per_s"], row["prefill_tokens_per_s"] = (timed["decode"]["tokens_per_s"],
+                                                                       timed["prefill"]["tokens_per_s"])
+        if args.save and "method" in (report or {}):
             save_pruned(m, tokenizer, report, args.out / f"{name}-{share:g}", overwrite=True)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -100,18 +103,24 @@ def main() -> None:
         ridges[depth] = {"chosen": ridge, "validation": {str(r): v for r, v in tried.items()}}
         print(json.dumps({"depth": depth, **ridges[depth]}), flush=True)
 
-        shallow, report = numprune.prune(model, tokens, ratio=0, depth=depth, depth_ridge=ridge, progress=False)
-        record("depth+patch", share, shallow, report, {"depth": report["depth"]})
+        rec, weight = choose(adapter_for(model), stats, "patched", ridge)
+        shallow = without_layers(model, rec.removed_layers, (rec.patched_layer, weight))
+        record("depth+patch", share, shallow, {"parameters": {"achieved_ratio": depth / layers}},
+               {"depth": rec.to_json()})
         rec, _ = choose(adapter_for(model), stats, "shortgpt", 0.0)
         plain = without_layers(model, rec.removed_layers)
         record("shortgpt", share, plain, {"parameters": {"achieved_ratio": depth / layers}},
                {"depth": rec.to_json()})
+        del stats, shallow, plain
         narrow, report = numprune.prune(model, tokens, ratio=share, stats=dense_stats, method="numerical-robust",
                                         progress=False)
         record("width", share, narrow, report, {})
-        split = max(1, round(depth / 2))
+    for share in [float(s) for s in args.split_shares.split(",") if s]:  # last: the table's core comes first
+        depth = round(share * layers)
+        split = depth // 2
         width_share = 1 - (1 - share) * layers / (layers - split)
-        both, report = numprune.prune(model, tokens, ratio=width_share, depth=split, depth_ridge=ridges[depth]["chosen"],
+        both, report = numprune.prune(model, tokens, ratio=width_share, depth=split,
+                                      depth_ridge=ridges.get(depth, {}).get("chosen", DEFAULT_RIDGE),
                                       method="numerical-robust", progress=False)
         record(f"depth{split}+width", share, both, report, {"depth": report["depth"], "width_share": width_share})
     elapsed = time.perf_counter() - start
