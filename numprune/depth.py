@@ -198,7 +198,8 @@ def collect_depth_stats(model: PreTrainedModel, tokens: torch.Tensor, depth: int
             for batch in tqdm(tokens.split(batch_size), desc="depth statistics", unit="batch", disable=not progress):
                 model(input_ids=batch.to(device), use_cache=False)
                 stats.count += batch.numel()
-                stream.clear(), before.clear(), mlp_io.clear()
+                for store in (stream, before, mlp_io):  # one batch's tensors only
+                    store.clear()
     finally:
         for handle in handles:
             handle.remove()
