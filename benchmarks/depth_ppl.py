@@ -86,6 +86,12 @@ def main() -> None:
             save_pruned(m, tokenizer, report, args.out / f"{name}-{share:g}", overwrite=True)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        save()
+
+    def save(elapsed: float | None = None) -> None:  # after every row: a run cut short keeps what it measured
+        result = {"model": source, "calibration": calib, "evaluation": {n: info for n, (_, info) in texts.items()},
+                  "ridges": ridges, "rows": rows, "wall_s": elapsed}
+        (args.out / "depth_ppl.json").write_text(json.dumps(result, indent=2) + "\n")
 
     start = time.perf_counter()
     record("dense", 0.0, model, None, {})
@@ -125,9 +131,7 @@ def main() -> None:
         record(f"depth{split}+width", share, both, report, {"depth": report["depth"], "width_share": width_share})
     elapsed = time.perf_counter() - start
 
-    result = {"model": source, "calibration": calib, "evaluation": {n: info for n, (_, info) in texts.items()},
-              "ridges": ridges, "rows": rows, "wall_s": elapsed}
-    (args.out / "depth_ppl.json").write_text(json.dumps(result, indent=2) + "\n")
+    save(elapsed)
     headers = ("model", "share", "layers", "achieved", *VALIDATION, *EVALUATION,
                *(("decode x", "prefill x") if args.speed else ()))
     dense = rows[0]
