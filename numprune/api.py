@@ -17,12 +17,13 @@ from torch import nn
 from numprune import distributed
 from numprune.adapters import adapter_for
 from numprune.calibrate import LayerStats, collect_statistics
+from numprune.depth import DEFAULT_RIDGE, DepthOnly, check_depth, prune_depth
 from numprune.errors import NumpruneError
 from numprune.heal import heal
 from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, resolve, select
 from numprune.precision import full_precision
 from numprune.recipe import FLAG, PruneOptions
-from numprune.report import Clock, PruneReport, parameter_counts
+from numprune.report import Clock, ParameterReport, PruneReport, parameter_counts, removed_share
 from numprune.shrink import shrink
 from numprune.sources import InMemory
 
@@ -45,7 +46,8 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, progr
 def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOptions | None = None, *,
           stats: Sequence[LayerStats] | None = None, inplace: bool = False, batch_size: int = 8, progress: bool = True,
           calibration_info: dict | None = None,
-          device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+          device: torch.device | str | None = None, dtype: torch.dtype | None = None, depth: int = 0,
+          depth_selection: str = "patched", depth_ridge: float = DEFAULT_RIDGE,
           **overrides) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` and return the narrower model and its report.
 
@@ -57,12 +59,27 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     shares the tensors that do not shrink (embeddings, norms) with ``model``, which is then the caller's
     to drop. With ``heal=True`` the pruned model is then healed toward ``model`` on ``tokens``
     (numprune.heal; the report's ``healing`` has its record).
+
+    ``depth`` > 0 first removes that many whole layers (numprune.depth: ``depth_selection`` ``patched``, the
+    span of consecutive layers whose least-squares patch, at ridge ``depth_ridge``, leaves the least error;
+    ``shortgpt``, ShortGPT's least influential layers, no patch), on the model's own device; the recipe's
+    ``ratio`` is then the share the width step removes from the remaining layers (no recipe and no ``ratio``:
+    depth alone), calibrating on the depth-pruned model.
     ``device``/``dtype`` say where and in what precision the layer passes run (default: the model's
     own device and dtype). The model may be anywhere and stays there: statistics and solves run in
     float64 without TF32, and each weight gets its result on its own device in its own dtype
     (numprune.precision). Inside a torch.distributed process group
     each process calibrates on its share of ``tokens`` and all return the same result.
+
+    ``depth`` > 0 first removes that many whole layers (numprune.depth: ``depth_selection`` ``patched``, the
+    span of consecutive layers whose least-squares patch, at ridge ``depth_ridge``, leaves the least error;
+    ``shortgpt``, ShortGPT's least influential layers, no patch), on the model's own device; ``ratio`` is then
+    the share the width step removes from the remaining layers (0: depth alone), calibrating on the depth-pruned
+    model.
     """
+    if depth != 0:
+        return _depth_first(model, tokens, recipe, overrides, stats, depth, depth_selection, depth_ridge, batch_size,
+                            progress, calibration_info, device, dtype)
     opts = resolve(recipe, overrides, tokens, stats)
     if calibration_info is not None and not isinstance(calibration_info, dict):
         raise NumpruneError(f"calibration_info must be a dict, got {type(calibration_info).__name__}")
@@ -88,3 +105,51 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
                           compute.describe(source.adapter))
     report.healing = record.to_json() if record is not None else None
     return pruned, report
+
+
+def _depth_first(model: nn.Module, tokens, recipe: PruneOptions | None, overrides: dict, stats, depth: int,
+                 selection: str, ridge: float, batch_size: int, progress: bool, calibration_info: dict | None, device,
+                 dtype) -> tuple[nn.Module, PruneReport]:
+    """Remove ``depth`` layers, then (given a recipe or a ratio) prune the width of the rest; one report for both,
+    its parameters counted against ``model``."""
+    adapter = adapter_for(model)
+    check_depth(adapter, depth, selection, ridge)
+    if stats is not None:
+        raise NumpruneError("depth pruning calibrates the width step on the depth-pruned model; give tokens, not stats")
+    if tokens is None:
+        raise NumpruneError("depth pruning needs calibration tokens")
+    check_tokens(adapter, tokens)
+    if overrides.get("ratio") == 0:  # depth alone, said explicitly
+        overrides = {k: v for k, v in overrides.items() if k != "ratio"}
+        if overrides or recipe is not None:
+            raise NumpruneError(f"{sorted(overrides)[0] if overrides else 'a recipe'} applies to width pruning, "
+                                "which a ratio of 0 skips")
+    width = resolve(recipe, overrides, tokens, None) if recipe is not None or overrides else None
+    if width is not None and width.heal:
+        raise NumpruneError("healing after depth pruning is not supported; heal a width-only run")
+    compute = Compute(batch_size, progress, device, dtype)
+    clock = Clock(compute.where(adapter))
+    before = parameter_counts(adapter)
+    with clock.timed("depth"):
+        shallow, record = prune_depth(model, tokens, depth, selection, ridge, batch_size, progress)
+    if width is None:
+        after = parameter_counts(adapter_for(shallow))
+        kept = adapter_for(shallow)
+        report = build_report(DepthOnly(compensation="least-squares patch" if record.patched_layer is not None
+                                        else "none"), tokens, calibration_info, before, shallow,
+                              [kept.full_plan(i) for i in range(kept.num_layers())], clock, compute.describe(kept))
+        report.parameters = ParameterReport(before["total"], after["total"], before["attention_mlp"],
+                                            after["attention_mlp"],
+                                            removed_share(before["attention_mlp"], after["attention_mlp"]))
+    else:
+        middle = parameter_counts(adapter_for(shallow))
+        shallow, report = prune(shallow, tokens, width, inplace=True, batch_size=batch_size, progress=progress,
+                                calibration_info=calibration_info, device=device, dtype=dtype)
+        p = report.parameters
+        target = 1 - (1 - removed_share(before["attention_mlp"], middle["attention_mlp"])) * (1 - width.ratio)
+        report.parameters = ParameterReport(before["total"], p.total_after, before["attention_mlp"],
+                                            p.attention_mlp_after, target)
+        report.time_s = {"depth": round(clock.laps["depth"], 3), **report.time_s,
+                         "total": round(report.time_s["total"] + clock.laps["depth"], 3)}
+    report.depth = record.to_json()
+    return shallow, report

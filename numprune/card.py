@@ -121,8 +121,12 @@ def _saved_title(report: Mapping, source: str | None, origin: dict) -> str:
 def _pruned_title(report: Mapping, source: str | None, origin: dict) -> str:
     name = _source_name(report, source, origin)
     p = report["parameters"]
+    depth = report.get("depth")
+    what = (f"{len(depth['removed_layers'])} whole decoder layers of {depth['layers_before']}"
+            + (" and attention heads and MLP channels" if report["method"] != "depth" else "")
+            if depth else "whole attention heads and MLP channels")
     return (f"# {name}, pruned by numprune\n\n{name}, with {p['achieved_ratio']:.1%} of its attention and MLP parameters "
-            f"removed (whole attention heads and MLP channels, target {p['target_ratio']:.0%}): "
+            f"removed ({what}, target {p['target_ratio']:.0%}): "
             f"{p['total_before']:,} -> {p['total_after']:,} parameters. It is a modified version of the source model, "
             f"pruned by numprune {report.get('numprune_version', VERSION)}.\n")
 
@@ -136,16 +140,28 @@ def _how_pruned(report: Mapping) -> str:
              f"| allocation | `{options['allocation']}` |",
              f"| compensation | `{options['compensation']}` ({options['compensation_stats']} statistics) |",
              f"| ratio | target {options['ratio']}, achieved {report['parameters']['achieved_ratio']:.4f} |"]
+    if report.get("depth"):
+        depth = report["depth"]
+        lines.append(f"| layers removed | {depth['removed_layers']} ({depth['selection']}"
+                     + (f"; least-squares patch folded into layer {depth['patched_layer']}, ridge {depth['ridge']}"
+                        if depth["patched_layer"] is not None else "") + ") |")
     if "source" in calibration:
         shape = (f"{calibration['nsamples']} x {calibration['seqlen']} tokens"
                  if {"nsamples", "seqlen"} <= calibration.keys() else f"{calibration.get('tokens')} tokens")
         lines.append(f"| calibration | {calibration['source']}, {shape}, seed {calibration.get('seed')} |")
     elif "tokens" in calibration:
         lines.append(f"| calibration | {calibration['tokens']} tokens given to `numprune.prune` |")
-    lines += [f"| numprune | {report.get('numprune_version', VERSION)} |", "",
-              "The whole recipe, as `numprune.PruneOptions.parse` and `numprune compare --methods` read it "
-              f"(with `--ratio {options['ratio']}`):\n", f"```\n{recipe(options)}\n```\n",
-              f"Per-layer widths, times and memory are in `{REPORT_NAME}`.\n"]
+    lines += [f"| numprune | {report.get('numprune_version', VERSION)} |", ""]
+    depth = report.get("depth")
+    if depth:
+        lines.append(f"Layers first: `numprune prune --depth {len(depth['removed_layers'])} --depth-selection "
+                     f"{depth['selection']}" + (f" --depth-ridge {depth['ridge']}`" if depth["ridge"] is not None
+                                                else "`") + (", then the width step below.\n"
+                                                             if report["method"] != "depth" else ".\n"))
+    if report["method"] != "depth":
+        lines += ["The whole recipe, as `numprune.PruneOptions.parse` and `numprune compare --methods` read it "
+                  f"(with `--ratio {options['ratio']}`):\n", f"```\n{recipe(options)}\n```\n"]
+    lines.append(f"Per-layer widths, times and memory are in `{REPORT_NAME}`.\n")
     return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@ name with optional overrides, e.g. ``numerical-robust`` (the default method), ``
 ``numerical:compensation_stats=sequential:iterations=1`` or
 ``numerical:allocation=flap-widths:compensation=affine:compensation_damp=0.1:centred=true``: any
 PruneOptions field or keyword option of the method's criterion, parsed by its declared type
-(``PruneOptions.parse``).
+(``PruneOptions.parse``). ``depth=N`` (with ``depth_selection``, ``depth_ridge``) removes N layers
+first (numprune.depth); the ratio is then the width step's, on the remaining layers, calibrated anew.
 
 What each model is measured on is one ``Evaluation`` (``numprune.evaluate.base``): perplexity on
 named texts, or an image generator's measures, whose samples of every model are drawn side by side
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 from numprune.api import calibrate, prune
+from numprune.depth import split_entry
 from numprune.errors import NumpruneError
 from numprune.evaluate.base import Evaluation
 from numprune.extras import need
@@ -39,7 +41,7 @@ def recipes(methods: list[str], ratios: list[float]) -> dict[tuple[str, float], 
         repeated = next((item for item in items if items.count(item) > 1), None)
         if repeated is not None:
             raise NumpruneError(f"{what} {repeated!r} is given twice; each cell of the grid is run once")
-    return {(entry, ratio): PruneOptions.parse(entry, ratio) for entry in methods for ratio in ratios}
+    return {(entry, ratio): PruneOptions.parse(split_entry(entry)[0], ratio) for entry in methods for ratio in ratios}
 
 
 def run_grid(model, tokens, grid: dict[tuple[str, float], PruneOptions], evaluation: Evaluation, *,
@@ -68,13 +70,16 @@ def run_grid(model, tokens, grid: dict[tuple[str, float], PruneOptions], evaluat
     for (entry, ratio), recipe in grid.items():
         row = {"method": entry, "ratio": ratio}
         try:
-            pruned, report = prune(model, tokens, recipe, stats=stats, batch_size=batch_size, progress=False)
+            depth = split_entry(entry)[1]  # depth first: the width step calibrates on the shallower model
+            pruned, report = prune(model, tokens, recipe, stats=None if depth else stats, batch_size=batch_size,
+                                   progress=False, **depth)
         except NumpruneError as error:
             rows.append({**row, "error": str(error)})
             continue
         row.update(achieved_ratio=report["parameters"]["achieved_ratio"],
                    params=report["parameters"]["total_after"], options=report["options"],
-                   time_s=report["time_s"], **measured(pruned, f"{entry} {ratio:.0%}"))
+                   time_s=report["time_s"], **({"depth": report["depth"]} if "depth" in report else {}),
+                   **measured(pruned, f"{entry} {ratio:.0%}"))
         rows.append(row)
         if progress:
             _print_row(row, evaluation)

@@ -72,7 +72,7 @@ class PruneReport(Mapping):
     """pruning_report.json: options, parameters, per-layer widths, time and memory, and what was measured."""
 
     method: str
-    options: PruneOptions
+    options: PruneOptions  # or numprune.depth.DepthOnly, for a run that removes layers only
     calibration: dict  # the calibration source's own record, with the token count and speed
     parameters: ParameterReport
     layers: list[LayerPlan]
@@ -87,6 +87,7 @@ class PruneReport(Mapping):
     measured: dict[str, dict] = field(default_factory=dict)
     healing: dict | None = None  # numprune.heal's record (HealRecord.to_json), when the run healed
     numprune_version: str = VERSION  # which numprune pruned it (the same options may prune differently elsewhere)
+    depth: dict | None = None  # the depth step's record (numprune.depth.DepthRecord), when layers were removed
 
     def to_json(self) -> dict:
         """The report as pruning_report.json holds it; fields that were not set are left out."""
@@ -105,6 +106,7 @@ class PruneReport(Mapping):
             "peak_gpu_bytes": self.peak_gpu_bytes,
             "model": self.model,
             "healing": self.healing,
+            "depth": self.depth,
             **self.measured,
         }
         return {key: value for key, value in report.items() if value is not None}

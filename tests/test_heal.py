@@ -164,7 +164,7 @@ def test_a_model_not_pruned_from_this_one_is_refused():
             heal(dense, model, calibration, progress=False)
     with pytest.raises(NumpruneError, match="wider than the dense model's"):
         heal(pruned, dense, tokens, progress=False)
-    with pytest.raises(NumpruneError, match="inplace=True would overwrite"):
+    with pytest.raises(NumpruneError, match="inplace=True would share"):
         prune(dense, tokens, ratio=0.3, heal=True, inplace=True, progress=False)
     with pytest.raises(NumpruneError, match="calibration tokens are needed for healing"):
         prune(dense, None, ratio=0.3, heal=True, stats=calibrate(dense, tokens, progress=False), progress=False)

@@ -11,7 +11,9 @@ from numprune.api import prune
 from numprune.cli import args as a
 from numprune.cli.export import add_gguf_options, gguf_outtype, print_export
 from numprune.cli.inputs import check_calibration, load, prepare, protected_inputs
+from numprune.adapters import adapter_for
 from numprune.data.corpora import calibration_windows, needs_model
+from numprune.depth import DEFAULT_RIDGE, SELECTIONS, layers_for_ratio
 from numprune.distributed import process_group, world
 from numprune.errors import NumpruneError
 from numprune.export.gguf import check_exportable, export_gguf
@@ -40,8 +42,20 @@ SCORE_FLAGS = {"lambda_rel": "lambda_rel", "damp": "score_damp", "iterations": "
 def add_parser(commands) -> None:
     p = commands.add_parser("prune", help="prune a model and save the narrower one")
     a.add_model(p)
-    p.add_argument("--ratio", type=a.ratio, default=None, help="fraction of attention+MLP parameters to remove, in "
-                   "(0, 1) (needed unless --recipe gives it)")
+    p.add_argument("--ratio", type=a.ratio, default=None, help="fraction of attention+MLP parameters to remove by "
+                   "width (heads and channels), in (0, 1); with --depth, of the layers that remain (needed unless "
+                   "--recipe gives it or --depth / --depth-ratio removes layers alone)")
+    depth = p.add_mutually_exclusive_group()
+    depth.add_argument("--depth", type=a.positive_int, default=None, help="remove this many whole decoder layers "
+                       "first (LLaMA, Mistral, Phi-3, Qwen2, Qwen3 layouts); the result keeps the stock config; "
+                       "--ratio then applies to the layers that remain")
+    depth.add_argument("--depth-ratio", type=a.ratio, default=None, help="remove this share of the decoder layers "
+                       "first (rounded to whole layers)")
+    p.add_argument("--depth-selection", choices=SELECTIONS, default="patched", help="patched (default: the span of "
+                   "consecutive layers whose least-squares patch, folded into the layer before it, leaves the least "
+                   "error) or shortgpt (the layers whose input and output are most alike, no patch)")
+    p.add_argument("--depth-ridge", type=a.nonnegative_float, default=DEFAULT_RIDGE, help="ridge of the depth patch, "
+                   f"relative to the mean diagonal of its Gram matrix (default {DEFAULT_RIDGE})")
     p.add_argument("--recipe", default=None, metavar="FILE", help="a JSON or YAML recipe: PruneOptions' fields, or "
                    "a pruning_report.json, which holds the recipe a run followed; recipe flags given beside it change it")
     p.add_argument("--method", choices=list(methods()), default=None,
@@ -95,13 +109,17 @@ def add_parser(commands) -> None:
 
 def run(args) -> int:
     """Prune in memory or streaming from disk; under torchrun every process calibrates on its share."""
+    if args.ratio is None and args.recipe is None and args.depth is None and args.depth_ratio is None:
+        raise NumpruneError("nothing to remove: give --ratio, --recipe, --depth or --depth-ratio")
+    if args.stream and (args.depth or args.depth_ratio):
+        raise NumpruneError("--stream cannot remove layers (--depth, --depth-ratio) yet; prune in memory")
     if args.gguf:  # before any work, as the output folder is (it is the GGUF's input, so it may not hold the GGUF)
         check_gguf_target(args.gguf, args.overwrite, protected_inputs(args), outputs=[args.out])
     with process_group(args.device) as device:
         return (_streaming if args.stream else _in_memory)(args, device, args.dtype)
 
 
-def prune_options(args) -> PruneOptions:
+def prune_options(args) -> PruneOptions | None:
     """The run's recipe: --recipe's changed by the recipe flags given, or the flags alone; checked before anything is
     loaded (with the flags that mean nothing without another)."""
     if args.no_compensate and args.compensation not in (None, "none"):
@@ -115,7 +133,9 @@ def prune_options(args) -> PruneOptions:
         given["compensation"] = "none"
     recipe = read_recipe(args.recipe) if args.recipe is not None else None
     if recipe is None and "ratio" not in given:
-        raise NumpruneError("--ratio is needed (or a --recipe that gives it)")
+        if args.depth or args.depth_ratio:
+            return None  # depth alone: no width step
+        raise NumpruneError("--ratio is needed (or a --recipe that gives it, or --depth / --depth-ratio)")
     method = given.get("method") or (recipe.method if recipe is not None else DEFAULT_METHOD)
     score = _score_options(args, method, seeded=recipe is None)
     if score:
@@ -166,10 +186,13 @@ def _in_memory(args, device: str | None, dtype) -> int:
     model, tokenizer, source, tokens, calib_info, evaluation = prepare(args, REPORT_NAME)
     if args.gguf:
         check_exportable(model.config)
+    depth = args.depth or (layers_for_ratio(adapter_for(model).num_layers(), args.depth_ratio)
+                           if args.depth_ratio else 0)
     dense = evaluation.measure(model).figures if evaluation is not None else None
     pruned, report = prune(model, tokens, options, batch_size=args.batch_size,
                            progress=not args.quiet and world().writer, calibration_info=calib_info, device=device,
-                           dtype=dtype)
+                           dtype=dtype, depth=depth, depth_selection=args.depth_selection,
+                           depth_ridge=args.depth_ridge)
     del model
     if not world().writer:
         return 0
@@ -197,6 +220,11 @@ def _print_summary(report: dict, out, figures_lines: Sequence[str] = ()) -> None
     print(f"model:  {report['model']}")
     print(f"method: {report['method']} ({report['options']['allocation']} allocation, compensation "
           f"{report['options']['compensation']})")
+    if "depth" in report:
+        depth = report["depth"]
+        print(f"depth:  removed layers {depth['removed_layers']} of {depth['layers_before']} ({depth['selection']}"
+              + (f", patch in layer {depth['patched_layer']}, calibration error {depth['relative_error_before_patch']:.4f}"
+                 f" -> {depth['relative_error_after_patch']:.4f}" if depth["patched_layer"] is not None else "") + ")")
     print(f"parameters: {params['total_before']:,} -> {params['total_after']:,} "
           f"(attention+MLP {params['attention_mlp_before']:,} -> {params['attention_mlp_after']:,}, "
           f"removed {params['achieved_ratio']:.1%}, target {params['target_ratio']:.0%})")
