@@ -183,7 +183,7 @@ def test_prune_heal_writes_the_record(tiny_model_folder, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--heal", "--heal-lr", "0"], "--heal-lr: must be a finite number > 0"),
-    (["--heal", "--heal-loss", "kl"], "unknown healing loss 'kl'"),
+    (["--heal", "--heal-loss", "kl"], "argument --heal-loss: invalid choice: 'kl'"),
     (["--heal-epochs", "2"], "heal_epochs is a healing option; it applies only with heal=True"),
     (["--heal", "--stream"], "--heal needs the dense and the pruned model in memory side by side; drop --stream"),
 ])
