@@ -14,8 +14,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from numprune import distributed
+from numprune import auto, distributed
 from numprune.adapters import adapter_for
+from numprune.allocate import AUTO
 from numprune.calibrate import LayerStats, collect_statistics
 from numprune.errors import NumpruneError
 from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, resolve, select
@@ -43,7 +44,7 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, progr
 
 def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float, stats: Sequence[LayerStats] | None = None,
           inplace: bool = False, batch_size: int = 8, progress: bool = True, calibration_info: dict | None = None,
-          device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+          device: torch.device | str | None = None, dtype: torch.dtype | None = None, holdout=None,
           **options) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` and return the narrower model and its report.
 
@@ -55,8 +56,17 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
     float64 without TF32, and each weight gets its result on its own device in its own dtype
     (numprune.precision). Inside a torch.distributed process group
     each process calibrates on its share of ``tokens`` and all return the same result.
+
+    The ``auto`` allocation measures its candidates on ``holdout`` (token ids [windows, length], or a
+    dict of them by name); without it, the last eighth of ``tokens``' windows is held out from the
+    calibration (numprune.auto).
     """
     opts = resolve(ratio, options, tokens, stats)
+    if opts.allocation == AUTO:
+        tokens, holdout = auto.split_holdout(tokens, stats, holdout)
+        auto.check_holdout(model, holdout)
+    elif holdout is not None:
+        raise NumpruneError(f"held-out windows are for the auto allocation only, not {opts.allocation}")
     if calibration_info is not None and not isinstance(calibration_info, dict):
         raise NumpruneError(f"calibration_info must be a dict, got {type(calibration_info).__name__}")
     FLAG.check("inplace", inplace)
@@ -70,8 +80,13 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, *, ratio: float,
     if not inplace:
         model = copy.deepcopy(model)
         source = InMemory(model)
+    choice = None
+    if opts.allocation == AUTO:
+        plans, choice = auto.choose(model, plans, stats, holdout, opts, compute, clock)
     compensate(source, plans, stats, tokens, opts, compute, clock)
     with clock.timed("surgery"):
         pruned = shrink(source.adapter, plans)
-    return pruned, build_report(opts, tokens, calibration_info, before, pruned, plans, clock,
-                                compute.describe(source.adapter))
+    report = build_report(opts, tokens, calibration_info, before, pruned, plans, clock,
+                          compute.describe(source.adapter))
+    report.auto_allocation = choice
+    return pruned, report

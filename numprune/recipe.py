@@ -19,7 +19,7 @@ from typing import get_args, get_type_hints
 import torch
 
 from numprune import compensate
-from numprune.allocate import ALLOCATIONS, GQA_UNITS, blend_schedule
+from numprune.allocate import ALLOCATIONS, AUTO, GQA_UNITS, blend_schedule
 from numprune.criteria import get_method
 from numprune.errors import NumpruneError
 
@@ -163,7 +163,8 @@ class PruneOptions:
             self.compensation_damp = (method.compensation_damp if own_compensation
                                       else compensate.Damped.compensation_damp)
         self.score_options = {**method.score_options, **self.score_options}
-        for value, allowed, what in ((self.allocation, ALLOCATIONS, "allocation"), (self.gqa_unit, GQA_UNITS, "GQA unit"),
+        for value, allowed, what in ((self.allocation, (*ALLOCATIONS, AUTO), "allocation"),
+                                     (self.gqa_unit, GQA_UNITS, "GQA unit"),
                                      (self.compensation_stats, COMPENSATION_STATS, "compensation statistics")):
             if value not in allowed:
                 raise NumpruneError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
@@ -171,8 +172,11 @@ class PruneOptions:
         if self.allocation == "blend":
             self.blend_weight = blend_schedule(self.ratio) if self.blend_weight is None else self.blend_weight
             SHARE.check("blend weight", self.blend_weight)
-        elif self.blend_weight is not None:
+        elif self.blend_weight is not None:  # auto chooses the weight itself
             raise NumpruneError(f"a blend weight applies to the blend allocation only, not to {self.allocation}")
+        if self.allocation == AUTO and self.compensation_stats == "sequential":
+            raise NumpruneError("the auto allocation compensates every candidate from the one calibration's dense "
+                                "statistics; sequential statistics would calibrate again for each")
         POSITIVE_INT.check("round_to", self.round_to)
         _check_score_options(self.method, self.score_options)
 

@@ -85,6 +85,7 @@ class PruneReport(Mapping):
     model: str | None = None  # what was pruned: a name or a folder
     # an evaluation's dense-vs-pruned record under its report key (``Evaluation.compared``), as saved
     measured: dict[str, dict] = field(default_factory=dict)
+    auto_allocation: dict | None = None  # the auto allocation's candidates, held-out figures and choice
     numprune_version: str = VERSION  # which numprune pruned it (the same options may prune differently elsewhere)
 
     def to_json(self) -> dict:
@@ -103,6 +104,7 @@ class PruneReport(Mapping):
             "peak_rss_bytes": self.peak_rss_bytes,
             "peak_gpu_bytes": self.peak_gpu_bytes,
             "model": self.model,
+            "auto_allocation": self.auto_allocation,
             **self.measured,
         }
         return {key: value for key, value in report.items() if value is not None}

@@ -33,6 +33,7 @@ from transformers.initialization import no_init_weights
 
 from numprune import distributed
 from numprune.adapters import LayerPlan, adapter_for
+from numprune.allocate import AUTO
 from numprune.card import write_pruned_card
 from numprune.errors import NumpruneError
 from numprune.models import (TOKENIZER_FILES, WEIGHTS_FILE, WEIGHTS_INDEX, check_finite, check_model_folder,
@@ -275,6 +276,9 @@ def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, *, ratio: f
     report; the others get None.
     """
     opts = resolve(ratio, options, tokens, None)
+    if opts.allocation == AUTO:
+        raise NumpruneError("the auto allocation measures whole candidate models on held-out text, and streaming "
+                            "never holds the whole model: choose another allocation, such as blend")
     FLAG.check("overwrite", overwrite)
     _allocate_large_blocks_apart()
     world = distributed.world()

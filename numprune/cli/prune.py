@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-from numprune.allocate import BLEND_FROM, BLEND_MAX, BLEND_TO
+from numprune.allocate import AUTO, BLEND_FROM, BLEND_MAX, BLEND_TO
 from numprune.api import prune
+from numprune.auto import holdout_windows
 from numprune.cli import args as a
 from numprune.cli.export import add_gguf_options, gguf_outtype, print_export
 from numprune.cli.inputs import check_calibration, load, prepare, protected_inputs
@@ -36,7 +37,8 @@ def add_parser(commands) -> None:
                    "Newton variable per head), flap, wanda-sp, magnitude or random")
     p.add_argument("--allocation", default=None, help="global, uniform, flap-widths (FLAP's per-layer widths, the "
                    "method's ranking inside each layer), blend (between flap-widths and global, moving toward global "
-                   "as the ratio grows) or compensated-error (by the relative error left after compensation) "
+                   "as the ratio grows), compensated-error (by the relative error left after compensation) or auto (blend at "
+                   "weights 0 to 1, each measured on held-out text, the best kept) "
                    "(default: the method's own; numerical-robust: blend, numerical and flap: global, the others: "
                    "uniform)")
     p.add_argument("--blend-weight", type=a.share, default=None, help="blend allocation: the share of the global "
@@ -145,9 +147,15 @@ def _in_memory(args, device: str | None, dtype) -> int:
     if args.gguf:
         check_exportable(model.config)
     dense = evaluation.measure(model).figures if evaluation is not None else None
+    holdout = None
+    if PruneOptions.checked(args.ratio, **options).allocation == AUTO:
+        if tokenizer is None:
+            raise NumpruneError("the auto allocation measures candidates on held-out text; an image generator has none")
+        holdout = holdout_windows(model, tokenizer, args.calib, args.nsamples, args.seqlen, args.seed,
+                                  a.self_sampling(args), progress=not args.quiet and world().writer)
     pruned, report = prune(model, tokens, ratio=args.ratio, batch_size=args.batch_size,
                            progress=not args.quiet and world().writer, calibration_info=calib_info, device=device,
-                           dtype=dtype, **options)
+                           dtype=dtype, holdout=holdout, **options)
     del model
     if not world().writer:
         return 0
