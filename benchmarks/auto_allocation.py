@@ -19,6 +19,8 @@ import json
 import math
 import time
 
+import torch
+
 from numprune.allocate import AUTO_WEIGHTS, blend_schedule
 from numprune.api import calibrate, prune
 from numprune.auto import SCORES, holdout_windows
@@ -40,8 +42,11 @@ def main() -> int:
     parser.add_argument("--nsamples", type=int, default=64, help="calibration windows of --seqlen tokens")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=8, help="validation windows of 512 tokens per text")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (on busy shared cores, token-by-token "
+                        "sampling with two threads waits on itself)")
     parser.add_argument("--out", default="runs/auto-allocation.json")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
 
     model, tokenizer, source = load_model(args.model)

@@ -118,6 +118,9 @@ def _score_options(args) -> dict:
 
 def _streaming(args, device: str | None, dtype) -> int:
     options = prune_options(args)
+    if PruneOptions.checked(args.ratio, **options).allocation == AUTO:
+        raise NumpruneError("--allocation auto measures whole candidate models on held-out text; --stream never holds "
+                            "the whole model: choose another allocation, such as blend")
     if args.eval_data:
         raise NumpruneError("--eval needs the whole model in memory; with --stream, run `numprune ppl` on the output")
     check_calibration(args)
