@@ -54,9 +54,11 @@ HOLDOUT_SHARE = 8  # the API's fallback: the last 1/8 of the given calibration w
 def holdout_windows(model, tokenizer, spec: str, nsamples: int, seqlen: int, seed: int,
                     sampling: Sampling = Sampling(), progress: bool = False) -> dict[str, tuple[torch.Tensor, dict]]:
     """The command line's held-out text for calibration ``spec`` drawn as ``calibration_windows(spec, nsamples,
-    seqlen, seed)``: each text part's passages no calibration window touches, and the dense model's own samples."""
-    held = held_out_windows(tokenizer, spec, nsamples, seqlen, seed, HOLDOUT_WINDOWS, HOLDOUT_SEQLEN)
-    windows, info = self_generated_windows(model, tokenizer, HOLDOUT_WINDOWS, HOLDOUT_SEQLEN,
+    seqlen, seed)``: each text part's passages no calibration window touches, and the dense model's own samples
+    (HOLDOUT_WINDOWS of each, HOLDOUT_SEQLEN tokens long or shorter than the calibration windows)."""
+    length = min(HOLDOUT_SEQLEN, max(2, seqlen - 1))  # the prompt token goes before a sample: seqlen - 1 fits the model
+    held = held_out_windows(tokenizer, spec, nsamples, seqlen, seed, HOLDOUT_WINDOWS, length)
+    windows, info = self_generated_windows(model, tokenizer, HOLDOUT_WINDOWS, length,
                                            seed=(seed + HOLDOUT_SEED_OFFSET) % (MAX_SEED + 1), side="held out",
                                            sampling=sampling, progress=progress)
     return {**held, "self": (windows, {**info, "windows": HOLDOUT_WINDOWS})}

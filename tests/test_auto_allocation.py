@@ -1,6 +1,7 @@
 """The auto allocation: its choice against held-out losses computed apart on physically pruned models, held-out
 windows apart from the calibration windows, determinism, the report, and equality with blend at the chosen weight."""
 
+import json
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from conftest import tiny_llama, tiny_tokens
 from numprune import auto
 from numprune.allocate import AUTO_WEIGHTS
 from numprune.api import calibrate, prune
+from numprune.cli import main
 from numprune.data.corpora import calibration_windows, held_out_windows
 from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import perplexity
@@ -164,3 +166,18 @@ def test_refusals(tiny_model_folder, tmp_path):
         prune_streaming(tiny_model_folder, tiny_tokens(4, 16), ratio=RATIO, out=tmp_path / "out", allocation="auto",
                         progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_holds_out_calibration_text_and_the_models_own_samples(tiny_model_folder, tmp_path, capsys):
+    out = tmp_path / "auto"
+    args = ["prune", "--model", str(tiny_model_folder), "--ratio", "0.3", "--allocation", "auto", "--calib", "sotu-val",
+            "--nsamples", "4", "--seqlen", "32", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    report = json.loads((out / "pruning_report.json").read_text())
+    record = report["auto_allocation"]
+    assert set(record["holdout"]) == {"sotu-val", "self"}
+    assert record["holdout"]["sotu-val"]["seqlen"] == 31 and record["holdout"]["self"]["windows"] == auto.HOLDOUT_WINDOWS
+    assert record["holdout"]["self"]["seed"] == auto.HOLDOUT_SEED_OFFSET
+    assert report["options"]["allocation"] == "auto" and len(record["candidates"]) == len(AUTO_WEIGHTS)
+    assert main([*args, "--stream", "--out", str(tmp_path / "streamed")]) == 2
+    assert "--stream never holds the whole model" in capsys.readouterr().err
