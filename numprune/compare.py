@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from numprune.allocate import AUTO
 from numprune.api import calibrate, prune
 from numprune.errors import NumpruneError
 from numprune.evaluate.base import Evaluation
@@ -42,8 +43,10 @@ def recipes(methods: list[str], ratios: list[float]) -> dict[tuple[str, float], 
 
 
 def run_grid(model, tokens, methods: list[str], ratios: list[float], evaluation: Evaluation, *,
-             calibration_info: dict, batch_size: int = 8, progress: bool = True) -> dict:
+             calibration_info: dict, batch_size: int = 8, progress: bool = True, holdout=None) -> dict:
     """Prune and measure every method at every ratio; returns the results with their protocol.
+
+    ``holdout`` (numprune.auto) is what the entries with the ``auto`` allocation choose on.
 
     Each row holds the model's figures under ``evaluation.row_key``; every model's artefact (if the
     evaluation keeps one) is under ``results["artefacts"]``, for ``write``, and not saved in results.json.
@@ -68,11 +71,14 @@ def run_grid(model, tokens, methods: list[str], ratios: list[float], evaluation:
         for ratio in ratios:
             row = {"method": entry, "ratio": ratio}
             try:
+                opts = checked[entry, ratio]
                 pruned, report = prune(model, tokens, stats=stats, batch_size=batch_size, progress=False,
-                                       **asdict(checked[entry, ratio]))
+                                       holdout=holdout if opts.allocation == AUTO else None, **asdict(opts))
             except NumpruneError as error:
                 rows.append({**row, "error": str(error)})
                 continue
+            if opts.allocation == AUTO:
+                row["auto_allocation"] = report["auto_allocation"]
             row.update(achieved_ratio=report["parameters"]["achieved_ratio"],
                        params=report["parameters"]["total_after"], options=report["options"],
                        time_s=report["time_s"], **measured(pruned, f"{entry} {ratio:.0%}"))

@@ -12,9 +12,10 @@ from numprune import auto
 from numprune.allocate import AUTO_WEIGHTS
 from numprune.api import calibrate, prune
 from numprune.cli import main
+from numprune.compare import run_grid
 from numprune.data.corpora import calibration_windows, held_out_windows
 from numprune.errors import NumpruneError
-from numprune.evaluate.perplexity import perplexity
+from numprune.evaluate.perplexity import Perplexity, perplexity
 from numprune.stream import prune_streaming
 
 RATIO = 0.3
@@ -181,3 +182,15 @@ def test_cli_holds_out_calibration_text_and_the_models_own_samples(tiny_model_fo
     assert report["options"]["allocation"] == "auto" and len(record["candidates"]) == len(AUTO_WEIGHTS)
     assert main([*args, "--stream", "--out", str(tmp_path / "streamed")]) == 2
     assert "--stream never holds the whole model" in capsys.readouterr().err
+
+
+def test_compare_runs_auto_on_the_shared_statistics():
+    """In a grid, auto's row is the row of blend at the weight it chose (same statistics, same figures)."""
+    model, tokens, holdout = problem()
+    evaluation = Perplexity({"text": (tiny_tokens(2, 20, seed=9), {"windows": 2, "seqlen": 20})})
+    entries = ["numerical:allocation=auto"] + [f"numerical:allocation=blend:blend_weight={w}" for w in AUTO_WEIGHTS]
+    results = run_grid(model, tokens, entries, [RATIO], evaluation, calibration_info={}, progress=False,
+                       holdout=holdout)
+    rows = {row["method"]: row for row in results["rows"]}
+    chosen = rows[entries[0]]["auto_allocation"]["chosen_blend_weight"]
+    assert rows[entries[0]]["ppl"] == rows[f"numerical:allocation=blend:blend_weight={chosen}"]["ppl"]
