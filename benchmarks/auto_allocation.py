@@ -5,7 +5,7 @@ statistics. Each pruned model is measured on the 1990s addresses (``sotu-val``),
 (``emails``) and the dense model's own samples (``self``, seed 1), never on the evaluation texts. ``auto``
 holds out 4 x 256 tokens of the pre-1990 text apart from the calibration windows plus 4 x 256 of the model's
 own samples (seed 1000), and chooses among blend weights 0, 0.25, 0.5, 0.75, 1; each weight is also
-pruned and measured here, so auto's figures are those of the weight it chose (byte-equal: tested), by
+pruned and measured here (with --needed-only: those the table shows), so auto's figures are those of the weight it chose (byte-equal: tested), by
 either score (``perplexity``: geometric mean of the held-out perplexities; ``kl``). Prints a markdown
 grid, writes JSON. Usage:
 
@@ -44,6 +44,8 @@ def main() -> int:
     parser.add_argument("--eval-windows", type=int, default=8, help="validation windows of 512 tokens per text")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (on busy shared cores, token-by-token "
                         "sampling with two threads waits on itself)")
+    parser.add_argument("--needed-only", action="store_true", help="measure only the weights the table shows "
+                        "(global, the schedule's, auto's choices), not every candidate")
     parser.add_argument("--out", default="runs/auto-allocation.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -72,7 +74,8 @@ def main() -> int:
         cell["auto"] = {score: min(record["candidates"], key=lambda row: row[score])["blend_weight"]
                         for score in SCORES}
         cell["auto_record"], cell["auto_s"] = record, report["time_s"]["auto"]
-        for weight in AUTO_WEIGHTS:
+        needed = {1.0, blend_schedule(ratio), *cell["auto"].values()} if args.needed_only else AUTO_WEIGHTS
+        for weight in sorted(needed):
             pruned, _ = prune(model, tokens, stats=stats, ratio=ratio, method="numerical-robust", allocation="blend",
                               blend_weight=weight, progress=False)
             cell["weights"][weight] = measure(pruned, windows)

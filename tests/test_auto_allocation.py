@@ -180,6 +180,7 @@ def test_cli_holds_out_calibration_text_and_the_models_own_samples(tiny_model_fo
     assert record["holdout"]["sotu-val"]["seqlen"] == 31 and record["holdout"]["self"]["windows"] == auto.HOLDOUT_WINDOWS
     assert record["holdout"]["self"]["seed"] == auto.HOLDOUT_SEED_OFFSET
     assert report["options"]["allocation"] == "auto" and len(record["candidates"]) == len(AUTO_WEIGHTS)
+    assert f"which chose blend weight {record['chosen_blend_weight']}" in (out / "README.md").read_text()
     assert main([*args, "--stream", "--out", str(tmp_path / "streamed")]) == 2
     assert "--stream never holds the whole model" in capsys.readouterr().err
 
