@@ -42,25 +42,26 @@ def main() -> int:
     parser.add_argument("--nsamples", type=int, default=64, help="calibration windows of --seqlen tokens")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=8, help="validation windows of 512 tokens per text")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (on busy shared cores, token-by-token "
-                        "sampling with two threads waits on itself)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, but one while the model samples its "
+                        "own text (on busy shared cores, token-by-token sampling with two threads waits on itself)")
     parser.add_argument("--needed-only", action="store_true", help="measure only the weights the table shows "
                         "(global, the schedule's, auto's choices), not every candidate")
     parser.add_argument("--out", default="runs/auto-allocation.json")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     ratios = [float(r) for r in args.ratios.split(",")]
 
     model, tokenizer, source = load_model(args.model)
     tokens, calib_info = calibration_windows(tokenizer, "sotu-val", args.nsamples, args.seqlen, 0)
-    start = time.perf_counter()
-    stats = calibrate(model, tokens, progress=False)
-    calibration_s = time.perf_counter() - start
+    torch.set_num_threads(1)
     start = time.perf_counter()
     holdout = holdout_windows(model, tokenizer, "sotu-val", args.nsamples, args.seqlen, 0)
     holdout_s = time.perf_counter() - start
     windows = {name: evaluation_windows(tokenizer, name, 512, args.eval_windows, model=model, seed=1)[0]
                for name in TEXTS}
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    stats = calibrate(model, tokens, progress=False)
+    calibration_s = time.perf_counter() - start
     dense = measure(model, windows)
     print(f"{source}: calibration {calibration_s:.1f}s, held-out windows {holdout_s:.1f}s, dense "
           + ", ".join(f"{k} {v:.2f}" for k, v in dense.items()), flush=True)
@@ -88,7 +89,7 @@ def main() -> int:
               + "; flap " + "/".join(f"{v:.2f}" for v in cell["flap"].values()), flush=True)
 
     print(table(cells, dense))
-    result = dict(model=source, calibration=calib_info, calibration_s=round(calibration_s, 2),
+    result = dict(model=source, threads=args.threads, calibration=calib_info, calibration_s=round(calibration_s, 2),
                   holdout_s=round(holdout_s, 2), dense=dense, texts=TEXTS, eval_windows=args.eval_windows,
                   cells=[{**c, "weights": {str(w): f for w, f in c["weights"].items()}} for c in cells])
     with open(args.out, "w") as f:
