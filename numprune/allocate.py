@@ -65,6 +65,10 @@ GQA_UNITS = ("query", "kv-group")
 # blend_schedule (chosen on validation texts, docs/method.md "The default method"): no share of the global
 # ranking's widths up to a ratio of BLEND_FROM, BLEND_MAX of it from BLEND_TO on, linear between.
 BLEND_FROM, BLEND_TO, BLEND_MAX = 0.25, 0.30, 0.75
+# ``auto`` (numprune.auto) is no rule of its own: it measures blend at each of these weights on held-out text and
+# keeps the best (0 is flap-widths, 1 is global, plan for plan), so it is not in REGISTRY.
+AUTO, AUTO_WEIGHTS = "auto", (0.0, 0.25, 0.5, 0.75, 1.0)
+AUTO_DESCRIPTION = "blend at weights 0 to 1, each measured on held-out text, the best kept"
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from numprune import distributed
+from numprune import auto, distributed
 from numprune.adapters import adapter_for
+from numprune.allocate import AUTO
 from numprune.calibrate import LayerStats, collect_statistics
 from numprune.depth import DEFAULT_RIDGE, DepthOnly, check_depth, prune_depth
 from numprune.errors import NumpruneError
@@ -47,7 +48,7 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
           stats: Sequence[LayerStats] | None = None, inplace: bool = False, batch_size: int = 8, progress: bool = True,
           calibration_info: dict | None = None,
           device: torch.device | str | None = None, dtype: torch.dtype | None = None, depth: int = 0,
-          depth_selection: str = "patched", depth_ridge: float = DEFAULT_RIDGE,
+          depth_selection: str = "patched", depth_ridge: float = DEFAULT_RIDGE, holdout=None,
           **overrides) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` and return the narrower model and its report.
 
@@ -65,6 +66,10 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     ``shortgpt``, ShortGPT's least influential layers, no patch), on the model's own device; the recipe's
     ``ratio`` is then the share the width step removes from the remaining layers (no recipe and no ``ratio``:
     depth alone), calibrating on the depth-pruned model.
+
+    The ``auto`` allocation measures its candidates on ``holdout`` (token ids [windows, length], or a
+    dict of them by name); without it, the last eighth of ``tokens``' windows is held out from the
+    calibration (numprune.auto).
     ``device``/``dtype`` say where and in what precision the layer passes run (default: the model's
     own device and dtype). The model may be anywhere and stays there: statistics and solves run in
     float64 without TF32, and each weight gets its result on its own device in its own dtype
@@ -79,8 +84,13 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     """
     if depth != 0:
         return _depth_first(model, tokens, recipe, overrides, stats, depth, depth_selection, depth_ridge, batch_size,
-                            progress, calibration_info, device, dtype)
+                            progress, calibration_info, device, dtype, holdout)
     opts = resolve(recipe, overrides, tokens, stats)
+    if opts.allocation == AUTO:
+        tokens, holdout = auto.split_holdout(tokens, stats, holdout)
+        auto.check_holdout(model, holdout)
+    elif holdout is not None:
+        raise NumpruneError(f"held-out windows are for the auto allocation only, not {opts.allocation}")
     if calibration_info is not None and not isinstance(calibration_info, dict):
         raise NumpruneError(f"calibration_info must be a dict, got {type(calibration_info).__name__}")
     FLAG.check("inplace", inplace)
@@ -93,6 +103,9 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     check_run(source.adapter, tokens, stats, opts)
     before = parameter_counts(source.adapter)
     plans, stats = select(source, tokens, stats, opts, compute, clock)
+    choice = None
+    if opts.allocation == AUTO:
+        plans, choice = auto.choose(model, plans, stats, holdout, opts, compute, clock)
     compensate(source, plans, stats, tokens, opts, compute, clock)
     with clock.timed("surgery"):
         pruned = shrink(source.adapter, plans, source.fits, share=inplace)
@@ -104,12 +117,13 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     report = build_report(opts, tokens, calibration_info, before, pruned, plans, clock,
                           compute.describe(source.adapter))
     report.healing = record.to_json() if record is not None else None
+    report.auto_allocation = choice
     return pruned, report
 
 
 def _depth_first(model: nn.Module, tokens, recipe: PruneOptions | None, overrides: dict, stats, depth: int,
                  selection: str, ridge: float, batch_size: int, progress: bool, calibration_info: dict | None, device,
-                 dtype) -> tuple[nn.Module, PruneReport]:
+                 dtype, holdout) -> tuple[nn.Module, PruneReport]:
     """Remove ``depth`` layers, then (given a recipe or a ratio) prune the width of the rest; one report for both,
     its parameters counted against ``model``."""
     adapter = adapter_for(model)
@@ -144,7 +158,7 @@ def _depth_first(model: nn.Module, tokens, recipe: PruneOptions | None, override
     else:
         middle = parameter_counts(adapter_for(shallow))
         shallow, report = prune(shallow, tokens, width, inplace=True, batch_size=batch_size, progress=progress,
-                                calibration_info=calibration_info, device=device, dtype=dtype)
+                                calibration_info=calibration_info, device=device, dtype=dtype, holdout=holdout)
         p = report.parameters
         target = 1 - (1 - removed_share(before["attention_mlp"], middle["attention_mlp"])) * (1 - width.ratio)
         report.parameters = ParameterReport(before["total"], p.total_after, before["attention_mlp"],

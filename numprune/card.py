@@ -131,13 +131,21 @@ def _pruned_title(report: Mapping, source: str | None, origin: dict) -> str:
             f"pruned by numprune {report.get('numprune_version', VERSION)}.\n")
 
 
+def _auto_choice(report: Mapping) -> str:
+    """What the auto allocation chose, from the report's record (nothing for the other allocations)."""
+    record = report.get("auto_allocation")
+    if not isinstance(record, Mapping) or "chosen_blend_weight" not in record:
+        return ""
+    return f", which chose blend weight {record['chosen_blend_weight']} on held-out text (`{REPORT_NAME}` has each candidate)"
+
+
 def _how_pruned(report: Mapping) -> str:
     options = report["options"]
     calibration = report.get("calibration", {})
     lines = ["## How it was pruned\n", "| | |", "|---|---|",
              f"| source | {report.get('model') or 'not recorded'} |",
              f"| method | `{report['method']}` |",
-             f"| allocation | `{options['allocation']}` |",
+             f"| allocation | `{options['allocation']}`{_auto_choice(report)} |",
              f"| compensation | `{options['compensation']}` ({options['compensation_stats']} statistics) |",
              f"| ratio | target {options['ratio']}, achieved {report['parameters']['achieved_ratio']:.4f} |"]
     if report.get("depth"):

@@ -23,6 +23,7 @@ import json
 import time
 from pathlib import Path
 
+from numprune.allocate import AUTO
 from numprune.api import calibrate, prune
 from numprune.depth import split_entry
 from numprune.errors import NumpruneError
@@ -45,9 +46,11 @@ def recipes(methods: list[str], ratios: list[float]) -> dict[tuple[str, float], 
 
 
 def run_grid(model, tokens, grid: dict[tuple[str, float], PruneOptions], evaluation: Evaluation, *,
-             calibration_info: dict, batch_size: int = 8, progress: bool = True) -> dict:
+             calibration_info: dict, batch_size: int = 8, progress: bool = True, holdout=None) -> dict:
     """Prune and measure every cell of ``grid`` (``recipes``: method entry and ratio -> its recipe); returns the
     results with their protocol.
+
+    ``holdout`` (numprune.auto) is what the entries with the ``auto`` allocation choose on.
 
     Each row holds the model's figures under ``evaluation.row_key``; every model's artefact (if the
     evaluation keeps one) is under ``results["artefacts"]``, for ``write``, and not saved in results.json.
@@ -72,10 +75,12 @@ def run_grid(model, tokens, grid: dict[tuple[str, float], PruneOptions], evaluat
         try:
             depth = split_entry(entry)[1]  # depth first: the width step calibrates on the shallower model
             pruned, report = prune(model, tokens, recipe, stats=None if depth else stats, batch_size=batch_size,
-                                   progress=False, **depth)
+                                   progress=False, holdout=holdout if recipe.allocation == AUTO else None, **depth)
         except NumpruneError as error:
             rows.append({**row, "error": str(error)})
             continue
+        if recipe.allocation == AUTO:
+            row["auto_allocation"] = report["auto_allocation"]
         row.update(achieved_ratio=report["parameters"]["achieved_ratio"],
                    params=report["parameters"]["total_after"], options=report["options"],
                    time_s=report["time_s"], **({"depth": report["depth"]} if "depth" in report else {}),

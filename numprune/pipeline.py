@@ -28,7 +28,7 @@ from numprune import compensate as compensation_registry
 from numprune import distributed
 from numprune.adapters import Adapter, LayerPlan, adapter_for
 from numprune.adapters.base import projection_weight
-from numprune.allocate import GUIDED, allocate, layer_guide
+from numprune.allocate import AUTO, AUTO_WEIGHTS, GUIDED, allocate, layer_guide
 from numprune.calibrate import LayerStats, LayerStream, StatsStore
 from numprune.criteria import CriterionInputs, LayerScores, get_method
 from numprune.errors import NumpruneError
@@ -119,7 +119,7 @@ def check_run(adapter: Adapter, tokens, stats, opts: PruneOptions) -> None:
     equal = [LayerScores(torch.zeros(adapter.attention_layout(i).num_heads, dtype=torch.float64, device="cpu"),
                          torch.zeros(adapter.mlp_width(i), dtype=torch.float64, device="cpu")) for i in layers]
     # A guided allocation ranks across layers like the global one: the same shapes decide whether it exists.
-    mode = "global" if opts.allocation in GUIDED else opts.allocation
+    mode = "global" if opts.allocation in (*GUIDED, AUTO) else opts.allocation
     _check_rounding(adapter, allocate(adapter, equal, opts.ratio, mode, opts.gqa_unit, opts.round_to), opts)
 
 
@@ -186,8 +186,10 @@ def _check_stats(adapter: Adapter, stats) -> None:
 # 2. Select: calibrate, score and allocate.
 
 def select(source: LayerSource, tokens: torch.Tensor | None, stats: Sequence[LayerStats] | None, opts: PruneOptions,
-           compute: Compute, clock: Clock) -> tuple[list[LayerPlan], Sequence[LayerStats]]:
-    """Calibrate (unless ``stats`` are given), score and allocate, visiting each layer once."""
+           compute: Compute, clock: Clock) -> tuple[list[LayerPlan] | dict[float, list[LayerPlan]], Sequence[LayerStats]]:
+    """Calibrate (unless ``stats`` are given), score and allocate, visiting each layer once.
+
+    The ``auto`` allocation gets every candidate's plans instead, by blend weight (numprune.auto chooses)."""
     adapter = source.adapter
     distributed.agree("the options", asdict(opts))
     distributed.agree("the model's shape", [adapter.prunable_parameters(i) for i in range(adapter.num_layers())])
@@ -212,15 +214,19 @@ def select(source: LayerSource, tokens: torch.Tensor | None, stats: Sequence[Lay
             with clock.timed("scoring"), full_precision(), _solvable(i, "scoring"):
                 inputs = criterion_inputs(adapter, i, layer, layer_stats, opts.ratio)
                 scores.append(criterion(inputs, **opts.score_options))
-                guides.append(layer_guide(opts.allocation, adapter, inputs, scores[-1], opts.allocation_compensation,
+                guides.append(layer_guide("blend" if opts.allocation == AUTO else opts.allocation, adapter, inputs, scores[-1], opts.allocation_compensation,
                                           opts.compensation_options(opts.allocation_compensation), opts.gqa_unit))
     del stream
+    runs = {w: ("blend", w) for w in AUTO_WEIGHTS} if opts.allocation == AUTO else {None: (opts.allocation,
+                                                                                           opts.blend_weight)}
+    candidates = {}
     with clock.timed("scoring"):  # ranks and counts only: the float work was in the scores and guides
-        plans = allocate(adapter, scores, opts.ratio, opts.allocation, opts.gqa_unit, opts.round_to, guides,
-                         opts.blend_weight)
-    _check_rounding(adapter, plans, opts)
-    distributed.agree("the allocation", [asdict(p) for p in plans])
-    return plans, stats
+        for key, (mode, weight) in runs.items():
+            candidates[key] = allocate(adapter, scores, opts.ratio, mode, opts.gqa_unit, opts.round_to, guides, weight)
+    for plans in candidates.values():
+        _check_rounding(adapter, plans, opts)
+        distributed.agree("the allocation", [asdict(p) for p in plans])
+    return (candidates if opts.allocation == AUTO else candidates[None]), stats
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from numprune import compensate
-from numprune.allocate import ALLOCATIONS, GQA_UNITS, blend_schedule
+from numprune.allocate import ALLOCATIONS, AUTO, GQA_UNITS, blend_schedule
 from numprune.criteria import get_method
 from numprune.errors import NumpruneError
 
@@ -254,7 +254,7 @@ def _resolve(opts: PruneOptions, put: Callable[[str, object], None]) -> None:
                             f"not {opts.allocation}")
     if opts.compensation_damp is None:  # the method's own damping goes with its own compensation
         put("compensation_damp", method.compensation_damp if own_compensation else compensate.Damped.compensation_damp)
-    for value, allowed, what in ((opts.allocation, ALLOCATIONS, "allocation"), (opts.gqa_unit, GQA_UNITS, "GQA unit"),
+    for value, allowed, what in ((opts.allocation, (*ALLOCATIONS, AUTO), "allocation"), (opts.gqa_unit, GQA_UNITS, "GQA unit"),
                                  (opts.compensation_stats, COMPENSATION_STATS, "compensation statistics")):
         if value not in allowed:
             raise NumpruneError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
@@ -264,6 +264,9 @@ def _resolve(opts: PruneOptions, put: Callable[[str, object], None]) -> None:
         SHARE.check("blend weight", opts.blend_weight)
     elif opts.blend_weight is not None:
         raise NumpruneError(f"a blend weight applies to the blend allocation only, not to {opts.allocation}")
+    if opts.allocation == AUTO and opts.compensation_stats == "sequential":
+        raise NumpruneError("the auto allocation compensates every candidate from the one calibration's dense "
+                            "statistics; sequential statistics would calibrate again for each")
     POSITIVE_INT.check("round_to", opts.round_to)
     given = {name: plain(value) for name, value in opts.score_options.items()}
     _check_score_options(opts.method, given)

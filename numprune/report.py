@@ -87,6 +87,7 @@ class PruneReport(Mapping):
     measured: dict[str, dict] = field(default_factory=dict)
     healing: dict | None = None  # numprune.heal's record (HealRecord.to_json), when the run healed
     numprune_version: str = VERSION  # which numprune pruned it (the same options may prune differently elsewhere)
+    auto_allocation: dict | None = None  # the auto allocation's candidates, held-out figures and choice
     depth: dict | None = None  # the depth step's record (numprune.depth.DepthRecord), when layers were removed
 
     def to_json(self) -> dict:
@@ -106,6 +107,7 @@ class PruneReport(Mapping):
             "peak_gpu_bytes": self.peak_gpu_bytes,
             "model": self.model,
             "healing": self.healing,
+            "auto_allocation": self.auto_allocation,
             "depth": self.depth,
             **self.measured,
         }

@@ -33,6 +33,7 @@ from transformers.initialization import no_init_weights
 
 from numprune import distributed
 from numprune.adapters import LayerPlan, adapter_for
+from numprune.allocate import AUTO
 from numprune.card import write_pruned_card
 from numprune.compensate import LayerFits
 from numprune.errors import NumpruneError
@@ -279,6 +280,9 @@ def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, recipe: Pru
     report; the others get None.
     """
     opts = resolve(recipe, overrides, tokens, None)
+    if opts.allocation == AUTO:
+        raise NumpruneError("the auto allocation measures whole candidate models on held-out text, and streaming "
+                            "never holds the whole model: choose another allocation, such as blend")
     if opts.heal:
         raise NumpruneError("healing needs the dense and the pruned model in memory side by side; a streamed run "
                             "cannot heal (prune in memory, or heal the saved model with numprune.heal)")

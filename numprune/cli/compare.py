@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from numprune import compare
+from numprune.allocate import AUTO
+from numprune.auto import holdout_windows
+from numprune.errors import NumpruneError
 from numprune.cli import args as a
 from numprune.cli.inputs import prepare, protected_inputs
 from numprune.criteria import methods
@@ -34,9 +37,15 @@ def add_parser(commands) -> None:
 def run(args) -> int:
     need("matplotlib", "compare's plot")  # before hours of work, not after
     grid = compare.recipes(args.methods, args.ratios)  # a bad method entry fails before the model is loaded
-    model, _, source, tokens, calib_info, evaluation = prepare(args, compare.RESULTS_NAME)
+    model, tokenizer, source, tokens, calib_info, evaluation = prepare(args, compare.RESULTS_NAME)
+    holdout = None
+    if any(recipe.allocation == AUTO for recipe in grid.values()):
+        if tokenizer is None:
+            raise NumpruneError("the auto allocation measures candidates on held-out text; an image generator has none")
+        holdout = holdout_windows(model, tokenizer, args.calib, args.nsamples, args.seqlen, args.seed,
+                                  a.self_sampling(args), progress=not args.quiet)
     results = compare.run_grid(model, tokens, grid, evaluation, calibration_info=calib_info,
-                               batch_size=args.batch_size, progress=not args.quiet)
+                               batch_size=args.batch_size, progress=not args.quiet, holdout=holdout)
     results["model"] = source
     out = compare.write(results, evaluation, args.out, args.overwrite, inputs=protected_inputs(args))
     print(compare.markdown(results, evaluation))

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-from numprune.allocate import ALLOCATIONS, BLEND_FROM, BLEND_MAX, BLEND_TO, GQA_UNITS
+from numprune.allocate import ALLOCATIONS, AUTO, AUTO_DESCRIPTION, BLEND_FROM, BLEND_MAX, BLEND_TO, GQA_UNITS
 from numprune.allocate import REGISTRY as ALLOCATION_REGISTRY
 from numprune.api import prune
+from numprune.auto import holdout_windows
 from numprune.cli import args as a
 from numprune.cli.export import add_gguf_options, gguf_outtype, print_export
 from numprune.cli.inputs import check_calibration, load, prepare, protected_inputs
@@ -60,8 +61,9 @@ def add_parser(commands) -> None:
                    "a pruning_report.json, which holds the recipe a run followed; recipe flags given beside it change it")
     p.add_argument("--method", choices=list(methods()), default=None,
                    help=a.choices_help({n: m.description for n, m in methods().items()}, DEFAULT_METHOD))
-    p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
-                   help=a.choices_help({n: x.description for n, x in ALLOCATION_REGISTRY.items()}, "the method's own"))
+    p.add_argument("--allocation", choices=(*ALLOCATIONS, AUTO), default=None,
+                   help=a.choices_help({**{n: x.description for n, x in ALLOCATION_REGISTRY.items()},
+                                        AUTO: AUTO_DESCRIPTION}, "the method's own"))
     p.add_argument("--blend-weight", type=a.share, default=None, help="blend allocation: the share of the global "
                    f"ranking's widths, 0 (flap-widths) to 1 (global) (default: 0 up to a ratio of {BLEND_FROM}, "
                    f"{BLEND_MAX} from {BLEND_TO}, linear between)")
@@ -156,6 +158,9 @@ def _score_options(args, method: str, seeded: bool) -> dict:
 
 def _streaming(args, device: str | None, dtype) -> int:
     options = prune_options(args)
+    if options is not None and options.allocation == AUTO:
+        raise NumpruneError("--allocation auto measures whole candidate models on held-out text; --stream never holds "
+                            "the whole model: choose another allocation, such as blend")
     if args.heal:
         raise NumpruneError("--heal needs the dense and the pruned model in memory side by side; drop --stream")
     if args.eval_data:
@@ -188,11 +193,17 @@ def _in_memory(args, device: str | None, dtype) -> int:
         check_exportable(model.config)
     depth = args.depth or (layers_for_ratio(adapter_for(model).num_layers(), args.depth_ratio)
                            if args.depth_ratio else 0)
+    holdout = None
+    if options is not None and options.allocation == AUTO:
+        if tokenizer is None:
+            raise NumpruneError("the auto allocation measures candidates on held-out text; an image generator has none")
+        holdout = holdout_windows(model, tokenizer, args.calib, args.nsamples, args.seqlen, args.seed,
+                                  a.self_sampling(args), progress=not args.quiet and world().writer)
     dense = evaluation.measure(model).figures if evaluation is not None else None
     pruned, report = prune(model, tokens, options, batch_size=args.batch_size,
                            progress=not args.quiet and world().writer, calibration_info=calib_info, device=device,
                            dtype=dtype, depth=depth, depth_selection=args.depth_selection,
-                           depth_ridge=args.depth_ridge)
+                           depth_ridge=args.depth_ridge, holdout=holdout)
     del model
     if not world().writer:
         return 0

@@ -259,12 +259,45 @@ def _part_windows(tokenizer, name: str, count: int, seqlen: int, seed: int, mode
     if len(ids) < seqlen + 1:
         raise NumpruneError(f"calibration text '{source.name}' has {len(ids)} tokens; "
                             f"need at least seqlen+1 = {seqlen + 1}")
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - seqlen, (count,), generator=generator)
-    windows = torch.stack([ids[start:start + seqlen] for start in starts.tolist()])
+    windows = torch.stack([ids[start:start + seqlen] for start in _window_starts(len(ids), count, seqlen, seed)])
     protocol = dict(source=source.name, side="calibration", special_tokens=False, tokens_available=len(ids),
                     nsamples=count, seqlen=seqlen, seed=seed, tokens_used=count * seqlen)
     return windows, protocol
+
+
+def _window_starts(available: int, count: int, seqlen: int, seed: int) -> list[int]:
+    """Where a text's ``count`` calibration windows start: random, from a generator seeded with ``seed`` alone."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, available - seqlen, (count,), generator=generator).tolist()
+
+
+def held_out_windows(tokenizer, spec: str, nsamples: int, seqlen: int, seed: int, count: int,
+                     length: int) -> dict[str, tuple[torch.Tensor, dict]]:
+    """For each text part of calibration spec ``spec``, ``count`` windows of ``length`` tokens that share no token
+    position with that part's calibration windows (as ``calibration_windows(spec, nsamples, seqlen, seed)`` draws
+    them): of the text cut into consecutive ``length``-token blocks, those no calibration window touches, evenly
+    spaced through the text. ``self`` parts give none (the caller samples its own held-out text)."""
+    parts = calibration_parts(spec)
+    counts = mixture_counts([w for _, w in parts], nsamples)
+    held = {}
+    for (name, _), part_count in zip(parts, counts):
+        if name == SELF:
+            continue
+        ids = token_ids(tokenizer, get_source(name).calibration_text())
+        covered = torch.zeros(len(ids), dtype=torch.bool)
+        if len(ids) >= seqlen + 1:
+            for start in _window_starts(len(ids), part_count, seqlen, seed):
+                covered[start:start + seqlen] = True
+        blocks = covered[:len(ids) // length * length].view(-1, length)
+        free = (~blocks.any(1)).nonzero().flatten()
+        if len(free) < count:
+            raise NumpruneError(f"calibration text '{name}' leaves {len(free)} windows of {length} tokens apart from "
+                                f"its calibration windows; {count} are needed to hold out")
+        chosen = free[torch.linspace(0, len(free) - 1, count).round().long()].tolist()
+        windows = torch.stack([ids[b * length:(b + 1) * length] for b in chosen])
+        held[name] = windows, dict(source=name, side="calibration, held out", special_tokens=False, windows=count,
+                                   seqlen=length, starts=[b * length for b in chosen])
+    return held
 
 
 def token_ids(tokenizer, text: str) -> torch.Tensor:
