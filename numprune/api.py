@@ -95,7 +95,8 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
         raise NumpruneError(f"calibration_info must be a dict, got {type(calibration_info).__name__}")
     FLAG.check("inplace", inplace)
     if inplace and opts.heal:
-        raise NumpruneError("healing fits the pruned model to the dense one, whose norms and embeddings inplace=True would share; "
+        raise NumpruneError("healing fits the pruned model to the dense one, whose norms and embeddings inplace=True "
+                            "would share; "
                             "prune with inplace=False")
     compute = Compute(batch_size, progress, device, dtype)
     source = InMemory(model)

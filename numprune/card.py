@@ -136,7 +136,8 @@ def _auto_choice(report: Mapping) -> str:
     record = report.get("auto_allocation")
     if not isinstance(record, Mapping) or "chosen_blend_weight" not in record:
         return ""
-    return f", which chose blend weight {record['chosen_blend_weight']} on held-out text (`{REPORT_NAME}` has each candidate)"
+    return (f", which chose blend weight {record['chosen_blend_weight']} on held-out text (`{REPORT_NAME}` has each "
+            "candidate)")
 
 
 def _how_pruned(report: Mapping) -> str:

@@ -214,7 +214,8 @@ def select(source: LayerSource, tokens: torch.Tensor | None, stats: Sequence[Lay
             with clock.timed("scoring"), full_precision(), _solvable(i, "scoring"):
                 inputs = criterion_inputs(adapter, i, layer, layer_stats, opts.ratio)
                 scores.append(criterion(inputs, **opts.score_options))
-                guides.append(layer_guide("blend" if opts.allocation == AUTO else opts.allocation, adapter, inputs, scores[-1], opts.allocation_compensation,
+                mode = "blend" if opts.allocation == AUTO else opts.allocation  # auto's candidates are blends
+                guides.append(layer_guide(mode, adapter, inputs, scores[-1], opts.allocation_compensation,
                                           opts.compensation_options(opts.allocation_compensation), opts.gqa_unit))
     del stream
     runs = {w: ("blend", w) for w in AUTO_WEIGHTS} if opts.allocation == AUTO else {None: (opts.allocation,

@@ -254,7 +254,8 @@ def _resolve(opts: PruneOptions, put: Callable[[str, object], None]) -> None:
                             f"not {opts.allocation}")
     if opts.compensation_damp is None:  # the method's own damping goes with its own compensation
         put("compensation_damp", method.compensation_damp if own_compensation else compensate.Damped.compensation_damp)
-    for value, allowed, what in ((opts.allocation, (*ALLOCATIONS, AUTO), "allocation"), (opts.gqa_unit, GQA_UNITS, "GQA unit"),
+    for value, allowed, what in ((opts.allocation, (*ALLOCATIONS, AUTO), "allocation"),
+                                 (opts.gqa_unit, GQA_UNITS, "GQA unit"),
                                  (opts.compensation_stats, COMPENSATION_STATS, "compensation statistics")):
         if value not in allowed:
             raise NumpruneError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")

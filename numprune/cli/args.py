@@ -182,8 +182,8 @@ def add_heal_options(p: argparse.ArgumentParser) -> None:
                    f"windows per layer (default {d.epochs})")
     p.add_argument("--heal-batch", type=positive_int, default=None, help=f"healing: calibration windows per step "
                    f"(default {d.batch})")
-    p.add_argument("--heal-params", choices=HEAL_PARAMS, default=None, help=f"healing: {' or '.join(HEAL_PARAMS)} (all kept weights, or "
-                   f"the norms and biases only) (default {d.params})")
-    p.add_argument("--heal-loss", choices=HEAL_LOSSES, default=None, help=f"healing: {' or '.join(HEAL_LOSSES)} (squared error of the "
-                   "layer's output, or each sub-block's squared error over its dense output's energy) "
+    p.add_argument("--heal-params", choices=HEAL_PARAMS, default=None, help=f"healing: {' or '.join(HEAL_PARAMS)} "
+                   f"(all kept weights, or the norms and biases only) (default {d.params})")
+    p.add_argument("--heal-loss", choices=HEAL_LOSSES, default=None, help=f"healing: {' or '.join(HEAL_LOSSES)} "
+                   "(squared error of the layer's output, or each sub-block's squared error over its dense output's energy) "
                    f"(default {d.loss})")

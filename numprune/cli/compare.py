@@ -21,8 +21,8 @@ def add_parser(commands) -> None:
     a.add_model(p)
     p.add_argument("--methods", type=a.comma_list(), default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated; each a method ({', '.join(methods())}) with optional overrides, e.g. "
-                   f"numerical:compensation=none; depth=N (with depth_selection, depth_ridge) removes N layers first, the ratio "
-                   f"then applies to the rest (default: {','.join(DEFAULT_METHODS)})")
+                   "numerical:compensation=none; depth=N (with depth_selection, depth_ridge) removes N layers first, "
+                   f"the ratio then applies to the rest (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--ratios", type=a.comma_list(a.ratio), default="0.1,0.2,0.3,0.4,0.5",
                    help="comma-separated pruning ratios")
     a.add_calibration(p)

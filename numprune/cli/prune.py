@@ -91,8 +91,8 @@ def add_parser(commands) -> None:
                    f"{newton['iterations']})")
     p.add_argument("--centred", action="store_true", default=None, help="Newton score on the centred covariance "
                    "(default: the method's own; numerical: uncentred, as the paper)")
-    p.add_argument("--heal", action="store_true", default=None, help="after pruning, fit each pruned layer's kept weights to "
-                   "the dense layer's output on the calibration windows, layer by layer (block-local healing)")
+    p.add_argument("--heal", action="store_true", default=None, help="after pruning, fit each pruned layer's kept "
+                   "weights to the dense layer's output on the calibration windows, layer by layer (block-local healing)")
     a.add_heal_options(p)
     a.add_output_folder(p, "output folder")
     add_gguf_options(p, required=False)
