@@ -6,8 +6,8 @@ statistics. Each pruned model is measured on the 1990s addresses (``sotu-val``),
 holds out 4 x 256 tokens of the pre-1990 text apart from the calibration windows plus 4 x 256 of the model's
 own samples (seed 1000), and chooses among blend weights 0, 0.25, 0.5, 0.75, 1; each weight is also
 pruned and measured here (with --needed-only: those the table shows), so auto's figures are those of the
-weight it chose (byte-equal: tested), by either score (``perplexity``: geometric mean of the held-out perplexities; ``kl``). Prints a markdown
-grid, writes JSON. Usage:
+weight it chose (byte-equal: tested), by either score (``perplexity``: geometric mean of the held-out
+perplexities; ``kl``). Prints a markdown grid, writes JSON. Usage:
 
     .venv/bin/python benchmarks/auto_allocation.py --model smollm2 --out runs/auto-smollm2.json
 """

@@ -12,7 +12,7 @@ from numprune import auto
 from numprune.allocate import AUTO_WEIGHTS
 from numprune.api import calibrate, prune
 from numprune.cli import main
-from numprune.compare import run_grid
+from numprune.compare import recipes, run_grid
 from numprune.data.corpora import calibration_windows, held_out_windows
 from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import Perplexity, perplexity
@@ -190,7 +190,7 @@ def test_compare_runs_auto_on_the_shared_statistics():
     model, tokens, holdout = problem()
     evaluation = Perplexity({"text": (tiny_tokens(2, 20, seed=9), {"windows": 2, "seqlen": 20})})
     entries = ["numerical:allocation=auto"] + [f"numerical:allocation=blend:blend_weight={w}" for w in AUTO_WEIGHTS]
-    results = run_grid(model, tokens, entries, [RATIO], evaluation, calibration_info={}, progress=False,
+    results = run_grid(model, tokens, recipes(entries, [RATIO]), evaluation, calibration_info={}, progress=False,
                        holdout=holdout)
     rows = {row["method"]: row for row in results["rows"]}
     chosen = rows[entries[0]]["auto_allocation"]["chosen_blend_weight"]

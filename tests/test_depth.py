@@ -181,7 +181,7 @@ def test_report_counts_the_removed_layers_and_the_width_step_after_depth(tmp_pat
                                  "kept_kv_heads": [0, 1]}] * 3
 
     both, combined = prune(model, tokens, ratio=0.3, depth=2, allocation="uniform", progress=False)
-    assert combined["depth"] == record and combined["method"] == "numerical"
+    assert combined["depth"] == record and combined["method"] == "numerical-robust"
     assert combined["parameters"]["attention_mlp_before"] == params["attention_mlp_before"]
     assert combined["parameters"]["target_ratio"] == pytest.approx(1 - 0.6 * 0.7)
     assert abs(combined["parameters"]["achieved_ratio"] - combined["parameters"]["target_ratio"]) < 0.05
@@ -255,7 +255,7 @@ def test_prune_command_removes_layers_and_refuses_depth_with_stream(tiny_model_f
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["depth"]["removed_layers"] == [1] and report["loads_without_numprune"]
     for extra, message in ((["--depth", "1", "--stream"], "--stream cannot remove layers"),
-                           ([], "nothing to remove: give --ratio, --depth or --depth-ratio"),
+                           ([], "nothing to remove: give --ratio, --recipe, --depth or --depth-ratio"),
                            (["--depth", "2"], "cannot remove 2 of this model's 2 layers"),
                            (["--depth", "1", "--depth-ratio", "0.5"], "--depth-ratio: not allowed with argument --depth"),
                            (["--depth", "0"], "--depth: must be a positive integer, got 0"),
@@ -288,7 +288,8 @@ def test_compare_entries_take_depth_first_and_match_prune():
     model, tokens, windows = tiny_llama("gqa", layers=4), tiny_tokens(), tiny_tokens(2, 12, seed=7)
     evaluation = Perplexity({"w": (windows, {})})
     entries = ["numerical", "numerical:depth=1:depth_ridge=0.1"]
-    results = compare.run_grid(model, tokens, entries, [0.3], evaluation, calibration_info={}, progress=False)
+    results = compare.run_grid(model, tokens, compare.recipes(entries, [0.3]), evaluation, calibration_info={},
+                               progress=False)
     row = results["rows"][2]
     alone, report = prune(model, tokens, ratio=0.3, depth=1, depth_ridge=0.1, method="numerical", progress=False)
     assert row["depth"] == report["depth"] and row["depth"]["ridge"] == 0.1
