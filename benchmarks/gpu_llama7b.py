@@ -28,11 +28,11 @@ from transformers.initialization import no_init_weights
 import numprune
 from numprune.adapters import LayerPlan, adapter_for
 from numprune.allocate import allocate
-from numprune.report import parameter_counts
 from numprune.bench import measure
 from numprune.cli.args import dtype as dtype_arg
-from numprune.io.table import markdown_table
 from numprune.criteria import LayerScores
+from numprune.io.table import markdown_table
+from numprune.report import parameter_counts
 from numprune.shrink import shrink
 
 LLAMA_7B = dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096,

@@ -29,14 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from numprune.adapters import Adapter
 from numprune.adapters.base import projection_weight
-
 
 GRAM_BLOCK = 2048  # rows of X^T X formed at once (float32, then float64): bounds the temporaries to 2048 x D
 

@@ -34,8 +34,7 @@ from numprune.criteria import CriterionInputs, LayerScores, get_method
 from numprune.errors import NumpruneError
 from numprune.precision import check_device, full_precision, model_device
 from numprune.recipe import GUIDED_BY_COMPENSATION, POSITIVE_INT, PruneOptions, recipe_of
-from numprune.report import (Clock, ComputeRecord, ParameterReport, PruneReport, parameter_counts,
-                             removed_share)
+from numprune.report import Clock, ComputeRecord, ParameterReport, PruneReport, parameter_counts, removed_share
 from numprune.sources import LayerSource
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

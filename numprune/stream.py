@@ -17,8 +17,8 @@ import ctypes
 import ctypes.util
 import json
 import os
-import sys
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -37,9 +37,16 @@ from numprune.allocate import AUTO
 from numprune.card import write_pruned_card
 from numprune.compensate import LayerFits
 from numprune.errors import NumpruneError
-from numprune.models import (TOKENIZER_FILES, WEIGHTS_FILE, WEIGHTS_INDEX, check_finite, check_model_folder,
-                             check_weights_fit, load_config)
 from numprune.io.output import check_target, output_folder
+from numprune.models import (
+    TOKENIZER_FILES,
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX,
+    check_finite,
+    check_model_folder,
+    check_weights_fit,
+    load_config,
+)
 from numprune.pipeline import Compute, build_report, check_run, compensate, resolve, select
 from numprune.recipe import FLAG, PruneOptions
 from numprune.report import Clock, PruneReport, parameter_counts

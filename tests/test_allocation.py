@@ -7,15 +7,14 @@ from fractions import Fraction
 
 import pytest
 import torch
+from conftest import tiny_llama, tiny_tokens
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import tiny_llama, tiny_tokens
 from numprune import compensate
 from numprune.adapters import adapter_for
 from numprune.adapters.base import projection_weight
 from numprune.allocate import BLEND_FROM, BLEND_MAX, BLEND_TO, allocate, blend_schedule, layer_guide
 from numprune.api import prune
-from numprune.stream import prune_streaming
 from numprune.calibrate import collect_statistics
 from numprune.cli import parser
 from numprune.cli.prune import prune_options
@@ -23,6 +22,7 @@ from numprune.criteria import LayerScores, numerical
 from numprune.errors import NumpruneError
 from numprune.pipeline import criterion_inputs
 from numprune.recipe import PruneOptions
+from numprune.stream import prune_streaming
 
 
 def calibrated(shape="mha", layers=3, **overrides):

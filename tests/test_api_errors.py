@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama, tiny_tokens
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import numprune.pipeline
-from conftest import tiny_llama, tiny_tokens
 from numprune import NumpruneError, calibrate, prune, save_pruned
 from numprune.compare import recipes
 from numprune.export import export_gguf

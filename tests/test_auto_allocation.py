@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_llama, tiny_tokens
+
 from numprune import auto
 from numprune.allocate import AUTO_WEIGHTS
 from numprune.api import calibrate, prune

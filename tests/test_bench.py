@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import FakeClock, tiny_llama, tiny_tokens
 from PIL import Image
 
 import numprune.bench
-from conftest import FakeClock, tiny_llama, tiny_tokens
 from numprune.adapters import adapter_for
 from numprune.api import prune
 from numprune.bench import MiB, bench, format_table, measure, plot, pruning_ratio

@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 import torch
-
 from conftest import tiny_llama
+
 from numprune.data.corpora import calibration_parts, calibration_windows, evaluation_windows, mixture_counts
 from numprune.data.self_generated import EVALUATION_WINDOWS, Sampling, sample_tokens
 from numprune.errors import NumpruneError

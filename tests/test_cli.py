@@ -5,9 +5,9 @@ import json
 import re
 
 import pytest
+from hostile import numprune
 from safetensors.torch import load_file
 
-from hostile import numprune
 from numprune.cli import main
 from numprune.errors import NumpruneError
 

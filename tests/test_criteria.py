@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny_llama, tiny_tokens
+
 from numprune.adapters import AttentionLayout
 from numprune.api import prune
 from numprune.calibrate import InputStats, LayerStats

@@ -9,10 +9,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import break_symmetry, needs_llama_cpp, reload_all, tiny, tiny_llama, tiny_tokens
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from conftest import break_symmetry, needs_llama_cpp, reload_all, tiny, tiny_llama, tiny_tokens
 from numprune import compare
 from numprune.adapters import adapter_for
 from numprune.api import calibrate, prune

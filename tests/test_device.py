@@ -9,10 +9,10 @@ import inspect
 
 import pytest
 import torch
-
-import numprune.pipeline
 from conftest import tiny_llama, tiny_tokens
 from hostile import in_process
+
+import numprune.pipeline
 from numprune import NumpruneError, calibrate, prune, prune_streaming
 from numprune import compensate as compensation
 from numprune.adapters import adapter_for

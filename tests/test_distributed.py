@@ -7,9 +7,9 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import tiny_llama, tiny_tokens
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_llama, tiny_tokens
 from numprune import NumpruneError, prune, prune_streaming
 from numprune.distributed import shard
 

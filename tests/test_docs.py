@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from hostile import REPO
+
 from numprune.cli import parser
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import COMMON, FAMILIES, GEMMA, assert_valid_groups, break_symmetry, reload_all, stages, tiny, tiny_tokens
 from transformers import BloomConfig, BloomForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
-from conftest import COMMON, FAMILIES, GEMMA, assert_valid_groups, break_symmetry, reload_all, stages, tiny, tiny_tokens
 from numprune.adapters import adapter_for, supported_model_types
 from numprune.adapters.base import LayerPlan
 from numprune.api import prune

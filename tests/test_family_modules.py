@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import break_symmetry, tiny_tokens
 from transformers import AutoModelForCausalLM
 
 import numprune.families
-from conftest import break_symmetry, tiny_tokens
 from numprune.adapters import adapter_for, register, registered, supported_model_types
 from numprune.adapters.stock import StockAdapter
 from numprune.api import prune

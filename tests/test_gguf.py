@@ -11,10 +11,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
 from conftest import break_symmetry, needs_llama_cpp, tiny, tiny_llama, tiny_tokens
 from hostile import numprune as run_cli
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
 from numprune.api import prune
 from numprune.data.assets import smollm2_folder
 from numprune.data.corpora import evaluation_windows, get_source

@@ -8,12 +8,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from conftest import reload_all, tiny_llama, tiny_tokens
 from hostile import hashes, refused
+
 from numprune.adapters import adapter_for
-from numprune.cli import main
 from numprune.api import calibrate, prune
+from numprune.cli import main
 from numprune.errors import NumpruneError
 from numprune.heal import heal
 from numprune.recipe import HealOptions, PruneOptions

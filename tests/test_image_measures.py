@@ -10,22 +10,30 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from conftest import FakeClock
 from PIL import Image
 from torch import nn
 
 import numprune.bench
-from conftest import FakeClock
 from numprune import prune
 from numprune.bench import bench, format_table
 from numprune.cli import main
-from numprune.evaluate.image import (DigitsEvaluator, DigitsProtocol, class_accuracy, digits_classifier,
-                                     frechet_distance, frechet_distance_from_stats, heldout_nll, train_classifier)
+from numprune.evaluate.image import (
+    DigitsEvaluator,
+    DigitsProtocol,
+    class_accuracy,
+    digits_classifier,
+    frechet_distance,
+    frechet_distance_from_stats,
+    heldout_nll,
+    train_classifier,
+)
 from numprune.image.calibration import self_generated_tokens
 from numprune.image.digits import digits_split, tokens_to_images
 from numprune.image.grid import grid_image, parse_classes, save_png
 from numprune.image.sampling import generate
-from numprune.models import load_model
 from numprune.modeling.llamagen import LlamaGenConfig, LlamaGenForCausalLM
+from numprune.models import load_model
 
 
 def tiny_digits_generator(seed: int = 0, layers: int = 2) -> LlamaGenForCausalLM:

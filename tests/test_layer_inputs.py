@@ -6,10 +6,18 @@ import copy
 import pytest
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
-
 from conftest import COMMON, FAMILIES, GEMMA, GQA, break_symmetry, tiny, tiny_llama, tiny_tokens
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
 from numprune.adapters import adapter_for
 from numprune.calibrate import LayerStream, collect_statistics
 from numprune.modeling.llamagen import LlamaGenConfig, LlamaGenForCausalLM

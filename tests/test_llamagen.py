@@ -9,16 +9,15 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import stages
 from safetensors.torch import load_file, save_file
 
-from conftest import stages
 from numprune.errors import NumpruneError
 from numprune.evaluate.image import heldout_nll
 from numprune.image.calibration import self_generated_tokens
 from numprune.image.digits import digits_split, tokens_to_images, unigram_nll
 from numprune.image.sampling import generate, pick_tokens
-from numprune.modeling.llamagen import (LlamaGenConfig, LlamaGenForCausalLM, llamagen_config,
-                                        load_llamagen_checkpoint)
+from numprune.modeling.llamagen import LlamaGenConfig, LlamaGenForCausalLM, llamagen_config, load_llamagen_checkpoint
 
 TINY = {"mha": dict(num_attention_heads=4, num_key_value_heads=4),
         "gqa": dict(num_attention_heads=6, num_key_value_heads=2)}

@@ -6,10 +6,10 @@ import json
 import re
 
 import pytest
-from huggingface_hub import ModelCard
-
 from conftest import tiny_llama, tiny_tokens
 from hostile import numprune
+from huggingface_hub import ModelCard
+
 from numprune.api import prune
 from numprune.card import write_pruned_card
 from numprune.cli import main

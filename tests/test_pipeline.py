@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import SHAPES, assert_valid_groups, stages, tiny_llama, tiny_tokens
+
 from numprune.adapters import adapter_for
 from numprune.adapters.base import head_channels
 from numprune.allocate import ALLOCATIONS, allocate

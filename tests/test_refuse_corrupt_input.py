@@ -9,10 +9,10 @@ import shutil
 
 import pytest
 import torch
+from hostile import refused
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from hostile import refused
 from numprune.data.corpora import MAX_TEXT_FILE_BYTES
 
 WEIGHTS = "model.safetensors"

@@ -21,10 +21,10 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import needs_llama_cpp
 from hostile import REPO, hashes, in_process, numprune, refused
+from safetensors.torch import save_file
+
 from numprune.errors import NumpruneError
 from numprune.export import export_gguf
 from numprune.io import output

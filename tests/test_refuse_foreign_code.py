@@ -7,7 +7,6 @@ import pickle
 import shutil
 
 import pytest
-
 from hostile import numprune, refused
 
 # A module that leaves a mark wherever it is imported, and a pickle that leaves one when loaded.

@@ -4,9 +4,9 @@ shapes decide, after loading and before calibration."""
 from __future__ import annotations
 
 import pytest
+from hostile import refused
 
 import numprune.cli.generate
-from hostile import refused
 from numprune.modeling.llamagen import LlamaGenConfig, LlamaGenForCausalLM
 
 PRUNE = ["prune", "--ratio", "0.3", "--nsamples", "2", "--seqlen", "16", "--quiet"]

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import reload_all, tiny_llama, tiny_tokens
+
 from numprune.api import prune
 from numprune.errors import NumpruneError
 from numprune.save import REPORT_NAME, save_pruned

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FakeClock, tiny_llama, tiny_tokens
 from safetensors.torch import load_file, save_file
 
-from conftest import FakeClock, tiny_llama, tiny_tokens
 from numprune import NumpruneError, prune, prune_streaming, save_pruned
 from numprune.adapters import adapter_for
 from numprune.calibrate import collect_statistics

@@ -9,12 +9,12 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_llama
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
-from conftest import tiny_llama
 from numprune.cli import main
 from numprune.errors import NumpruneError
 from numprune.evaluate import zeroshot

@@ -15,8 +15,19 @@ from numprune.data.self_generated import Sampling
 from numprune.errors import NumpruneError
 from numprune.image.calibration import CALIB_CFG_SCALE
 from numprune.precision import check_device
-from numprune.recipe import (HEAL_LOSSES, HEAL_PARAMS, NONNEGATIVE, POSITIVE, POSITIVE_INT, RATIO, SEED, SHARE, HealOptions,
-                             Rule, number_from_text)
+from numprune.recipe import (
+    HEAL_LOSSES,
+    HEAL_PARAMS,
+    NONNEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    RATIO,
+    SEED,
+    SHARE,
+    HealOptions,
+    Rule,
+    number_from_text,
+)
 
 DATA_HELP = "sotu, moby-dick, sotu-val, emails, wikitext2, ptb, c4, or a .txt / .jsonl file"
 EVAL_DATA_HELP = f"{DATA_HELP}; in prune and compare also self: text the dense model samples (--eval-seed)"

@@ -5,10 +5,10 @@ from __future__ import annotations
 from numprune import compare
 from numprune.allocate import AUTO
 from numprune.auto import holdout_windows
-from numprune.errors import NumpruneError
 from numprune.cli import args as a
 from numprune.cli.inputs import prepare, protected_inputs
 from numprune.criteria import methods
+from numprune.errors import NumpruneError
 from numprune.extras import need
 from numprune.recipe import DEFAULT_METHOD
 

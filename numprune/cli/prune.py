@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-
+from numprune.adapters import adapter_for
 from numprune.allocate import ALLOCATIONS, AUTO, AUTO_DESCRIPTION, BLEND_FROM, BLEND_MAX, BLEND_TO, GQA_UNITS
 from numprune.allocate import REGISTRY as ALLOCATION_REGISTRY
 from numprune.api import prune
@@ -12,7 +12,9 @@ from numprune.auto import holdout_windows
 from numprune.cli import args as a
 from numprune.cli.export import add_gguf_options, gguf_outtype, print_export
 from numprune.cli.inputs import check_calibration, load, prepare, protected_inputs
-from numprune.adapters import adapter_for
+from numprune.compensate import COMPENSATIONS, Damped
+from numprune.compensate import REGISTRY as COMPENSATION_REGISTRY
+from numprune.criteria import get_method, methods
 from numprune.data.corpora import calibration_windows, needs_model
 from numprune.depth import DEFAULT_RIDGE, SELECTIONS, layers_for_ratio
 from numprune.distributed import process_group, world
@@ -21,11 +23,16 @@ from numprune.export.gguf import check_exportable, export_gguf
 from numprune.export.gguf import check_target as check_gguf_target
 from numprune.io.output import check_target
 from numprune.models import load_config, registry_folder
-from numprune.compensate import COMPENSATIONS, Damped
-from numprune.compensate import REGISTRY as COMPENSATION_REGISTRY
-from numprune.criteria import get_method, methods
-from numprune.recipe import (COMPENSATION_STATS, DEFAULT_METHOD, HEAL_FIELDS, PruneOptions, keyword_defaults,
-                             option_types, read_recipe, recipe_of)
+from numprune.recipe import (
+    COMPENSATION_STATS,
+    DEFAULT_METHOD,
+    HEAL_FIELDS,
+    PruneOptions,
+    keyword_defaults,
+    option_types,
+    read_recipe,
+    recipe_of,
+)
 from numprune.save import REPORT_NAME, save_pruned
 from numprune.stream import check_folder, load_tokenizer, prune_streaming
 

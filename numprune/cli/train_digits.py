@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from numprune.cli import args as a
 from numprune.errors import NumpruneError
-from numprune.image.digits import (DEFAULT_BATCH, DEFAULT_STEPS, TRAINING_REPORT, default_digits_folder, save_digits_model,
-                                   train_digits)
+from numprune.image.digits import (
+    DEFAULT_BATCH,
+    DEFAULT_STEPS,
+    TRAINING_REPORT,
+    default_digits_folder,
+    save_digits_model,
+    train_digits,
+)
 from numprune.io.output import check_target
 
 

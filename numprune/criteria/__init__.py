@@ -7,13 +7,12 @@ is none of a criterion's business.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from numprune.criteria import flap, magnitude, numerical, random, wanda_sp
 from numprune.criteria.base import CriterionInputs, LayerScores
 from numprune.errors import NumpruneError
-
 
 __all__ = ["Criterion", "CriterionInputs", "LayerScores", "Method", "get_method", "methods"]
 

@@ -26,9 +26,9 @@ import numprune
 from numprune.adapters import adapter_for
 from numprune.data.assets import installed_sources, smollm2_gguf
 from numprune.errors import NumpruneError
-from numprune.models import load_model, source_folder
 from numprune.io.output import check_target as check_output_target
 from numprune.io.output import output_file
+from numprune.models import load_model, source_folder
 from numprune.recipe import FLAG
 from numprune.report import check_report
 from numprune.save import read_report

@@ -26,8 +26,8 @@ from numprune.data.assets import cache_dir
 from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import summed_nll
 from numprune.extras import need
-from numprune.modeling.llamagen import LlamaGenConfig, LlamaGenForCausalLM
 from numprune.io.output import output_folder
+from numprune.modeling.llamagen import LlamaGenConfig, LlamaGenForCausalLM
 
 DIGITS_CLASSES = 10
 DIGITS_LEVELS = 17  # grey levels 0..16: the token vocabulary
