@@ -260,7 +260,7 @@ def test_prune_command_removes_layers_and_refuses_depth_with_stream(tiny_model_f
                            (["--depth", "1", "--depth-ratio", "0.5"], "--depth-ratio: not allowed with argument --depth"),
                            (["--depth", "0"], "--depth: must be a positive integer, got 0"),
                            (["--depth-ratio", "1"], "--depth-ratio: must be between 0 and 1 (exclusive)"),
-                           (["--depth", "1", "--depth-selection", "x"], "unknown depth selection 'x'")):
+                           (["--depth", "1", "--depth-selection", "x"], "argument --depth-selection: invalid choice: 'x'")):
         status = main(["prune", "--model", str(tiny_model_folder), "--nsamples", "2", "--seqlen", "16",
                        "--out", str(tmp_path / "refused"), "--quiet", *extra])
         assert status == 2 and message in capsys.readouterr().err
