@@ -17,7 +17,7 @@ from numprune import compare
 from numprune.adapters import adapter_for
 from numprune.api import calibrate, prune
 from numprune.cli import main
-from numprune.depth import collect_depth_stats, layers_for_ratio, patch_weight, without_layers
+from numprune.depth import DEFAULT_RIDGE, collect_depth_stats, layers_for_ratio, patch_weight, without_layers
 from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import Perplexity, perplexity
 from numprune.export import export_gguf, llamacpp
@@ -174,7 +174,7 @@ def test_report_counts_the_removed_layers_and_the_width_step_after_depth(tmp_pat
     assert params["achieved_ratio"] == params["target_ratio"] == pytest.approx(2 / 5)
     assert report["method"] == "depth" and report["loads_without_numprune"]
     record = report["depth"]
-    assert record["layers_before"] == 5 and record["ridge"] == 0.01 and len(record["removed_layers"]) == 2
+    assert record["layers_before"] == 5 and record["ridge"] == DEFAULT_RIDGE and len(record["removed_layers"]) == 2
     best = min(record["candidates"].values())
     assert record["relative_error_after_patch"] == best < record["relative_error_before_patch"]
     assert report["layers"] == [{"heads": 6, "kv_heads": 2, "channels": 40, "kept_heads": list(range(6)),
