@@ -75,12 +75,6 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     float64 without TF32, and each weight gets its result on its own device in its own dtype
     (numprune.precision). Inside a torch.distributed process group
     each process calibrates on its share of ``tokens`` and all return the same result.
-
-    ``depth`` > 0 first removes that many whole layers (numprune.depth: ``depth_selection`` ``patched``, the
-    span of consecutive layers whose least-squares patch, at ridge ``depth_ridge``, leaves the least error;
-    ``shortgpt``, ShortGPT's least influential layers, no patch), on the model's own device; ``ratio`` is then
-    the share the width step removes from the remaining layers (0: depth alone), calibrating on the depth-pruned
-    model.
     """
     if depth != 0:
         return _depth_first(model, tokens, recipe, overrides, stats, depth, depth_selection, depth_ridge, batch_size,
@@ -96,8 +90,7 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     FLAG.check("inplace", inplace)
     if inplace and opts.heal:
         raise NumpruneError("healing fits the pruned model to the dense one, whose norms and embeddings inplace=True "
-                            "would share; "
-                            "prune with inplace=False")
+                            "would share; prune with inplace=False")
     compute = Compute(batch_size, progress, device, dtype)
     source = InMemory(model)
     clock = Clock(compute.where(source.adapter))
@@ -105,9 +98,10 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     before = parameter_counts(source.adapter)
     plans, stats = select(source, tokens, stats, opts, compute, clock)
     choice = None
-    if opts.allocation == AUTO:
-        plans, choice = auto.choose(model, plans, stats, holdout, opts, compute, clock)
-    compensate(source, plans, stats, tokens, opts, compute, clock)
+    if opts.allocation == AUTO:  # the chosen candidate comes compensated
+        plans, source.fits, choice = auto.choose(model, plans, stats, holdout, opts, compute, clock)
+    else:
+        compensate(source, plans, stats, tokens, opts, compute, clock)
     with clock.timed("surgery"):
         pruned = shrink(source.adapter, plans, source.fits, share=inplace)
     record = None

@@ -3,10 +3,10 @@
 ``blend_schedule`` fixes the share of the global ranking's widths by the ratio alone, fitted on one
 model; which share is right depends on the model too. ``auto`` decides per model at prune time: the
 one calibration's statistics give every candidate (blend weights ``AUTO_WEIGHTS``: 0 is flap-widths,
-1 is global), each is compensated from those same statistics into the model (masked: the removed
-inputs of the output projections zeroed, which computes exactly what the shrunk model will),
-measured on held-out windows, and the output projections restored. The candidate with the best
-score is the plan; the final compensation and surgery are then those of ``blend`` at its weight.
+1 is global), each is compensated from those same statistics, its fits applied to the model while it
+is measured on held-out windows (masked: the removed inputs of the output projections zeroed, which
+computes exactly what the shrunk model will), then undone. The candidate with the best score is the
+plan and its fits the run's; the surgery is then that of ``blend`` at its weight.
 
 Held-out windows are text the calibration never saw, by name (``holdout``): on the command line a
 split of the calibration text disjoint from the calibration windows (numprune.data.corpora's
@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from numprune.adapters import LayerPlan, adapter_for
-from numprune.compensate import applied
+from numprune.compensate import LayerFits, applied
 from numprune.data.corpora import held_out_windows
 from numprune.data.self_generated import Sampling, self_generated_windows
 from numprune.errors import NumpruneError
@@ -99,8 +99,9 @@ def check_holdout(model: nn.Module, holdout: dict) -> None:
 
 
 def choose(model: nn.Module, candidates: dict[float, list[LayerPlan]], stats, holdout: dict, opts,
-           compute: Compute, clock: Clock) -> tuple[list[LayerPlan], dict]:
-    """The best candidate's plans (by blend weight), and the record of every candidate's held-out figures.
+           compute: Compute, clock: Clock) -> tuple[list[LayerPlan], list[LayerFits], dict]:
+    """The best candidate's plans (by blend weight) and compensation fits (the run's, not computed again), and the
+    record of every candidate's held-out figures.
 
     ``model`` is left as it came: each candidate's fits are applied to it while it is measured, then undone.
     """
@@ -108,7 +109,7 @@ def choose(model: nn.Module, candidates: dict[float, list[LayerPlan]], stats, ho
     quiet = replace(compute, progress=False)
     with clock.timed("auto"):
         reference = {name: _dense_reference(model, windows) for name, (windows, _) in holdout.items()}
-        rows = []
+        rows, best_fits = [], {}
         for weight, plans in tqdm(candidates.items(), desc="auto allocation", unit="candidate",
                                   disable=not compute.progress):
             source = InMemory(model)
@@ -118,12 +119,14 @@ def choose(model: nn.Module, candidates: dict[float, list[LayerPlan]], stats, ho
                     outputs = (adapter.attention_output(layer), adapter.mlp_output(layer))
                     stack.enter_context(applied(outputs, adapter.kept_inputs(i, plans[i]), fits))
                 rows.append({"blend_weight": weight, **_measure(model, holdout, reference)})
+            if min(rows, key=lambda row: row[SCORE]) is rows[-1]:  # the best so far: only its fits are kept
+                best_fits = {weight: source.fits}
     best = min(rows, key=lambda row: row[SCORE])  # ties: the first, nearest flap-widths
     record = dict(score=SCORE, chosen_blend_weight=best["blend_weight"], candidates=rows,
                   holdout={name: {**info, "windows": int(w.shape[0]), "seqlen": int(w.shape[1])}
                            for name, (w, info) in holdout.items()},
                   time_s=round(clock.laps["auto"], 3))
-    return candidates[best["blend_weight"]], record
+    return candidates[best["blend_weight"]], best_fits[best["blend_weight"]], record
 
 
 @torch.inference_mode()
