@@ -230,22 +230,29 @@ def _recording(layers: nn.ModuleList, hidden: list, arguments: list) -> Iterator
                 layer.forward = forward
 
 
-def _moved(value, device: torch.device, dtype: torch.dtype | None, memo: dict):
-    """``value`` (a tensor, or tuples/lists/dicts of them) on ``device``; floating tensors in ``dtype``.
+def shared_map(value, convert, memo: dict):
+    """``value`` (a tensor, or tuples/lists/dicts of them) with every tensor ``convert``ed.
 
-    ``memo`` (id -> moved tensor) makes a tensor met again the same moved tensor, not another copy;
-    the tensors it was made from must stay alive while it is used (ids are unique only among the living).
-    accelerate's ``send_to_device`` would copy a shared mask once per layer and casts no dtype, hence this.
+    ``memo`` (id -> converted tensor) makes a tensor met again the same converted tensor, not another
+    copy, so what the model shares between layers (a mask, a rotary table) stays shared; the tensors it
+    was made from must stay alive while it is used (ids are unique only among the living).
     """
     if torch.is_tensor(value):
         if id(value) not in memo:
-            memo[id(value)] = value.to(device, dtype if dtype is not None and value.is_floating_point() else None)
+            memo[id(value)] = convert(value)
         return memo[id(value)]
     if isinstance(value, (tuple, list)):
-        return type(value)(_moved(v, device, dtype, memo) for v in value)
+        return type(value)(shared_map(v, convert, memo) for v in value)
     if isinstance(value, dict):
-        return {k: _moved(v, device, dtype, memo) for k, v in value.items()}
+        return {k: shared_map(v, convert, memo) for k, v in value.items()}
     return value
+
+
+def _moved(value, device: torch.device, dtype: torch.dtype | None, memo: dict):
+    """``value`` on ``device``, floating tensors in ``dtype``, shared tensors still shared (``shared_map``).
+    accelerate's ``send_to_device`` would copy a shared mask once per layer and casts no dtype, hence this."""
+    return shared_map(value, lambda t: t.to(device, dtype if dtype is not None and t.is_floating_point() else None),
+                      memo)
 
 
 class _Captured(Exception):

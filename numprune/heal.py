@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from numprune.adapters import Adapter, adapter_for
-from numprune.calibrate import LayerStream
+from numprune.calibrate import LayerStream, shared_map
 from numprune.errors import NumpruneError
 from numprune.pipeline import check_tokens
 from numprune.precision import check_device, model_device
@@ -119,20 +119,6 @@ def _mean_square(tensors: list[torch.Tensor]) -> float:
     return sum(float(t.double().pow(2).sum()) for t in tensors) / sum(t.numel() for t in tensors)
 
 
-def _usable(value, memo: dict):
-    """``value`` (tensors, or tuples/lists/dicts of them) with every tensor a normal one: the stream records under
-    inference mode, and autograd cannot save inference tensors for the backward pass. Shared tensors stay shared."""
-    if torch.is_tensor(value):
-        if id(value) not in memo:
-            memo[id(value)] = value.clone()
-        return memo[id(value)]
-    if isinstance(value, (tuple, list)):
-        return type(value)(_usable(v, memo) for v in value)
-    if isinstance(value, dict):
-        return {k: _usable(v, memo) for k, v in value.items()}
-    return value
-
-
 class _Block:
     """A float32 working copy of a decoder layer on ``device``; with ``parts``, each forward also gives the outputs
     of its two output projections (the attention and MLP sub-blocks' contributions)."""
@@ -163,7 +149,9 @@ class _Fit:
         self.block = _Block(adapter, layer, device, parts)
         self.opts, self.targets, self.stream = opts, targets, stream
         memo = {}
-        self.arguments = [_usable(arguments, memo) for arguments in stream.arguments[stream.position]]
+        # clones: the stream records under inference mode, and autograd cannot save inference tensors for backward
+        self.arguments = [shared_map(arguments, torch.Tensor.clone, memo)
+                          for arguments in stream.arguments[stream.position]]
         # each sub-block's dense output energy per element, over all the calibration tokens (relative loss)
         self.energy = [max(_mean_square([parts[k] for _, parts in targets]), ENERGY_FLOOR)
                        for k in range(len(targets[0][1]))]
