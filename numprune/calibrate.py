@@ -28,6 +28,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 
 from numprune.adapters import Adapter
 from numprune.adapters.base import projection_weight
+from numprune.errors import NumpruneError
 
 GRAM_BLOCK = 2048  # rows of X^T X formed at once (float32, then float64): bounds the temporaries to 2048 x D
 
@@ -136,11 +138,16 @@ class LayerStream:
         self.position = 0  # the layer whose inputs ``hidden`` are
         layers = adapter.layers()
         hidden, arguments = [], []  # per batch: the first layer's hidden states; every layer's (args, kwargs)
+        batches = tokens.split(batch_size)
         with _recording(layers, hidden, arguments), torch.inference_mode():
-            for batch in tokens.split(batch_size):
+            for batch in batches:
                 try:
                     model(batch.to(source), use_cache=False)
                 except _Captured:
+                    if len(hidden) == 1:  # the first batch shows what every batch keeps: check before the rest
+                        outputs = hidden[0].numel() * (dtype or hidden[0].dtype).itemsize  # a layer's, made anew
+                        per_batch = _kept_bytes((hidden, arguments), self.device, dtype) + outputs
+                        _check_memory(self.device, len(batches) * per_batch, tokens.numel())
                     continue
                 raise RuntimeError("the model's forward never reached its last decoder layer")
         memo = {}  # by identity: a mask or rotary table the model gives several layers is moved once, and kept once
@@ -253,6 +260,29 @@ def _moved(value, device: torch.device, dtype: torch.dtype | None, memo: dict):
     accelerate's ``send_to_device`` would copy a shared mask once per layer and casts no dtype, hence this."""
     return shared_map(value, lambda t: t.to(device, dtype if dtype is not None and t.is_floating_point() else None),
                       memo)
+
+
+def _kept_bytes(value, device: torch.device, dtype: torch.dtype | None) -> int:
+    """Bytes of the distinct tensors in ``value`` once ``_moved`` to the stream: a tensor already there in its
+    dtype is kept as it is (an expanded mask costs its storage), any other is copied whole."""
+    distinct = []
+    shared_map(value, distinct.append, {})
+    def size(t: torch.Tensor) -> int:
+        if t.device == device and (dtype is None or not t.is_floating_point() or t.dtype == dtype):
+            return t.untyped_storage().nbytes()
+        return t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
+    return sum(map(size, distinct))
+
+
+def _check_memory(device: torch.device, needed: int, tokens: int) -> None:
+    """Refuse a calibration whose kept activations (each window's hidden states in and out of the layer being run,
+    its attention masks and rotary tables) could not fit in ``device``'s free memory, before the bulk is captured:
+    an eager attention's masks, [samples, 1, seqlen, seqlen], can outweigh the hidden states many times."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    if needed > free:
+        raise NumpruneError(f"calibrating on {tokens:,} tokens keeps about {needed / 2**30:.1f} GiB of activations, "
+                            f"attention masks and rotary tables; {free / 2**30:.1f} GiB of memory is free on "
+                            f"{device.type}")
 
 
 class _Captured(Exception):

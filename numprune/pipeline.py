@@ -19,7 +19,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-import psutil
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -111,8 +110,6 @@ def check_run(adapter: Adapter, tokens, stats, opts: PruneOptions) -> None:
     check_tokens(adapter, tokens)
     if stats is not None:
         _check_stats(adapter, stats)
-    elif tokens is not None:
-        _check_activation_memory(adapter, tokens)
     _check_undamped_solves(adapter, stats[0].attention.count if stats is not None else int(tokens.numel()), opts)
     layers = range(adapter.num_layers())
     equal = [LayerScores(torch.zeros(adapter.attention_layout(i).num_heads, dtype=torch.float64, device="cpu"),
@@ -133,17 +130,6 @@ def _check_rounding(adapter: Adapter, plans: list[LayerPlan], opts: PruneOptions
     if abs(achieved - opts.ratio) > ROUND_TO_TOLERANCE * opts.ratio:
         raise NumpruneError(f"round_to {opts.round_to} would remove {achieved:.1%} of the attention+MLP parameters "
                             f"against a target of {opts.ratio:.1%}; choose a smaller multiple")
-
-
-def _check_activation_memory(adapter: Adapter, tokens: torch.Tensor) -> None:
-    """Calibration keeps every window's hidden states (in and out of the layer being visited): refuse, before
-    any work, a token count whose activations could not fit in this machine's free memory."""
-    weight = adapter.model.get_input_embeddings().weight
-    needed = 2 * tokens.numel() * weight.shape[1] * weight.element_size()
-    available = psutil.virtual_memory().available
-    if needed > available:
-        raise NumpruneError(f"calibrating on {tokens.numel():,} tokens holds about {needed / 2**30:.1f} GiB of "
-                            f"activations; {available / 2**30:.1f} GiB of memory is free")
 
 
 def _check_undamped_solves(adapter: Adapter, count: int, opts: PruneOptions) -> None:

@@ -2,7 +2,9 @@
 rotary table): every family, sliding and full layers side by side, windows longer than the sliding window."""
 
 import copy
+from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
@@ -20,6 +22,7 @@ from transformers import (
 
 from numprune.adapters import adapter_for
 from numprune.calibrate import LayerStream, collect_statistics
+from numprune.errors import NumpruneError
 from numprune.modeling.llamagen import LlamaGenConfig, LlamaGenForCausalLM
 from numprune.pipeline import Compute, select
 from numprune.recipe import PruneOptions
@@ -120,6 +123,42 @@ def test_layers_of_one_type_share_their_mask_and_rotary_table_once_moved():
         assert sliding["attention_mask"] is again["attention_mask"]
         assert not torch.equal(sliding["attention_mask"], full["attention_mask"])
         assert sliding["position_ids"] is full["position_ids"]
+
+
+def _distinct_bytes(value) -> int:
+    """Bytes of the distinct storages under ``value`` (nested tuples, lists, dicts of tensors)."""
+    storages = {}
+
+    def walk(v):
+        if torch.is_tensor(v):
+            storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+        elif isinstance(v, (tuple, list)):
+            for item in v:
+                walk(item)
+        elif isinstance(v, dict):
+            for item in v.values():
+                walk(item)
+    walk(value)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_calibration_that_would_not_fit_in_memory_is_refused_masks_counted(attention, monkeypatch):
+    """The memory check counts what a stream really keeps (eager masks outweigh these hidden states 3x): it refuses
+    when free memory is below what a full stream holds, and lets a run through with a little more."""
+    model = model_of("gemma3_text", attention)
+    tokens = tiny_tokens(8, 96)
+    stream = LayerStream(model, adapter_for(model), tokens, batch_size=4, dtype=torch.float64)
+    kept = _distinct_bytes((stream.hidden, stream.arguments)) + _distinct_bytes(stream.hidden)  # and the outputs
+    hidden_only = 2 * _distinct_bytes(stream.hidden)
+    assert kept > 3 * hidden_only if attention == "eager" else kept < 1.5 * hidden_only
+    for free, refused in ((kept - 1, True), (int(kept * 1.02), False)):
+        monkeypatch.setattr(psutil, "virtual_memory", lambda free=free: SimpleNamespace(available=free))
+        if refused:
+            with pytest.raises(NumpruneError, match=r"keeps about .* GiB of activations, attention masks"):
+                LayerStream(model, adapter_for(model), tokens, batch_size=4, dtype=torch.float64)
+        else:
+            LayerStream(model, adapter_for(model), tokens, batch_size=4, dtype=torch.float64)
 
 
 def test_a_stream_stays_at_its_layer_until_it_advances():

@@ -116,3 +116,10 @@ def test_a_decoder_hook_that_returns_no_images_is_refused_before_sampling(hook, 
     refused(f"generate --decoder {hook}", message, "generate", "--model", folder, "--decoder", hook, "--classes", "0-2",
             "--grid", tmp_path / "g.png", inputs=[folder])
     assert not (tmp_path / "g.png").exists()
+
+
+def test_a_path_with_a_newline_is_named_on_one_line(tmp_path):
+    """A control character in a path the message quotes is escaped, not printed: the refusal stays one line."""
+    missing = tmp_path / "no\nsuch\rmodel"
+    refused("prune --model 'no<newline>such<CR>model'", "no\\nsuch\\rmodel", *PRUNE, "--model", missing,
+            "--out", tmp_path / "out", inputs=[tmp_path])

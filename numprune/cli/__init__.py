@@ -31,7 +31,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a refused argument prints one line instead of the whole usage block."""
 
     def error(self, message: str):
-        self.exit(2, f"numprune: error: {message}\n")
+        self.exit(2, f"numprune: error: {one_line(message)}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,14 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except NumpruneError as error:
-        print(f"numprune: error: {error}{_process_note()}", file=sys.stderr)
+        print(f"numprune: error: {one_line(str(error))}{_process_note()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated)
-        done = ", ".join(str(path) for path in output.committed if os.path.lexists(path))  # not scratch files
+        done = one_line(", ".join(str(path) for path in output.committed if os.path.lexists(path)))  # not scratch files
         print(f"numprune: {'terminated' if terminated else 'interrupted'}; "
               f"{f'{done} had been written completely' if done else 'nothing was written'}", file=sys.stderr)
         return 143 if terminated else 130
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped as Python writes them (a path may hold a newline), so that a
+    message stays the one line a script reading stderr expects."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class Terminated(KeyboardInterrupt):
