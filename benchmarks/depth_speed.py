@@ -7,7 +7,8 @@ Two steps, so each holds the CPU lock for a few minutes only:
 
 ``build`` saves, under ``--out``, for each share of the attention+MLP parameters (SmolLM2's 30 layers
 are equal, so 10/20/30/50% are 3/6/9/15 layers): ``depth`` (layers removed by ``numprune.prune``
-with ``--depth-selection``), ``width`` (``numerical-robust``, one dense calibration) and, at
+with ``--depth-selection``, ``scattered`` from ``--scattered-from`` of the layers on), ``width``
+(``numerical-robust``, one dense calibration) and, at
 ``--split-shares``, ``depthK+width`` (K = half the layers of the share, then width up to the share).
 ``bench`` exports each folder to f16 and q8_0 GGUF and times it in llama.cpp (numprune.export.llamacpp.bench:
 batch 1, rounds that visit every file once, median), with llama.cpp's perplexity on a validation text;
@@ -50,20 +51,24 @@ def build(args) -> None:
     shares = [float(s) for s in args.shares.split(",")]
     for share in shares:
         depth = round(share * layers)
-        built = {"depth": numprune.prune(model, tokens, ratio=0, depth=depth, depth_selection=args.depth_selection,
-                                         progress=False),
+        built = {"depth": numprune.prune(model, tokens, ratio=0, depth=depth,
+                                         depth_selection=selection(args, depth / layers), progress=False),
                  "width": numprune.prune(model, tokens, ratio=share, stats=dense_stats, method="numerical-robust",
                                          progress=False)}
         if share in [float(s) for s in args.split_shares.split(",") if s]:
             split = depth // 2
             width_share = 1 - (1 - share) * layers / (layers - split)
             built[f"depth{split}+width"] = numprune.prune(model, tokens, ratio=width_share, depth=split,
-                                                          depth_selection=args.depth_selection,
+                                                          depth_selection=selection(args, split / layers),
                                                           method="numerical-robust", progress=False)
         for kind, (pruned, report) in built.items():
             save_pruned(pruned, tokenizer, report, args.out / f"{kind}-{share:g}", overwrite=True)
             print(f"{kind}-{share:g}: {adapter_for(pruned).num_layers()} layers, "
                   f"achieved {report['parameters']['achieved_ratio']:.3f}", flush=True)
+
+
+def selection(args, layer_share: float) -> str:
+    return "scattered" if layer_share >= args.scattered_from else args.depth_selection
 
 
 def bench(args) -> None:
@@ -133,6 +138,8 @@ def main() -> None:
     p.add_argument("--shares", default="0.1,0.2,0.3,0.5", help="removed shares of attention+MLP parameters")
     p.add_argument("--split-shares", default="0.3,0.5", help="shares also built as depth (half the layers) + width")
     p.add_argument("--depth-selection", default="patched", choices=SELECTIONS)
+    p.add_argument("--scattered-from", type=float, default=0.3,
+                   help="share of the layers from which depth steps use the scattered selection instead")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3, help="timing rounds over every file (default 3)")

@@ -17,8 +17,14 @@ from numprune import compare
 from numprune.adapters import adapter_for
 from numprune.api import calibrate, prune
 from numprune.cli import main
-from numprune.depth import (DEFAULT_RIDGE, collect_depth_stats, layers_for_ratio, patch_weight, remove_scattered,
-                            without_layers)
+from numprune.depth import (
+    DEFAULT_RIDGE,
+    collect_depth_stats,
+    layers_for_ratio,
+    patch_weight,
+    remove_scattered,
+    without_layers,
+)
 from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import Perplexity, perplexity
 from numprune.export import export_gguf, llamacpp
