@@ -13,15 +13,14 @@ with ``--depth-selection``, ``scattered`` from ``--scattered-from`` of the layer
 ``bench`` exports each folder to f16 and q8_0 GGUF and times it in llama.cpp (numprune.export.llamacpp.bench:
 batch 1, rounds that visit every file once, median), with llama.cpp's perplexity on a validation text;
 it writes ``llama_cpp.json``, ``pareto.json`` (one point per model and type) and ``pareto.png``
-(perplexity against decode speed-up), and prints, for each depth + width point, width alone's
-perplexity at the same speed-up (interpolated between the width points around it).
+(perplexity against decode speed-up, each kind's points joined in share order), and prints, for each
+depth + width point, the width-alone points it dominates and those that dominate it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 from pathlib import Path
 
@@ -90,11 +89,8 @@ def bench(args) -> None:
               for r in results["runs"]]
     (args.out / "pareto.json").write_text(json.dumps({"perplexity_text": results["perplexity_text"],
                                                       "points": points}, indent=2) + "\n")
-    for point in points:
-        if point["kind"] == "depth+width":
-            at = width_at(points, point["quant"], point["decode_speedup"])
-            print(f"{point['model']} {point['quant']}: decode {point['decode_speedup']:.2f}x, ppl {point['ppl']:.2f}; "
-                  f"width alone at that speed-up: " + (f"{at:.2f}" if at else "outside the width points' range"))
+    for line in dominance(points):
+        print(line)
     plot(points, args.out / "pareto.png", args.ppl_text)
 
 
@@ -102,22 +98,24 @@ def kind(name: str) -> str:
     return "dense" if name == "dense" else "depth+width" if "+" in name else name.rsplit("-", 1)[0]
 
 
-def width_at(points: list[dict], quant: str, speedup: float) -> float | None:
-    """Width alone's perplexity at ``speedup``, interpolated in log perplexity between the two width points around it
-    (the dense model counts as width at 0%)."""
-    curve = sorted((p["decode_speedup"], p["ppl"]) for p in points
-                   if p["quant"] == quant and p["kind"] in ("width", "dense"))
-    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
-        if x0 <= speedup <= x1 and x1 > x0:
-            return math.exp(math.log(y0) + (speedup - x0) / (x1 - x0) * (math.log(y1) - math.log(y0)))
-    return None
+def dominance(points: list[dict]) -> list[str]:
+    """For each depth + width point: the width-alone points (same type) it dominates (at least as fast, lower
+    perplexity) and those that dominate it."""
+    lines = []
+    for p in (p for p in points if p["kind"] == "depth+width"):
+        widths = [w for w in points if w["quant"] == p["quant"] and w["kind"] == "width"]
+        beats = [w["model"] for w in widths if p["decode_speedup"] >= w["decode_speedup"] and p["ppl"] < w["ppl"]]
+        beaten = [w["model"] for w in widths if w["decode_speedup"] >= p["decode_speedup"] and w["ppl"] < p["ppl"]]
+        lines.append(f"{p['model']} {p['quant']}: decode {p['decode_speedup']:.2f}x, ppl {p['ppl']:.2f}; dominates "
+                     f"{', '.join(beats) or 'no width point'}; dominated by {', '.join(beaten) or 'no width point'}")
+    return lines
 
 
 def plot(points: list[dict], path: Path, text: str) -> None:
     figure, panels = plt.subplots(1, len(QUANTS), figsize=(12, 5), sharey=True)
     for axes, quant in zip(panels, QUANTS):
         for name in ("width", "depth", "depth+width"):
-            series = sorted((p["decode_speedup"], p["ppl"]) for p in points if p["quant"] == quant and p["kind"] == name)
+            series = [(p["decode_speedup"], p["ppl"]) for p in points if p["quant"] == quant and p["kind"] == name]
             if series:
                 axes.plot(*zip(*series), marker="o", linestyle="-" if name != "depth+width" else ":", label=name)
         dense = [p for p in points if p["quant"] == quant and p["kind"] == "dense"]
