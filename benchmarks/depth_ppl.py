@@ -6,6 +6,7 @@ parameters: 10/20/30/50% are 3/6/9/15 layers. For each share the benchmark build
 - ``depth+patch``: the span of n consecutive layers whose least-squares patch leaves the least
   calibration error, patched (numprune.depth), at the ridge with the best validation perplexity;
 - ``shortgpt``: ShortGPT's n least influential layers, no patch (from the same statistics);
+- ``scattered``: the same layers, each run of consecutive ones patched in the layer before it (ridge 1);
 - ``width``: ``numerical-robust`` at the share (statistics of the dense model, reused);
 - ``depth+width`` (at ``--split-shares``): n // 2 layers by depth + patch (the ridge chosen for n layers), then
   ``numerical-robust`` on the rest up to the share.
@@ -37,7 +38,7 @@ import numprune  # noqa: E402
 from numprune.adapters import adapter_for  # noqa: E402
 from numprune.bench import measure  # noqa: E402
 from numprune.data.corpora import calibration_windows, evaluation_windows  # noqa: E402
-from numprune.depth import DEFAULT_RIDGE, choose, collect_depth_stats, without_layers  # noqa: E402
+from numprune.depth import DEFAULT_RIDGE, choose, collect_depth_stats, remove_scattered, without_layers  # noqa: E402
 from numprune.evaluate.perplexity import perplexity  # noqa: E402
 from numprune.io.table import markdown_table  # noqa: E402
 from numprune.models import load_model  # noqa: E402
@@ -117,7 +118,10 @@ def main() -> None:
         plain = without_layers(model, rec.removed_layers)
         record("shortgpt", share, plain, {"parameters": {"achieved_ratio": depth / layers}},
                {"depth": rec.to_json()})
-        del stats, shallow, plain
+        scattered, patched, errors = remove_scattered(model, tokens, rec.removed_layers, DEFAULT_RIDGE, progress=False)
+        record("scattered", share, scattered, {"parameters": {"achieved_ratio": depth / layers}},
+               {"depth": {"removed_layers": rec.removed_layers, "patched_layers": patched, "patch_errors": errors}})
+        del stats, shallow, plain, scattered
         narrow, report = numprune.prune(model, tokens, ratio=share, stats=dense_stats, method="numerical-robust",
                                         progress=False)
         record("width", share, narrow, report, {})

@@ -20,7 +20,7 @@ that precedes it maps each token on its own, while the span mixes tokens through
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -38,7 +38,9 @@ from numprune.recipe import NONNEGATIVE, POSITIVE_INT, is_int, number_from_text
 # Families whose decoder layer adds its MLP output projection's output straight to the stream (no norm after it),
 # so that a new projection weight is exactly a linear patch of the stream leaving the layer.
 PATCHABLE = ("llama", "mistral", "phi3", "qwen2", "qwen3")
-SELECTIONS = ("patched", "shortgpt")  # the span with the least error after the patch; ShortGPT's layers, no patch
+# the span with the least error after the patch; ShortGPT's layers, each run of consecutive ones patched; ShortGPT's
+# layers, no patch
+SELECTIONS = ("patched", "scattered", "shortgpt")
 DEFAULT_RIDGE = 1.0  # relative to the mean diagonal of G; best on the validation texts at 3, 6 and 9 of SmolLM2's 30 layers
 # (0.01 at 15), among 0.01, 0.1 and 1 (docs/results.md, depth pruning)
 PER_LAYER_CONFIG_LISTS = ("layer_types", *PER_LAYER_FIELDS)  # config lists with one entry per layer
@@ -66,11 +68,13 @@ class DepthRecord:
     layers_before: int
     removed_layers: list[int]
     ridge: float | None
-    patched_layer: int | None  # the layer whose MLP output projection carries the patch
+    patched_layer: int | None  # the layer whose MLP output projection carries the (first) patch
     relative_error_before_patch: float | None  # |h_j' - h_j|^2 / |h_j|^2 on the calibration tokens, no patch
-    relative_error_after_patch: float | None
+    relative_error_after_patch: float | None  # (scattered: both are means over the patched runs)
     angular_distance: float | None  # mean over calibration tokens, of the removed span
     candidates: dict[str, float]  # each candidate span's (or layer's) selection score, as "i-j" (or "l")
+    patched_layers: list[int] = field(default_factory=list)  # every patched layer (scattered: one per run)
+    patch_errors: list[list[float]] = field(default_factory=list)  # each patch's errors before and after it
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -150,12 +154,13 @@ def _output(out) -> torch.Tensor:
 
 
 def collect_depth_stats(model: PreTrainedModel, tokens: torch.Tensor, depth: int, batch_size: int = 8,
-                        progress: bool = True) -> DepthStats:
-    """One pass through ``model`` over ``tokens``, accumulating ``DepthStats`` for spans of ``depth`` layers."""
+                        progress: bool = True, starts: list[int] | None = None) -> DepthStats:
+    """One pass through ``model`` over ``tokens``, accumulating ``DepthStats`` for spans of ``depth`` layers (those
+    starting at ``starts`` only, if given: the patch's sums are the pass's cost)."""
     adapter = adapter_for(model)
     layers = adapter.layers()
     count_layers = len(layers)
-    starts = range(1, count_layers - depth + 1)
+    starts = range(1, count_layers - depth + 1) if starts is None else starts
     stats = DepthStats(depth, {}, {}, dict.fromkeys(starts, 0.0), dict.fromkeys(starts, 0.0),
                        dict.fromkeys(range(count_layers - depth + 1), 0.0), [0.0] * count_layers)
     stream: dict[int, torch.Tensor] = {}  # l -> h_l of this batch, kept while a span starting at l is open
@@ -188,7 +193,7 @@ def collect_depth_stats(model: PreTrainedModel, tokens: torch.Tensor, depth: int
             if i >= 0:
                 cos = nn.functional.cosine_similarity(stream[i], h_out, dim=-1).double().clamp(-1, 1)
                 stats.angular[i] += float(torch.arccos(cos).sum() / torch.pi)
-            if i >= 1:
+            if i in stats.target_sq:
                 a, r = before.pop(i - 1)
                 target = h_out - r
                 add(stats.grams, i, a.T @ a)
@@ -258,7 +263,7 @@ def choose(adapter: Adapter, stats: DepthStats, selection: str, ridge: float) ->
     weight, before, after = fits[best]
     record = DepthRecord(selection, layers, list(range(best, best + depth)), ridge, best - 1, before, after,
                          stats.angular[best] / stats.count,
-                         {f"{i}-{i + depth}": fits[i][2] for i in fits})
+                         {f"{i}-{i + depth}": fits[i][2] for i in fits}, [best - 1], [[before, after]])
     return record, weight
 
 
@@ -306,8 +311,53 @@ def prune_depth(model: PreTrainedModel, tokens: torch.Tensor, depth: int, select
     """``model`` less ``depth`` layers (a new model; ``model`` is left untouched) and the record of what went."""
     adapter = adapter_for(model)
     check_depth(adapter, depth, selection, ridge)
-    stats = collect_depth_stats(model, tokens, depth, batch_size, progress)
+    span = selection == "patched"  # the others need no patch sums from this pass: ShortGPT's influence only
+    stats = collect_depth_stats(model, tokens, depth, batch_size, progress, starts=None if span else [])
     with full_precision():
-        record, weight = choose(adapter, stats, selection, ridge)
+        record, weight = choose(adapter, stats, selection if span else "shortgpt", ridge)
+    if selection == "scattered":
+        shallow, patched, errors = remove_scattered(model, tokens, record.removed_layers, ridge, batch_size, progress)
+        record.selection, record.ridge, record.patched_layers, record.patch_errors = selection, ridge, patched, errors
+        if patched:
+            record.patched_layer = patched[0]
+            record.relative_error_before_patch = sum(e[0] for e in errors) / len(errors)
+            record.relative_error_after_patch = sum(e[1] for e in errors) / len(errors)
+        return shallow, record
     patch = (record.patched_layer, weight) if weight is not None else None
     return without_layers(model, record.removed_layers, patch), record
+
+
+def _runs(layers: list[int]) -> list[list[int]]:
+    """Sorted ``layers`` cut into runs of consecutive ones."""
+    runs: list[list[int]] = []
+    for l in sorted(layers):
+        if runs and runs[-1][-1] == l - 1:
+            runs[-1].append(l)
+        else:
+            runs.append([l])
+    return runs
+
+
+def remove_scattered(model: PreTrainedModel, tokens: torch.Tensor, removed: list[int], ridge: float,
+                     batch_size: int = 8, progress: bool = True
+                     ) -> tuple[PreTrainedModel, list[int], list[list[float]]]:
+    """``model`` less ``removed`` (consecutive or not), each run of consecutive layers patched in the layer before it,
+    front to back: each patch is fitted on the model that already lost the earlier runs (one calibration pass per
+    run, over that run's span only). Returns the model, the (old-numbered) patched layers and each patch's
+    calibration errors without and with it."""
+    current, gone, patched, errors = model, 0, [], []
+    for run in _runs(removed):
+        start = run[0] - gone  # the run's first layer in the current numbering
+        if start == 0:  # no layer before it to carry a patch
+            current = without_layers(current, list(range(len(run))))
+        else:
+            stats = collect_depth_stats(current, tokens, len(run), batch_size, progress, starts=[start])
+            adapter = adapter_for(current)
+            with full_precision():
+                weight, before, after = patch_weight(
+                    stats, start, projection_weight(adapter.mlp_output(adapter.layers()[start - 1])), ridge)
+            current = without_layers(current, list(range(start, start + len(run))), (start - 1, weight))
+            patched.append(run[0] - 1)
+            errors.append([before, after])
+        gone += len(run)
+    return current, patched, errors

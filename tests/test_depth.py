@@ -17,7 +17,14 @@ from numprune import compare
 from numprune.adapters import adapter_for
 from numprune.api import calibrate, prune
 from numprune.cli import main
-from numprune.depth import DEFAULT_RIDGE, collect_depth_stats, layers_for_ratio, patch_weight, without_layers
+from numprune.depth import (
+    DEFAULT_RIDGE,
+    collect_depth_stats,
+    layers_for_ratio,
+    patch_weight,
+    remove_scattered,
+    without_layers,
+)
 from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import Perplexity, perplexity
 from numprune.export import export_gguf, llamacpp
@@ -39,24 +46,63 @@ def activations(model, tokens, before: int, after: int):
     return rows["a"], rows["h"] - rows["m"], rows["j"]
 
 
+def direct_patch(model, tokens, start: int, end: int, ridge: float) -> torch.Tensor:
+    """Layer ``start - 1``'s down_proj weight patched for removing ``[start, end)``, solved on stored activations:
+    the ridge toward the original weight as [a; sqrt(lam) I] X = [h_j - r; sqrt(lam) W^T], by lstsq."""
+    weight = model.model.layers[start - 1].mlp.down_proj.weight.detach().double()
+    a, r, h_j = activations(model, tokens, start - 1, end)
+    lam = ridge * float((a * a).sum(0).mean())
+    eye = torch.eye(a.shape[1], dtype=torch.float64)
+    return torch.linalg.lstsq(torch.cat([a, lam ** 0.5 * eye]), torch.cat([h_j - r, lam ** 0.5 * weight.T])).solution.T
+
+
 def test_patch_equals_a_direct_least_squares_solve_on_stored_activations():
     model, tokens, ridge = tiny_llama("gqa", layers=5).double(), tiny_tokens(6, 16), 1e-3
     stats = collect_depth_stats(model, tokens, depth=2, batch_size=4, progress=False)
     for i in (1, 2, 3):
         weight = model.model.layers[i - 1].mlp.down_proj.weight.detach()
         a, r, h_j = activations(model, tokens, i - 1, i + 2)
-        target = h_j - r
-        # ridge toward the original weight: [a; sqrt(lam) I] X = [target; sqrt(lam) W^T], solved by lstsq
-        lam = ridge * float((a * a).sum(0).mean())
-        eye = torch.eye(a.shape[1], dtype=torch.float64)
-        direct = torch.linalg.lstsq(torch.cat([a, lam ** 0.5 * eye]),
-                                    torch.cat([target, lam ** 0.5 * weight.T])).solution.T
+        direct = direct_patch(model, tokens, i, i + 2, ridge)
         patched, before, after = patch_weight(stats, i, weight, ridge)
         torch.testing.assert_close(patched, direct, rtol=1e-8, atol=1e-10)
         norm = float(h_j.square().sum())
         assert before == pytest.approx(float((h_j - (r + a @ weight.T)).square().sum()) / norm, rel=1e-8)
         assert after == pytest.approx(float((h_j - (r + a @ direct.T)).square().sum()) / norm, rel=1e-8)
         assert after < before
+    only = collect_depth_stats(model, tokens, depth=2, batch_size=4, progress=False, starts=[2])  # that span's sums
+    assert set(only.grams) == {2} and only.target_sq == {2: stats.target_sq[2]}
+    torch.testing.assert_close(only.cross[2], stats.cross[2], rtol=0, atol=0)
+
+
+def test_scattered_patches_each_run_on_the_model_without_the_earlier_runs():
+    model, tokens, ridge = tiny_llama("gqa", layers=7).double(), tiny_tokens(6, 16), 1e-3
+    pruned, patched, errors = remove_scattered(model, tokens, [0, 2, 4, 5], ridge, batch_size=4, progress=False)
+    assert patched == [1, 3] and len(errors) == 2 and all(after < before for before, after in errors)
+    # by hand: layer 0 goes unpatched (nothing before it); then layer 2 (now 1) patched in layer 1 (now 0), solved on
+    # the stored activations of the model without layer 0; then layers 4-5 (now 2-3) patched in layer 3 (now 1)
+    step = without_layers(model, [0])
+    first = direct_patch(step, tokens, 1, 2, ridge)
+    step = without_layers(step, [1], (0, first))
+    second = direct_patch(step, tokens, 2, 4, ridge)
+    assert pruned.config.num_hidden_layers == 3
+    torch.testing.assert_close(pruned.model.layers[0].mlp.down_proj.weight, first, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(pruned.model.layers[1].mlp.down_proj.weight, second, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(pruned.model.layers[2].mlp.down_proj.weight, model.model.layers[6].mlp.down_proj.weight)
+
+
+def test_scattered_selection_removes_shortgpts_layers_and_patches_before_each_run():
+    model, tokens = tiny_llama("gqa", layers=6), tiny_tokens(6, 16)
+    _, plain = prune(model, tokens, ratio=0, depth=3, depth_selection="shortgpt", progress=False)
+    pruned, report = prune(model, tokens, ratio=0, depth=3, depth_selection="scattered", progress=False)
+    record, removed = report["depth"], plain["depth"]["removed_layers"]
+    assert record["selection"] == "scattered" and record["removed_layers"] == removed
+    starts = [l for l in removed if l - 1 not in removed]  # each run's first layer
+    assert record["patched_layers"] == [l - 1 for l in starts if l > 0] and len(record["patch_errors"]) == len(
+        record["patched_layers"])
+    assert report["options"]["compensation"] == "least-squares patch"
+    expected, _, _ = remove_scattered(model, tokens, removed, DEFAULT_RIDGE, progress=False)
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(pruned.state_dict()[name], tensor, rtol=0, atol=0)
 
 
 class Ones(nn.Linear):

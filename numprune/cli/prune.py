@@ -61,7 +61,8 @@ def add_parser(commands) -> None:
                        "first (rounded to whole layers)")
     p.add_argument("--depth-selection", choices=SELECTIONS, default="patched", help="patched (default: the span of "
                    "consecutive layers whose least-squares patch, folded into the layer before it, leaves the least "
-                   "error) or shortgpt (the layers whose input and output are most alike, no patch)")
+                   "error), scattered (shortgpt's layers, each run of consecutive ones patched; better from 30%% of "
+                   "the layers on SmolLM2) or shortgpt (the layers whose input and output are most alike, no patch)")
     p.add_argument("--depth-ridge", type=a.nonnegative_float, default=DEFAULT_RIDGE, help="ridge of the depth patch, "
                    f"relative to the mean diagonal of its Gram matrix (default {DEFAULT_RIDGE})")
     p.add_argument("--recipe", default=None, metavar="FILE", help="a JSON or YAML recipe: PruneOptions' fields, or "
