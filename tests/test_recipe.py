@@ -12,8 +12,8 @@ import pytest
 
 from numprune.cli import args as a
 from numprune.criteria import methods
-from numprune.errors import NumpruneError
 from numprune.depth import DEFAULT_RIDGE
+from numprune.errors import NumpruneError
 from numprune.recipe import COUNT, NONNEGATIVE, POSITIVE_INT, RATIO, SEED, PruneOptions
 
 
