@@ -243,6 +243,9 @@ def test_depth_alone_and_with_uniform_width_load_in_plain_transformers_in_a_fres
         torch.testing.assert_close(logits, pruned(probe).logits, rtol=1e-5, atol=1e-5)
     assert (cls, had_numprune) == ("LlamaForCausalLM", "False")
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    card = (out / "README.md").read_text()  # depth alone: nothing allocated or refitted; the whole run's target
+    assert ("| allocation |" in card) == bool(ratio) and ("| compensation |" in card) == bool(ratio)
+    assert f"| ratio | target {report['parameters']['target_ratio']:.4g}, achieved" in card
 
 
 def test_prune_command_removes_layers_and_refuses_bad_depth(tiny_model_folder, tmp_path, capsys):
