@@ -10,6 +10,10 @@ Gram matrices). Every file it writes is removed at the end.
 
     python benchmarks/stream_memory.py            # 24 LLaMA-shaped layers of hidden 2048 (about 5 GB)
     python benchmarks/stream_memory.py --layers 3 --hidden 4096 --intermediate 11008 --heads 32   # LLaMA-7B layers
+    python benchmarks/stream_memory.py --layers 12 --depth 3 --ratio 0   # 3 layers removed, no width step
+
+With ``--depth`` the figure also counts the depth step's statistics, which one pass accumulates for every
+candidate span at once (numprune.depth: a float64 G, MLP width squared, and C, MLP width x hidden, per span).
 """
 
 from __future__ import annotations
@@ -65,7 +69,14 @@ def one_layer_bytes(config: LlamaConfig, nsamples: int, seqlen: int, batch_size:
             "total": weights + activations + statistics}
 
 
-def child(folder: str, out: str, nsamples: int, seqlen: int, batch_size: int, ratio: float, method: str) -> None:
+def depth_statistics_bytes(config: LlamaConfig, depth: int) -> int:
+    """The depth step's float64 G and C of every candidate span (spans start at layer 1 or later)."""
+    h, i = config.hidden_size, config.intermediate_size
+    return 8 * (config.num_hidden_layers - depth) * (i * i + i * h) if depth else 0
+
+
+def child(folder: str, out: str, nsamples: int, seqlen: int, batch_size: int, ratio: float, method: str,
+          depth: int) -> None:
     """Runs in its own process: prune streaming, print the report's time as JSON."""
     import psutil
 
@@ -74,8 +85,9 @@ def child(folder: str, out: str, nsamples: int, seqlen: int, batch_size: int, ra
     baseline = psutil.Process().memory_info().rss  # after imports, before any weight
     config = LlamaConfig.from_pretrained(folder)
     tokens = torch.randint(0, config.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(1))
-    report = numprune.prune_streaming(folder, tokens, ratio=ratio, out=out, batch_size=batch_size, progress=False,
-                                      method=method)
+    options = dict(ratio=ratio, method=method) if ratio else {}
+    report = numprune.prune_streaming(folder, tokens, out=out, batch_size=batch_size, progress=False,
+                                      **options, **({"depth": depth} if depth else {}))
     print(json.dumps({"baseline_rss_bytes": baseline, "time_s": report["time_s"], "parameters": report["parameters"]}))
 
 
@@ -90,13 +102,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--ratio", type=float, default=0.3, help="the width step's (0: none, with --depth)")
+    parser.add_argument("--depth", type=int, default=0, help="decoder layers removed first (default 0)")
     parser.add_argument("--workdir", default=None, help="where the model and the result are written (default: /tmp)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        return child(*args.child, args.nsamples, args.seqlen, args.batch_size, args.ratio, args.method)
+        return child(*args.child, args.nsamples, args.seqlen, args.batch_size, args.ratio, args.method,
+                     args.depth)
 
     config = LlamaConfig(num_hidden_layers=args.layers, hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
@@ -110,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
               f"MLP {args.intermediate}) in {time.perf_counter() - start:.0f}s", flush=True)
         done = subprocess.run(["/usr/bin/time", "-v", sys.executable, __file__, "--child", str(folder),
                                str(Path(work) / "pruned"), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                               "--batch-size", str(args.batch_size), "--ratio", str(args.ratio), "--method", args.method],
+                               "--batch-size", str(args.batch_size), "--ratio", str(args.ratio), "--method", args.method,
+                               "--depth", str(args.depth)],
                               capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"the pruning process failed:\n{done.stderr[-3000:]}")
@@ -118,12 +133,15 @@ def main(argv: list[str] | None = None) -> None:
         run["peak_rss_bytes"] = 1024 * int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)[1])
     layer = one_layer_bytes(config, args.nsamples, args.seqlen, args.batch_size)
     peak, baseline = run["peak_rss_bytes"], run["baseline_rss_bytes"]
-    figures = {"model_bytes": model_bytes, "method": args.method, "one_layer": layer, **run,
+    depth_bytes = depth_statistics_bytes(config, args.depth)
+    figures = {"model_bytes": model_bytes, "method": args.method, "ratio": args.ratio, "depth": args.depth,
+               "one_layer": layer, "depth_statistics_bytes": depth_bytes, **run,
                "peak_over_model": peak / model_bytes, "peak_over_one_layer": peak / layer["total"],
                "peak_above_baseline_over_one_layer": (peak - baseline) / layer["total"]}
     gib = 2**30
     print(f"one layer: weights {layer['weights'] / gib:.2f} + activations {layer['activations'] / gib:.2f} "
-          f"+ statistics {layer['statistics'] / gib:.2f} = {layer['total'] / gib:.2f} GiB")
+          f"+ statistics {layer['statistics'] / gib:.2f} = {layer['total'] / gib:.2f} GiB"
+          + (f"; depth statistics, all spans: {depth_bytes / gib:.2f} GiB" if args.depth else ""))
     print(f"peak RSS {peak / gib:.2f} GiB (process after imports: {baseline / gib:.2f} GiB) = "
           f"{figures['peak_over_model']:.2f} x the model, {figures['peak_over_one_layer']:.2f} x one layer's work "
           f"({figures['peak_above_baseline_over_one_layer']:.2f} x above the import baseline); target < 1.5 x one layer")

@@ -18,13 +18,13 @@ from numprune import auto, distributed
 from numprune.adapters import adapter_for
 from numprune.allocate import AUTO
 from numprune.calibrate import LayerStats, collect_statistics
-from numprune.depth import DEFAULT_RIDGE, DepthOnly, check_depth, prune_depth
+from numprune.depth import check_depth, prune_depth
 from numprune.errors import NumpruneError
 from numprune.heal import heal
 from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, resolve, select
 from numprune.precision import full_precision
 from numprune.recipe import FLAG, PruneOptions
-from numprune.report import Clock, ParameterReport, PruneReport, parameter_counts, removed_share
+from numprune.report import Clock, PruneReport, counted_from_dense, parameter_counts
 from numprune.shrink import shrink
 from numprune.sources import InMemory
 
@@ -47,8 +47,7 @@ def calibrate(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8, progr
 def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOptions | None = None, *,
           stats: Sequence[LayerStats] | None = None, inplace: bool = False, batch_size: int = 8, progress: bool = True,
           calibration_info: dict | None = None,
-          device: torch.device | str | None = None, dtype: torch.dtype | None = None, depth: int = 0,
-          depth_selection: str = "patched", depth_ridge: float = DEFAULT_RIDGE, holdout=None,
+          device: torch.device | str | None = None, dtype: torch.dtype | None = None, holdout=None,
           **overrides) -> tuple[nn.Module, PruneReport]:
     """Prune ``model`` and return the narrower model and its report.
 
@@ -61,11 +60,11 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     to drop. With ``heal=True`` the pruned model is then healed toward ``model`` on ``tokens``
     (numprune.heal; the report's ``healing`` has its record).
 
-    ``depth`` > 0 first removes that many whole layers (numprune.depth: ``depth_selection`` ``patched``, the
-    span of consecutive layers whose least-squares patch, at ridge ``depth_ridge``, leaves the least error;
-    ``shortgpt``, ShortGPT's least influential layers, no patch), on the model's own device; the recipe's
-    ``ratio`` is then the share the width step removes from the remaining layers (no recipe and no ``ratio``:
-    depth alone), calibrating on the depth-pruned model.
+    A recipe with ``depth`` > 0 first removes that many whole layers (numprune.depth: ``depth_selection``
+    ``patched``, the span of consecutive layers whose least-squares patch, at ridge ``depth_ridge``, leaves the
+    least error; ``shortgpt``, ShortGPT's least influential layers, no patch), on the model's own device; its
+    ``ratio`` is then the share the width step removes from the remaining layers, calibrating on the depth-pruned
+    model (``depth=4`` without a ratio, or ``ratio=0``: depth alone).
 
     The ``auto`` allocation measures its candidates on ``holdout`` (token ids [windows, length], or a
     dict of them by name); without it, the last eighth of ``tokens``' windows is held out from the
@@ -76,10 +75,9 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     (numprune.precision). Inside a torch.distributed process group
     each process calibrates on its share of ``tokens`` and all return the same result.
     """
-    if depth != 0:
-        return _depth_first(model, tokens, recipe, overrides, stats, depth, depth_selection, depth_ridge, batch_size,
-                            progress, calibration_info, device, dtype, holdout)
     opts = resolve(recipe, overrides, tokens, stats)
+    if opts.depth:
+        return _depth_first(model, tokens, opts, stats, batch_size, progress, calibration_info, device, dtype, holdout)
     if opts.allocation == AUTO:
         tokens, holdout = auto.split_holdout(tokens, stats, holdout)
         auto.check_holdout(model, holdout)
@@ -116,49 +114,37 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     return pruned, report
 
 
-def _depth_first(model: nn.Module, tokens, recipe: PruneOptions | None, overrides: dict, stats, depth: int,
-                 selection: str, ridge: float, batch_size: int, progress: bool, calibration_info: dict | None, device,
-                 dtype, holdout) -> tuple[nn.Module, PruneReport]:
-    """Remove ``depth`` layers, then (given a recipe or a ratio) prune the width of the rest; one report for both,
-    its parameters counted against ``model``."""
+def _depth_first(model: nn.Module, tokens, opts: PruneOptions, stats, batch_size: int, progress: bool,
+                 calibration_info: dict | None, device, dtype, holdout) -> tuple[nn.Module, PruneReport]:
+    """Remove ``opts.depth`` layers, then (with a ratio) prune the width of the rest; one report for both, its
+    parameters counted against ``model``, its options the whole recipe."""
     adapter = adapter_for(model)
-    check_depth(adapter, depth, selection, ridge)
+    check_depth(adapter, opts.depth)
     if stats is not None:
         raise NumpruneError("depth pruning calibrates the width step on the depth-pruned model; give tokens, not stats")
-    if tokens is None:
-        raise NumpruneError("depth pruning needs calibration tokens")
     check_tokens(adapter, tokens)
-    if overrides.get("ratio") == 0:  # depth alone, said explicitly
-        overrides = {k: v for k, v in overrides.items() if k != "ratio"}
-        if overrides or recipe is not None:
-            raise NumpruneError(f"{sorted(overrides)[0] if overrides else 'a recipe'} applies to width pruning, "
-                                "which a ratio of 0 skips")
-    width = resolve(recipe, overrides, tokens, None) if recipe is not None or overrides else None
-    if width is not None and width.heal:
-        raise NumpruneError("healing after depth pruning is not supported; heal a width-only run")
+    if opts.ratio:  # on the dense model's shapes, before any work; again on the shallower model's after
+        check_run(adapter, tokens, None, opts.width_step())
+    if holdout is not None and opts.allocation != AUTO:
+        raise NumpruneError(f"held-out windows are for the auto allocation only, not {opts.allocation}")
     compute = Compute(batch_size, progress, device, dtype)
     clock = Clock(compute.where(adapter))
     before = parameter_counts(adapter)
     with clock.timed("depth"):
-        shallow, record = prune_depth(model, tokens, depth, selection, ridge, batch_size, progress)
-    if width is None:
-        after = parameter_counts(adapter_for(shallow))
+        shallow, record = prune_depth(model, tokens, opts.depth, opts.depth_selection, opts.depth_ridge, batch_size,
+                                      progress)
+    middle = parameter_counts(adapter_for(shallow))
+    if opts.ratio == 0:
         kept = adapter_for(shallow)
-        report = build_report(DepthOnly(compensation="least-squares patch" if record.patched_layer is not None
-                                        else "none"), tokens, calibration_info, before, shallow,
+        report = build_report(opts, tokens, calibration_info, before, shallow,
                               [kept.full_plan(i) for i in range(kept.num_layers())], clock, compute.describe(kept))
-        report.parameters = ParameterReport(before["total"], after["total"], before["attention_mlp"],
-                                            after["attention_mlp"],
-                                            removed_share(before["attention_mlp"], after["attention_mlp"]))
+        report.method = "depth"
     else:
-        middle = parameter_counts(adapter_for(shallow))
-        shallow, report = prune(shallow, tokens, width, inplace=True, batch_size=batch_size, progress=progress,
+        shallow, report = prune(shallow, tokens, opts.width_step(), inplace=True, batch_size=batch_size, progress=progress,
                                 calibration_info=calibration_info, device=device, dtype=dtype, holdout=holdout)
-        p = report.parameters
-        target = 1 - (1 - removed_share(before["attention_mlp"], middle["attention_mlp"])) * (1 - width.ratio)
-        report.parameters = ParameterReport(before["total"], p.total_after, before["attention_mlp"],
-                                            p.attention_mlp_after, target)
+        report.options = opts
         report.time_s = {"depth": round(clock.laps["depth"], 3), **report.time_s,
                          "total": round(report.time_s["total"] + clock.laps["depth"], 3)}
+    report.parameters = counted_from_dense(report.parameters, before, middle, opts.ratio)
     report.depth = record.to_json()
     return shallow, report

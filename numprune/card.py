@@ -143,12 +143,15 @@ def _auto_choice(report: Mapping) -> str:
 def _how_pruned(report: Mapping) -> str:
     options = report["options"]
     calibration = report.get("calibration", {})
+    width = [f"| allocation | `{options['allocation']}`{_auto_choice(report)} |",
+             f"| compensation | `{options['compensation']}` ({options['compensation_stats']} statistics) |"]
     lines = ["## How it was pruned\n", "| | |", "|---|---|",
              f"| source | {report.get('model') or 'not recorded'} |",
              f"| method | `{report['method']}` |",
-             f"| allocation | `{options['allocation']}`{_auto_choice(report)} |",
-             f"| compensation | `{options['compensation']}` ({options['compensation_stats']} statistics) |",
-             f"| ratio | target {options['ratio']}, achieved {report['parameters']['achieved_ratio']:.4f} |"]
+             *(width if report["method"] != "depth" else []),  # removing layers only, nothing is allocated or refitted
+             # the whole run's target (with depth: the layers' share, then the width step's ratio of the rest)
+             f"| ratio | target {report['parameters']['target_ratio']:.4g}, achieved "
+             f"{report['parameters']['achieved_ratio']:.4f} |"]
     if report.get("depth"):
         depth = report["depth"]
         lines.append(f"| layers removed | {depth['removed_layers']} ({depth['selection']}"

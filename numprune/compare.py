@@ -7,8 +7,8 @@ name with optional overrides, e.g. ``numerical-robust`` (the default method), ``
 ``numerical:compensation_stats=sequential:iterations=1`` or
 ``numerical:allocation=flap-widths:compensation=affine:compensation_damp=0.1:centred=true``: any
 PruneOptions field or keyword option of the method's criterion, parsed by its declared type
-(``PruneOptions.parse``). ``depth=N`` (with ``depth_selection``, ``depth_ridge``) removes N layers
-first (numprune.depth); the ratio is then the width step's, on the remaining layers, calibrated anew.
+(``PruneOptions.parse``). ``depth=N`` (with ``depth_selection``, ``depth_ridge``), recipe fields too, removes N
+layers first (numprune.depth); the ratio is then the width step's, on the remaining layers, calibrated anew.
 
 What each model is measured on is one ``Evaluation`` (``numprune.evaluate.base``): perplexity on
 named texts, or an image generator's measures, whose samples of every model are drawn side by side
@@ -25,7 +25,6 @@ from pathlib import Path
 
 from numprune.allocate import AUTO
 from numprune.api import calibrate, prune
-from numprune.depth import split_entry
 from numprune.errors import NumpruneError
 from numprune.evaluate.base import Evaluation
 from numprune.extras import need
@@ -42,7 +41,7 @@ def recipes(methods: list[str], ratios: list[float]) -> dict[tuple[str, float], 
         repeated = next((item for item in items if items.count(item) > 1), None)
         if repeated is not None:
             raise NumpruneError(f"{what} {repeated!r} is given twice; each cell of the grid is run once")
-    return {(entry, ratio): PruneOptions.parse(split_entry(entry)[0], ratio) for entry in methods for ratio in ratios}
+    return {(entry, ratio): PruneOptions.parse(entry, ratio) for entry in methods for ratio in ratios}
 
 
 def run_grid(model, tokens, grid: dict[tuple[str, float], PruneOptions], evaluation: Evaluation, *,
@@ -73,9 +72,9 @@ def run_grid(model, tokens, grid: dict[tuple[str, float], PruneOptions], evaluat
     for (entry, ratio), recipe in grid.items():
         row = {"method": entry, "ratio": ratio}
         try:
-            depth = split_entry(entry)[1]  # depth first: the width step calibrates on the shallower model
-            pruned, report = prune(model, tokens, recipe, stats=None if depth else stats, batch_size=batch_size,
-                                   progress=False, holdout=holdout if recipe.allocation == AUTO else None, **depth)
+            # depth first: the width step calibrates on the shallower model
+            pruned, report = prune(model, tokens, recipe, stats=None if recipe.depth else stats, batch_size=batch_size,
+                                   progress=False, holdout=holdout if recipe.allocation == AUTO else None)
         except NumpruneError as error:
             rows.append({**row, "error": str(error)})
             continue

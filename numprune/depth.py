@@ -20,6 +20,7 @@ that precedes it maps each token on its own, while the span mixes tokens through
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -33,7 +34,6 @@ from numprune.adapters.base import projection_weight
 from numprune.errors import NumpruneError
 from numprune.modeling.per_layer import PER_LAYER_FIELDS
 from numprune.precision import full_precision, model_device
-from numprune.recipe import NONNEGATIVE, POSITIVE_INT, is_int, number_from_text
 
 # Families whose decoder layer adds its MLP output projection's output straight to the stream (no norm after it),
 # so that a new projection weight is exactly a linear patch of the stream leaving the layer.
@@ -80,24 +80,9 @@ class DepthRecord:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class DepthOnly:
-    """The report's options for a run that removes layers only (no width step, so no PruneOptions)."""
-
-    ratio: float = 0.0
-    method: str = "depth"
-    allocation: str = "none"
-    compensation: str = "least-squares patch"
-    compensation_stats: str = "dense"
-
-
-def check_depth(adapter: Adapter, depth, selection: str, ridge) -> None:
-    """Refuse, before any work, a depth this model cannot lose or a family whose layers cannot be patched."""
-    if not is_int(depth) or depth < 1:
-        raise NumpruneError(f"depth must be a positive integer (layers to remove), got {depth!r}")
-    if selection not in SELECTIONS:
-        raise NumpruneError(f"unknown depth selection {selection!r}; choose from {', '.join(SELECTIONS)}")
-    NONNEGATIVE.check("depth ridge", ridge)
+def check_depth(adapter: Adapter, depth: int) -> None:
+    """Refuse, before any work, a depth this model cannot lose or a family whose layers cannot be patched (the
+    recipe, numprune.recipe, has checked the depth options' values)."""
     if adapter.family not in PATCHABLE:
         raise NumpruneError(f"depth pruning supports the {', '.join(PATCHABLE)} families, not {adapter.family} "
                             "(its layers do not add the MLP output straight to the stream)")
@@ -112,35 +97,6 @@ def layers_for_ratio(num_layers: int, depth_ratio: float) -> int:
     if not isinstance(depth_ratio, (int, float)) or isinstance(depth_ratio, bool) or not 0 < depth_ratio < 1:
         raise NumpruneError(f"depth ratio must be between 0 and 1 (exclusive), got {depth_ratio!r}")
     return max(1, round(depth_ratio * num_layers))
-
-
-def split_entry(entry: str) -> tuple[str, dict]:
-    """A ``method:key=value`` entry (``compare --methods``) without its depth keys (``depth``, ``depth_selection``,
-    ``depth_ridge``), and those keys as ``prune``'s keyword arguments, checked."""
-    name, *items = entry.split(":")
-    kept, depth = [name], {}
-    for item in items:
-        key, _, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if key not in ("depth", "depth_selection", "depth_ridge"):
-            kept.append(item)
-            continue
-        if key in depth:
-            raise NumpruneError(f"{entry!r} sets {key} twice")
-        try:
-            depth[key] = (value.strip() if key == "depth_selection"
-                          else number_from_text(value.strip(), int if key == "depth" else float))
-        except ValueError:
-            raise NumpruneError(f"bad value {value!r} for {key} in {entry!r}") from None
-    if depth:
-        if "depth" not in depth:
-            raise NumpruneError(f"{entry!r} sets depth options without depth=N")
-        POSITIVE_INT.check("depth", depth["depth"])
-        if depth.get("depth_selection", SELECTIONS[0]) not in SELECTIONS:
-            raise NumpruneError(f"unknown depth selection {depth['depth_selection']!r}; choose from "
-                                f"{', '.join(SELECTIONS)}")
-        NONNEGATIVE.check("depth ridge", depth.get("depth_ridge", DEFAULT_RIDGE))
-    return ":".join(kept), depth
 
 
 def _products(x: torch.Tensor) -> torch.Tensor:
@@ -213,7 +169,7 @@ def collect_depth_stats(model: PreTrainedModel, tokens: torch.Tensor, depth: int
     try:
         with torch.no_grad(), full_precision():
             for batch in tqdm(tokens.split(batch_size), desc="depth statistics", unit="batch", disable=not progress):
-                model(input_ids=batch.to(device), use_cache=False)
+                model.base_model(input_ids=batch.to(device), use_cache=False)  # the layers' outputs, no logits
                 stats.count += batch.numel()
                 for store in (stream, before, mlp_io):  # one batch's tensors only
                     store.clear()
@@ -245,8 +201,10 @@ def patch_weight(stats: DepthStats, i: int, weight: torch.Tensor, ridge: float) 
     return patched_t.T, error(w_t) / norm, error(patched_t) / norm
 
 
-def choose(adapter: Adapter, stats: DepthStats, selection: str, ridge: float) -> tuple[DepthRecord, torch.Tensor | None]:
-    """The layers to remove and, for ``patched``, the new weight of the layer before them."""
+def choose(adapter: Adapter, stats: DepthStats, selection: str, ridge: float,
+           weight_of: Callable[[int], torch.Tensor] | None = None) -> tuple[DepthRecord, torch.Tensor | None]:
+    """The layers to remove and, for ``patched``, the new weight of the layer before them. ``weight_of(l)``: layer
+    ``l``'s MLP output projection weight ``[out, in]`` (default: the model's; a streamed model reads it from disk)."""
     layers, depth = adapter.num_layers(), stats.depth
     if selection == "shortgpt":
         influence = [v / stats.count for v in stats.influence]
@@ -257,7 +215,7 @@ def choose(adapter: Adapter, stats: DepthStats, selection: str, ridge: float) ->
                            {str(l): v for l, v in enumerate(influence)}), None
     fits = {}
     for i in stats.grams:
-        weight = projection_weight(adapter.mlp_output(adapter.layers()[i - 1]))
+        weight = (weight_of or (lambda l: projection_weight(adapter.mlp_output(adapter.layers()[l]))))(i - 1)
         fits[i] = patch_weight(stats, i, weight, ridge)
     best = min(fits, key=lambda i: (fits[i][2], i))
     weight, before, after = fits[best]
@@ -267,6 +225,18 @@ def choose(adapter: Adapter, stats: DepthStats, selection: str, ridge: float) ->
     return record, weight
 
 
+def shallower_config(config, kept: list[int], layers: int):
+    """A copy of ``config`` (of a model with ``layers`` layers) for the model that keeps only the layers ``kept``:
+    the stock config with a smaller layer count and its per-layer lists cut to match."""
+    config = config.__class__.from_dict(config.to_dict())
+    config.num_hidden_layers = len(kept)
+    for name in PER_LAYER_CONFIG_LISTS:
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == layers:
+            setattr(config, name, [values[l] for l in kept])
+    return config
+
+
 def without_layers(model: PreTrainedModel, removed: list[int], patch: tuple[int, torch.Tensor] | None = None
                    ) -> PreTrainedModel:
     """A new model with ``removed`` layers gone and the rest renumbered (each attention's cache index, the config's
@@ -274,12 +244,7 @@ def without_layers(model: PreTrainedModel, removed: list[int], patch: tuple[int,
     ``patch``: (layer, weight) for the MLP output projection of that (old-numbered) layer."""
     adapter = adapter_for(model)
     kept = [l for l in range(adapter.num_layers()) if l not in set(removed)]
-    config = model.config.__class__.from_dict(model.config.to_dict())
-    config.num_hidden_layers = len(kept)
-    for name in PER_LAYER_CONFIG_LISTS:
-        values = getattr(config, name, None)
-        if isinstance(values, (list, tuple)) and len(values) == adapter.num_layers():
-            setattr(config, name, [values[l] for l in kept])
+    config = shallower_config(model.config, kept, adapter.num_layers())
     config._attn_implementation = model.config._attn_implementation
     prefix = adapter.layers_path + "."
     new_index = {old: new for new, old in enumerate(kept)}
@@ -310,7 +275,7 @@ def prune_depth(model: PreTrainedModel, tokens: torch.Tensor, depth: int, select
                 ) -> tuple[PreTrainedModel, DepthRecord]:
     """``model`` less ``depth`` layers (a new model; ``model`` is left untouched) and the record of what went."""
     adapter = adapter_for(model)
-    check_depth(adapter, depth, selection, ridge)
+    check_depth(adapter, depth)
     span = selection == "patched"  # the others need no patch sums from this pass: ShortGPT's influence only
     stats = collect_depth_stats(model, tokens, depth, batch_size, progress, starts=None if span else [])
     with full_precision():

@@ -24,6 +24,7 @@ import yaml
 from numprune import compensate
 from numprune.allocate import ALLOCATIONS, AUTO, GQA_UNITS, blend_schedule
 from numprune.criteria import get_method
+from numprune.depth import DEFAULT_RIDGE, SELECTIONS
 from numprune.errors import NumpruneError
 
 COMPENSATION_STATS = ("dense", "sequential")
@@ -76,6 +77,7 @@ class Rule:
 
 
 POSITIVE_INT = Rule(int, lambda v: is_int(v) and v >= 1, "a positive integer")
+COUNT = Rule(int, lambda v: is_int(v) and v >= 0, "a whole number >= 0")
 SEED = Rule(int, lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"an integer between 0 and {MAX_SEED}")
 NONNEGATIVE = Rule(float, lambda v: is_number(v) and 0 <= v < math.inf, "a finite number >= 0")
 POSITIVE = Rule(float, lambda v: is_number(v) and 0 < v < math.inf, "a finite number > 0")
@@ -146,6 +148,9 @@ class PruneOptions:
     heal_batch: int | None = None
     heal_params: str | None = None
     heal_loss: str | None = None
+    depth: int = 0  # whole decoder layers removed before the width step (numprune.depth); with ratio 0, alone
+    depth_selection: str | None = None  # depth's SELECTIONS; None: the first (with depth)
+    depth_ridge: float | None = None  # the depth patch's ridge; None: depth's DEFAULT_RIDGE (with depth)
 
     def __post_init__(self):
         _resolve(self, lambda name, value: object.__setattr__(self, name, value))
@@ -187,7 +192,7 @@ class PruneOptions:
         the shortest keyword arguments that construct these options again. A value equal to its default counts
         as the default."""
         given = asdict(self)
-        for name in (*DERIVED, "gqa_unit", "round_to", "compensation_stats"):
+        for name in (*DERIVED, "gqa_unit", "round_to", "compensation_stats", *DEPTH_FIELDS[1:]):
             trial = {**given, name: _FIELD_DEFAULTS[name]}
             if _quietly(trial) == self:
                 given = trial
@@ -201,6 +206,10 @@ class PruneOptions:
         blend weight) is derived again unless these options set it to something else."""
         return PruneOptions.checked(**{**self.requested(), **changes})
 
+    def width_step(self) -> PruneOptions:
+        """These options without the depth options: the width step's recipe, run on the depth-pruned model."""
+        return self.replace(depth=0, depth_selection=None, depth_ridge=None)
+
     def heal_options(self) -> HealOptions:
         """The resolved healing options (when ``heal``)."""
         return HealOptions.checked(**{name: getattr(self, f"heal_{name}") for name in HEAL_FIELDS})
@@ -213,6 +222,8 @@ class PruneOptions:
 
 # The fields whose default another field implies: the method's allocation and compensation, the ratio's blend weight.
 DERIVED = ("allocation", "compensation", "compensation_damp", "allocation_compensation", "blend_weight")
+DEPTH_FIELDS = ("depth", "depth_selection", "depth_ridge")
+WIDTH_ONLY = "none"  # the allocation and compensation of a run that removes layers only (ratio 0)
 _FIELD_DEFAULTS = {f.name: {} if f.name == "score_options" else f.default for f in fields(PruneOptions)}
 
 
@@ -234,8 +245,12 @@ def _resolve(opts: PruneOptions, put: Callable[[str, object], None]) -> None:
         raise NumpruneError(f"score options must be a dict, got {opts.score_options!r}")
     for name in ("ratio", "round_to", "compensation_damp", "blend_weight"):
         put(name, plain(getattr(opts, name)))
+    _resolve_depth(opts, put)
     if not is_number(opts.ratio):
         raise NumpruneError(f"ratio must be a number, got {opts.ratio!r}")
+    if opts.depth and opts.ratio == 0:
+        _resolve_depth_only(opts, put)
+        return
     RATIO.check("ratio", opts.ratio)
     method = get_method(opts.method)
     own_compensation = opts.compensation in (None, method.compensation)
@@ -274,6 +289,41 @@ def _resolve(opts: PruneOptions, put: Callable[[str, object], None]) -> None:
     merged = {**keyword_defaults(method.criterion), **method.score_options, **given}
     put("score_options", {name: merged[name] for name in score_option_names(method.criterion) if name in merged})
     _resolve_healing(opts, put)
+    if opts.depth and opts.heal:
+        raise NumpruneError("healing after depth pruning is not supported; heal a width-only run")
+
+
+def _resolve_depth(opts: PruneOptions, put: Callable[[str, object], None]) -> None:
+    """The depth options, checked and completed with numprune.depth's defaults; without depth, refused. Without a
+    ratio, depth alone (ratio 0). The model-dependent checks (a family whose layers can be patched, fewer layers
+    than it has) are numprune.depth.check_depth's, at prune time."""
+    put("depth", plain(opts.depth))
+    COUNT.check("depth", opts.depth)
+    if not opts.depth:
+        given = [name for name in DEPTH_FIELDS[1:] if getattr(opts, name) is not None]
+        if given:
+            raise NumpruneError(f"{given[0]} is a depth option; it applies only with depth > 0 (layers to remove)")
+        return
+    if opts.ratio is None:
+        put("ratio", 0.0)
+    put("depth_selection", opts.depth_selection or SELECTIONS[0])
+    if opts.depth_selection not in SELECTIONS:
+        raise NumpruneError(f"unknown depth selection {opts.depth_selection!r}; choose from {', '.join(SELECTIONS)}")
+    put("depth_ridge", DEFAULT_RIDGE if opts.depth_ridge is None else plain(opts.depth_ridge))
+    NONNEGATIVE.check("depth ridge", opts.depth_ridge)
+
+
+def _resolve_depth_only(opts: PruneOptions, put: Callable[[str, object], None]) -> None:
+    """A run that removes layers only: the width options mean nothing, so any set is refused (a recipe read back
+    from such a run's report holds WIDTH_ONLY as its allocation and compensation)."""
+    for f in fields(PruneOptions):
+        value, default = getattr(opts, f.name), _FIELD_DEFAULTS[f.name]
+        if f.name in ("ratio", *DEPTH_FIELDS) or value == default or (f.name in ("allocation", "compensation")
+                                                                           and value == WIDTH_ONLY):
+            continue
+        raise NumpruneError(f"{f.name} applies to width pruning, which a ratio of 0 skips (depth alone)")
+    put("allocation", WIDTH_ONLY)
+    put("compensation", WIDTH_ONLY)
 
 
 def _resolve_healing(opts: PruneOptions, put: Callable[[str, object], None]) -> None:

@@ -51,6 +51,14 @@ class ParameterReport:
         return {**asdict(self), "achieved_ratio": self.achieved_ratio}
 
 
+def counted_from_dense(parameters: ParameterReport, before: dict, shallow: dict, ratio: float) -> ParameterReport:
+    """A run that removed layers first: its parameters counted from the dense model's ``before`` (not the
+    ``shallow`` one the width step started from), its target the layers' share and then ``ratio`` of the rest."""
+    target = 1 - (1 - removed_share(before["attention_mlp"], shallow["attention_mlp"])) * (1 - ratio)
+    return ParameterReport(before["total"], parameters.total_after, before["attention_mlp"],
+                           parameters.attention_mlp_after, target)
+
+
 @dataclass(frozen=True)
 class ComputeRecord:
     """Where the layer passes ran."""
@@ -72,7 +80,7 @@ class PruneReport(Mapping):
     """pruning_report.json: options, parameters, per-layer widths, time and memory, and what was measured."""
 
     method: str
-    options: PruneOptions  # or numprune.depth.DepthOnly, for a run that removes layers only
+    options: PruneOptions  # the whole recipe, depth included
     calibration: dict  # the calibration source's own record, with the token count and speed
     parameters: ParameterReport
     layers: list[LayerPlan]

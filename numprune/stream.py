@@ -33,9 +33,11 @@ from transformers.initialization import no_init_weights
 
 from numprune import distributed
 from numprune.adapters import LayerPlan, adapter_for
+from numprune.adapters.base import projection_weight
 from numprune.allocate import AUTO
 from numprune.card import write_pruned_card
 from numprune.compensate import LayerFits
+from numprune.depth import check_depth, choose, collect_depth_stats, shallower_config
 from numprune.errors import NumpruneError
 from numprune.io.output import check_target, output_folder
 from numprune.models import (
@@ -47,9 +49,10 @@ from numprune.models import (
     check_weights_fit,
     load_config,
 )
-from numprune.pipeline import Compute, build_report, check_run, compensate, resolve, select
+from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, resolve, select
+from numprune.precision import full_precision
 from numprune.recipe import FLAG, PruneOptions
-from numprune.report import Clock, PruneReport, parameter_counts
+from numprune.report import Clock, PruneReport, counted_from_dense, parameter_counts
 from numprune.save import REPORT_NAME
 from numprune.shrink import narrowed
 from numprune.sources import LayerSource
@@ -198,23 +201,31 @@ class StreamedModel(LayerSource):
         self.weight_map: dict[str, str] = {}
         self.shifted = (False, False)  # whether a fit shifts some attention / MLP output projection's bias
 
-    def _shard(self, number: int) -> str:
-        return f"model-{number:05d}-of-{self.adapter.num_layers() + 1:05d}.safetensors"
+    def _shard(self, number: int, count: int) -> str:
+        return f"model-{number:05d}-of-{count:05d}.safetensors"
 
     @contextmanager
     def _loaded(self, module: nn.Module, prefix: str, names: list[str]) -> Iterator[None]:
         """``module``'s tensors ``names`` read from the checkpoint (``prefix`` + name) while the block runs."""
+        self._load(module, prefix, names)
+        try:
+            yield
+        finally:
+            self._free(module)
+
+    def _load(self, module: nn.Module, prefix: str, names: list[str]) -> None:
         with self.clock.timed("loading"):
             tensors = self.checkpoint.read([prefix + n for n in names])
             module.load_state_dict({n: tensors[prefix + n] for n in names}, strict=False, assign=True)
-        try:
-            yield
-        finally:  # back to meta, with whatever the block added (a compensation bias): memory is freed
-            state = module.state_dict()
-            module.load_state_dict({n: torch.empty_like(t, device="meta") for n, t in state.items() if not t.is_meta},
-                                   strict=False, assign=True)
-            del state
-            _release_freed_memory()
+
+    @staticmethod
+    def _free(module: nn.Module) -> None:
+        """``module`` back to meta, with whatever a block added (a compensation bias): memory is freed."""
+        state = module.state_dict()
+        module.load_state_dict({n: torch.empty_like(t, device="meta") for n, t in state.items() if not t.is_meta},
+                               strict=False, assign=True)
+        del state
+        _release_freed_memory()
 
     @contextmanager
     def layer(self, i: int) -> Iterator[nn.Module]:
@@ -230,6 +241,56 @@ class StreamedModel(LayerSource):
         with self._loaded(self.model, "", names):
             yield
 
+    @contextmanager
+    def whole_passes(self) -> Iterator[None]:
+        """Whole forward passes with one decoder layer in memory: each layer read from disk when the forward reaches
+        it and freed after it (every batch reads every layer again), the modules outside the layers loaded
+        throughout (the output head never is: run the base model)."""
+        handles = []
+        for i, layer in enumerate(self.adapter.layers()):
+            names = list(layer.state_dict())
+            handles.append(layer.register_forward_pre_hook(
+                lambda module, args, prefix=f"{self.layers_prefix}{i}.", names=names: self._load(module, prefix, names)))
+            handles.append(layer.register_forward_hook(lambda module, args, out: self._free(module)))
+        try:
+            with self.inputs():
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def mlp_output_weight(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s MLP output projection weight ``[out, in]``, read from disk."""
+        layer = self.adapter.layers()[i]
+        name = f"{self.adapter.modules.mlp_output}.weight"
+        with self._loaded(layer, f"{self.layers_prefix}{i}.", [name]):
+            return projection_weight(self.adapter.mlp_output(layer)).detach().clone()
+
+    def write_without_layers(self, removed: list[int], patch: tuple[int, torch.Tensor] | None, out: Path) -> nn.Module:
+        """The dense checkpoint written into ``out`` without the ``removed`` layers, one kept layer at a time: the rest
+        renumbered, ``patch`` (layer, weight) the new MLP output projection of that layer, the stock config with
+        fewer layers, the side files. Returns the shallower model's skeleton (meta)."""
+        layers = self.adapter.num_layers()
+        kept = [l for l in range(layers) if l not in set(removed)]
+        self.out, self.weight_map = out, {}
+        out.mkdir(exist_ok=True)
+        for new, old in enumerate(kept):
+            prefix = f"{self.layers_prefix}{old}."
+            state = self.checkpoint.read([n for n in self.checkpoint.weight_map if n.startswith(prefix)])
+            state = {f"{self.layers_prefix}{new}.{n[len(prefix):]}": t for n, t in state.items()}
+            if patch is not None and old == patch[0]:
+                name = f"{self.layers_prefix}{new}.{self.adapter.modules.mlp_output}.weight"
+                state[name] = patch[1].to(state[name].dtype)
+            self._write(state, self._shard(new + 1, len(kept) + 1))
+        rest = self.checkpoint.read([n for n in self.checkpoint.weight_map if not n.startswith(self.layers_prefix)])
+        self._write(rest, self._shard(len(kept) + 1, len(kept) + 1))
+        config = shallower_config(self.model.config, kept, layers)
+        self._write_config(config)
+        with torch.device("meta"), no_init_weights():
+            shallow = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        shallow.tie_weights()
+        return shallow
+
     def done(self, i: int, layer: nn.Module, plan: LayerPlan, fits: LayerFits) -> None:
         """Write the layer narrowed with its fits (numprune.shrink.narrowed) to its own shard (on the writing
         process)."""
@@ -237,7 +298,7 @@ class StreamedModel(LayerSource):
         if self.out is None:
             return
         state = {f"{self.layers_prefix}{i}.{n}": t for n, t in layer.state_dict().items()}
-        self._write(state | narrowed(self.adapter, i, state, plan, fits), self._shard(i + 1))
+        self._write(state | narrowed(self.adapter, i, state, plan, fits), self._shard(i + 1, self.adapter.num_layers() + 1))
 
     def _write(self, state: dict[str, torch.Tensor], shard: str) -> None:
         save_file({n: t.contiguous() for n, t in state.items()}, self.out / shard, metadata={"format": "pt"})
@@ -261,7 +322,12 @@ class StreamedModel(LayerSource):
         if unexpected or any(not n.endswith(".bias") for n in missing):
             raise RuntimeError(f"pruned tensors do not fit the pruned config: {sorted(missing | unexpected)}")
         rest |= {n: torch.zeros(state[n].shape, dtype=state[n].dtype) for n in missing}
-        self._write(rest, self._shard(self.adapter.num_layers() + 1))
+        self._write(rest, self._shard(self.adapter.num_layers() + 1, self.adapter.num_layers() + 1))
+        self._write_config(config)
+        return pruned
+
+    def _write_config(self, config) -> None:
+        """The index of the shards written, ``config`` and the side files, into the output."""
         total = sum((self.out / f).stat().st_size for f in set(self.weight_map.values()))
         (self.out / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                        "weight_map": dict(sorted(self.weight_map.items()))}, indent=2))
@@ -270,7 +336,6 @@ class StreamedModel(LayerSource):
         for path in side_files(self.folder):
             if not (self.out / path.name).exists():
                 shutil.copy2(path, self.out / path.name)
-        return pruned
 
 
 def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, recipe: PruneOptions | None = None, *,
@@ -284,7 +349,7 @@ def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, recipe: Pru
     ``save_pruned``; as there, the layer passes run on ``device``, by default the model's own: the CPU,
     where the weights are read. ``tokenizer`` is saved beside the weights if given (else the folder's
     tokenizer files are copied). In a process group only process 0 writes ``out`` and gets the
-    report; the others get None.
+    report; the others get None. A recipe with ``depth`` removes layers first (``_depth_first``).
     """
     opts = resolve(recipe, overrides, tokens, None)
     if opts.allocation == AUTO:
@@ -296,29 +361,97 @@ def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, recipe: Pru
     FLAG.check("overwrite", overwrite)
     _allocate_large_blocks_apart()
     world = distributed.world()
+    if opts.depth and world.size > 1:
+        raise NumpruneError("a streamed run removes layers in one process; run it without torchrun")
+    if opts.depth and opts.depth_selection == "scattered":
+        raise NumpruneError("the scattered depth selection fits each run's patch on the model without the earlier "
+                            "runs, which a streamed run does not do yet: choose patched or shortgpt, or prune in memory")
     if world.writer:
         check_target(out, overwrite=overwrite, inputs=[folder], marker=REPORT_NAME)
     compute = Compute(batch_size, progress, device, dtype)
     clock = Clock(compute.device)  # the model's own device is the CPU: no GPU memory to track then
     source = StreamedModel(folder, clock)
-    check_run(source.adapter, tokens, None, opts)
     before = parameter_counts(source.adapter)
-    plans, stats = select(source, tokens, None, opts, compute, clock)
-    if not world.writer and opts.compensation_stats == "dense":
-        return None  # compensation needs no other process: process 0 does it alone
+    if opts.depth:
+        check_depth(source.adapter, opts.depth)
+        check_tokens(source.adapter, tokens)
+        if opts.ratio:  # on the dense model's shapes, before any work; again on the shallower model's after
+            check_run(source.adapter, tokens, None, opts.width_step())
+    else:
+        check_run(source.adapter, tokens, None, opts)
+        plans, stats = select(source, tokens, None, opts, compute, clock)
+        if not world.writer and opts.compensation_stats == "dense":
+            return None  # compensation needs no other process: process 0 does it alone
     writer = output_folder(out, overwrite=overwrite, inputs=[folder], marker=REPORT_NAME)
     with writer if world.writer else nullcontext() as tmp:
-        source.out = tmp
-        compensate(source, plans, stats, tokens, opts, compute, clock)
-        if not world.writer:
+        if opts.depth:
+            report = _depth_first(source, tokens, opts, tmp, compute, clock, calibration_info, before)
+        else:
+            report = _width(source, plans, stats, tokens, opts, tmp, compute, clock, calibration_info, before)
+        if report is None:
             return None
-        with clock.timed("surgery"):
-            pruned = source.finish(plans)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        report = build_report(opts, tokens, calibration_info, before, pruned, plans, clock,
-                              compute.describe(source.adapter, streaming=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         report.model = str(source.folder.resolve())
         (tmp / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2) + "\n")
         write_pruned_card(tmp, report, str(folder))
+    return report
+
+
+def _width(source: StreamedModel, plans: list[LayerPlan], stats, tokens: torch.Tensor, opts: PruneOptions,
+           out: Path | None, compute: Compute, clock: Clock, calibration_info: dict | None,
+           before: dict) -> PruneReport | None:
+    """Compensate the selected plans and write the narrower model into ``out`` (None on the processes that do not
+    write, which get None); its report."""
+    source.out = out
+    compensate(source, plans, stats, tokens, opts, compute, clock)
+    if out is None:
+        return None
+    with clock.timed("surgery"):
+        pruned = source.finish(plans)
+    return build_report(opts, tokens, calibration_info, before, pruned, plans, clock,
+                        compute.describe(source.adapter, streaming=True))
+
+
+# Where the shallower checkpoint waits, inside the output's temporary folder, for the width step that reads it.
+SHALLOW = "without-layers"
+
+
+def _depth_first(source: StreamedModel, tokens: torch.Tensor, opts: PruneOptions, out: Path, compute: Compute,
+                 clock: Clock, calibration_info: dict | None, before: dict) -> PruneReport:
+    """Remove ``opts.depth`` layers with about one layer in memory, then (with a ratio) prune the width of the rest
+    as any streamed run; one report for both, as ``numprune.prune``'s.
+
+    The statistics follow each calibration batch through every layer (numprune.depth, each layer read from disk
+    as the forward reaches it); the chosen layers go as the dense checkpoint is rewritten layer by layer
+    (``write_without_layers``), into ``out`` for depth alone, else into a folder inside it that the width step
+    reads and that is removed after.
+    """
+    with clock.timed("depth"):
+        with source.whole_passes():
+            stats = collect_depth_stats(source.model, tokens, opts.depth, compute.batch_size, compute.progress)
+        with full_precision():
+            record, weight = choose(source.adapter, stats, opts.depth_selection, opts.depth_ridge,
+                                    weight_of=source.mlp_output_weight)
+        del stats
+        patch = (record.patched_layer, weight) if weight is not None else None
+        shallow = out if opts.ratio == 0 else out / SHALLOW
+        skeleton = source.write_without_layers(record.removed_layers, patch, shallow)
+    middle = parameter_counts(adapter_for(skeleton))
+    if opts.ratio == 0:
+        kept = adapter_for(skeleton)
+        report = build_report(opts, tokens, calibration_info, before, skeleton,
+                              [kept.full_plan(i) for i in range(kept.num_layers())], clock,
+                              compute.describe(kept, streaming=True))
+        report.method = "depth"
+    else:
+        width = opts.width_step()
+        narrow = StreamedModel(shallow, clock)
+        check_run(narrow.adapter, tokens, None, width)
+        plans, layer_stats = select(narrow, tokens, None, width, compute, clock)
+        report = _width(narrow, plans, layer_stats, tokens, width, out, compute, clock, calibration_info, middle)
+        report.options = opts
+        shutil.rmtree(shallow)
+    report.parameters = counted_from_dense(report.parameters, before, middle, opts.ratio)
+    report.depth = record.to_json()
     return report

@@ -249,8 +249,8 @@ def test_depth_is_deterministic():
 
 @pytest.mark.parametrize("model,options,message", [
     (lambda: tiny_llama("gqa", layers=3), dict(depth=3), "cannot remove 3 of this model's 3 layers; remove at most 2"),
-    (lambda: tiny_llama("gqa", layers=3), dict(depth=-1), "depth must be a positive integer"),
-    (lambda: tiny_llama("gqa", layers=3), dict(depth=1.5), "depth must be a positive integer"),
+    (lambda: tiny_llama("gqa", layers=3), dict(depth=-1), "depth must be a whole number >= 0"),
+    (lambda: tiny_llama("gqa", layers=3), dict(depth=1.5), "depth must be a whole number >= 0"),
     (lambda: tiny_llama("gqa", layers=3), dict(depth=1, depth_selection="cosine"), "unknown depth selection 'cosine'"),
     (lambda: tiny_llama("gqa", layers=3), dict(depth=1, depth_ridge=-1.0), "depth ridge must be a finite number"),
     (lambda: tiny("gemma3_text"), dict(depth=1), "depth pruning supports the llama, mistral, phi3, qwen2, qwen3 families, "
@@ -269,7 +269,7 @@ def test_depth_needs_tokens_not_dense_statistics():
     model, tokens = tiny_llama("gqa"), tiny_tokens()
     with pytest.raises(NumpruneError, match="give tokens, not stats"):
         prune(model, tokens, ratio=0.2, depth=1, stats=calibrate(model, tokens, progress=False))
-    with pytest.raises(NumpruneError, match="needs calibration tokens"):
+    with pytest.raises(NumpruneError, match="calibration tokens are needed"):
         prune(model, None, ratio=0, depth=1)
     assert layers_for_ratio(30, 0.1) == 3 and layers_for_ratio(5, 0.01) == 1
     with pytest.raises(NumpruneError, match="depth ratio must be between 0 and 1"):
@@ -289,9 +289,12 @@ def test_depth_alone_and_with_uniform_width_load_in_plain_transformers_in_a_fres
         torch.testing.assert_close(logits, pruned(probe).logits, rtol=1e-5, atol=1e-5)
     assert (cls, had_numprune) == ("LlamaForCausalLM", "False")
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    card = (out / "README.md").read_text()  # depth alone: nothing allocated or refitted; the whole run's target
+    assert ("| allocation |" in card) == bool(ratio) and ("| compensation |" in card) == bool(ratio)
+    assert f"| ratio | target {report['parameters']['target_ratio']:.4g}, achieved" in card
 
 
-def test_prune_command_removes_layers_and_refuses_depth_with_stream(tiny_model_folder, tmp_path, capsys):
+def test_prune_command_removes_layers_and_refuses_bad_depth(tiny_model_folder, tmp_path, capsys):
     out = tmp_path / "shallow"
     status = main(["prune", "--model", str(tiny_model_folder), "--depth", "1", "--nsamples", "2", "--seqlen", "16",
                    "--out", str(out), "--quiet"])
@@ -300,8 +303,7 @@ def test_prune_command_removes_layers_and_refuses_depth_with_stream(tiny_model_f
     assert "depth:  removed layers [1] of 2 (patched, patch in layer 0" in printed
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["depth"]["removed_layers"] == [1] and report["loads_without_numprune"]
-    for extra, message in ((["--depth", "1", "--stream"], "--stream cannot remove layers"),
-                           ([], "nothing to remove: give --ratio, --recipe, --depth or --depth-ratio"),
+    for extra, message in (([], "nothing to remove: give --ratio, --recipe, --depth or --depth-ratio"),
                            (["--depth", "2"], "cannot remove 2 of this model's 2 layers"),
                            (["--depth", "1", "--depth-ratio", "0.5"], "--depth-ratio: not allowed with argument --depth"),
                            (["--depth", "0"], "--depth: must be a positive integer, got 0"),
@@ -340,8 +342,8 @@ def test_compare_entries_take_depth_first_and_match_prune():
     alone, report = prune(model, tokens, ratio=0.3, depth=1, depth_ridge=0.1, method="numerical", progress=False)
     assert row["depth"] == report["depth"] and row["depth"]["ridge"] == 0.1
     assert row["ppl"]["w"] == pytest.approx(perplexity(alone, windows, progress=False)["ppl"], rel=1e-6)
-    for entry, message in (("numerical:depth=0", "depth must be a positive integer"),
-                           ("numerical:depth_ridge=0.1", "sets depth options without depth=N"),
+    for entry, message in (("numerical:depth=-1", "depth must be a whole number >= 0"),
+                           ("numerical:depth_ridge=0.1", "depth_ridge is a depth option; it applies only with depth > 0"),
                            ("numerical:depth=1:depth_selection=cosine", "unknown depth selection 'cosine'"),
                            ("numerical:depth=x", "bad value 'x' for depth")):
         with pytest.raises(NumpruneError, match=message):

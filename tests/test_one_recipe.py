@@ -99,6 +99,24 @@ def test_a_report_is_a_recipe_that_reproduces_its_run(tiny_model_folder, calibra
     assert read_recipe(written) == read_recipe(report) == PruneOptions.checked(**options[0])
 
 
+@pytest.mark.parametrize("flags", [["--depth", "1"], ["--depth-ratio", "0.5", "--ratio", "0.3",
+                                                       "--depth-selection", "shortgpt"]],
+                         ids=["depth alone", "depth and width"])
+def test_a_depth_report_is_a_recipe_that_reproduces_its_run(flags, tiny_model_folder, calibration_text, tmp_path):
+    run_prune(tiny_model_folder, calibration_text, tmp_path / "first", *flags)
+    report = tmp_path / "first" / "pruning_report.json"
+    run_prune(tiny_model_folder, calibration_text, tmp_path / "again", "--recipe", str(report))
+    assert (tmp_path / "again" / WEIGHTS).read_bytes() == (tmp_path / "first" / WEIGHTS).read_bytes()
+    first, again = (json.loads((tmp_path / run / "pruning_report.json").read_text()) for run in ("first", "again"))
+    assert first["options"] == again["options"] and first["depth"] == again["depth"]
+    assert first["options"]["depth"] == 1 and len(first["depth"]["removed_layers"]) == 1  # --depth-ratio: a count
+    written = tmp_path / "recipe.yaml"  # the same recipe by hand, as YAML
+    written.write_text("depth: 1\n" if "--ratio" not in flags else "ratio: 0.3\ndepth: 1\ndepth_selection: shortgpt\n")
+    assert read_recipe(written) == read_recipe(report) == PruneOptions.checked(**first["options"])
+    run_prune(tiny_model_folder, calibration_text, tmp_path / "yaml", "--recipe", str(written))
+    assert (tmp_path / "yaml" / WEIGHTS).read_bytes() == (tmp_path / "first" / WEIGHTS).read_bytes()
+
+
 def test_recipe_flags_change_a_recipe_file(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"ratio": 0.3, "method": "numerical", "compensation_damp": 0.05}))

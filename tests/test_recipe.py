@@ -12,8 +12,9 @@ import pytest
 
 from numprune.cli import args as a
 from numprune.criteria import methods
+from numprune.depth import DEFAULT_RIDGE
 from numprune.errors import NumpruneError
-from numprune.recipe import NONNEGATIVE, POSITIVE_INT, RATIO, SEED, PruneOptions
+from numprune.recipe import COUNT, NONNEGATIVE, POSITIVE_INT, RATIO, SEED, PruneOptions
 
 
 def test_an_entry_sets_prune_options_and_score_options_by_their_declared_types():
@@ -49,6 +50,7 @@ SHARED_RULES = [
     (NONNEGATIVE, a.nonnegative_float, dict(score_options={"lambda_rel": -1.0}), "-1"),
     (SEED, a.seed, dict(method="random", score_options={"seed": 2**32}), str(2**32)),
     (RATIO, a.ratio, dict(ratio=1.5), "1.5"),
+    (NONNEGATIVE, a.nonnegative_float, dict(depth=1, depth_ridge=-1.0), "-1"),
 ]
 
 
@@ -77,3 +79,39 @@ def test_resolved_options_resolve_to_themselves(options):
     again = PruneOptions.checked(0.3, **{k: v for k, v in asdict(opts).items() if k != "ratio"})
     assert again == opts
     assert (opts.allocation_compensation is None) == (opts.allocation != "compensated-error")
+
+
+def test_depth_is_part_of_the_recipe():
+    """Depth alone is ratio 0 (the width options then resolve to none); a report's options read back to the same
+    recipe; the width step's recipe is the same without its depth options."""
+    alone = PruneOptions.checked(depth=2)
+    assert (alone.ratio, alone.depth, alone.depth_selection, alone.depth_ridge) == (0.0, 2, "patched", DEFAULT_RIDGE)
+    assert (alone.allocation, alone.compensation, alone.score_options) == ("none", "none", {})
+    assert alone == PruneOptions(ratio=0, depth=2) == PruneOptions.checked(**asdict(alone))
+    assert alone.requested() == {"ratio": 0.0, "depth": 2}
+    assert alone.replace(ratio=0.2) == PruneOptions(ratio=0.2, depth=2)
+    both = PruneOptions.parse("numerical:depth=2:depth_selection=shortgpt:depth_ridge=0.5", ratio=0.3)
+    assert both == PruneOptions(ratio=0.3, method="numerical", depth=2, depth_selection="shortgpt", depth_ridge=0.5)
+    assert both == PruneOptions.checked(**asdict(both))
+    assert both.width_step() == PruneOptions(ratio=0.3, method="numerical")
+    width = PruneOptions(ratio=0.3)
+    assert (width.depth, width.depth_selection, width.depth_ridge) == (0, None, None)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(ratio=0.3, depth=-1), f"depth must be {COUNT.says}, got -1"),
+    (dict(ratio=0.3, depth=True), f"depth must be {COUNT.says}, got True"),
+    (dict(ratio=0.3, depth=1.5), f"depth must be {COUNT.says}, got 1.5"),
+    (dict(ratio=0.3, depth_ridge=0.1), "depth_ridge is a depth option; it applies only with depth > 0"),
+    (dict(ratio=0.3, depth=0, depth_selection="patched"), "depth_selection is a depth option"),
+    (dict(ratio=0.3, depth=1, depth_selection="cosine"), "unknown depth selection 'cosine'"),
+    (dict(ratio=0, depth=1, method="flap"), "method applies to width pruning, which a ratio of 0 skips"),
+    (dict(ratio=0, depth=1, allocation="uniform"), "allocation applies to width pruning"),
+    (dict(ratio=0, depth=1, score_options={"damp": 0.1}), "score_options applies to width pruning"),
+    (dict(ratio=0, depth=1, heal=True), "heal applies to width pruning"),
+    (dict(ratio=0.3, depth=1, heal=True), "healing after depth pruning is not supported"),
+    (dict(ratio=0), "ratio must be between 0 and 1 (exclusive), got 0"),
+])
+def test_bad_depth_options_are_one_line(options, message):
+    with pytest.raises(NumpruneError, match=re.escape(message)):
+        PruneOptions.checked(**options)

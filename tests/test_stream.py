@@ -17,6 +17,7 @@ from numprune import NumpruneError, prune, prune_streaming, save_pruned
 from numprune.adapters import adapter_for
 from numprune.calibrate import collect_statistics
 from numprune.cli import main
+from numprune.stream import Checkpoint, StreamedModel
 
 
 def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -156,6 +157,10 @@ def test_bad_streaming_input_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(NumpruneError, match="no tensor 'model.layers.1.mlp.up_proj.weight'"):
         prune_streaming(folder, tokens, ratio=0.3, out=tmp_path / "o2", progress=False)
     assert not (tmp_path / "o2").exists()
+    with pytest.raises(NumpruneError, match="scattered depth selection"):
+        prune_streaming(save_input(model, tmp_path / "two", False), tokens, depth=1, depth_selection="scattered",
+                        out=tmp_path / "o4", progress=False)
+    assert not (tmp_path / "o4").exists()
     capsys.readouterr()
 
     for args, message in ((["--model", tmp_path / "nowhere", "--stream"], "is not one"),
@@ -166,3 +171,48 @@ def test_bad_streaming_input_is_one_clear_error(tmp_path, capsys):
         assert main(["prune", "--ratio", "0.3", "--out", str(tmp_path / "o3"), *map(str, args)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("numprune: error:") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("options", [dict(depth=2), dict(depth=2, ratio=0.3, allocation="uniform"),
+                                     dict(depth=1, ratio=0.4, depth_selection="shortgpt", compensation_stats="sequential")],
+                         ids=["depth alone", "depth and width", "shortgpt and sequential width"])
+def test_streamed_depth_equals_in_memory_with_one_layer_loaded_at_a_time(options, tmp_path, monkeypatch):
+    model = tiny_llama("gqa", layers=5)
+    tokens = tiny_tokens(6, 16)
+    folder = save_input(model, tmp_path / "dense", sharded=True)
+    dense = saved_tensors(folder)
+    pruned, report = prune(model, tokens, batch_size=4, progress=False, **options)
+    save_pruned(pruned, None, report, tmp_path / "memory")
+    loaded, read = [], []  # decoder layers already holding tensors whenever one is loaded; layers each read touches
+    load, read_tensors = StreamedModel._load, Checkpoint.read
+    monkeypatch.setattr(StreamedModel, "_load", lambda self, module, prefix, names: (
+        loaded.append(sum(any(not p.is_meta for p in layer.parameters()) for layer in self.adapter.layers())),
+        load(self, module, prefix, names))[-1])
+    monkeypatch.setattr(Checkpoint, "read", lambda self, names: (
+        read.append({n.split(".")[2] for n in names if n.startswith("model.layers.")}), read_tensors(self, names))[-1])
+    streamed = prune_streaming(folder, tokens, out=tmp_path / "streamed", batch_size=4, progress=False, **options)
+
+    assert loaded and max(loaded) == 0 and max(len(layers) for layers in read) == 1
+    for key in ("depth", "options", "method", "layers", "parameters", "config_class", "loads_without_numprune"):
+        assert streamed[key] == report[key], key
+    assert streamed["time_s"]["depth"] > 0 and streamed["compute"]["streaming"] is True
+    expected, got = saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "streamed")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    config = [json.loads((tmp_path / f / "config.json").read_text()) for f in ("memory", "streamed")]
+    assert config[0] == config[1] and config[1]["num_hidden_layers"] == 5 - options["depth"]
+    assert sorted(p.name for p in (tmp_path / "streamed").iterdir() if p.is_dir()) == []  # the shallow folder is gone
+    assert all(torch.equal(t, dense[n]) for n, t in saved_tensors(folder).items())  # the input is left as it was
+
+
+def test_prune_command_streams_depth(tiny_model_folder, tmp_path, capsys):
+    flags = ["prune", "--model", str(tiny_model_folder), "--depth-ratio", "0.5", "--ratio", "0.3", "--nsamples", "2",
+             "--seqlen", "16", "--quiet"]
+    assert main([*flags, "--out", str(tmp_path / "memory")]) == 0
+    assert main([*flags, "--stream", "--out", str(tmp_path / "streamed")]) == 0
+    assert "depth:  removed layers [1] of 2" in capsys.readouterr().out
+    reports = [json.loads((tmp_path / f / "pruning_report.json").read_text()) for f in ("memory", "streamed")]
+    assert reports[0]["depth"] == reports[1]["depth"] and reports[0]["options"] == reports[1]["options"]
+    expected, got = saved_tensors(tmp_path / "memory"), saved_tensors(tmp_path / "streamed")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[n], got[n]) for n in expected)

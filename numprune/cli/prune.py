@@ -41,7 +41,8 @@ RECIPE_FLAGS = {"ratio": "ratio", "method": "method", "allocation": "allocation"
                 "round_to": "round_to", "compensation": "compensation", "compensation_stats": "compensation_stats",
                 "compensation_damp": "damp", "allocation_compensation": "allocation_compensation",
                 "blend_weight": "blend_weight", "heal": "heal",
-                **{f"heal_{name}": f"heal_{name}" for name in HEAL_FIELDS}}
+                **{f"heal_{name}": f"heal_{name}" for name in HEAL_FIELDS},
+                "depth": "depth", "depth_selection": "depth_selection", "depth_ridge": "depth_ridge"}
 # The criteria's keyword options that have a flag of their own: option name -> the flag's attribute.
 SCORE_FLAGS = {"lambda_rel": "lambda_rel", "damp": "score_damp", "iterations": "iterations", "centred": "centred",
                "seed": "seed"}
@@ -58,12 +59,12 @@ def add_parser(commands) -> None:
                        "first (LLaMA, Mistral, Phi-3, Qwen2, Qwen3 layouts); the result keeps the stock config; "
                        "--ratio then applies to the layers that remain")
     depth.add_argument("--depth-ratio", type=a.ratio, default=None, help="remove this share of the decoder layers "
-                       "first (rounded to whole layers)")
-    p.add_argument("--depth-selection", choices=SELECTIONS, default="patched", help="patched (default: the span of "
+                       "first (rounded to whole layers; the recipe records the number)")
+    p.add_argument("--depth-selection", choices=SELECTIONS, default=None, help="patched (default: the span of "
                    "consecutive layers whose least-squares patch, folded into the layer before it, leaves the least "
                    "error), scattered (shortgpt's layers, each run of consecutive ones patched; better from 30%% of "
                    "the layers on SmolLM2) or shortgpt (the layers whose input and output are most alike, no patch)")
-    p.add_argument("--depth-ridge", type=a.nonnegative_float, default=DEFAULT_RIDGE, help="ridge of the depth patch, "
+    p.add_argument("--depth-ridge", type=a.nonnegative_float, default=None, help="ridge of the depth patch, "
                    f"relative to the mean diagonal of its Gram matrix (default {DEFAULT_RIDGE})")
     p.add_argument("--recipe", default=None, metavar="FILE", help="a JSON or YAML recipe: PruneOptions' fields, or "
                    "a pruning_report.json, which holds the recipe a run followed; recipe flags given beside it change it")
@@ -121,17 +122,16 @@ def run(args) -> int:
     """Prune in memory or streaming from disk; under torchrun every process calibrates on its share."""
     if args.ratio is None and args.recipe is None and args.depth is None and args.depth_ratio is None:
         raise NumpruneError("nothing to remove: give --ratio, --recipe, --depth or --depth-ratio")
-    if args.stream and (args.depth or args.depth_ratio):
-        raise NumpruneError("--stream cannot remove layers (--depth, --depth-ratio) yet; prune in memory")
     if args.gguf:  # before any work, as the output folder is (it is the GGUF's input, so it may not hold the GGUF)
         check_gguf_target(args.gguf, args.overwrite, protected_inputs(args), outputs=[args.out])
     with process_group(args.device) as device:
         return (_streaming if args.stream else _in_memory)(args, device, args.dtype)
 
 
-def prune_options(args) -> PruneOptions | None:
+def prune_options(args, layers: int | None = None) -> PruneOptions:
     """The run's recipe: --recipe's changed by the recipe flags given, or the flags alone; checked before anything is
-    loaded (with the flags that mean nothing without another)."""
+    loaded (with the flags that mean nothing without another). --depth-ratio is a share of the model's ``layers``,
+    known once the model is: before (None), one layer stands in for it, so the rest is checked first."""
     if args.no_compensate and args.compensation not in (None, "none"):
         raise NumpruneError(f"--no-compensate contradicts --compensation {args.compensation}; give one of them")
     if args.gguf is not None and not args.gguf.strip():
@@ -141,10 +141,10 @@ def prune_options(args) -> PruneOptions | None:
     given = {name: getattr(args, flag) for name, flag in RECIPE_FLAGS.items() if getattr(args, flag) is not None}
     if args.no_compensate:
         given["compensation"] = "none"
+    if args.depth_ratio is not None:
+        given["depth"] = layers_for_ratio(layers, args.depth_ratio) if layers is not None else 1
     recipe = read_recipe(args.recipe) if args.recipe is not None else None
-    if recipe is None and "ratio" not in given:
-        if args.depth or args.depth_ratio:
-            return None  # depth alone: no width step
+    if recipe is None and "ratio" not in given and "depth" not in given:
         raise NumpruneError("--ratio is needed (or a --recipe that gives it, or --depth / --depth-ratio)")
     method = given.get("method") or (recipe.method if recipe is not None else DEFAULT_METHOD)
     score = _score_options(args, method, seeded=recipe is None)
@@ -166,7 +166,7 @@ def _score_options(args, method: str, seeded: bool) -> dict:
 
 def _streaming(args, device: str | None, dtype) -> int:
     options = prune_options(args)
-    if options is not None and options.allocation == AUTO:
+    if options.allocation == AUTO:
         raise NumpruneError("--allocation auto measures whole candidate models on held-out text; --stream never holds "
                             "the whole model: choose another allocation, such as blend")
     if args.heal:
@@ -177,6 +177,8 @@ def _streaming(args, device: str | None, dtype) -> int:
     check_target(args.out, overwrite=args.overwrite, inputs=protected_inputs(args), outputs=[args.gguf],
                  marker=REPORT_NAME)
     folder = check_folder(registry_folder(args.model) or args.model)
+    if args.depth_ratio is not None:
+        options = prune_options(args, load_config(folder).num_hidden_layers)
     if args.gguf:
         check_exportable(load_config(folder))
     tokenizer = load_tokenizer(folder)
@@ -199,10 +201,10 @@ def _in_memory(args, device: str | None, dtype) -> int:
     model, tokenizer, source, tokens, calib_info, evaluation = prepare(args, REPORT_NAME)
     if args.gguf:
         check_exportable(model.config)
-    depth = args.depth or (layers_for_ratio(adapter_for(model).num_layers(), args.depth_ratio)
-                           if args.depth_ratio else 0)
+    if args.depth_ratio is not None:
+        options = prune_options(args, adapter_for(model).num_layers())
     holdout = None
-    if options is not None and options.allocation == AUTO:
+    if options.allocation == AUTO:
         if tokenizer is None:
             raise NumpruneError("the auto allocation measures candidates on held-out text; an image generator has none")
         holdout = holdout_windows(model, tokenizer, args.calib, args.nsamples, args.seqlen, args.seed,
@@ -210,8 +212,7 @@ def _in_memory(args, device: str | None, dtype) -> int:
     dense = evaluation.measure(model).figures if evaluation is not None else None
     pruned, report = prune(model, tokens, options, batch_size=args.batch_size,
                            progress=not args.quiet and world().writer, calibration_info=calib_info, device=device,
-                           dtype=dtype, depth=depth, depth_selection=args.depth_selection,
-                           depth_ridge=args.depth_ridge, holdout=holdout)
+                           dtype=dtype, holdout=holdout)
     del model
     if not world().writer:
         return 0
@@ -237,8 +238,9 @@ def _print_summary(report: dict, out, figures_lines: Sequence[str] = ()) -> None
     """What was pruned, the parameter counts, the evaluation's dense-vs-pruned lines, time, memory, the folder."""
     params = report["parameters"]
     print(f"model:  {report['model']}")
-    print(f"method: {report['method']} ({report['options']['allocation']} allocation, compensation "
-          f"{report['options']['compensation']})")
+    print(f"method: {report['method']} " + ("(layers only: no width step)" if report["method"] == "depth" else
+                                           f"({report['options']['allocation']} allocation, compensation "
+                                           f"{report['options']['compensation']})"))
     if "depth" in report:
         depth = report["depth"]
         print(f"depth:  removed layers {depth['removed_layers']} of {depth['layers_before']} ({depth['selection']}"
