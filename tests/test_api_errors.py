@@ -4,6 +4,7 @@ IndexError or RuntimeError, and before calibration wherever the inputs' shapes d
 from __future__ import annotations
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from conftest import tiny_llama, tiny_tokens
@@ -98,13 +99,18 @@ def test_windows_past_a_position_table_are_refused():
         prune(gpt2, TOKENS, ratio=0.3, progress=False)
 
 
-def test_activations_that_cannot_fit_in_memory_are_refused(model, no_calibration, monkeypatch):
+def test_activations_that_cannot_fit_in_memory_are_refused_before_a_layer_runs(model, monkeypatch):
+    """Refused once the first batch is captured (it shows what every batch keeps), before any decoder layer runs."""
     class Scarce:
         available = 1000  # bytes
 
-    monkeypatch.setattr(numprune.pipeline.psutil, "virtual_memory", lambda: Scarce)
+    ran = []
+    for layer in model.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda *_: ran.append(1))  # the capture runs no layer's MLP
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Scarce)
     with pytest.raises(NumpruneError, match="GiB of activations"):
         prune(model, TOKENS, ratio=0.3, progress=False)
+    assert not ran
 
 
 @pytest.mark.parametrize("not_a_model", ["model", None, 3])

@@ -99,7 +99,7 @@ def test_scattered_selection_removes_shortgpts_layers_and_patches_before_each_ru
     starts = [l for l in removed if l - 1 not in removed]  # each run's first layer
     assert record["patched_layers"] == [l - 1 for l in starts if l > 0] and len(record["patch_errors"]) == len(
         record["patched_layers"])
-    assert report["options"]["compensation"] == "least-squares patch"
+    assert report["options"]["depth_selection"] == "scattered" and record["ridge"] == DEFAULT_RIDGE
     expected, _, _ = remove_scattered(model, tokens, removed, DEFAULT_RIDGE, progress=False)
     for name, tensor in expected.state_dict().items():
         torch.testing.assert_close(pruned.state_dict()[name], tensor, rtol=0, atol=0)
