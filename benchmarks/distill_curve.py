@@ -11,8 +11,8 @@ learning-rate sweep and the curve on the validation texts:
 
 and the evaluation texts for the chosen setting:
 
-    .venv/bin/python benchmarks/distill_curve.py --ratio 0.2 --pruned runs/pruned20 --eval sotu,moby-dick \
-        --eval-windows 8 --runs "tokens=0;tokens=24576,distill_lr=1e-4"
+    .venv/bin/python benchmarks/distill_curve.py --ratio 0.2 --pruned runs/pruned20 --final-eval sotu,moby-dick \
+        --runs "tokens=0;tokens=24576,distill_lr=1e-4"
 
 Protocol: pruning and distillation calibrated on the same --nsamples x --seqlen SOTU windows before 1990
 (``sotu-val``'s calibration side; the 1990s it is validated on are unseen), seed 0; perplexity on the first
@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--eval", default="sotu-val,emails", help="texts (comma-separated)")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=4)
+    parser.add_argument("--final-eval", default="", help="texts (comma-separated) the unhealed model and the last "
+                        "run are also measured on: the evaluation texts, for the setting the validation chose")
     parser.add_argument("--runs", default="tokens=0", help="';'-separated HealOptions key=value lists; tokens=0 is "
                         "the unhealed model")
     parser.add_argument("--pruned", type=Path, default=None, help="folder of the pruned model: written the first "
@@ -69,11 +71,13 @@ def main() -> None:
 
     model, tokenizer, source = load_model(None)
     tokens, calib = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, seed=0)
-    evals = {spec: evaluation_windows(tokenizer, spec, args.eval_seqlen, args.eval_windows)[0]
-             for spec in args.eval.split(",")}
+    texts = args.eval.split(",")
+    finals = [t for t in args.final_eval.split(",") if t]
+    evals = {spec: evaluation_windows(tokenizer, spec, args.eval_seqlen, args.eval_windows)[0] for spec in texts + finals}
 
-    def ppl(m):
-        return {spec: round(perplexity(m, w, progress=False)["ppl"], 3) for spec, w in evals.items()}
+    def ppl(m, final=False):
+        return {spec: round(perplexity(m, w, progress=False)["ppl"], 3) for spec, w in evals.items()
+                if spec in texts or final}
 
     def emit(row):
         row.update(ratio=args.ratio, method=args.method, calibration=calib, eval_windows=args.eval_windows,
@@ -85,7 +89,7 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
 
     if args.dense:
-        emit({"run": "dense", "ppl": ppl(model)})
+        emit({"run": "dense", "ppl": ppl(model, final=True)})
     if args.pruned is not None and args.pruned.exists():
         pruned = load_model(str(args.pruned))[0]
     else:
@@ -94,7 +98,8 @@ def main() -> None:
         print(f"pruned in {time.perf_counter() - start:.1f}s", flush=True)
         if args.pruned is not None:
             save_pruned(pruned, tokenizer, report, args.pruned)
-    for options in runs(args.runs):
+    planned = runs(args.runs)
+    for i, options in enumerate(planned):
         row = {"run": options}
         if options.get("tokens") == 0:
             healed = pruned
@@ -103,7 +108,7 @@ def main() -> None:
             distilled = record.distillation
             row.update(tokens=distilled.tokens, steps=distilled.steps, minutes=round(record.seconds / 60, 2),
                        curve=distilled.curve)
-        row["ppl"] = ppl(healed)
+        row["ppl"] = ppl(healed, final=options.get("tokens") == 0 or i == len(planned) - 1)
         emit(row)
     print(f"model: {source}; calibration: {calib}")
 
