@@ -68,8 +68,8 @@ def distill(dense: nn.Module, pruned: nn.Module, tokens: torch.Tensor, opts: Hea
     home_device, home_dtype = home.device, home.dtype
     pruned.to(device, torch.float32)
     try:
-        student, trained = _trainable(pruned, opts)
-        record = _train(dense, student, trained, tokens, opts, progress)
+        student, trained = prepare_student(pruned, opts)
+        record = train_student(dense, student, trained, tokens, opts, progress)
         if opts.lora_rank:
             merged = student.merge_and_unload()
             assert merged is pruned  # merging puts the plain layers back into the pruned model itself
@@ -80,8 +80,9 @@ def distill(dense: nn.Module, pruned: nn.Module, tokens: torch.Tensor, opts: Hea
     return record
 
 
-def _trainable(model: nn.Module, opts: HealOptions) -> tuple[nn.Module, list[nn.Parameter]]:
-    """The module to train (the model, or its LoRA-wrapped self) and the parameters that train."""
+def prepare_student(model: nn.Module, opts: HealOptions) -> tuple[nn.Module, list[nn.Parameter]]:
+    """The module to train (the model, or its LoRA-wrapped self: ``merge_and_unload`` merges it back) and the
+    parameters that train; every other parameter is frozen."""
     frozen = {id(model.get_input_embeddings().weight)}
     head = model.get_output_embeddings()
     if head is not None:
@@ -121,11 +122,12 @@ def _batches(windows: int, batch: int, generator: torch.Generator) -> Iterator[l
         yield from (order[i:i + batch] for i in range(0, windows, batch))
 
 
-def _train(dense: nn.Module, student: nn.Module, trained: list[nn.Parameter], tokens: torch.Tensor,
-           opts: HealOptions, progress: bool) -> DistillRecord:
+def train_student(dense: nn.Module, student: nn.Module, trained: list[nn.Parameter], tokens: torch.Tensor,
+                  opts: HealOptions, progress: bool) -> DistillRecord:
+    """Train ``trained`` (of ``student``) to ``dense``'s next-token distribution on ``tokens`` within the budget."""
     steps, stopped_by = _plan(tokens.shape[0], tokens.shape[1], opts)
     limit = opts.minutes * 60 if opts.minutes is not None else math.inf
-    optimizer = torch.optim.AdamW(trained, lr=opts.distill_lr, weight_decay=0.0)  # no pull toward zero: the target is the teacher
+    optimizer = torch.optim.AdamW(trained, lr=opts.distill_lr, weight_decay=0.0)  # the target is the teacher, not 0
     every = max(1, (steps or 10 * CURVE_POINTS) // CURVE_POINTS)
     dense.eval()
     student.eval()  # no dropout: the same windows give the same loss

@@ -16,7 +16,7 @@ from test_heal import dense_with_dead_channels
 
 from numprune.api import prune
 from numprune.cli import main
-from numprune.distill import _train, _trainable
+from numprune.distill import prepare_student, train_student
 from numprune.errors import NumpruneError
 from numprune.heal import heal
 from numprune.recipe import HealOptions, PruneOptions
@@ -58,8 +58,8 @@ def test_lora_merges_into_weights_that_give_the_unmerged_outputs():
     pruned, _ = prune(dense, tokens, ratio=0.4, progress=False)
     original, kind = {name: p.clone() for name, p in pruned.named_parameters()}, type(pruned)
     opts = HealOptions(mode="distill", lora_rank=4, distill_lr=1e-2, epochs=2)
-    wrapped, trained = _trainable(pruned, opts)
-    _train(dense, wrapped, trained, tokens, opts, progress=False)
+    wrapped, trained = prepare_student(pruned, opts)
+    train_student(dense, wrapped, trained, tokens, opts, progress=False)
     probe = tiny_tokens(3, 20, seed=7)
     with torch.no_grad():
         unmerged = wrapped(input_ids=probe).logits
