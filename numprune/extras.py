@@ -1,5 +1,5 @@
 """Optional dependencies: pruning needs only the base install; each feature beyond it needs an extra
-(pyproject.toml's ``[eval]``, ``[data]``, ``[plots]``, ``[llamacpp]``, or ``[all]``), imported when the
+(pyproject.toml's ``[eval]``, ``[data]``, ``[plots]``, ``[llamacpp]``, ``[heal]``, or ``[all]``), imported when the
 feature is used, and a missing one is refused in one line that names the extra to install."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from numprune.errors import NumpruneError
 
 # Each optional top-level module -> (the package that installs it, the extra that names the package).
 OPTIONAL = {"datasets": ("datasets", "data"), "sklearn": ("scikit-learn", "data"), "matplotlib": ("matplotlib", "plots"),
-            "lm_eval": ("lm-eval", "eval"), "llama_cpp": ("llama-cpp-python", "llamacpp")}
+            "lm_eval": ("lm-eval", "eval"), "peft": ("peft", "heal"), "llama_cpp": ("llama-cpp-python", "llamacpp")}
 
 
 def install_line(module: str, what: str) -> str:

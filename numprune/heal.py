@@ -9,6 +9,9 @@ two streams of calibration activations (dense and pruned), plus the dense sub-bl
 ``relative`` loss, and float32 working copies of the two layers on the stream's device.
 
 A layer keeps its fitted weights only if its calibration loss went down, so healing never raises it.
+
+The ``distill`` mode trains the whole pruned model to the dense model's next-token distribution instead
+(numprune.distill); ``local+distill`` fits the layers first, then distils.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from tqdm.auto import tqdm
 
 from numprune.adapters import Adapter, adapter_for
 from numprune.calibrate import LayerStream, shared_map
+from numprune.distill import DistillRecord, distill
 from numprune.errors import NumpruneError
+from numprune.extras import need
 from numprune.pipeline import check_tokens
 from numprune.precision import check_device, model_device
 from numprune.recipe import HealOptions
@@ -43,24 +48,30 @@ class LayerHealing:
 
 @dataclass
 class HealRecord:
-    """What ``heal`` did: its options, each layer's losses, the tokens it fitted on and its time."""
+    """What ``heal`` did: its options, each layer's losses (block-local), the distillation's record, the calibration
+    tokens and its time."""
 
     options: HealOptions
     layers: list[LayerHealing]
     tokens: int
     seconds: float
+    distillation: DistillRecord | None = None
 
     def to_json(self) -> dict:
-        return {"options": asdict(self.options), "tokens": self.tokens, "seconds": round(self.seconds, 3),
-                "layers": [{**asdict(layer), "seconds": round(layer.seconds, 3)} for layer in self.layers]}
+        return {"options": asdict(self.options), "mode": self.options.mode, "tokens": self.tokens,
+                "seconds": round(self.seconds, 3),
+                "layers": [{**asdict(layer), "seconds": round(layer.seconds, 3)} for layer in self.layers],
+                "distillation": self.distillation.to_json() if self.distillation is not None else None}
 
 
-def heal(dense: nn.Module, pruned: nn.Module, tokens: torch.Tensor | None, *, progress: bool = True,
+def heal(dense: nn.Module, pruned: nn.Module, tokens: torch.Tensor | None, /, *, progress: bool = True,
          device: torch.device | str | None = None, **options) -> tuple[nn.Module, HealRecord]:
-    """Heal ``pruned`` (in place; it is returned) layer by layer toward ``dense``, on calibration ``tokens``.
+    """Heal ``pruned`` (in place; it is returned) toward ``dense`` on calibration ``tokens``: layer by layer, by
+    distillation, or both, as ``options``' mode says.
 
-    ``options`` are HealOptions' fields (lr, epochs, batch, params, loss, seed). ``dense`` is left
-    untouched. The layer passes and the fits run on ``device`` (default: the dense model's own) in float32.
+    ``options`` are HealOptions' fields (``tokens=`` among them is distillation's budget; the calibration tokens
+    are the third argument, by position). ``dense`` is left untouched. The layer passes, the fits and the
+    distillation run on ``device`` (default: the dense model's own) in float32.
     """
     opts = HealOptions.checked(**options)
     if tokens is None:
@@ -69,7 +80,18 @@ def heal(dense: nn.Module, pruned: nn.Module, tokens: torch.Tensor | None, *, pr
     check_tokens(teacher, tokens)
     _check_pair(teacher, student)
     where = check_device(device) or model_device(dense)
+    if opts.lora_rank:
+        need("peft", "distillation with LoRA")  # refused before the long work
     start = time.perf_counter()
+    layers = (_heal_layers(dense, pruned, tokens, teacher, student, where, opts, progress)
+              if opts.mode != "distill" else [])
+    distilled = distill(dense, pruned, tokens, opts, where, progress) if "distill" in opts.mode else None
+    return pruned, HealRecord(opts, layers, int(tokens.numel()), time.perf_counter() - start, distilled)
+
+
+def _heal_layers(dense: nn.Module, pruned: nn.Module, tokens: torch.Tensor, teacher: Adapter, student: Adapter,
+                 where: torch.device, opts: HealOptions, progress: bool) -> list[LayerHealing]:
+    """Block-local healing: each pruned layer in order fitted to the dense layer's output; what each did."""
     dense_stream = LayerStream(dense, teacher, tokens, opts.batch, where, torch.float32)
     pruned_stream = LayerStream(pruned, student, tokens, opts.batch, where, torch.float32)
     generator = torch.Generator().manual_seed(opts.seed)
@@ -93,7 +115,7 @@ def heal(dense: nn.Module, pruned: nn.Module, tokens: torch.Tensor | None, *, pr
             outputs = [out for out, _ in _Block(student, layer, where, False).outputs(pruned_stream)]
         pruned_stream.advance(outputs)
         layers.append(LayerHealing(before, min(after, before), kept, time.perf_counter() - layer_start))
-    return pruned, HealRecord(opts, layers, int(tokens.numel()), time.perf_counter() - start)
+    return layers
 
 
 def _check_pair(dense: Adapter, pruned: Adapter) -> None:

@@ -30,6 +30,8 @@ from numprune.errors import NumpruneError
 COMPENSATION_STATS = ("dense", "sequential")
 HEAL_PARAMS = ("all", "norms")  # healing fits every kept weight of a layer, or its norms and biases only
 HEAL_LOSSES = ("mse", "relative")  # on the block's output; or each sub-block's error over its dense output's energy
+# block-local fits (numprune.heal), distillation of the dense model's next-token distribution (numprune.distill), or both
+HEAL_MODES = ("local", "distill", "local+distill")
 GUIDED_BY_COMPENSATION = "compensated-error"  # the allocation that ranks by a compensation's error curves
 MAX_SEED = 2**32 - 1  # seeds torch and numpy both take
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -77,7 +79,7 @@ class Rule:
 
 
 POSITIVE_INT = Rule(int, lambda v: is_int(v) and v >= 1, "a positive integer")
-COUNT = Rule(int, lambda v: is_int(v) and v >= 0, "a whole number >= 0")
+NONNEGATIVE_INT = Rule(int, lambda v: is_int(v) and v >= 0, "an integer >= 0")
 SEED = Rule(int, lambda v: is_int(v) and 0 <= v <= MAX_SEED, f"an integer between 0 and {MAX_SEED}")
 NONNEGATIVE = Rule(float, lambda v: is_number(v) and 0 <= v < math.inf, "a finite number >= 0")
 POSITIVE = Rule(float, lambda v: is_number(v) and 0 < v < math.inf, "a finite number > 0")
@@ -90,14 +92,20 @@ SCORE_OPTION_RULES = {"iterations": POSITIVE_INT, "damp": NONNEGATIVE, "lambda_r
 
 @dataclass(frozen=True)
 class HealOptions:
-    """How numprune.heal fits each pruned layer to the dense layer's output (defaults chosen on validation text)."""
+    """How numprune.heal fits each pruned layer to the dense layer's output, and how it distils the dense model
+    into the pruned one (defaults chosen on validation text)."""
 
     lr: float = 3e-4  # Adam's learning rate at the start; it decays to 0 along a cosine over the steps
-    epochs: int = 1  # passes over the calibration windows per layer
-    batch: int = 1  # calibration windows per Adam step
+    epochs: int = 1  # passes over the calibration windows per layer (distillation: in all, unless a budget is given)
+    batch: int = 1  # calibration windows per Adam step (both modes)
     params: str = "all"  # HEAL_PARAMS
     loss: str = "relative"  # HEAL_LOSSES
-    seed: int = 0  # the order windows are visited in
+    seed: int = 0  # the order windows are visited in (and LoRA's initial matrices)
+    mode: str = "local"  # HEAL_MODES
+    distill_lr: float = 1e-4  # distillation's AdamW learning rate at the start, decaying to 0 along a cosine
+    tokens: int | None = None  # distillation's budget in calibration tokens (None: ``epochs`` passes)
+    minutes: float | None = None  # distillation's budget in wall minutes (the schedule follows the clock): not reproducible
+    lora_rank: int = 0  # distillation trains LoRA adapters of this rank (merged back after); 0: the full kept weights
 
     @classmethod
     def checked(cls, **options) -> HealOptions:
@@ -107,17 +115,28 @@ class HealOptions:
                                 f"{', '.join(f.name for f in fields(cls))}")
         opts = cls(**{name: plain(value) for name, value in options.items()})
         POSITIVE.check("healing learning rate", opts.lr)
+        POSITIVE.check("distillation learning rate", opts.distill_lr)
+        NONNEGATIVE_INT.check("LoRA rank", opts.lora_rank)
+        for budget, rule, what in ((opts.tokens, POSITIVE_INT, "tokens"), (opts.minutes, POSITIVE, "minutes")):
+            if budget is not None:
+                rule.check(f"distillation budget in {what}", budget)
         POSITIVE_INT.check("healing epochs", opts.epochs)
         POSITIVE_INT.check("healing batch", opts.batch)
         SEED.check("healing seed", opts.seed)
         for value, allowed, what in ((opts.params, HEAL_PARAMS, "healing parameters"),
-                                     (opts.loss, HEAL_LOSSES, "healing loss")):
+                                     (opts.loss, HEAL_LOSSES, "healing loss"), (opts.mode, HEAL_MODES, "healing mode")):
             if value not in allowed:
                 raise NumpruneError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
+        given = [name for name, value in (("tokens", opts.tokens), ("minutes", opts.minutes), ("lora_rank", opts.lora_rank))
+                 if value not in (None, 0)]
+        if given and "distill" not in opts.mode:
+            raise NumpruneError(f"the healing option {given[0]} applies to distillation; the {opts.mode} mode does not "
+                                f"distil (choose {' or '.join(m for m in HEAL_MODES if 'distill' in m)})")
         return opts
 
 
-HEAL_FIELDS = ("lr", "epochs", "batch", "params", "loss")  # the HealOptions a PruneOptions carries as heal_<name>
+# the HealOptions a PruneOptions carries as heal_<name>
+HEAL_FIELDS = ("lr", "epochs", "batch", "params", "loss", "mode", "distill_lr", "tokens", "minutes", "lora_rank")
 
 
 DEFAULT_METHOD = "numerical-robust"  # the API's, the command line's and compare's (docs/method.md, "The default method")
@@ -142,7 +161,7 @@ class PruneOptions:
     allocation_compensation: str | None = None  # compensated-error: whose error curves guide it (None: the run's own)
     blend_weight: float | None = None  # blend: the share of the global ranking's widths (None: the ratio's schedule)
     score_options: dict = field(default_factory=dict)  # the criterion's keyword options (unset: its own defaults)
-    heal: bool = False  # block-local healing after pruning (numprune.heal); the heal_* options are its, None: default
+    heal: bool = False  # healing after pruning (numprune.heal; heal_mode: which); the heal_* options are its, None: default
     heal_lr: float | None = None
     heal_epochs: int | None = None
     heal_batch: int | None = None
@@ -151,6 +170,11 @@ class PruneOptions:
     depth: int = 0  # whole decoder layers removed before the width step (numprune.depth); with ratio 0, alone
     depth_selection: str | None = None  # depth's SELECTIONS; None: the first (with depth)
     depth_ridge: float | None = None  # the depth patch's ridge; None: depth's DEFAULT_RIDGE (with depth)
+    heal_mode: str | None = None
+    heal_distill_lr: float | None = None
+    heal_tokens: int | None = None
+    heal_minutes: float | None = None
+    heal_lora_rank: int | None = None
 
     def __post_init__(self):
         _resolve(self, lambda name, value: object.__setattr__(self, name, value))
@@ -298,7 +322,7 @@ def _resolve_depth(opts: PruneOptions, put: Callable[[str, object], None]) -> No
     ratio, depth alone (ratio 0). The model-dependent checks (a family whose layers can be patched, fewer layers
     than it has) are numprune.depth.check_depth's, at prune time."""
     put("depth", plain(opts.depth))
-    COUNT.check("depth", opts.depth)
+    NONNEGATIVE_INT.check("depth", opts.depth)
     if not opts.depth:
         given = [name for name in DEPTH_FIELDS[1:] if getattr(opts, name) is not None]
         if given:

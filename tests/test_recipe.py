@@ -14,7 +14,7 @@ from numprune.cli import args as a
 from numprune.criteria import methods
 from numprune.depth import DEFAULT_RIDGE
 from numprune.errors import NumpruneError
-from numprune.recipe import COUNT, NONNEGATIVE, POSITIVE_INT, RATIO, SEED, PruneOptions
+from numprune.recipe import NONNEGATIVE, NONNEGATIVE_INT, POSITIVE_INT, RATIO, SEED, PruneOptions
 
 
 def test_an_entry_sets_prune_options_and_score_options_by_their_declared_types():
@@ -99,9 +99,9 @@ def test_depth_is_part_of_the_recipe():
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(ratio=0.3, depth=-1), f"depth must be {COUNT.says}, got -1"),
-    (dict(ratio=0.3, depth=True), f"depth must be {COUNT.says}, got True"),
-    (dict(ratio=0.3, depth=1.5), f"depth must be {COUNT.says}, got 1.5"),
+    (dict(ratio=0.3, depth=-1), f"depth must be {NONNEGATIVE_INT.says}, got -1"),
+    (dict(ratio=0.3, depth=True), f"depth must be {NONNEGATIVE_INT.says}, got True"),
+    (dict(ratio=0.3, depth=1.5), f"depth must be {NONNEGATIVE_INT.says}, got 1.5"),
     (dict(ratio=0.3, depth_ridge=0.1), "depth_ridge is a depth option; it applies only with depth > 0"),
     (dict(ratio=0.3, depth=0, depth_selection="patched"), "depth_selection is a depth option"),
     (dict(ratio=0.3, depth=1, depth_selection="cosine"), "unknown depth selection 'cosine'"),

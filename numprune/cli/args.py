@@ -17,6 +17,7 @@ from numprune.image.calibration import CALIB_CFG_SCALE
 from numprune.precision import check_device
 from numprune.recipe import (
     HEAL_LOSSES,
+    HEAL_MODES,
     HEAL_PARAMS,
     NONNEGATIVE,
     POSITIVE,
@@ -185,8 +186,21 @@ def add_image_evaluation(p: argparse.ArgumentParser) -> None:
 
 
 def add_heal_options(p: argparse.ArgumentParser) -> None:
-    """The options of block-local healing (numprune.heal); unset ones (None) take HealOptions' defaults."""
+    """The options of healing (numprune.heal): block-local, distillation or both; unset ones (None) take
+    HealOptions' defaults."""
     d = HealOptions()
+    p.add_argument("--heal-mode", choices=HEAL_MODES, default=None, help="healing: local (fit each layer to the "
+                   "dense layer's output), distill (train the whole model to the dense model's next-token distribution) "
+                   f"or local+distill (both, in that order) (default {d.mode})")
+    p.add_argument("--heal-distill-lr", type=positive_float, default=None, help="healing by distillation: AdamW's "
+                   f"learning rate, decaying along a cosine (default {d.distill_lr})")
+    p.add_argument("--heal-tokens", type=positive_int, default=None, help="healing by distillation: the budget in "
+                   "calibration tokens (default: --heal-epochs passes over the calibration windows)")
+    p.add_argument("--heal-minutes", type=positive_float, default=None, help="healing by distillation: the budget in "
+                   "wall minutes; the run then depends on the machine's speed (its report gives the tokens used, which "
+                   "--heal-tokens reruns reproducibly)")
+    p.add_argument("--heal-lora-rank", type=nonnegative_int, default=None, help="healing by distillation: train LoRA "
+                   f"adapters of this rank, merged into the weights after; 0: the kept weights (default {d.lora_rank})")
     p.add_argument("--heal-lr", type=positive_float, default=None, help=f"healing: Adam's learning rate, decaying "
                    f"along a cosine (default {d.lr})")
     p.add_argument("--heal-epochs", type=positive_int, default=None, help=f"healing: passes over the calibration "

@@ -18,7 +18,7 @@ from numprune.save import REPORT_NAME, read_report, save_pruned
 
 def add_parser(commands) -> None:
     p = commands.add_parser("heal", help="fit a pruned model's layers to the dense model's outputs, layer by layer, "
-                            "and save the healed model")
+                            "or distil the dense model into it, and save the healed model")
     a.add_model(p)
     p.add_argument("--pruned", required=True, help="the pruned model folder (a numprune output) to heal; it is not "
                    "changed")
@@ -49,8 +49,20 @@ def run(args) -> int:
     report["options"].update(heal=True, **{f"heal_{name}": getattr(options, name) for name in HEAL_FIELDS})
     report["healing"] = {**record.to_json(), "calibration": calib_info, "dense_model": source}
     out = save_pruned(healed, pruned_tokenizer, report, args.out, args.overwrite, inputs=inputs)
-    kept = sum(layer.kept for layer in record.layers)
-    print(f"healed: {args.pruned} toward {source}, {kept} of {len(record.layers)} layers kept their fit, "
-          f"{record.seconds:.1f}s")
+    print(f"healed: {args.pruned} toward {source}; {summary(report['healing'])}")
     print(f"saved: {out} (report in {out}/{REPORT_NAME})")
     return 0
+
+
+def summary(healing: dict) -> str:
+    """One line on a report's ``healing`` record: the layers that kept their fit, the distillation's KL and budget."""
+    parts = []
+    if layers := healing["layers"]:
+        parts.append(f"{sum(layer['kept'] for layer in layers)} of {len(layers)} layers kept their fit; calibration "
+                     f"loss, last layer {layers[-1]['before']:.4g} -> {layers[-1]['after']:.4g}")
+    if distilled := healing.get("distillation"):
+        curve = distilled["curve"]
+        kl = f", KL to the dense model {curve[0]['kl']:.4g} -> {curve[-1]['kl']:.4g}" if curve else ""
+        parts.append(f"distilled {distilled['tokens']:,} tokens in {distilled['steps']} steps (budget: "
+                     f"{distilled['stopped_by']}){kl}")
+    return "; ".join(parts) + f"; {healing['seconds']:.1f}s"

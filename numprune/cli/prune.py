@@ -11,6 +11,7 @@ from numprune.api import prune
 from numprune.auto import holdout_windows
 from numprune.cli import args as a
 from numprune.cli.export import add_gguf_options, gguf_outtype, print_export
+from numprune.cli.heal import summary as heal_summary
 from numprune.cli.inputs import check_calibration, load, prepare, protected_inputs
 from numprune.compensate import COMPENSATIONS, Damped
 from numprune.compensate import REGISTRY as COMPENSATION_REGISTRY
@@ -101,7 +102,8 @@ def add_parser(commands) -> None:
     p.add_argument("--centred", action="store_true", default=None, help="Newton score on the centred covariance "
                    "(default: the method's own; numerical: uncentred, as the paper)")
     p.add_argument("--heal", action="store_true", default=None, help="after pruning, fit each pruned layer's kept "
-                   "weights to the dense layer's output on the calibration windows, layer by layer (block-local healing)")
+                   "weights to the dense layer's output on the calibration windows, layer by layer (block-local healing; "
+                   "--heal-mode distill trains the whole model to the dense model's next-token distribution instead)")
     a.add_heal_options(p)
     a.add_output_folder(p, "output folder")
     add_gguf_options(p, required=False)
@@ -250,10 +252,7 @@ def _print_summary(report: dict, out, figures_lines: Sequence[str] = ()) -> None
           f"(attention+MLP {params['attention_mlp_before']:,} -> {params['attention_mlp_after']:,}, "
           f"removed {params['achieved_ratio']:.1%}, target {params['target_ratio']:.0%})")
     if "healing" in report:
-        layers = report["healing"]["layers"]
-        print(f"healing: {sum(layer['kept'] for layer in layers)} of {len(layers)} layers kept their fit; calibration "
-              f"loss, last layer {layers[-1]['before']:.4g} -> {layers[-1]['after']:.4g}, in "
-              f"{report['healing']['seconds']:.1f}s")
+        print(f"healing: {heal_summary(report['healing'])}")
     for line in figures_lines:
         print(line)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in report["time_s"].items())
