@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from numprune.allocate import AUTO_WEIGHTS, blend_schedule
 from numprune.api import calibrate, prune
@@ -83,13 +84,20 @@ def run(args) -> None:
 
     model, tokenizer, source = load_model(args.model)
     tokens, calib_info = calibration_windows(tokenizer, "sotu-val", args.nsamples, args.seqlen, 0)
+    cache = out.with_suffix(".windows.safetensors")  # the sampled texts, drawn once for a grid split over runs
     torch.set_num_threads(1)  # token-by-token sampling with two threads waits on itself on busy shared cores
     start = time.perf_counter()
-    holdout = holdout_windows(model, tokenizer, "sotu-val", args.nsamples, args.seqlen, 0, windows=count,
-                              length=length)
+    if cache.exists():
+        saved = load_file(cache)
+        holdout = {k.split("/", 1)[1]: (v, {}) for k, v in saved.items() if k.startswith("holdout/")}
+        windows = {name: saved[name] for name in TEXTS}
+    else:
+        holdout = holdout_windows(model, tokenizer, "sotu-val", args.nsamples, args.seqlen, 0, windows=count,
+                                  length=length)
+        windows = {name: evaluation_windows(tokenizer, name, 512, args.eval_windows, model=model, seed=1)[0]
+                   for name in TEXTS}
+        save_file({**windows, **{f"holdout/{k}": w for k, (w, _) in holdout.items()}}, cache)
     holdout_s = time.perf_counter() - start
-    windows = {name: evaluation_windows(tokenizer, name, 512, args.eval_windows, model=model, seed=1)[0]
-               for name in TEXTS}
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     stats = calibrate(model, tokens, progress=False)
@@ -98,9 +106,9 @@ def run(args) -> None:
         dense = measure(model, windows)
         write(out, dict(model=source, calibration=calib_info, calibration_s=round(calibration_s, 2),
                         holdout={k: {kk: vv for kk, vv in info.items() if kk != "starts"}
-                                 for k, (_, info) in holdout.items()}, holdout_s=round(holdout_s, 2),
+                                 for k, (_, info) in holdout.items()}, texts_s=round(holdout_s, 2),
                         dense=dense, eval_windows=args.eval_windows, threads=args.threads))
-    print(f"{source}: calibration {calibration_s:.1f}s, held-out windows {holdout_s:.1f}s", flush=True)
+    print(f"{source}: calibration {calibration_s:.1f}s, texts drawn or read {holdout_s:.1f}s", flush=True)
 
     for ratio in ratios:
         cell = dict(ratio=ratio, schedule=blend_schedule(ratio), calibration_s=round(calibration_s, 2), weights={})
