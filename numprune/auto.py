@@ -53,16 +53,19 @@ HOLDOUT_SHARE = 8  # the API's fallback: the last 1/8 of the given calibration w
 
 
 def holdout_windows(model, tokenizer, spec: str, nsamples: int, seqlen: int, seed: int,
-                    sampling: Sampling = Sampling(), progress: bool = False) -> dict[str, tuple[torch.Tensor, dict]]:
+                    sampling: Sampling = Sampling(), progress: bool = False, windows: int = HOLDOUT_WINDOWS,
+                    length: int = HOLDOUT_SEQLEN) -> dict[str, tuple[torch.Tensor, dict]]:
     """The command line's held-out text for calibration ``spec`` drawn as ``calibration_windows(spec, nsamples,
     seqlen, seed)``: each text part's passages no calibration window touches, and the dense model's own samples
-    (HOLDOUT_WINDOWS of each, HOLDOUT_SEQLEN tokens long or shorter than the calibration windows)."""
-    length = min(HOLDOUT_SEQLEN, max(2, seqlen - 1))  # the prompt token goes before a sample: seqlen - 1 fits the model
-    held = held_out_windows(tokenizer, spec, nsamples, seqlen, seed, HOLDOUT_WINDOWS, length)
-    windows, info = self_generated_windows(model, tokenizer, HOLDOUT_WINDOWS, length,
+    (``windows`` of each, ``length`` tokens long or shorter than the calibration windows)."""
+    if windows < 1 or length < 2:
+        raise NumpruneError(f"held-out text needs at least one window of two or more tokens (got {windows} x {length})")
+    length = min(length, max(2, seqlen - 1))  # the prompt token goes before a sample: seqlen - 1 fits the model
+    held = held_out_windows(tokenizer, spec, nsamples, seqlen, seed, windows, length)
+    samples, info = self_generated_windows(model, tokenizer, windows, length,
                                            seed=(seed + HOLDOUT_SEED_OFFSET) % (MAX_SEED + 1), side="held out",
                                            sampling=sampling, progress=progress)
-    return {**held, "self": (windows, {**info, "windows": HOLDOUT_WINDOWS})}
+    return {**held, "self": (samples, {**info, "windows": windows})}
 
 
 def split_holdout(tokens: torch.Tensor | None, stats, holdout) -> tuple[torch.Tensor | None, dict]:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_llama, tiny_tokens
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from numprune import auto
 from numprune.allocate import AUTO_WEIGHTS
@@ -195,3 +196,21 @@ def test_compare_runs_auto_on_the_shared_statistics():
     rows = {row["method"]: row for row in results["rows"]}
     chosen = rows[entries[0]]["auto_allocation"]["chosen_blend_weight"]
     assert rows[entries[0]]["ppl"] == rows[f"numerical:allocation=blend:blend_weight={chosen}"]["ppl"]
+
+
+def test_held_out_size_is_chosen_and_capped_by_the_calibration_windows(tiny_model_folder, tmp_path):
+    """holdout_windows draws the asked count and length of each held-out text, never longer than a calibration window
+    less the sampling prompt (so the default HOLDOUT_SEQLEN is cut too); a size of nothing is refused."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_folder)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_folder)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i}" for i in range(3000)), encoding="utf-8")
+    held = auto.holdout_windows(model, tokenizer, str(text), 4, 64, 0, windows=6, length=40)
+    assert {name: tuple(w.shape) for name, (w, _) in held.items()} == {str(text): (6, 40), "self": (6, 40)}
+    assert held["self"][1]["windows"] == 6 and held[str(text)][1]["seqlen"] == 40
+    capped = auto.holdout_windows(model, tokenizer, str(text), 4, 64, 0, windows=2, length=512)
+    assert {tuple(w.shape) for w, _ in capped.values()} == {(2, 63)}
+    default = auto.holdout_windows(model, tokenizer, str(text), 4, 64, 0)
+    assert {tuple(w.shape) for w, _ in default.values()} == {(auto.HOLDOUT_WINDOWS, 63)}
+    with pytest.raises(NumpruneError, match="at least one window of two or more tokens"):
+        auto.holdout_windows(model, tokenizer, str(text), 4, 64, 0, windows=0)
