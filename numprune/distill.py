@@ -52,7 +52,7 @@ def kl_to_teacher(teacher_logits: torch.Tensor, student_logits: torch.Tensor) ->
     """KL(teacher || student) of the next-token distributions, averaged over the tokens (natural log)."""
     teacher = F.log_softmax(teacher_logits.float(), dim=-1)
     student = F.log_softmax(student_logits.float(), dim=-1)
-    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+    return F.kl_div(student, teacher, reduction="none", log_target=True).sum(-1).mean()
 
 
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
