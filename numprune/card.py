@@ -154,8 +154,10 @@ def _how_pruned(report: Mapping) -> str:
              f"{report['parameters']['achieved_ratio']:.4f} |"]
     if report.get("depth"):
         depth = report["depth"]
+        patched = depth.get("patched_layers") or [depth["patched_layer"]]  # several with scattered
         lines.append(f"| layers removed | {depth['removed_layers']} ({depth['selection']}"
-                     + (f"; least-squares patch folded into layer {depth['patched_layer']}, ridge {depth['ridge']}"
+                     + (f"; least-squares patch folded into layer{'s' * (len(patched) > 1)} "
+                        f"{', '.join(map(str, patched))}, ridge {depth['ridge']}"
                         if depth["patched_layer"] is not None else "") + ") |")
     if "source" in calibration:
         shape = (f"{calibration['nsamples']} x {calibration['seqlen']} tokens"

@@ -16,6 +16,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from numprune import compare
 from numprune.adapters import adapter_for
 from numprune.api import calibrate, prune
+from numprune.card import write_pruned_card
 from numprune.cli import main
 from numprune.depth import (
     DEFAULT_RIDGE,
@@ -90,7 +91,7 @@ def test_scattered_patches_each_run_on_the_model_without_the_earlier_runs():
     torch.testing.assert_close(pruned.model.layers[2].mlp.down_proj.weight, model.model.layers[6].mlp.down_proj.weight)
 
 
-def test_scattered_selection_removes_shortgpts_layers_and_patches_before_each_run():
+def test_scattered_selection_removes_shortgpts_layers_and_patches_before_each_run(tmp_path):
     model, tokens = tiny_llama("gqa", layers=6), tiny_tokens(6, 16)
     _, plain = prune(model, tokens, ratio=0, depth=3, depth_selection="shortgpt", progress=False)
     pruned, report = prune(model, tokens, ratio=0, depth=3, depth_selection="scattered", progress=False)
@@ -100,6 +101,9 @@ def test_scattered_selection_removes_shortgpts_layers_and_patches_before_each_ru
     assert record["patched_layers"] == [l - 1 for l in starts if l > 0] and len(record["patch_errors"]) == len(
         record["patched_layers"])
     assert report["options"]["depth_selection"] == "scattered" and record["ridge"] == DEFAULT_RIDGE
+    card = write_pruned_card(tmp_path, report.to_json(), None).read_text()  # names every patched layer
+    patched = record["patched_layers"]
+    assert f"folded into layer{'s' * (len(patched) > 1)} {', '.join(map(str, patched))}, ridge" in card
     expected, _, _ = remove_scattered(model, tokens, removed, DEFAULT_RIDGE, progress=False)
     for name, tensor in expected.state_dict().items():
         torch.testing.assert_close(pruned.state_dict()[name], tensor, rtol=0, atol=0)

@@ -245,9 +245,12 @@ def _print_summary(report: dict, out, figures_lines: Sequence[str] = ()) -> None
                                            f"{report['options']['compensation']})"))
     if "depth" in report:
         depth = report["depth"]
+        patched = depth.get("patched_layers") or [depth["patched_layer"]]  # several with scattered
         print(f"depth:  removed layers {depth['removed_layers']} of {depth['layers_before']} ({depth['selection']}"
-              + (f", patch in layer {depth['patched_layer']}, calibration error {depth['relative_error_before_patch']:.4f}"
-                 f" -> {depth['relative_error_after_patch']:.4f}" if depth["patched_layer"] is not None else "") + ")")
+              + (f", patch in layer{'s' * (len(patched) > 1)} {', '.join(map(str, patched))}, calibration error "
+                 f"{depth['relative_error_before_patch']:.4f} -> {depth['relative_error_after_patch']:.4f}"
+                 + (" (mean over the patches)" if len(patched) > 1 else "")
+                 if depth["patched_layer"] is not None else "") + ")")
     print(f"parameters: {params['total_before']:,} -> {params['total_after']:,} "
           f"(attention+MLP {params['attention_mlp_before']:,} -> {params['attention_mlp_after']:,}, "
           f"removed {params['achieved_ratio']:.1%}, target {params['target_ratio']:.0%})")
