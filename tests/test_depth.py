@@ -253,8 +253,8 @@ def test_depth_is_deterministic():
 
 @pytest.mark.parametrize("model,options,message", [
     (lambda: tiny_llama("gqa", layers=3), dict(depth=3), "cannot remove 3 of this model's 3 layers; remove at most 2"),
-    (lambda: tiny_llama("gqa", layers=3), dict(depth=-1), "depth must be a whole number >= 0"),
-    (lambda: tiny_llama("gqa", layers=3), dict(depth=1.5), "depth must be a whole number >= 0"),
+    (lambda: tiny_llama("gqa", layers=3), dict(depth=-1), "depth must be an integer >= 0"),
+    (lambda: tiny_llama("gqa", layers=3), dict(depth=1.5), "depth must be an integer >= 0"),
     (lambda: tiny_llama("gqa", layers=3), dict(depth=1, depth_selection="cosine"), "unknown depth selection 'cosine'"),
     (lambda: tiny_llama("gqa", layers=3), dict(depth=1, depth_ridge=-1.0), "depth ridge must be a finite number"),
     (lambda: tiny("gemma3_text"), dict(depth=1), "depth pruning supports the llama, mistral, phi3, qwen2, qwen3 families, "
@@ -346,7 +346,7 @@ def test_compare_entries_take_depth_first_and_match_prune():
     alone, report = prune(model, tokens, ratio=0.3, depth=1, depth_ridge=0.1, method="numerical", progress=False)
     assert row["depth"] == report["depth"] and row["depth"]["ridge"] == 0.1
     assert row["ppl"]["w"] == pytest.approx(perplexity(alone, windows, progress=False)["ppl"], rel=1e-6)
-    for entry, message in (("numerical:depth=-1", "depth must be a whole number >= 0"),
+    for entry, message in (("numerical:depth=-1", "depth must be an integer >= 0"),
                            ("numerical:depth_ridge=0.1", "depth_ridge is a depth option; it applies only with depth > 0"),
                            ("numerical:depth=1:depth_selection=cosine", "unknown depth selection 'cosine'"),
                            ("numerical:depth=x", "bad value 'x' for depth")):
