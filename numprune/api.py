@@ -21,7 +21,7 @@ from numprune.calibrate import LayerStats, collect_statistics
 from numprune.depth import check_depth, prune_depth
 from numprune.errors import NumpruneError
 from numprune.heal import heal
-from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, resolve, select
+from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, layers_only_report, resolve, select
 from numprune.precision import full_precision
 from numprune.recipe import FLAG, PruneOptions
 from numprune.report import Clock, PruneReport, counted_from_dense, parameter_counts
@@ -135,10 +135,8 @@ def _depth_first(model: nn.Module, tokens, opts: PruneOptions, stats, batch_size
                                       progress)
     middle = parameter_counts(adapter_for(shallow))
     if opts.ratio == 0:
-        kept = adapter_for(shallow)
-        report = build_report(opts, tokens, calibration_info, before, shallow,
-                              [kept.full_plan(i) for i in range(kept.num_layers())], clock, compute.describe(kept))
-        report.method = "depth"
+        report = layers_only_report(opts, tokens, calibration_info, before, shallow, clock,
+                                    compute.describe(adapter_for(shallow)))
     else:
         shallow, report = prune(shallow, tokens, opts.width_step(), inplace=True, batch_size=batch_size, progress=progress,
                                 calibration_info=calibration_info, device=device, dtype=dtype, holdout=holdout)

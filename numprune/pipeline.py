@@ -292,3 +292,13 @@ def build_report(opts: PruneOptions, tokens, calibration_info: dict | None, befo
     return PruneReport(opts.method, opts, calibration, parameters, plans, type(pruned.config).__name__,
                        not type(pruned.config).__module__.startswith("numprune"), compute, clock.times(),
                        clock.peak_rss, clock.peak_gpu)
+
+
+def layers_only_report(opts: PruneOptions, tokens, calibration_info: dict | None, before: dict, shallow: nn.Module,
+                       clock: Clock, compute: ComputeRecord) -> PruneReport:
+    """The report of a run that removed layers only: every kept layer whole, method ``depth``."""
+    kept = adapter_for(shallow)
+    report = build_report(opts, tokens, calibration_info, before, shallow,
+                          [kept.full_plan(i) for i in range(kept.num_layers())], clock, compute)
+    report.method = "depth"
+    return report

@@ -49,7 +49,7 @@ from numprune.models import (
     check_weights_fit,
     load_config,
 )
-from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, resolve, select
+from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, layers_only_report, resolve, select
 from numprune.precision import full_precision
 from numprune.recipe import FLAG, PruneOptions
 from numprune.report import Clock, PruneReport, counted_from_dense, parameter_counts
@@ -439,11 +439,8 @@ def _depth_first(source: StreamedModel, tokens: torch.Tensor, opts: PruneOptions
         skeleton = source.write_without_layers(record.removed_layers, patch, shallow)
     middle = parameter_counts(adapter_for(skeleton))
     if opts.ratio == 0:
-        kept = adapter_for(skeleton)
-        report = build_report(opts, tokens, calibration_info, before, skeleton,
-                              [kept.full_plan(i) for i in range(kept.num_layers())], clock,
-                              compute.describe(kept, streaming=True))
-        report.method = "depth"
+        report = layers_only_report(opts, tokens, calibration_info, before, skeleton, clock,
+                                    compute.describe(adapter_for(skeleton), streaming=True))
     else:
         width = opts.width_step()
         narrow = StreamedModel(shallow, clock)
