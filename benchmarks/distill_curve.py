@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--pruned", type=Path, default=None, help="folder of the pruned model: written the first "
                         "time, reloaded after")
     parser.add_argument("--dense", action="store_true", help="also measure the dense model")
+    parser.add_argument("--time-calibration", action="store_true", help="time one calibration pass over the same "
+                        "windows and give each healing's time as a multiple of it")
     parser.add_argument("--json", type=Path, default=None, help="rows are appended here (JSON lines)")
     args = parser.parse_args()
 
@@ -98,6 +100,12 @@ def main() -> None:
         print(f"pruned in {time.perf_counter() - start:.1f}s", flush=True)
         if args.pruned is not None:
             save_pruned(pruned, tokenizer, report, args.pruned)
+    calibration_s = None
+    if args.time_calibration:  # the unit of healing's time: one calibration pass over the same windows
+        start = time.perf_counter()
+        numprune.calibrate(model, tokens, progress=False)
+        calibration_s = time.perf_counter() - start
+        emit({"run": "calibration pass", "seconds": round(calibration_s, 1)})
     planned = runs(args.runs)
     for i, options in enumerate(planned):
         row = {"run": options}
@@ -105,9 +113,13 @@ def main() -> None:
             healed = pruned
         else:
             healed, record = numprune.heal(model, copy.deepcopy(pruned), tokens, progress=False, **options)
-            distilled = record.distillation
-            row.update(tokens=distilled.tokens, steps=distilled.steps, minutes=round(record.seconds / 60, 2),
-                       curve=distilled.curve)
+            row.update(minutes=round(record.seconds / 60, 2))
+            if calibration_s:
+                row.update(passes=round(record.seconds / calibration_s, 2))
+            if record.layers:  # block-local: how many layers kept their fit
+                row.update(kept=sum(layer.kept for layer in record.layers))
+            if (distilled := record.distillation) is not None:
+                row.update(tokens=distilled.tokens, steps=distilled.steps, curve=distilled.curve)
         row["ppl"] = ppl(healed, final=options.get("tokens") == 0 or i == len(planned) - 1)
         emit(row)
     print(f"model: {source}; calibration: {calib}")

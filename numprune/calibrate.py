@@ -28,7 +28,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 from numprune.adapters import Adapter
 from numprune.adapters.base import projection_weight
 from numprune.errors import NumpruneError
+from numprune.precision import free_memory
 
 GRAM_BLOCK = 2048  # rows of X^T X formed at once (float32, then float64): bounds the temporaries to 2048 x D
 
@@ -278,7 +278,7 @@ def _check_memory(device: torch.device, needed: int, tokens: int) -> None:
     """Refuse a calibration whose kept activations (each window's hidden states in and out of the layer being run,
     its attention masks and rotary tables) could not fit in ``device``'s free memory, before the bulk is captured:
     an eager attention's masks, [samples, 1, seqlen, seqlen], can outweigh the hidden states many times."""
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    free = free_memory(device)
     if needed > free:
         raise NumpruneError(f"calibrating on {tokens:,} tokens keeps about {needed / 2**30:.1f} GiB of activations, "
                             f"attention masks and rotary tables; {free / 2**30:.1f} GiB of memory is free on "

@@ -33,7 +33,7 @@ from numprune.adapters import Adapter, adapter_for
 from numprune.adapters.base import projection_weight
 from numprune.errors import NumpruneError
 from numprune.modeling.per_layer import PER_LAYER_FIELDS
-from numprune.precision import full_precision, model_device
+from numprune.precision import free_memory, full_precision, model_device
 
 # Families whose decoder layer adds its MLP output projection's output straight to the stream (no norm after it),
 # so that a new projection weight is exactly a linear patch of the stream leaving the layer.
@@ -225,6 +225,43 @@ def choose(adapter: Adapter, stats: DepthStats, selection: str, ridge: float,
     return record, weight
 
 
+def _span_bytes(adapter: Adapter, start: int) -> int:
+    """The float64 sums one candidate span starting at ``start`` holds: G and C of layer ``start - 1``'s MLP output
+    projection (``in x in`` and ``in x hidden``)."""
+    outputs, inputs = projection_weight(adapter.mlp_output(adapter.layers()[start - 1])).shape
+    return 8 * inputs * (inputs + outputs)
+
+
+def select_layers(model: PreTrainedModel, tokens: torch.Tensor, depth: int, selection: str, ridge: float,
+                  batch_size: int = 8, progress: bool = True, weight_of: Callable[[int], torch.Tensor] | None = None
+                  ) -> tuple[DepthRecord, torch.Tensor | None]:
+    """``choose`` over every candidate, from as many calibration passes as memory needs: the spans' sums (about
+    1 GiB per span at a 7B shape) are collected a group at a time, the group as large as half the free memory
+    holds, each group's patches fitted and only the best weight kept. ``scattered`` and ``shortgpt`` need
+    ShortGPT's influence only (one pass, no sums)."""
+    adapter = adapter_for(model)
+    if selection != "patched":
+        stats = collect_depth_stats(model, tokens, depth, batch_size, progress, starts=[])
+        with full_precision():
+            return choose(adapter, stats, "shortgpt", ridge)
+    starts = list(range(1, adapter.num_layers() - depth + 1))
+    per_span = max(_span_bytes(adapter, i) for i in starts)
+    group = max(1, free_memory(model_device(model)) // 2 // per_span)
+    best, candidates = None, {}
+    for first in range(0, len(starts), group):
+        stats = collect_depth_stats(model, tokens, depth, batch_size, progress, starts=starts[first:first + group])
+        with full_precision():
+            record, weight = choose(adapter, stats, selection, ridge, weight_of)
+        del stats
+        candidates.update(record.candidates)
+        if best is None or (record.relative_error_after_patch, record.patched_layer) < (
+                best[0].relative_error_after_patch, best[0].patched_layer):
+            best = record, weight
+    record, weight = best
+    record.candidates = candidates
+    return record, weight
+
+
 def shallower_config(config, kept: list[int], layers: int):
     """A copy of ``config`` (of a model with ``layers`` layers) for the model that keeps only the layers ``kept``:
     the stock config with a smaller layer count and its per-layer lists cut to match."""
@@ -274,12 +311,8 @@ def prune_depth(model: PreTrainedModel, tokens: torch.Tensor, depth: int, select
                 ridge: float = DEFAULT_RIDGE, batch_size: int = 8, progress: bool = True
                 ) -> tuple[PreTrainedModel, DepthRecord]:
     """``model`` less ``depth`` layers (a new model; ``model`` is left untouched) and the record of what went."""
-    adapter = adapter_for(model)
-    check_depth(adapter, depth)
-    span = selection == "patched"  # the others need no patch sums from this pass: ShortGPT's influence only
-    stats = collect_depth_stats(model, tokens, depth, batch_size, progress, starts=None if span else [])
-    with full_precision():
-        record, weight = choose(adapter, stats, selection if span else "shortgpt", ridge)
+    check_depth(adapter_for(model), depth)
+    record, weight = select_layers(model, tokens, depth, selection, ridge, batch_size, progress)
     if selection == "scattered":
         shallow, patched, errors = remove_scattered(model, tokens, record.removed_layers, ridge, batch_size, progress)
         record.selection, record.ridge, record.patched_layers, record.patch_errors = selection, ridge, patched, errors

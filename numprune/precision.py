@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psutil
 import torch
 from torch import nn
 
@@ -41,6 +42,11 @@ def model_device(model: nn.Module) -> torch.device:
     (the CPU for a model streamed from disk, whose tensors are read into CPU memory)."""
     device = model.get_input_embeddings().weight.device
     return torch.device("cpu") if device.type == "meta" else device
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: the GPU's free memory, or the memory the system can still give on the CPU."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
 
 
 @contextmanager

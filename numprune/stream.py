@@ -37,7 +37,7 @@ from numprune.adapters.base import projection_weight
 from numprune.allocate import AUTO
 from numprune.card import write_pruned_card
 from numprune.compensate import LayerFits
-from numprune.depth import check_depth, choose, collect_depth_stats, shallower_config
+from numprune.depth import check_depth, select_layers, shallower_config
 from numprune.errors import NumpruneError
 from numprune.io.output import check_target, output_folder
 from numprune.models import (
@@ -50,7 +50,6 @@ from numprune.models import (
     load_config,
 )
 from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, layers_only_report, resolve, select
-from numprune.precision import full_precision
 from numprune.recipe import FLAG, PruneOptions
 from numprune.report import Clock, PruneReport, counted_from_dense, parameter_counts
 from numprune.save import REPORT_NAME
@@ -429,11 +428,8 @@ def _depth_first(source: StreamedModel, tokens: torch.Tensor, opts: PruneOptions
     """
     with clock.timed("depth"):
         with source.whole_passes():
-            stats = collect_depth_stats(source.model, tokens, opts.depth, compute.batch_size, compute.progress)
-        with full_precision():
-            record, weight = choose(source.adapter, stats, opts.depth_selection, opts.depth_ridge,
-                                    weight_of=source.mlp_output_weight)
-        del stats
+            record, weight = select_layers(source.model, tokens, opts.depth, opts.depth_selection, opts.depth_ridge,
+                                           compute.batch_size, compute.progress, weight_of=source.mlp_output_weight)
         patch = (record.patched_layer, weight) if weight is not None else None
         shallow = out if opts.ratio == 0 else out / SHALLOW
         skeleton = source.write_without_layers(record.removed_layers, patch, shallow)

@@ -13,7 +13,7 @@ from conftest import break_symmetry, needs_llama_cpp, reload_all, tiny, tiny_lla
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from numprune import compare
+from numprune import compare, depth
 from numprune.adapters import adapter_for
 from numprune.api import calibrate, prune
 from numprune.card import write_pruned_card
@@ -249,6 +249,23 @@ def test_depth_is_deterministic():
     assert runs[0][1]["depth"] == runs[1][1]["depth"]
     for name, tensor in runs[0][0].state_dict().items():
         assert torch.equal(tensor, runs[1][0].state_dict()[name]), name
+
+
+def test_spans_collected_a_group_at_a_time_choose_what_one_pass_chooses(monkeypatch):
+    """With memory for one span's sums at a time, every candidate span gets its own pass, and the removed span,
+    the patch and every candidate's error are those of the single pass over all spans."""
+    model, tokens = tiny_llama("gqa", layers=6), tiny_tokens(6, 16)
+    at_once, one_pass = prune(model, tokens, ratio=0, depth=2, progress=False)
+    passes = []
+    collect = depth.collect_depth_stats
+    monkeypatch.setattr(depth, "collect_depth_stats", lambda *a, starts=None, **k: passes.append(starts) or collect(
+        *a, starts=starts, **k))
+    monkeypatch.setattr(depth, "free_memory", lambda device: 2 * depth._span_bytes(adapter_for(model), 1) + 1)
+    grouped, report = prune(model, tokens, ratio=0, depth=2, progress=False)
+    assert passes == [[1], [2], [3], [4]]
+    assert report["depth"] == one_pass["depth"]
+    for name, tensor in at_once.state_dict().items():
+        assert torch.equal(tensor, grouped.state_dict()[name]), name
 
 
 @pytest.mark.parametrize("model,options,message", [
