@@ -201,6 +201,9 @@ def add_heal_options(p: argparse.ArgumentParser) -> None:
                    "--heal-tokens reruns reproducibly)")
     p.add_argument("--heal-lora-rank", type=nonnegative_int, default=None, help="healing by distillation: train LoRA "
                    f"adapters of this rank, merged into the weights after; 0: the kept weights (default {d.lora_rank})")
+    p.add_argument("--heal-hidden", type=nonnegative_float, default=None, help="healing by distillation: weight of "
+                   "the hidden-state term beside the KL, the mean over the decoder layers of each layer's squared output "
+                   f"error relative to the dense output's mean square (default {d.hidden}: the KL alone)")
     p.add_argument("--heal-lr", type=positive_float, default=None, help=f"healing: Adam's learning rate, decaying "
                    f"along a cosine (default {d.lr})")
     p.add_argument("--heal-epochs", type=positive_int, default=None, help=f"healing: passes over the calibration "
