@@ -9,7 +9,8 @@ learning-rate sweep and the curve on the validation texts:
     .venv/bin/python benchmarks/distill_curve.py --ratio 0.2 --pruned runs/pruned20 --json runs/curve.json \
         --runs "tokens=0;tokens=12288,distill_lr=3e-5;tokens=12288,distill_lr=1e-4"
 
-(``hidden=1`` adds the hidden-state term at weight 1: ``--runs "tokens=12288,distill_lr=1e-4,hidden=1"``), and the evaluation texts for the chosen setting:
+(``hidden=1`` adds the hidden-state term at weight 1: ``--runs "tokens=12288,distill_lr=1e-4,hidden=1"``), and
+the evaluation texts for the chosen setting:
 
     .venv/bin/python benchmarks/distill_curve.py --ratio 0.2 --pruned runs/pruned20 --final-eval sotu,moby-dick \
         --runs "tokens=0;tokens=24576,distill_lr=1e-4"
