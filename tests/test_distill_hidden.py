@@ -97,13 +97,14 @@ def test_distilling_with_the_term_lowers_it_more_than_the_kl_alone(pair):
     assert curve[-1]["hidden"] < curve[0]["hidden"]
 
 
-def test_the_weight_reaches_the_recipe_and_the_report(tiny_model_folder, tmp_path):
+def test_the_weight_reaches_the_recipe_and_the_report(tiny_model_folder, tmp_path, capsys):
     assert PruneOptions.parse("numerical-robust:heal=true:heal_mode=distill:heal_hidden=2", 0.2).heal_options() \
         == HealOptions(mode="distill", hidden=2.0)
     out = tmp_path / "healed"
     calibration = ["--model", str(tiny_model_folder), "--ratio", "0.3", "--nsamples", "4", "--seqlen", "32"]
     assert main(["prune", *calibration, "--heal", "--heal-mode", "distill", "--heal-tokens", "64", "--heal-hidden",
                  "0.5", "--out", str(out), "--quiet"]) == 0
+    assert "hidden-state term" in capsys.readouterr().out
     report = json.loads((out / "pruning_report.json").read_text())
     assert report["options"]["heal_hidden"] == 0.5 and report["healing"]["options"]["hidden"] == 0.5
     assert "hidden" in report["healing"]["distillation"]["curve"][-1]
