@@ -9,9 +9,10 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokens
+from conftest import tiny, tiny_llama, tiny_tokens
 from hostile import refused
 
+from numprune.adapters import adapter_for
 from numprune.api import prune
 from numprune.cli import main
 from numprune.distill import hidden_gap, outputs
@@ -21,18 +22,18 @@ from numprune.recipe import HealOptions, PruneOptions
 
 
 def layer_outputs(model, tokens) -> list[torch.Tensor]:
-    """Each decoder layer's output in float64, the last one through the final norm, caught by forward hooks."""
-    caught, hooks = [], []
-    for module in (*model.model.layers[:-1], model.model.norm):
-        hooks.append(module.register_forward_hook(
-            lambda _, __, out: caught.append((out[0] if isinstance(out, tuple) else out).double())))
+    """Each decoder layer's output in float64 caught by forward hooks, the last one through the final norm: the base
+    model's last hidden state."""
+    caught = []
+    hooks = [layer.register_forward_hook(lambda _, __, out: caught.append(out[0] if isinstance(out, tuple) else out))
+             for layer in adapter_for(model).layers()[:-1]]
     try:
         with torch.no_grad():
-            model(tokens)
+            last = model.base_model(tokens).last_hidden_state
     finally:
         for hook in hooks:
             hook.remove()
-    return caught
+    return [state.double() for state in (*caught, last)]
 
 
 def direct_gap(dense, pruned, tokens) -> float:
@@ -82,6 +83,23 @@ def test_the_term_is_zero_for_a_model_against_itself_and_matches_a_direct_comput
     _, record = heal(dense, copy.deepcopy(pruned), tokens, progress=False, mode="distill", hidden=1.0, batch=6,
                      epochs=1)  # one step over every window: its recorded term is the one before any update
     assert record.distillation.curve[0]["hidden"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "opt", "gpt2"])
+def test_the_term_is_each_layers_relative_error_in_other_families(family):
+    """Other layouts (Gemma's sandwich norms, OPT's and GPT-2's own stacks): the term against a model whose MLP outputs
+    were changed is the direct computation's."""
+    dense, tokens = tiny(family), tiny_tokens(4, 12)
+    changed = copy.deepcopy(dense)
+    adapter = adapter_for(changed)
+    torch.manual_seed(0)
+    with torch.no_grad():  # noise, not a scale: Gemma's norm after the MLP would undo a scale
+        for layer in adapter.layers():
+            weight = adapter.mlp_output(layer).weight
+            weight.add_(0.3 * weight.std() * torch.randn_like(weight))
+    expected = direct_gap(dense, changed, tokens)
+    assert expected > 1e-3 and gap(dense, copy.deepcopy(dense), tokens) == 0.0
+    assert gap(dense, changed, tokens) == pytest.approx(expected, rel=1e-5)
 
 
 def test_distilling_with_the_term_lowers_it_more_than_the_kl_alone(pair):
