@@ -9,7 +9,8 @@ learning-rate sweep and the curve on the validation texts:
     .venv/bin/python benchmarks/distill_curve.py --ratio 0.2 --pruned runs/pruned20 --json runs/curve.json \
         --runs "tokens=0;tokens=12288,distill_lr=3e-5;tokens=12288,distill_lr=1e-4"
 
-and the evaluation texts for the chosen setting:
+(``hidden=1`` adds the hidden-state term at weight 1: ``--runs "tokens=12288,distill_lr=1e-4,hidden=1"``), and
+the evaluation texts for the chosen setting:
 
     .venv/bin/python benchmarks/distill_curve.py --ratio 0.2 --pruned runs/pruned20 --final-eval sotu,moby-dick \
         --runs "tokens=0;tokens=24576,distill_lr=1e-4"
@@ -34,6 +35,7 @@ from numprune.models import load_model
 from numprune.save import save_pruned
 
 TEXT_OPTIONS = ("mode", "params", "loss")
+FLOAT_OPTIONS = ("distill_lr", "lr", "minutes", "hidden")
 
 
 def runs(text: str) -> list[dict]:
@@ -43,7 +45,7 @@ def runs(text: str) -> list[dict]:
         options = {"mode": "distill"}
         for item in entry.split(","):
             key, _, value = item.partition("=")
-            options[key] = value if key in TEXT_OPTIONS else (float(value) if key in ("distill_lr", "lr", "minutes")
+            options[key] = value if key in TEXT_OPTIONS else (float(value) if key in FLOAT_OPTIONS
                                                               else int(value))
         parsed.append(options)
     return parsed

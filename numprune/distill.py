@@ -3,8 +3,10 @@
 Block-local healing (numprune.heal) fits each layer to the dense layer's output, but most of a pruned model's
 error rides in the residual stream, where a layer-by-layer fit hardly reaches it. Distillation trains the whole
 pruned model at once: the loss is KL(dense || pruned) of the two models' next-token distributions
-(temperature 1), averaged over every token of a batch of calibration windows. The teacher's logits are computed
-per batch without gradients, never stored; both models sit in memory. The trained weights are the decoder
+(temperature 1), averaged over every token of a batch of calibration windows, plus, with weight ``hidden``, the
+hidden-state term ``hidden_gap``: each decoder layer's output error, relative to the dense output's energy, averaged
+over the layers. The teacher's logits (and layer outputs) are computed per batch without gradients, never stored;
+both models sit in memory. The trained weights are the decoder
 layers' and the final norm's (all kept weights), or LoRA adapters on every linear layer of the decoder, merged
 back so the saved model is plain; the embeddings and the output head, which pruning did not touch, stay the
 dense model's. AdamW, its learning rate decaying to 0 along a cosine over the budget.
@@ -41,7 +43,7 @@ class DistillRecord:
     tokens: int
     seconds: float
     stopped_by: str  # "tokens", "epochs" or "minutes"
-    curve: list[dict]  # {"step", "tokens", "seconds", "kl"}: the mean KL over the steps since the previous point
+    curve: list[dict]  # {"step", "tokens", "seconds", "kl"[, "hidden"]}: the mean over the steps since the previous point
 
     def to_json(self) -> dict:
         return {"steps": self.steps, "tokens": self.tokens, "seconds": round(self.seconds, 3),
@@ -55,9 +57,34 @@ def kl_to_teacher(teacher_logits: torch.Tensor, student_logits: torch.Tensor) ->
     return F.kl_div(student, teacher, reduction="none", log_target=True).sum(-1).mean()
 
 
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The model's logits for every position of ``ids`` (no cache)."""
-    return model(input_ids=ids.to(model.get_input_embeddings().weight.device), use_cache=False).logits
+def hidden_gap(teacher_states: tuple[torch.Tensor, ...], student_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over the decoder layers of the student's squared output error over the teacher output's mean square.
+
+    The states are transformers' ``hidden_states``: the embeddings (identical in both, skipped), then each decoder
+    layer's output, the last one after the final norm. Relative, so that the layers whose residual stream is
+    large do not decide alone."""
+    gaps = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)
+            for t, s in zip(teacher_states[1:], student_states[1:], strict=True)]
+    return torch.stack(gaps).mean()
+
+
+def outputs(model: nn.Module, ids: torch.Tensor, hidden: bool = False):
+    """The model's outputs for every position of ``ids`` (no cache): logits, and every layer's output if ``hidden``."""
+    return model(input_ids=ids.to(model.get_input_embeddings().weight.device), use_cache=False,
+                 output_hidden_states=hidden)
+
+
+def distillation_loss(dense: nn.Module, student: nn.Module, ids: torch.Tensor, hidden: float) -> tuple[torch.Tensor, dict]:
+    """KL(dense || student) plus ``hidden`` times their hidden-state gap (computed only when ``hidden`` > 0), and
+    the terms as numbers."""
+    with torch.no_grad():
+        teacher = outputs(dense, ids, hidden > 0)
+    taught = outputs(student, ids, hidden > 0)
+    kl = kl_to_teacher(teacher.logits.to(taught.logits.device), taught.logits)
+    if not hidden:
+        return kl, {"kl": float(kl.detach())}
+    gap = hidden_gap([t.to(taught.logits.device) for t in teacher.hidden_states], taught.hidden_states)
+    return kl + hidden * gap, {"kl": float(kl.detach()), "hidden": float(gap.detach())}
 
 
 def distill(dense: nn.Module, pruned: nn.Module, tokens: torch.Tensor, opts: HealOptions, device: torch.device,
@@ -124,7 +151,8 @@ def _batches(windows: int, batch: int, generator: torch.Generator) -> Iterator[l
 
 def train_student(dense: nn.Module, student: nn.Module, trained: list[nn.Parameter], tokens: torch.Tensor,
                   opts: HealOptions, progress: bool) -> DistillRecord:
-    """Train ``trained`` (of ``student``) to ``dense``'s next-token distribution on ``tokens`` within the budget."""
+    """Train ``trained`` (of ``student``) to ``dense``'s next-token distribution (and, by ``opts.hidden``, its layer
+    outputs) on ``tokens`` within the budget."""
     steps, stopped_by = _plan(tokens.shape[0], tokens.shape[1], opts)
     limit = opts.minutes * 60 if opts.minutes is not None else math.inf
     optimizer = torch.optim.AdamW(trained, lr=opts.distill_lr, weight_decay=0.0)  # the target is the teacher, not 0
@@ -143,22 +171,24 @@ def train_student(dense: nn.Module, student: nn.Module, trained: list[nn.Paramet
             for group in optimizer.param_groups:
                 group["lr"] = opts.distill_lr * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
             ids = tokens[next(batches)]
-            with torch.no_grad():
-                target = logits(dense, ids)
-            loss = kl_to_teacher(target.to(trained[0].device), logits(student, ids))
+            loss, terms = distillation_loss(dense, student, ids, opts.hidden)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
             step, used = step + 1, used + ids.numel()
-            stretch.append(float(loss.detach()))
+            stretch.append(terms)
             if step % every == 0 or step == steps:
-                curve.append({"step": step, "tokens": used, "seconds": round(time.perf_counter() - start, 2),
-                              "kl": round(sum(stretch) / len(stretch), 5)})
+                curve.append(_point(step, used, time.perf_counter() - start, stretch))
                 stretch = []
             bar.update()
-            bar.set_postfix_str(f"KL {float(loss.detach()):.4g}", refresh=False)
+            bar.set_postfix_str(" ".join(f"{name} {value:.4g}" for name, value in terms.items()), refresh=False)
     if stretch:
-        curve.append({"step": step, "tokens": used, "seconds": round(time.perf_counter() - start, 2),
-                      "kl": round(sum(stretch) / len(stretch), 5)})
+        curve.append(_point(step, used, time.perf_counter() - start, stretch))
     return DistillRecord(step, used, time.perf_counter() - start, stopped_by, curve)
+
+
+def _point(step: int, used: int, seconds: float, stretch: list[dict]) -> dict:
+    """A curve point: where training stands, and each loss term's mean over the steps since the previous point."""
+    means = {name: round(sum(terms[name] for terms in stretch) / len(stretch), 5) for name in stretch[0]}
+    return {"step": step, "tokens": used, "seconds": round(seconds, 2), **means}

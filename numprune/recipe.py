@@ -106,6 +106,7 @@ class HealOptions:
     tokens: int | None = None  # distillation's budget in calibration tokens (None: ``epochs`` passes)
     minutes: float | None = None  # distillation's budget in wall minutes (the schedule follows the clock): not reproducible
     lora_rank: int = 0  # distillation trains LoRA adapters of this rank (merged back after); 0: the full kept weights
+    hidden: float = 0.0  # distillation's weight of the layer outputs' relative error beside the KL (0: the KL alone)
 
     @classmethod
     def checked(cls, **options) -> HealOptions:
@@ -117,6 +118,7 @@ class HealOptions:
         POSITIVE.check("healing learning rate", opts.lr)
         POSITIVE.check("distillation learning rate", opts.distill_lr)
         NONNEGATIVE_INT.check("LoRA rank", opts.lora_rank)
+        NONNEGATIVE.check("distillation hidden-state weight", opts.hidden)
         for budget, rule, what in ((opts.tokens, POSITIVE_INT, "tokens"), (opts.minutes, POSITIVE, "minutes")):
             if budget is not None:
                 rule.check(f"distillation budget in {what}", budget)
@@ -127,8 +129,8 @@ class HealOptions:
                                      (opts.loss, HEAL_LOSSES, "healing loss"), (opts.mode, HEAL_MODES, "healing mode")):
             if value not in allowed:
                 raise NumpruneError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
-        given = [name for name, value in (("tokens", opts.tokens), ("minutes", opts.minutes), ("lora_rank", opts.lora_rank))
-                 if value not in (None, 0)]
+        given = [name for name, value in (("tokens", opts.tokens), ("minutes", opts.minutes), ("lora_rank", opts.lora_rank),
+                                          ("hidden", opts.hidden)) if value not in (None, 0)]
         if given and "distill" not in opts.mode:
             raise NumpruneError(f"the healing option {given[0]} applies to distillation; the {opts.mode} mode does not "
                                 f"distil (choose {' or '.join(m for m in HEAL_MODES if 'distill' in m)})")
@@ -136,7 +138,8 @@ class HealOptions:
 
 
 # the HealOptions a PruneOptions carries as heal_<name>
-HEAL_FIELDS = ("lr", "epochs", "batch", "params", "loss", "mode", "distill_lr", "tokens", "minutes", "lora_rank")
+HEAL_FIELDS = ("lr", "epochs", "batch", "params", "loss", "mode", "distill_lr", "tokens", "minutes", "lora_rank",
+               "hidden")
 
 
 DEFAULT_METHOD = "numerical-robust"  # the API's, the command line's and compare's (docs/method.md, "The default method")
@@ -175,6 +178,7 @@ class PruneOptions:
     heal_tokens: int | None = None
     heal_minutes: float | None = None
     heal_lora_rank: int | None = None
+    heal_hidden: float | None = None
 
     def __post_init__(self):
         _resolve(self, lambda name, value: object.__setattr__(self, name, value))

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from numprune.auto import HOLDOUT_SEQLEN, HOLDOUT_WINDOWS
 from numprune.data.self_generated import Sampling
 from numprune.errors import NumpruneError
 from numprune.image.calibration import CALIB_CFG_SCALE
@@ -71,6 +72,26 @@ share = converter(SHARE)
 nonnegative_int = converter(Rule(int, lambda v: v >= 0, "zero or more"))
 finite_float = converter(Rule(float, lambda v: True, "a finite number"))
 probability = converter(Rule(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]"))
+
+
+def holdout_size(text: str) -> tuple[int, int]:
+    """``8x256``: windows of each held-out text x tokens per window, at least 1 x 2."""
+    count, _, length = text.strip().lower().partition("x")
+    try:
+        windows, tokens = number_from_text(count, int), number_from_text(length, int)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WINDOWSxTOKENS such as 8x256, got {text!r}") from None
+    if windows < 1 or tokens < 2:
+        raise argparse.ArgumentTypeError(f"needs at least 1 window of 2 or more tokens (WINDOWSxTOKENS such as 8x256), "
+                                         f"got {text!r}")
+    return windows, tokens
+
+
+def add_auto_holdout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--auto-holdout", type=holdout_size, default=None, metavar="WINDOWSxTOKENS", help="--allocation "
+                   "auto: the held-out text its candidates are measured on, as windows x tokens of each held-out text "
+                   "(the calibration text's passages no calibration window touches, and the dense model's own samples); "
+                   f"tokens are capped at --seqlen - 1 (default {HOLDOUT_WINDOWS}x{HOLDOUT_SEQLEN})")
 
 
 def dtype(text: str) -> torch.dtype:
@@ -201,6 +222,9 @@ def add_heal_options(p: argparse.ArgumentParser) -> None:
                    "--heal-tokens reruns reproducibly)")
     p.add_argument("--heal-lora-rank", type=nonnegative_int, default=None, help="healing by distillation: train LoRA "
                    f"adapters of this rank, merged into the weights after; 0: the kept weights (default {d.lora_rank})")
+    p.add_argument("--heal-hidden", type=nonnegative_float, default=None, help="healing by distillation: weight of "
+                   "the hidden-state term beside the KL, the mean over the decoder layers of each layer's squared output "
+                   f"error relative to the dense output's mean square (default {d.hidden}: the KL alone)")
     p.add_argument("--heal-lr", type=positive_float, default=None, help=f"healing: Adam's learning rate, decaying "
                    f"along a cosine (default {d.lr})")
     p.add_argument("--heal-epochs", type=positive_int, default=None, help=f"healing: passes over the calibration "

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from numprune import compare
 from numprune.allocate import AUTO
-from numprune.auto import holdout_windows
 from numprune.cli import args as a
-from numprune.cli.inputs import prepare, protected_inputs
+from numprune.cli.inputs import auto_holdout, check_auto_holdout, prepare, protected_inputs
 from numprune.criteria import methods
-from numprune.errors import NumpruneError
 from numprune.extras import need
 from numprune.recipe import DEFAULT_METHOD
 
@@ -26,6 +24,7 @@ def add_parser(commands) -> None:
     p.add_argument("--ratios", type=a.comma_list(a.ratio), default="0.1,0.2,0.3,0.4,0.5",
                    help="comma-separated pruning ratios")
     a.add_calibration(p)
+    a.add_auto_holdout(p)
     a.add_evaluation(p, ("--data", "--eval-seqlen", "--eval-windows"), "sotu,moby-dick",
                      "evaluation data (comma-separated)")
     a.add_image_evaluation(p)
@@ -37,13 +36,10 @@ def add_parser(commands) -> None:
 def run(args) -> int:
     need("matplotlib", "compare's plot")  # before hours of work, not after
     grid = compare.recipes(args.methods, args.ratios)  # a bad method entry fails before the model is loaded
+    uses_auto = any(recipe.allocation == AUTO for recipe in grid.values())
+    check_auto_holdout(args, uses_auto)
     model, tokenizer, source, tokens, calib_info, evaluation = prepare(args, compare.RESULTS_NAME)
-    holdout = None
-    if any(recipe.allocation == AUTO for recipe in grid.values()):
-        if tokenizer is None:
-            raise NumpruneError("the auto allocation measures candidates on held-out text; an image generator has none")
-        holdout = holdout_windows(model, tokenizer, args.calib, args.nsamples, args.seqlen, args.seed,
-                                  a.self_sampling(args), progress=not args.quiet)
+    holdout = auto_holdout(args, model, tokenizer, not args.quiet) if uses_auto else None
     results = compare.run_grid(model, tokens, grid, evaluation, calibration_info=calib_info,
                                batch_size=args.batch_size, progress=not args.quiet, holdout=holdout)
     results["model"] = source

@@ -63,6 +63,8 @@ def summary(healing: dict) -> str:
     if distilled := healing.get("distillation"):
         curve = distilled["curve"]
         kl = f", KL to the dense model {curve[0]['kl']:.4g} -> {curve[-1]['kl']:.4g}" if curve else ""
+        if curve and "hidden" in curve[0]:
+            kl += f", hidden-state term {curve[0]['hidden']:.4g} -> {curve[-1]['hidden']:.4g}"
         parts.append(f"distilled {distilled['tokens']:,} tokens in {distilled['steps']} steps (budget: "
                      f"{distilled['stopped_by']}){kl}")
     return "; ".join(parts) + f"; {healing['seconds']:.1f}s"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from numprune.adapters import adapter_for
+from numprune.auto import HOLDOUT_SEQLEN, HOLDOUT_WINDOWS, holdout_windows
 from numprune.cli.args import IMAGE_EVAL, sampling_options, self_sampling
 from numprune.data.assets import installed_sources
 from numprune.data.corpora import calibration_parts, calibration_windows, check_evaluation_source, evaluation_windows
@@ -65,6 +66,22 @@ def prepare(args, marker: str):
         tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed,
                                                  model=model, sampling=self_sampling(args), progress=not args.quiet)
     return model, tokenizer, source, tokens, calib_info, evaluation
+
+
+def check_auto_holdout(args, auto: bool) -> None:
+    """--auto-holdout only where the run's recipes use the auto allocation (``auto``), checked before any work."""
+    if args.auto_holdout is not None and not auto:
+        raise NumpruneError("--auto-holdout sizes the held-out text of the auto allocation, which this run does not "
+                            "use (--allocation auto, or allocation=auto in a compare entry)")
+
+
+def auto_holdout(args, model, tokenizer, progress: bool) -> dict:
+    """The held-out text the auto allocation chooses on: --auto-holdout windows of each held-out text."""
+    if tokenizer is None:
+        raise NumpruneError("the auto allocation measures candidates on held-out text; an image generator has none")
+    windows, length = args.auto_holdout or (HOLDOUT_WINDOWS, HOLDOUT_SEQLEN)
+    return holdout_windows(model, tokenizer, args.calib, args.nsamples, args.seqlen, args.seed, self_sampling(args),
+                           progress=progress, windows=windows, length=length)
 
 
 def check_calibration(args) -> None:

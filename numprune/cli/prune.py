@@ -8,11 +8,10 @@ from numprune.adapters import adapter_for
 from numprune.allocate import ALLOCATIONS, AUTO, AUTO_DESCRIPTION, BLEND_FROM, BLEND_MAX, BLEND_TO, GQA_UNITS
 from numprune.allocate import REGISTRY as ALLOCATION_REGISTRY
 from numprune.api import prune
-from numprune.auto import holdout_windows
 from numprune.cli import args as a
 from numprune.cli.export import add_gguf_options, gguf_outtype, print_export
 from numprune.cli.heal import summary as heal_summary
-from numprune.cli.inputs import check_calibration, load, prepare, protected_inputs
+from numprune.cli.inputs import auto_holdout, check_auto_holdout, check_calibration, load, prepare, protected_inputs
 from numprune.compensate import COMPENSATIONS, Damped
 from numprune.compensate import REGISTRY as COMPENSATION_REGISTRY
 from numprune.criteria import get_method, methods
@@ -77,6 +76,7 @@ def add_parser(commands) -> None:
     p.add_argument("--blend-weight", type=a.share, default=None, help="blend allocation: the share of the global "
                    f"ranking's widths, 0 (flap-widths) to 1 (global) (default: 0 up to a ratio of {BLEND_FROM}, "
                    f"{BLEND_MAX} from {BLEND_TO}, linear between)")
+    a.add_auto_holdout(p)
     p.add_argument("--allocation-compensation", choices=COMPENSATIONS, default=None, help="compensated-error "
                    "allocation: the compensation whose error curves guide it (default: the run's own)")
     p.add_argument("--gqa-unit", choices=GQA_UNITS, default=None, help="grouped-query attention unit: query (one query "
@@ -153,7 +153,9 @@ def prune_options(args, layers: int | None = None) -> PruneOptions:
     if score:
         kept = recipe.requested().get("score_options", {}) if recipe is not None and "method" not in given else {}
         given["score_options"] = {**kept, **score}
-    return recipe_of(recipe, given)
+    options = recipe_of(recipe, given)
+    check_auto_holdout(args, options.allocation == AUTO)
+    return options
 
 
 def _score_options(args, method: str, seeded: bool) -> dict:
@@ -205,12 +207,7 @@ def _in_memory(args, device: str | None, dtype) -> int:
         check_exportable(model.config)
     if args.depth_ratio is not None:
         options = prune_options(args, adapter_for(model).num_layers())
-    holdout = None
-    if options.allocation == AUTO:
-        if tokenizer is None:
-            raise NumpruneError("the auto allocation measures candidates on held-out text; an image generator has none")
-        holdout = holdout_windows(model, tokenizer, args.calib, args.nsamples, args.seqlen, args.seed,
-                                  a.self_sampling(args), progress=not args.quiet and world().writer)
+    holdout = auto_holdout(args, model, tokenizer, not args.quiet and world().writer) if options.allocation == AUTO else None
     dense = evaluation.measure(model).figures if evaluation is not None else None
     pruned, report = prune(model, tokens, options, batch_size=args.batch_size,
                            progress=not args.quiet and world().writer, calibration_info=calib_info, device=device,
