@@ -2,7 +2,6 @@
 bitwise the weights of healing in memory, with one decoder layer of each model holding tensors at a time; its
 report records the healing as the in-memory path does; it is deterministic for a seed; distillation is refused."""
 
-import copy
 import json
 
 import pytest
@@ -12,6 +11,7 @@ from hostile import hashes, refused
 
 from numprune import NumpruneError, heal, heal_streaming, prune, prune_streaming, save_pruned
 from numprune.cli import main
+from numprune.models import load_model
 from numprune.stream import UNHEALED, Checkpoint, StreamedModel
 
 
@@ -60,9 +60,9 @@ def watched(monkeypatch):
     return seen
 
 
-def pruned_and_saved(tmp_path, shape="gqa", sharded=True, **prune_options):
+def pruned_and_saved(tmp_path, shape="gqa", sharded=True, dtype=torch.float32, **prune_options):
     """A tiny dense model saved (sharded or not), pruned in memory and saved: (dense, pruned, report, tokens)."""
-    dense = tiny_llama(shape, layers=3)
+    dense = tiny_llama(shape, layers=3).to(dtype)
     tokens = tiny_tokens(6, 16)
     dense.save_pretrained(tmp_path / "dense", max_shard_size="20KB" if sharded else "1GB")
     pruned, report = prune(dense, tokens, ratio=0.3, progress=False, **prune_options)
@@ -84,12 +84,15 @@ def without_seconds(layers: list[dict]) -> list[dict]:
 @pytest.mark.parametrize("shape,sharded,prune_options,heal_options", [
     ("gqa", True, {}, dict(lr=1e-3, epochs=2, batch=2)),  # relative loss, all weights
     ("mha", False, dict(method="flap"), dict(lr=1e-3, loss="mse", params="norms")),  # compensation biases
+    ("gqa", True, dict(dtype=torch.bfloat16), dict(lr=1e-3)),  # fitted in float32, written in bfloat16
     ("gqa", True, {}, dict(lr=10.0)),  # every fit worse: no layer keeps it, each is written as it was
-], ids=["relative", "mse norms, biases", "nothing kept"])
+], ids=["relative", "mse norms, biases", "bfloat16", "nothing kept"])
 def test_streamed_healing_equals_in_memory_one_layer_at_a_time(shape, sharded, prune_options, heal_options, tmp_path,
                                                                watched):
-    dense, pruned, report, tokens = pruned_and_saved(tmp_path, shape, sharded, **prune_options)
-    healed, record = heal(dense, copy.deepcopy(pruned), tokens, progress=False, **heal_options)
+    _, _, report, tokens = pruned_and_saved(tmp_path, shape, sharded, **prune_options)
+    dtype = prune_options.get("dtype", torch.float32)  # both loaded as saved, as `numprune heal` loads them
+    dense, pruned = (load_model(str(tmp_path / folder), dtype)[0] for folder in ("dense", "pruned"))
+    healed, record = heal(dense, pruned, tokens, progress=False, **heal_options)
     save_pruned(healed, None, report, tmp_path / "memory")
     inputs = hashes(tmp_path / "dense", tmp_path / "pruned")
     written = heal_streaming(tmp_path / "dense", tmp_path / "pruned", tokens, out=tmp_path / "streamed",
