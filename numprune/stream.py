@@ -492,7 +492,7 @@ def heal_streaming(dense_folder: str | os.PathLike, pruned_folder: str | os.Path
     with output_folder(out, overwrite=overwrite, inputs=folders, marker=REPORT_NAME) as tmp:
         record = _heal_into(dense, pruned, tokens, opts, tmp, where, progress)
         extra = {"calibration": calibration_info} if calibration_info is not None else {}
-        report = healed_report(report, record, **extra, dense_model=str(dense.folder))
+        report = healed_report(report, record, **extra, dense_model=str(dense.folder.resolve()))
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         write_pruned_card(tmp, report, str(pruned.folder))
     return report

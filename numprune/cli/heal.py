@@ -68,7 +68,7 @@ def _streaming(args, options: HealOptions) -> int:
     _, tokens, calib_info = streamed_windows(args, folder, progress=not args.quiet)
     report = heal_streaming(folder, args.pruned, tokens, out=args.out, overwrite=args.overwrite,
                             progress=not args.quiet, device=args.device, calibration_info=calib_info, **asdict(options))
-    _print_summary(args, str(folder), report, Path(args.out))
+    _print_summary(args, report["healing"]["dense_model"], report, Path(args.out))
     return 0
 
 
