@@ -176,13 +176,13 @@ class _Block:
 
     def __init__(self, adapter: Adapter, layer: nn.Module, device: torch.device, parts: bool):
         self.module = copy.deepcopy(layer).to(device, torch.float32).eval()
-        self.captured = []
-        if parts:
+        self.captured = captured = []
+        if parts:  # the hooks hold the list, not the block: no reference cycle keeps a layer's copy alive until gc
             for projection in (adapter.attention_output(self.module), adapter.mlp_output(self.module)):
-                projection.register_forward_hook(lambda _m, _args, out: self.captured.append(out))
+                projection.register_forward_hook(lambda _m, _args, out: captured.append(out))
 
     def __call__(self, hidden: torch.Tensor, args, kwargs) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        self.captured = []
+        self.captured.clear()
         out = self.module(hidden, *args, **kwargs)
         return (out[0] if isinstance(out, tuple) else out), tuple(self.captured)
 

@@ -1,7 +1,9 @@
 """Streamed block-local healing (numprune.stream.heal_streaming, prune_streaming with heal, ``--stream``) gives
 bitwise the weights of healing in memory, with one decoder layer of each model holding tensors at a time; its
-report records the healing as the in-memory path does; it is deterministic for a seed; distillation is refused."""
+report records the healing as the in-memory path does; it is deterministic for a seed, frees each layer's copies at once;
+distillation is refused."""
 
+import gc
 import json
 
 import pytest
@@ -185,3 +187,23 @@ def test_streamed_healing_refuses_distillation_and_bad_input(tiny_model_folder, 
     refused("heal --stream distill", message, "heal", "--model", dense, "--pruned", pruned, "--stream",
             "--heal-mode", "local+distill", "--out", out, *calibration, inputs=[dense, pruned])
     assert not out.exists()
+
+
+def test_healing_frees_each_layers_copies_at_once():
+    """No reference cycle keeps a layer's float32 copy (and its gradients) alive after its fit, to be freed only by
+    a later garbage collection: streamed, memory would then grow with every layer healed."""
+    dense = tiny_llama("gqa")
+    tokens = tiny_tokens(6, 16)
+    pruned, _ = prune(dense, tokens, ratio=0.3, progress=False)
+    gc.collect()
+    gc.disable()
+    try:
+        heal(dense, pruned, tokens, progress=False, loss="relative")
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, torch.nn.Module) or torch.is_tensor(o)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
