@@ -12,6 +12,10 @@ Gram matrices). Every file it writes is removed at the end.
     python benchmarks/stream_memory.py --layers 3 --hidden 4096 --intermediate 11008 --heads 32   # LLaMA-7B layers
     python benchmarks/stream_memory.py --layers 12 --depth 3 --ratio 0   # 3 layers removed, no width step
 
+With ``--heal`` the pruned model is then healed block-local, streamed (``prune_streaming(heal=True)``: one layer of
+the dense and of the pruned model at a time, float32 working copies with gradients and Adam's moments), and the
+figure is the peak of both steps.
+
 With ``--depth`` the figure also counts the depth step's statistics, which one pass accumulates for every
 candidate span at once (numprune.depth: a float64 G, MLP width squared, and C, MLP width x hidden, per span).
 """
@@ -76,7 +80,7 @@ def depth_statistics_bytes(config: LlamaConfig, depth: int) -> int:
 
 
 def child(folder: str, out: str, nsamples: int, seqlen: int, batch_size: int, ratio: float, method: str,
-          depth: int) -> None:
+          depth: int, heal: bool) -> None:
     """Runs in its own process: prune streaming, print the report's time as JSON."""
     import psutil
 
@@ -85,10 +89,12 @@ def child(folder: str, out: str, nsamples: int, seqlen: int, batch_size: int, ra
     baseline = psutil.Process().memory_info().rss  # after imports, before any weight
     config = LlamaConfig.from_pretrained(folder)
     tokens = torch.randint(0, config.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(1))
-    options = dict(ratio=ratio, method=method) if ratio else {}
+    options = dict(ratio=ratio, method=method, **({"heal": True} if heal else {})) if ratio else {}
     report = numprune.prune_streaming(folder, tokens, out=out, batch_size=batch_size, progress=False,
                                       **options, **({"depth": depth} if depth else {}))
-    print(json.dumps({"baseline_rss_bytes": baseline, "time_s": report["time_s"], "parameters": report["parameters"]}))
+    healing = [layer["seconds"] for layer in report["healing"]["layers"]] if heal else None
+    print(json.dumps({"baseline_rss_bytes": baseline, "time_s": report["time_s"], "parameters": report["parameters"],
+                      "healing_layer_seconds": healing}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,13 +110,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--ratio", type=float, default=0.3, help="the width step's (0: none, with --depth)")
     parser.add_argument("--depth", type=int, default=0, help="decoder layers removed first (default 0)")
+    parser.add_argument("--heal", action="store_true", help="heal the pruned model block-local, streamed")
     parser.add_argument("--workdir", default=None, help="where the model and the result are written (default: /tmp)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(*args.child, args.nsamples, args.seqlen, args.batch_size, args.ratio, args.method,
-                     args.depth)
+                     args.depth, args.heal)
 
     config = LlamaConfig(num_hidden_layers=args.layers, hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         done = subprocess.run(["/usr/bin/time", "-v", sys.executable, __file__, "--child", str(folder),
                                str(Path(work) / "pruned"), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                                "--batch-size", str(args.batch_size), "--ratio", str(args.ratio), "--method", args.method,
-                               "--depth", str(args.depth)],
+                               "--depth", str(args.depth), *(["--heal"] if args.heal else [])],
                               capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"the pruning process failed:\n{done.stderr[-3000:]}")
@@ -135,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     peak, baseline = run["peak_rss_bytes"], run["baseline_rss_bytes"]
     depth_bytes = depth_statistics_bytes(config, args.depth)
     figures = {"model_bytes": model_bytes, "method": args.method, "ratio": args.ratio, "depth": args.depth,
+               "heal": args.heal,
                "one_layer": layer, "depth_statistics_bytes": depth_bytes, **run,
                "peak_over_model": peak / model_bytes, "peak_over_one_layer": peak / layer["total"],
                "peak_above_baseline_over_one_layer": (peak - baseline) / layer["total"]}

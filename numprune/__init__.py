@@ -39,10 +39,11 @@ try:
     from numprune.heal import heal
     from numprune.recipe import PruneOptions
     from numprune.save import save_pruned
-    from numprune.stream import prune_streaming
+    from numprune.stream import heal_streaming, prune_streaming
     from numprune.version import VERSION as __version__
 except KeyboardInterrupt:
     exit_if_command_interrupted()
     raise
 
-__all__ = ["NumpruneError", "PruneOptions", "calibrate", "heal", "prune", "prune_streaming", "save_pruned", "__version__"]
+__all__ = ["NumpruneError", "PruneOptions", "calibrate", "heal", "heal_streaming", "prune", "prune_streaming", "save_pruned",
+           "__version__"]

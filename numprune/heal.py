@@ -10,6 +10,10 @@ two streams of calibration activations (dense and pruned), plus the dense sub-bl
 
 A layer keeps its fitted weights only if its calibration loss went down, so healing never raises it.
 
+The per-layer loop (``heal_layers``) runs over two layer sources (numprune.sources): the loaded models
+here, or the layers of two folders read from disk one at a time (numprune.stream's ``heal_streaming``),
+where each healed layer is written to the output as soon as it is done.
+
 The ``distill`` mode trains the whole pruned model to the dense model's next-token distribution instead
 (numprune.distill); ``local+distill`` fits the layers first, then distils.
 """
@@ -24,14 +28,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from numprune.adapters import Adapter, adapter_for
+from numprune.adapters import Adapter
 from numprune.calibrate import LayerStream, shared_map
 from numprune.distill import DistillRecord, distill
 from numprune.errors import NumpruneError
 from numprune.extras import need
 from numprune.pipeline import check_tokens
 from numprune.precision import check_device, model_device
-from numprune.recipe import HealOptions
+from numprune.recipe import HEAL_FIELDS, HealOptions
+from numprune.sources import InMemory, LayerSource
 
 ENERGY_FLOOR = 1e-12  # a dead sub-block's output energy, so that the relative loss stays finite
 
@@ -76,52 +81,76 @@ def heal(dense: nn.Module, pruned: nn.Module, tokens: torch.Tensor | None, /, *,
     opts = HealOptions.checked(**options)
     if tokens is None:
         raise NumpruneError("healing needs calibration tokens")
-    teacher, student = adapter_for(dense), adapter_for(pruned)
-    check_tokens(teacher, tokens)
-    _check_pair(teacher, student)
+    if dense is pruned:
+        raise NumpruneError("the dense and the pruned model are the same model; heal a pruned copy")
+    teacher, student = InMemory(dense), InMemory(pruned)
+    check_tokens(teacher.adapter, tokens)
+    check_pair(teacher.adapter, student.adapter)
     where = check_device(device) or model_device(dense)
     if opts.lora_rank:
         need("peft", "distillation with LoRA")  # refused before the long work
     start = time.perf_counter()
-    layers = (_heal_layers(dense, pruned, tokens, teacher, student, where, opts, progress)
-              if opts.mode != "distill" else [])
+    layers = heal_layers(teacher, student, tokens, where, opts, progress) if opts.mode != "distill" else []
     distilled = distill(dense, pruned, tokens, opts, where, progress) if "distill" in opts.mode else None
     return pruned, HealRecord(opts, layers, int(tokens.numel()), time.perf_counter() - start, distilled)
 
 
-def _heal_layers(dense: nn.Module, pruned: nn.Module, tokens: torch.Tensor, teacher: Adapter, student: Adapter,
-                 where: torch.device, opts: HealOptions, progress: bool) -> list[LayerHealing]:
-    """Block-local healing: each pruned layer in order fitted to the dense layer's output; what each did."""
-    dense_stream = LayerStream(dense, teacher, tokens, opts.batch, where, torch.float32)
-    pruned_stream = LayerStream(pruned, student, tokens, opts.batch, where, torch.float32)
+def check_streamable(opts: HealOptions) -> None:
+    """Refuse distillation where the layers are read from disk one at a time: it trains the whole model at once."""
+    if "distill" in opts.mode:
+        raise NumpruneError(f"the healing mode {opts.mode} distils, which trains the whole pruned model at once; a "
+                            "streamed run holds one layer at a time: heal with the local mode, or in memory")
+
+
+def healed_report(report: dict, record: HealRecord, **extra) -> dict:
+    """A saved pruned model's ``report`` once healed: its recipe says heal=True with the options, its ``healing``
+    is ``record`` with ``extra`` (what the calibration was, which dense model)."""
+    options = record.options
+    report["options"].update(heal=True, **{f"heal_{name}": getattr(options, name) for name in HEAL_FIELDS})
+    report["healing"] = {**record.to_json(), **extra}
+    return report
+
+
+def heal_layers(dense: LayerSource, pruned: LayerSource, tokens: torch.Tensor, where: torch.device,
+                opts: HealOptions, progress: bool) -> list[LayerHealing]:
+    """Block-local healing: each pruned layer in order fitted to the dense layer's output; what each did.
+
+    Each source holds one layer at a time: the dense layer only while its outputs are computed, the pruned one
+    while it is fitted; ``pruned.healed`` gets each layer's fitted weights (None where the fit is not kept)."""
+    teacher, student = dense.adapter, pruned.adapter
+    with dense.inputs():
+        dense_stream = LayerStream(teacher.model, teacher, tokens, opts.batch, where, torch.float32)
+    with pruned.inputs():
+        pruned_stream = LayerStream(student.model, student, tokens, opts.batch, where, torch.float32)
     generator = torch.Generator().manual_seed(opts.seed)
+    parts = opts.loss == "relative"
     layers = []
-    for i, (dense_layer, layer) in enumerate(zip(teacher.layers(), student.layers())):
+    for i in range(teacher.num_layers()):
         layer_start = time.perf_counter()
-        parts = opts.loss == "relative"
-        targets = _Block(teacher, dense_layer, where, parts).outputs(dense_stream)
+        with dense.layer(i) as dense_layer:
+            targets = _Block(teacher, dense_layer, where, parts).outputs(dense_stream)
         dense_stream.advance([out for out, _ in targets])
-        fit = _Fit(student, layer, where, parts, opts, targets, pruned_stream)
-        before = fit.loss()
-        bar = tqdm(total=opts.epochs * len(targets), desc=f"healing layer {i}", unit="step", disable=not progress)
-        with bar:
-            fit.train(generator, bar, before)
-            after, outputs = fit.loss(keep_outputs=True)
-            kept = after < before
-            bar.set_postfix_str(f"loss {before:.4g} -> {after:.4g}" + ("" if kept else " (not kept)"))
-        if kept:
-            layer.load_state_dict(fit.block.module.state_dict())  # back where the layer lives, in its dtype
-        else:
-            outputs = [out for out, _ in _Block(student, layer, where, False).outputs(pruned_stream)]
+        with pruned.layer(i) as layer:
+            fit = _Fit(student, layer, where, parts, opts, targets, pruned_stream)
+            before = fit.loss()
+            bar = tqdm(total=opts.epochs * len(targets), desc=f"healing layer {i}", unit="step",
+                       disable=not progress)
+            with bar:
+                fit.train(generator, bar, before)
+                after, outputs = fit.loss(keep_outputs=True)
+                kept = after < before
+                bar.set_postfix_str(f"loss {before:.4g} -> {after:.4g}" + ("" if kept else " (not kept)"))
+            if not kept:
+                outputs = [out for out, _ in _Block(student, layer, where, False).outputs(pruned_stream)]
+            pruned.healed(i, layer, fit.block.module.state_dict() if kept else None)
         pruned_stream.advance(outputs)
         layers.append(LayerHealing(before, min(after, before), kept, time.perf_counter() - layer_start))
     return layers
 
 
-def _check_pair(dense: Adapter, pruned: Adapter) -> None:
-    """``pruned`` was pruned from ``dense``: same layers, same embeddings, no layer wider than the dense one's."""
-    if dense.model is pruned.model:
-        raise NumpruneError("the dense and the pruned model are the same model; heal a pruned copy")
+def check_pair(dense: Adapter, pruned: Adapter) -> None:
+    """``pruned`` was pruned from ``dense``: same layers, same embeddings, no layer wider than the dense one's (the
+    embeddings must be present: in memory, or inside both streamed sources' ``inputs``)."""
     if pruned.num_layers() != dense.num_layers():
         raise NumpruneError(f"the pruned model has {pruned.num_layers()} layers and the dense model "
                             f"{dense.num_layers()}: it was not pruned from this dense model")
@@ -147,13 +176,13 @@ class _Block:
 
     def __init__(self, adapter: Adapter, layer: nn.Module, device: torch.device, parts: bool):
         self.module = copy.deepcopy(layer).to(device, torch.float32).eval()
-        self.captured = []
-        if parts:
+        self.captured = captured = []
+        if parts:  # the hooks hold the list, not the block: no reference cycle keeps a layer's copy alive until gc
             for projection in (adapter.attention_output(self.module), adapter.mlp_output(self.module)):
-                projection.register_forward_hook(lambda _m, _args, out: self.captured.append(out))
+                projection.register_forward_hook(lambda _m, _args, out: captured.append(out))
 
     def __call__(self, hidden: torch.Tensor, args, kwargs) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        self.captured = []
+        self.captured.clear()
         out = self.module(hidden, *args, **kwargs)
         return (out[0] if isinstance(out, tuple) else out), tuple(self.captured)
 

@@ -9,6 +9,10 @@ global allocation layer i again for compensation; each layer, narrowed with its 
 written to its own output shard at once, and every layer is freed (back to meta) after its visit.
 Tensors outside the decoder layers (embeddings, final norm, LM head) are copied as they are.
 Weights keep the checkpoint's dtype; ``dtype`` only sets the precision of the layer passes.
+
+Block-local healing streams the same way (``heal_streaming``, and ``prune_streaming`` with ``heal``): two
+layer sources, the dense folder and the pruned one, each layer of each read only while numprune.heal's loop
+visits it, each healed layer written to its own output shard at once.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -39,6 +44,7 @@ from numprune.card import write_pruned_card
 from numprune.compensate import LayerFits
 from numprune.depth import check_depth, select_layers, shallower_config
 from numprune.errors import NumpruneError
+from numprune.heal import HealRecord, check_pair, check_streamable, heal_layers, healed_report
 from numprune.io.output import check_target, output_folder
 from numprune.models import (
     TOKENIZER_FILES,
@@ -50,9 +56,10 @@ from numprune.models import (
     load_config,
 )
 from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, layers_only_report, resolve, select
-from numprune.recipe import FLAG, PruneOptions
+from numprune.precision import check_device
+from numprune.recipe import FLAG, HealOptions, PruneOptions
 from numprune.report import Clock, PruneReport, counted_from_dense, parameter_counts
-from numprune.save import REPORT_NAME
+from numprune.save import REPORT_NAME, read_report
 from numprune.shrink import narrowed
 from numprune.sources import LayerSource
 
@@ -299,6 +306,21 @@ class StreamedModel(LayerSource):
         state = {f"{self.layers_prefix}{i}.{n}": t for n, t in layer.state_dict().items()}
         self._write(state | narrowed(self.adapter, i, state, plan, fits), self._shard(i + 1, self.adapter.num_layers() + 1))
 
+    def healed(self, i: int, layer: nn.Module, state: dict[str, torch.Tensor] | None) -> None:
+        """Write layer ``i`` to its own shard: its fitted weights ``state`` in the layer's dtypes, or the layer as
+        it is (numprune.heal)."""
+        own = layer.state_dict()
+        state = own if state is None else {n: t.to(own[n].device, own[n].dtype) for n, t in state.items()}
+        self._write({f"{self.layers_prefix}{i}.{n}": t for n, t in state.items()},
+                    self._shard(i + 1, self.adapter.num_layers() + 1))
+
+    def finish_unchanged(self) -> None:
+        """Write the tensors outside the layers, the index and the config as the checkpoint has them (healing
+        changes the layers only)."""
+        rest = self.checkpoint.read([n for n in self.checkpoint.weight_map if not n.startswith(self.layers_prefix)])
+        self._write(rest, self._shard(self.adapter.num_layers() + 1, self.adapter.num_layers() + 1))
+        self._write_config(load_config(self.folder))
+
     def _write(self, state: dict[str, torch.Tensor], shard: str) -> None:
         save_file({n: t.contiguous() for n, t in state.items()}, self.out / shard, metadata={"format": "pt"})
         self.weight_map |= dict.fromkeys(state, shard)
@@ -355,8 +377,7 @@ def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, recipe: Pru
         raise NumpruneError("the auto allocation measures whole candidate models on held-out text, and streaming "
                             "never holds the whole model: choose another allocation, such as blend")
     if opts.heal:
-        raise NumpruneError("healing needs the dense and the pruned model in memory side by side; a streamed run "
-                            "cannot heal (prune in memory, or heal the saved model with numprune.heal)")
+        check_streamable(opts.heal_options())
     FLAG.check("overwrite", overwrite)
     _allocate_large_blocks_apart()
     world = distributed.world()
@@ -383,17 +404,97 @@ def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, recipe: Pru
             return None  # compensation needs no other process: process 0 does it alone
     writer = output_folder(out, overwrite=overwrite, inputs=[folder], marker=REPORT_NAME)
     with writer if world.writer else nullcontext() as tmp:
+        pruned = tmp
+        if opts.heal and tmp is not None:  # pruned into a folder of its own, healed from there into ``tmp``
+            pruned = tmp / UNHEALED
+            pruned.mkdir()
         if opts.depth:
             report = _depth_first(source, tokens, opts, tmp, compute, clock, calibration_info, before)
         else:
-            report = _width(source, plans, stats, tokens, opts, tmp, compute, clock, calibration_info, before)
+            report = _width(source, plans, stats, tokens, opts, pruned, compute, clock, calibration_info, before)
         if report is None:
             return None
+        if opts.heal:
+            _heal_pruned(source, pruned, tokens, opts.heal_options(), tmp, compute, clock, report)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         report.model = str(source.folder.resolve())
         (tmp / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2) + "\n")
         write_pruned_card(tmp, report, str(folder))
+    return report
+
+
+# Where a streamed run that heals writes the pruned checkpoint, inside the output's temporary folder, for the
+# healing that reads it (and writes the healed one beside it); removed after.
+UNHEALED = "unhealed"
+
+
+def _heal_pruned(dense: StreamedModel, pruned: Path, tokens: torch.Tensor, opts: HealOptions, out: Path,
+                 compute: Compute, clock: Clock, report: PruneReport) -> None:
+    """Heal the checkpoint just pruned into ``pruned`` toward the dense model ``dense`` was read from (afresh: the
+    pruning run may have left its skeleton changed) into ``out``, then remove it; the report gets the healing's
+    record, time and memory, as ``numprune.prune``'s does."""
+    with clock.timed("healing"):
+        record = _heal_into(StreamedModel(dense.folder, clock), StreamedModel(pruned, clock), tokens, opts, out,
+                            compute.device, compute.progress)
+    shutil.rmtree(pruned)
+    report.healing = record.to_json()
+    report.time_s, report.peak_rss_bytes, report.peak_gpu_bytes = clock.times(), clock.peak_rss, clock.peak_gpu
+
+
+def _check_healable(dense: StreamedModel, pruned: StreamedModel, tokens) -> None:
+    """What ``numprune.heal`` checks of the two models and the tokens, with only their embeddings read."""
+    if tokens is None:
+        raise NumpruneError("healing needs calibration tokens")
+    check_tokens(dense.adapter, tokens)
+    with dense.inputs(), pruned.inputs():
+        check_pair(dense.adapter, pruned.adapter)
+
+
+def _heal_into(dense: StreamedModel, pruned: StreamedModel, tokens: torch.Tensor, opts: HealOptions, out: Path,
+               device: torch.device | None, progress: bool) -> HealRecord:
+    """Block-local healing of ``pruned`` toward ``dense`` (numprune.heal's loop, one layer of each in memory), each
+    healed layer written into ``out`` as it is done, then the rest of the pruned checkpoint; its record."""
+    start = time.perf_counter()
+    pruned.out, pruned.weight_map = out, {}
+    layers = heal_layers(dense, pruned, tokens, device or torch.device("cpu"), opts, progress)
+    pruned.finish_unchanged()
+    return HealRecord(opts, layers, int(tokens.numel()), time.perf_counter() - start)
+
+
+def heal_streaming(dense_folder: str | os.PathLike, pruned_folder: str | os.PathLike, tokens: torch.Tensor, /, *,
+                   out: str | os.PathLike, overwrite: bool = False, progress: bool = True,
+                   device: torch.device | str | None = None, calibration_info: dict | None = None,
+                   **options) -> dict:
+    """Heal the pruned model saved in ``pruned_folder`` toward the dense one in ``dense_folder`` into ``out``,
+    block-local (the ``local`` mode), never loading either whole; return the report written beside it.
+
+    Same options (HealOptions' fields) and same weights as ``numprune.heal`` on the two loaded models: the layer
+    passes and fits run on ``device`` (default: the CPU) in float32, and each healed layer is written in the pruned
+    checkpoint's dtype. The report is the pruned folder's, its recipe and ``healing`` record updated (with
+    ``calibration_info``, what the ``tokens`` were drawn from).
+    """
+    opts = HealOptions.checked(**options)
+    check_streamable(opts)
+    FLAG.check("overwrite", overwrite)
+    where = check_device(device)
+    report = read_report(pruned_folder)
+    if report is None:
+        raise NumpruneError(f"{pruned_folder} has no {REPORT_NAME}: heal a folder numprune pruned")
+    folders = [Path(f).expanduser() for f in (dense_folder, pruned_folder)]
+    if folders[0].resolve() == folders[1].resolve():
+        raise NumpruneError("the dense and the pruned model are the same model; heal a pruned copy")
+    check_target(out, overwrite=overwrite, inputs=folders, marker=REPORT_NAME)
+    _allocate_large_blocks_apart()
+    clock = Clock(where)
+    dense, pruned = StreamedModel(folders[0], clock), StreamedModel(folders[1], clock)
+    _check_healable(dense, pruned, tokens)  # before the output's temporary folder is made
+    with output_folder(out, overwrite=overwrite, inputs=folders, marker=REPORT_NAME) as tmp:
+        record = _heal_into(dense, pruned, tokens, opts, tmp, where, progress)
+        extra = {"calibration": calibration_info} if calibration_info is not None else {}
+        report = healed_report(report, record, **extra, dense_model=str(dense.folder.resolve()))
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        write_pruned_card(tmp, report, str(pruned.folder))
     return report
 
 

@@ -210,6 +210,11 @@ def reload_all(plain: list[Path], with_numprune: list[Path], probe: torch.Tensor
     return [(logits[str(i)], tuple(line.split())) for i, line in enumerate(done.stdout.splitlines())]
 
 
+def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved folder, whichever way it is sharded."""
+    return {name: t for shard in sorted(folder.glob("*.safetensors")) for name, t in load_file(shard).items()}
+
+
 def stages(model, tokens, ratio=0.3, **options):
     """The pipeline's steps one by one, returning the masked model (a copy at full width with the fits applied and
     the removed inputs zeroed, numprune.compensate.apply), the shrunk one (built by numprune.shrink from the

@@ -4,6 +4,7 @@ and its result saves and reloads like any pruned model; the command line records
 
 import copy
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -185,7 +186,8 @@ def test_prune_heal_writes_the_record(tiny_model_folder, tmp_path):
     (["--heal", "--heal-lr", "0"], "--heal-lr: must be a finite number > 0"),
     (["--heal", "--heal-loss", "kl"], "argument --heal-loss: invalid choice: 'kl'"),
     (["--heal-epochs", "2"], "heal_epochs is a healing option; it applies only with heal=True"),
-    (["--heal", "--stream"], "--heal needs the dense and the pruned model in memory side by side; drop --stream"),
+    (["--heal", "--heal-mode", "distill", "--stream"], "the healing mode distill distils, which trains the whole "
+     "pruned model at once; a streamed run holds one layer at a time"),
 ])
 def test_bad_heal_flags_are_one_line(tiny_model_folder, tmp_path, extra, message):
     refused("heal flags", message, "prune", "--model", tiny_model_folder, "--ratio", "0.3", "--nsamples", "2",
@@ -214,8 +216,10 @@ def test_heal_command_heals_a_saved_pruned_folder(tiny_model_folder, tmp_path):
                 "--overwrite", *calibration, inputs=[tiny_model_folder, pruned])
 
 
-def test_a_streamed_run_refuses_healing(tiny_model_folder, tmp_path):
-    with pytest.raises(NumpruneError, match="a streamed run cannot heal"):
-        prune_streaming(tiny_model_folder, tiny_tokens(2, 16), ratio=0.3, out=tmp_path / "out", heal=True,
-                        progress=False)
+def test_a_streamed_run_refuses_distillation(tiny_model_folder, tmp_path):
+    for mode in ("distill", "local+distill"):
+        message = f"the healing mode {re.escape(mode)} distils, .* a streamed run holds one layer"
+        with pytest.raises(NumpruneError, match=message):
+            prune_streaming(tiny_model_folder, tiny_tokens(2, 16), ratio=0.3, out=tmp_path / "out", heal=True,
+                            heal_mode=mode, progress=False)
     assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FakeClock, tiny_llama, tiny_tokens
+from conftest import FakeClock, saved_tensors, tiny_llama, tiny_tokens
 from safetensors.torch import load_file, save_file
 
 from numprune import NumpruneError, prune, prune_streaming, save_pruned
@@ -18,11 +18,6 @@ from numprune.adapters import adapter_for
 from numprune.calibrate import collect_statistics
 from numprune.cli import main
 from numprune.stream import Checkpoint, StreamedModel
-
-
-def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a saved folder, whichever way it is sharded."""
-    return {name: t for shard in sorted(folder.glob("*.safetensors")) for name, t in load_file(shard).items()}
 
 
 def save_input(model, folder: Path, sharded: bool) -> Path:

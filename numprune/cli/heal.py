@@ -1,4 +1,5 @@
-"""``numprune heal``: heal a saved pruned model toward the dense model it was pruned from, into a new folder."""
+"""``numprune heal``: heal a saved pruned model toward the dense model it was pruned from, into a new folder (both
+models in memory, or with ``--stream`` read from their folders one layer at a time)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 from numprune.cli import args as a
-from numprune.cli.inputs import load, protected_inputs
+from numprune.cli.inputs import load, protected_inputs, streamed_windows
 from numprune.data.corpora import calibration_windows
 from numprune.errors import NumpruneError
 from numprune.evaluate.image import is_image_generator
-from numprune.heal import heal
+from numprune.heal import check_streamable, heal, healed_report
 from numprune.io.output import check_target
+from numprune.models import registry_folder
 from numprune.recipe import HEAL_FIELDS, HealOptions
 from numprune.save import REPORT_NAME, read_report, save_pruned
+from numprune.stream import check_folder, heal_streaming
 
 
 def add_parser(commands) -> None:
@@ -27,6 +30,9 @@ def add_parser(commands) -> None:
     a.add_output_folder(p, "output folder for the healed model")
     p.add_argument("--device", type=a.device, default=None, help="where the layer passes and fits run: cpu, cuda or "
                    "cuda:N (default: where the dense model is, the CPU)")
+    p.add_argument("--stream", action="store_true", help="read both models' weights from their safetensors folders "
+                   "one decoder layer at a time and write each healed layer at once: neither model sits in memory "
+                   "whole (block-local healing only)")
     a.add_quiet(p)
     p.set_defaults(run=run)
 
@@ -39,6 +45,8 @@ def run(args) -> int:
         raise NumpruneError(f"--pruned {args.pruned} has no {REPORT_NAME}: heal a folder numprune pruned")
     inputs = [*protected_inputs(args), Path(args.pruned).expanduser()]
     check_target(args.out, overwrite=args.overwrite, inputs=inputs, marker=REPORT_NAME)
+    if args.stream:
+        return _streaming(args, options)
     dense, tokenizer, source = load(args.model)
     if is_image_generator(dense):
         raise NumpruneError("heal calibrates on text; image generators are not supported")
@@ -46,12 +54,27 @@ def run(args) -> int:
     tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed, model=dense,
                                              sampling=a.self_sampling(args), progress=not args.quiet)
     healed, record = heal(dense, pruned, tokens, progress=not args.quiet, device=args.device, **asdict(options))
-    report["options"].update(heal=True, **{f"heal_{name}": getattr(options, name) for name in HEAL_FIELDS})
-    report["healing"] = {**record.to_json(), "calibration": calib_info, "dense_model": source}
+    report = healed_report(report, record, calibration=calib_info, dense_model=source)
     out = save_pruned(healed, pruned_tokenizer, report, args.out, args.overwrite, inputs=inputs)
+    _print_summary(args, source, report, out)
+    return 0
+
+
+def _streaming(args, options: HealOptions) -> int:
+    """Both models read from their folders one layer at a time; the dense folder's tokenizer draws the windows."""
+    check_streamable(options)
+    folder = check_folder(registry_folder(args.model) or args.model)
+    check_folder(Path(args.pruned).expanduser())
+    _, tokens, calib_info = streamed_windows(args, folder, progress=not args.quiet)
+    report = heal_streaming(folder, args.pruned, tokens, out=args.out, overwrite=args.overwrite,
+                            progress=not args.quiet, device=args.device, calibration_info=calib_info, **asdict(options))
+    _print_summary(args, report["healing"]["dense_model"], report, Path(args.out))
+    return 0
+
+
+def _print_summary(args, source: str, report: dict, out: Path) -> None:
     print(f"healed: {args.pruned} toward {source}; {summary(report['healing'])}")
     print(f"saved: {out} (report in {out}/{REPORT_NAME})")
-    return 0
 
 
 def summary(healing: dict) -> str:

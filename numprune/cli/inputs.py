@@ -12,7 +12,13 @@ from numprune.adapters import adapter_for
 from numprune.auto import HOLDOUT_SEQLEN, HOLDOUT_WINDOWS, holdout_windows
 from numprune.cli.args import IMAGE_EVAL, sampling_options, self_sampling
 from numprune.data.assets import installed_sources
-from numprune.data.corpora import calibration_parts, calibration_windows, check_evaluation_source, evaluation_windows
+from numprune.data.corpora import (
+    calibration_parts,
+    calibration_windows,
+    check_evaluation_source,
+    evaluation_windows,
+    needs_model,
+)
 from numprune.data.self_generated import SELF
 from numprune.errors import NumpruneError
 from numprune.evaluate.base import Evaluation
@@ -22,6 +28,7 @@ from numprune.image.calibration import self_generated_calibration
 from numprune.image.grid import is_digits_model
 from numprune.io.output import check_target
 from numprune.models import load_model, model_folder
+from numprune.stream import load_tokenizer
 
 
 def load(spec):
@@ -82,6 +89,16 @@ def auto_holdout(args, model, tokenizer, progress: bool) -> dict:
     windows, length = args.auto_holdout or (HOLDOUT_WINDOWS, HOLDOUT_SEQLEN)
     return holdout_windows(model, tokenizer, args.calib, args.nsamples, args.seqlen, args.seed, self_sampling(args),
                            progress=progress, windows=windows, length=length)
+
+
+def streamed_windows(args, folder: Path, progress: bool):
+    """For a run that streams the model in ``folder``: its tokenizer and the calibration windows drawn with it. The
+    model's own samples need the whole model once, loaded for them and dropped before the layer-by-layer run."""
+    tokenizer = load_tokenizer(folder)
+    model = load(str(folder))[0] if needs_model(args.calib) else None
+    tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed, model=model,
+                                             sampling=self_sampling(args), progress=progress)
+    return tokenizer, tokens, calib_info
 
 
 def check_calibration(args) -> None:

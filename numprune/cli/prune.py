@@ -11,16 +11,23 @@ from numprune.api import prune
 from numprune.cli import args as a
 from numprune.cli.export import add_gguf_options, gguf_outtype, print_export
 from numprune.cli.heal import summary as heal_summary
-from numprune.cli.inputs import auto_holdout, check_auto_holdout, check_calibration, load, prepare, protected_inputs
+from numprune.cli.inputs import (
+    auto_holdout,
+    check_auto_holdout,
+    check_calibration,
+    prepare,
+    protected_inputs,
+    streamed_windows,
+)
 from numprune.compensate import COMPENSATIONS, Damped
 from numprune.compensate import REGISTRY as COMPENSATION_REGISTRY
 from numprune.criteria import get_method, methods
-from numprune.data.corpora import calibration_windows, needs_model
 from numprune.depth import DEFAULT_RIDGE, SELECTIONS, layers_for_ratio
 from numprune.distributed import process_group, world
 from numprune.errors import NumpruneError
 from numprune.export.gguf import check_exportable, export_gguf
 from numprune.export.gguf import check_target as check_gguf_target
+from numprune.heal import check_streamable
 from numprune.io.output import check_target
 from numprune.models import load_config, registry_folder
 from numprune.recipe import (
@@ -34,7 +41,7 @@ from numprune.recipe import (
     recipe_of,
 )
 from numprune.save import REPORT_NAME, save_pruned
-from numprune.stream import check_folder, load_tokenizer, prune_streaming
+from numprune.stream import check_folder, prune_streaming
 
 # PruneOptions' fields that have a flag of their own: field -> the flag's attribute (unset: None).
 RECIPE_FLAGS = {"ratio": "ratio", "method": "method", "allocation": "allocation", "gqa_unit": "gqa_unit",
@@ -173,8 +180,8 @@ def _streaming(args, device: str | None, dtype) -> int:
     if options.allocation == AUTO:
         raise NumpruneError("--allocation auto measures whole candidate models on held-out text; --stream never holds "
                             "the whole model: choose another allocation, such as blend")
-    if args.heal:
-        raise NumpruneError("--heal needs the dense and the pruned model in memory side by side; drop --stream")
+    if options.heal:
+        check_streamable(options.heal_options())
     if args.eval_data:
         raise NumpruneError("--eval needs the whole model in memory; with --stream, run `numprune ppl` on the output")
     check_calibration(args)
@@ -185,12 +192,7 @@ def _streaming(args, device: str | None, dtype) -> int:
         options = prune_options(args, load_config(folder).num_hidden_layers)
     if args.gguf:
         check_exportable(load_config(folder))
-    tokenizer = load_tokenizer(folder)
-    # The model's own samples need the whole model once, before the layer-by-layer run.
-    model = load(str(folder))[0] if needs_model(args.calib) else None
-    tokens, calib_info = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed, model=model,
-                                             sampling=a.self_sampling(args), progress=not args.quiet and world().writer)
-    del model
+    tokenizer, tokens, calib_info = streamed_windows(args, folder, progress=not args.quiet and world().writer)
     report = prune_streaming(folder, tokens, options, out=args.out, overwrite=args.overwrite,
                              tokenizer=tokenizer, batch_size=args.batch_size, progress=not args.quiet and world().writer,
                              calibration_info=calib_info, device=device, dtype=dtype)
