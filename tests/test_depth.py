@@ -260,7 +260,9 @@ def test_spans_collected_a_group_at_a_time_choose_what_one_pass_chooses(monkeypa
     collect = depth.collect_depth_stats
     monkeypatch.setattr(depth, "collect_depth_stats", lambda *a, starts=None, **k: passes.append(starts) or collect(
         *a, starts=starts, **k))
-    monkeypatch.setattr(depth, "free_memory", lambda device: 2 * depth._span_bytes(adapter_for(model), 1) + 1)
+    hidden, width = model.model.layers[0].mlp.down_proj.weight.shape
+    span = 8 * width * (width + hidden)  # one span's float64 G (width x width) and C (width x hidden)
+    monkeypatch.setattr(depth, "free_memory", lambda device: 2 * span + 1)
     grouped, report = prune(model, tokens, ratio=0, depth=2, progress=False)
     assert passes == [[1], [2], [3], [4]]
     assert report["depth"] == one_pass["depth"]
