@@ -116,7 +116,7 @@ def run(args) -> None:
         for weight in AUTO_WEIGHTS:
             start = time.perf_counter()
             pruned, _ = prune(model, tokens, stats=stats, ratio=ratio, method="numerical-robust", allocation="blend",
-                              blend_weight=weight, progress=False)
+                              heal=False, blend_weight=weight, progress=False)
             prune_s = time.perf_counter() - start
             start = time.perf_counter()
             losses[weight] = {name: token_nll(pruned, w) for name, (w, _) in holdout.items()}
@@ -146,7 +146,7 @@ def verify(model, tokens, stats, ratio: float, holdout: dict, spec: str, expecte
     held = {}
     for name, (w, info) in holdout.items():
         held[name] = (w[torch.linspace(0, len(w) - 1, count).round().long(), :length], info)
-    _, report = prune(model, tokens, stats=stats, ratio=ratio, method="numerical-robust", allocation="auto",
+    _, report = prune(model, tokens, stats=stats, ratio=ratio, method="numerical-robust", allocation="auto", heal=False,
                       holdout=held, progress=False)
     chosen = report["auto_allocation"]["chosen_blend_weight"]
     return dict(holdout=spec, chosen=chosen, agrees=chosen == expected, auto_s=report["time_s"]["auto"])

@@ -76,7 +76,8 @@ def run(args, out: Path) -> None:
                    calibration_s=round(time.perf_counter() - start, 2), nsamples=args.nsamples, seqlen=args.seqlen,
                    eval_windows=args.eval_windows, ratios={})
         for ratio in (float(r) for r in args.ratios.split(",")):
-            pruned, _ = prune(model, tokens, stats=stats, ratio=ratio, method="numerical-robust", progress=False)
+            pruned, _ = prune(model, tokens, stats=stats, ratio=ratio, method="numerical-robust", heal=False,
+                              progress=False)
             row["ratios"][str(ratio)] = {name: perplexity(pruned, w, progress=False)["ppl"]
                                          for name, w in windows.items()}
         with out.open("a") as f:

@@ -122,7 +122,7 @@ def main() -> None:
         record("scattered", share, scattered, {"parameters": {"achieved_ratio": depth / layers}},
                {"depth": {"removed_layers": rec.removed_layers, "patched_layers": patched, "patch_errors": errors}})
         del stats, shallow, plain, scattered
-        narrow, report = numprune.prune(model, tokens, ratio=share, stats=dense_stats, method="numerical-robust",
+        narrow, report = numprune.prune(model, tokens, ratio=share, stats=dense_stats, method="numerical-robust", heal=False,
                                         progress=False)
         record("width", share, narrow, report, {})
     for share in [float(s) for s in args.split_shares.split(",") if s]:  # last: the table's core comes first

@@ -53,7 +53,7 @@ def build(args) -> None:
         built = {"depth": numprune.prune(model, tokens, ratio=0, depth=depth,
                                          depth_selection=selection(args, depth / layers), progress=False),
                  "width": numprune.prune(model, tokens, ratio=share, stats=dense_stats, method="numerical-robust",
-                                         progress=False)}
+                                         heal=False, progress=False)}
         if share in [float(s) for s in args.split_shares.split(",") if s]:
             split = depth // 2
             width_share = 1 - (1 - share) * layers / (layers - split)

@@ -1,5 +1,6 @@
-"""Perplexity of SmolLM2 pruned and then healed by distillation (numprune.heal, mode distill), against the
-number of calibration tokens and wall minutes it trained for: the curve a user picks a budget from.
+"""Perplexity of a model (SmolLM2 unless --model) pruned and then healed by distillation (numprune.heal, mode
+distill), against the number of calibration tokens and wall minutes it trained for: the curve a user picks a budget
+from.
 
 Prunes once (or reloads the pruned folder --pruned wrote before, so that a grid split over several
 invocations prunes once), then heals a fresh copy for each run (its own budget and cosine schedule) and
@@ -53,12 +54,14 @@ def runs(text: str) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="name or folder (numprune.models.load_model; default SmolLM2)")
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--method", default="numerical-robust")
     parser.add_argument("--calib", default="sotu-val")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--eval", default="sotu-val,emails", help="texts (comma-separated)")
+    parser.add_argument("--eval", default="sotu-val,emails", help="texts (comma-separated; self: the dense "
+                        "model's own samples, seed 1)")
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--final-eval", default="", help="texts (comma-separated) the unhealed model and the last "
@@ -73,18 +76,19 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="rows are appended here (JSON lines)")
     args = parser.parse_args()
 
-    model, tokenizer, source = load_model(None)
+    model, tokenizer, source = load_model(args.model)
     tokens, calib = calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, seed=0)
     texts = args.eval.split(",")
     finals = [t for t in args.final_eval.split(",") if t]
-    evals = {spec: evaluation_windows(tokenizer, spec, args.eval_seqlen, args.eval_windows)[0] for spec in texts + finals}
+    evals = {spec: evaluation_windows(tokenizer, spec, args.eval_seqlen, args.eval_windows, model=model, seed=1)[0]
+             for spec in texts + finals}
 
     def ppl(m, final=False):
         return {spec: round(perplexity(m, w, progress=False)["ppl"], 3) for spec, w in evals.items()
                 if spec in texts or final}
 
     def emit(row):
-        row.update(ratio=args.ratio, method=args.method, calibration=calib, eval_windows=args.eval_windows,
+        row.update(model=source, ratio=args.ratio, method=args.method, calibration=calib, eval_windows=args.eval_windows,
                    eval_seqlen=args.eval_seqlen)
         print(json.dumps(row), flush=True)
         if args.json:
@@ -98,7 +102,8 @@ def main() -> None:
         pruned = load_model(str(args.pruned))[0]
     else:
         start = time.perf_counter()
-        pruned, report = numprune.prune(model, tokens, ratio=args.ratio, method=args.method, progress=False)
+        pruned, report = numprune.prune(model, tokens, ratio=args.ratio, method=args.method, heal=False,
+                                        progress=False)
         print(f"pruned in {time.perf_counter() - start:.1f}s", flush=True)
         if args.pruned is not None:
             save_pruned(pruned, tokenizer, report, args.pruned)

@@ -49,7 +49,8 @@ def run(rank: int, world: int, port: int, out: str, args: dict) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model, tokens = build()
-        pruned, report = numprune.prune(model, tokens, ratio=0.3, batch_size=args["batch_size"], progress=False)
+        pruned, report = numprune.prune(model, tokens, ratio=0.3, batch_size=args["batch_size"], heal=False,
+                                        progress=False)
         if rank == 0:
             save_file({k: v.clone() for k, v in pruned.state_dict().items()}, f"{out}/pruned{world}.safetensors")
             Path(f"{out}/report{world}.json").write_text(json.dumps(report.to_json()))

@@ -88,7 +88,8 @@ def main() -> None:
     rows = [{"ratio": 0.0, "heal": "dense", "ppl": ppl(model)}]
     print(rows[-1], flush=True)
     for ratio in [float(r) for r in args.ratios.split(",")]:
-        pruned, _ = numprune.prune(model, tokens, ratio=ratio, stats=stats, method=args.method, progress=False)
+        pruned, _ = numprune.prune(model, tokens, ratio=ratio, stats=stats, method=args.method, heal=False,
+                                   progress=False)
         for label, options in settings.items():
             row = {"ratio": ratio, "heal": label}
             if options is not None:

@@ -53,7 +53,7 @@ def main() -> None:
                 "sequential": {"compensation_stats": "sequential"}}
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for name in args.variants.split(","):
-            pruned, report = numprune.prune(model, tokens, ratio=ratio, stats=stats, progress=False,
+            pruned, report = numprune.prune(model, tokens, ratio=ratio, stats=stats, progress=False, heal=False,
                                             allocation=args.allocation, **variants[name])
             rows.append({"method": f"numerical, {args.allocation}, {name}", "ratio": ratio,
                          "achieved_ratio": round(report["parameters"]["achieved_ratio"], 4),

@@ -39,7 +39,8 @@ def main() -> None:
 
     models, achieved = [("dense", model)], [0.0]
     for name, ratio, options in variants:
-        pruned, report = numprune.prune(model, tokens, ratio=ratio, stats=stats, progress=False, **options)
+        pruned, report = numprune.prune(model, tokens, ratio=ratio, stats=stats, progress=False, heal=False,
+                                        **options)
         models.append((name, pruned))
         achieved.append(report["parameters"]["achieved_ratio"])
     results = bench(models, [int(b) for b in args.batch.split(",")], ratios=achieved, repeats=args.repeats)

@@ -45,7 +45,7 @@ loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 tokens = torch.randint(0, model.config.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(1))
 start = time.perf_counter()
 name, *options = method.split(":")
-pruned, report = numprune.prune(model, tokens, ratio=ratio, method=name, progress=False,
+pruned, report = numprune.prune(model, tokens, ratio=ratio, method=name, progress=False, heal=False,
                                 **dict(o.split("=") for o in options))
 print(json.dumps({"weights_bytes": weights, "rss_loaded_bytes": loaded, "prune_s": round(time.perf_counter() - start, 1),
                   "achieved_ratio": report["parameters"]["achieved_ratio"]}))

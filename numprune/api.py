@@ -9,7 +9,6 @@ with an ``InMemory`` layer source (numprune.sources); the options are numprune.r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -19,11 +18,22 @@ from numprune.adapters import adapter_for
 from numprune.allocate import AUTO
 from numprune.calibrate import LayerStats, collect_statistics
 from numprune.depth import check_depth, prune_depth
+from numprune.distill import memory_needed
 from numprune.errors import NumpruneError
-from numprune.heal import heal
-from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, layers_only_report, resolve, select
-from numprune.precision import full_precision
-from numprune.recipe import FLAG, PruneOptions
+from numprune.heal import decide_mode, run_healing
+from numprune.pipeline import (
+    Compute,
+    build_report,
+    check_run,
+    check_tokens,
+    compensate,
+    healing_for,
+    layers_only_report,
+    resolve,
+    select,
+)
+from numprune.precision import free_memory, full_precision
+from numprune.recipe import FLAG, PruneOptions, heal_fields
 from numprune.report import Clock, PruneReport, counted_from_dense, parameter_counts
 from numprune.shrink import shrink
 from numprune.sources import InMemory
@@ -57,8 +67,9 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     ``overrides`` alone (``ratio`` is then needed). ``model`` is left untouched and never copied: the
     narrower model is built from it and the compensation's fits (numprune.shrink); with ``inplace`` it
     shares the tensors that do not shrink (embeddings, norms) with ``model``, which is then the caller's
-    to drop. With ``heal=True`` the pruned model is then healed toward ``model`` on ``tokens``
-    (numprune.heal; the report's ``healing`` has its record).
+    to drop. With ``heal`` (the default method's own) the pruned model is then healed toward ``model`` on
+    ``tokens`` (numprune.heal: by distillation where its training fits in the free memory, else block-local,
+    decided before the work; the report's options say which, its ``healing`` has the record).
 
     A recipe with ``depth`` > 0 first removes that many whole layers (numprune.depth: ``depth_selection``
     ``patched``, the span of consecutive layers whose least-squares patch, at ridge ``depth_ridge``, leaves the
@@ -86,13 +97,20 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
     if calibration_info is not None and not isinstance(calibration_info, dict):
         raise NumpruneError(f"calibration_info must be a dict, got {type(calibration_info).__name__}")
     FLAG.check("inplace", inplace)
-    if inplace and opts.heal:
-        raise NumpruneError("healing fits the pruned model to the dense one, whose norms and embeddings inplace=True "
-                            "would share; prune with inplace=False")
     compute = Compute(batch_size, progress, device, dtype)
     source = InMemory(model)
-    clock = Clock(compute.where(source.adapter))
+    opts = healing_for(source.adapter, opts)
+    if inplace and opts.heal:
+        raise NumpruneError("healing fits the pruned model to the dense one, whose norms and embeddings inplace=True "
+                            "would share; prune with inplace=False, or without healing (heal=False)")
+    where = compute.where(source.adapter)
+    clock = Clock(where)
     check_run(source.adapter, tokens, stats, opts)
+    if opts.heal:  # the mode decided on the pruned model's estimated need, before any long work
+        asked = opts.heal_options()
+        need = memory_needed(source.adapter, asked, tokens.shape[1], keep=1 - opts.ratio, resident=True)
+        healing = decide_mode(asked, need, free_memory(where), tokens.numel())
+        opts = opts.replace(**heal_fields(healing))
     before = parameter_counts(source.adapter)
     plans, stats = select(source, tokens, stats, opts, compute, clock)
     choice = None
@@ -104,9 +122,9 @@ def prune(model: nn.Module, tokens: torch.Tensor | None = None, recipe: PruneOpt
         pruned = shrink(source.adapter, plans, source.fits, share=inplace)
     record = None
     if opts.heal:
+        stats = None  # not needed any more: the memory goes to healing
         with clock.timed("healing"):
-            pruned, record = heal(model, pruned, tokens, progress=compute.progress, device=compute.device,
-                                  **asdict(opts.heal_options()))
+            record = run_healing(source, InMemory(pruned), tokens, healing, where, compute.progress)
     report = build_report(opts, tokens, calibration_info, before, pruned, plans, clock,
                           compute.describe(source.adapter))
     report.healing = record.to_json() if record is not None else None

@@ -159,6 +159,8 @@ def _how_pruned(report: Mapping) -> str:
                      + (f"; least-squares patch folded into layer{'s' * (len(patched) > 1)} "
                         f"{', '.join(map(str, patched))}, ridge {depth['ridge']}"
                         if depth["patched_layer"] is not None else "") + ") |")
+    if report.get("healing"):
+        lines.append(f"| healing | {_healing(report['healing'])} |")
     if "source" in calibration:
         shape = (f"{calibration['nsamples']} x {calibration['seqlen']} tokens"
                  if {"nsamples", "seqlen"} <= calibration.keys() else f"{calibration.get('tokens')} tokens")
@@ -177,6 +179,18 @@ def _how_pruned(report: Mapping) -> str:
                   f"(with `--ratio {options['ratio']}`):\n", f"```\n{recipe(options)}\n```\n"]
     lines.append(f"Per-layer widths, times and memory are in `{REPORT_NAME}`.\n")
     return "\n".join(lines)
+
+
+def _healing(healing: Mapping) -> str:
+    """What healing did after the surgery, in words (numprune.heal's record)."""
+    parts = []
+    if layers := healing.get("layers"):
+        parts.append(f"block-local: each layer fitted to the dense layer's output ({sum(la['kept'] for la in layers)} "
+                     f"of {len(layers)} kept the fit)")
+    if distilled := healing.get("distillation"):
+        parts.append(f"distillation from the dense model's next-token distribution, {distilled['tokens']:,} "
+                     "calibration tokens")
+    return ", then ".join(parts)
 
 
 def _measured(report: Mapping) -> str:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from numprune.adapters import Adapter
 from numprune.extras import need
 from numprune.recipe import HealOptions
 
@@ -48,6 +49,28 @@ class DistillRecord:
     def to_json(self) -> dict:
         return {"steps": self.steps, "tokens": self.tokens, "seconds": round(self.seconds, 3),
                 "stopped_by": self.stopped_by, "curve": self.curve}
+
+
+def memory_needed(adapter: Adapter, opts: HealOptions, seqlen: int, keep: float = 1.0, resident: bool = False) -> int:
+    """Bytes distilling ``adapter``'s model takes beyond what it holds already, an estimate made before the work.
+
+    The model in float32 (``resident``: the whole of it, for a pruned model not built yet; else only what
+    float32 adds to its own dtype), the trained weights' gradients and AdamW's two moments (LoRA's are
+    negligible), and one batch's logits (teacher's, student's, their log-softmaxes and gradient) and saved
+    activations. ``keep`` scales the decoder layers' weights: the dense model's adapter with the share pruning
+    will keep estimates the pruned model's need before pruning."""
+    model = adapter.model
+    embeddings = model.get_input_embeddings().weight
+    vocab, hidden = embeddings.shape
+    head = model.get_output_embeddings()
+    frozen = {id(embeddings)} | ({id(p) for p in head.parameters()} if head is not None else set())
+    untrained = sum(p.numel() for p in model.parameters() if id(p) in frozen)
+    trained = keep * sum(p.numel() for p in model.parameters() if id(p) not in frozen)
+    weights = (untrained + trained) * (4 if resident else max(0, 4 - embeddings.element_size()))
+    state = 0 if opts.lora_rank else 12 * trained
+    per_token = 6 * vocab + sum(12 * hidden + 4 * adapter.mlp_width(i)
+                                + adapter.attention_layout(i).num_heads * seqlen for i in range(adapter.num_layers()))
+    return int(weights + state + 4 * opts.batch * seqlen * per_token)
 
 
 def kl_to_teacher(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -145,7 +168,7 @@ def _plan(windows: int, seqlen: int, opts: HealOptions) -> tuple[int | None, str
 def _batches(windows: int, batch: int, generator: torch.Generator) -> Iterator[list[int]]:
     """Windows in batches, pass after pass, each pass in a new random order."""
     while True:
-        order = torch.randperm(windows, generator=generator).tolist()
+        order = torch.randperm(windows, generator=generator, device="cpu").tolist()
         yield from (order[i:i + batch] for i in range(0, windows, batch))
 
 

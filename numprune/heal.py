@@ -15,7 +15,9 @@ here, or the layers of two folders read from disk one at a time (numprune.stream
 where each healed layer is written to the output as soon as it is done.
 
 The ``distill`` mode trains the whole pruned model to the dense model's next-token distribution instead
-(numprune.distill); ``local+distill`` fits the layers first, then distils.
+(numprune.distill); ``local+distill`` fits the layers first, then distils. Without a mode, healing distils where
+the training fits in the free memory and is block-local otherwise (``decide_mode``), and always block-local where
+the layers are read from disk (``streamed_options``).
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ from tqdm.auto import tqdm
 
 from numprune.adapters import Adapter
 from numprune.calibrate import LayerStream, shared_map
-from numprune.distill import DistillRecord, distill
+from numprune.distill import DistillRecord, distill, memory_needed
 from numprune.errors import NumpruneError
 from numprune.extras import need
 from numprune.pipeline import check_tokens
-from numprune.precision import check_device, model_device
-from numprune.recipe import HEAL_FIELDS, HealOptions
+from numprune.precision import check_device, free_memory, model_device
+from numprune.recipe import HealOptions, heal_fields
 from numprune.sources import InMemory, LayerSource
 
 ENERGY_FLOOR = 1e-12  # a dead sub-block's output energy, so that the relative loss stays finite
@@ -75,38 +77,70 @@ def heal(dense: nn.Module, pruned: nn.Module, tokens: torch.Tensor | None, /, *,
     distillation, or both, as ``options``' mode says.
 
     ``options`` are HealOptions' fields (``tokens=`` among them is distillation's budget; the calibration tokens
-    are the third argument, by position). ``dense`` is left untouched. The layer passes, the fits and the
-    distillation run on ``device`` (default: the dense model's own) in float32.
+    are the third argument, by position); without a mode, ``decide_mode`` picks one. ``dense`` is left untouched.
+    The layer passes, the fits and the distillation run on ``device`` (default: the dense model's own) in float32.
     """
     opts = HealOptions.checked(**options)
-    if tokens is None:
-        raise NumpruneError("healing needs calibration tokens")
     if dense is pruned:
         raise NumpruneError("the dense and the pruned model are the same model; heal a pruned copy")
     teacher, student = InMemory(dense), InMemory(pruned)
-    check_tokens(teacher.adapter, tokens)
-    check_pair(teacher.adapter, student.adapter)
+    check_healable(teacher, student, tokens)
     where = check_device(device) or model_device(dense)
-    if opts.lora_rank:
-        need("peft", "distillation with LoRA")  # refused before the long work
+    opts = decide_mode(opts, memory_needed(student.adapter, opts, tokens.shape[1]), free_memory(where), tokens.numel())
+    return pruned, run_healing(teacher, student, tokens, opts, where, progress)
+
+
+def run_healing(dense: InMemory, pruned: InMemory, tokens: torch.Tensor, opts: HealOptions, where: torch.device,
+                progress: bool) -> HealRecord:
+    """Heal the loaded ``pruned`` model toward ``dense`` in ``opts``' decided mode (checked: ``heal``); its record.
+
+    Whatever torch's default device is (a GPU user's set_default_device), what healing allocates without a
+    device (the optimizer's step counts, LoRA's matrices) lands on ``where``."""
     start = time.perf_counter()
-    layers = heal_layers(teacher, student, tokens, where, opts, progress) if opts.mode != "distill" else []
-    distilled = distill(dense, pruned, tokens, opts, where, progress) if "distill" in opts.mode else None
-    return pruned, HealRecord(opts, layers, int(tokens.numel()), time.perf_counter() - start, distilled)
+    with torch.device(where):
+        layers = heal_layers(dense, pruned, tokens, where, opts, progress) if opts.mode != "distill" else []
+        distilled = (distill(dense.adapter.model, pruned.adapter.model, tokens, opts, where, progress)
+                     if "distill" in opts.mode else None)
+    return HealRecord(opts, layers, int(tokens.numel()), time.perf_counter() - start, distilled)
 
 
-def check_streamable(opts: HealOptions) -> None:
-    """Refuse distillation where the layers are read from disk one at a time: it trains the whole model at once."""
-    if "distill" in opts.mode:
+def decide_mode(opts: HealOptions, needed: int, free: int, calibration_tokens: int) -> HealOptions:
+    """``opts`` decided (HealOptions.decided, on ``calibration_tokens``) before the long work: without a mode,
+    distillation where its training (``needed`` bytes, numprune.distill.memory_needed) fits in the ``free`` memory,
+    else block-local healing, which holds one layer at a time; a distilling mode that does not fit is refused."""
+    fits = needed <= free
+    decided = opts.decided("distill" if fits else "local", calibration_tokens)
+    if "distill" in decided.mode and not fits:
+        raise NumpruneError(f"distillation trains the whole pruned model, which needs about {needed / 2**30:.1f} GiB, "
+                            f"and {free / 2**30:.1f} GiB is free: heal with the local mode, which holds one layer "
+                            "at a time")
+    if decided.lora_rank:
+        need("peft", "distillation with LoRA")
+    return decided
+
+
+def streamed_options(opts: HealOptions) -> HealOptions:
+    """``opts`` decided for layers read from disk one at a time: block-local unless they ask to distil, which trains
+    the whole model at once and is refused."""
+    if opts.mode is not None and "distill" in opts.mode:
         raise NumpruneError(f"the healing mode {opts.mode} distils, which trains the whole pruned model at once; a "
                             "streamed run holds one layer at a time: heal with the local mode, or in memory")
+    return opts.decided("local")
+
+
+def check_healable(dense: LayerSource, pruned: LayerSource, tokens) -> None:
+    """The calibration tokens fit the dense model and ``pruned`` was pruned from it (only the embeddings are read)."""
+    if tokens is None:
+        raise NumpruneError("healing needs calibration tokens")
+    check_tokens(dense.adapter, tokens)
+    with dense.inputs(), pruned.inputs():
+        _check_pair(dense.adapter, pruned.adapter)
 
 
 def healed_report(report: dict, record: HealRecord, **extra) -> dict:
     """A saved pruned model's ``report`` once healed: its recipe says heal=True with the options, its ``healing``
     is ``record`` with ``extra`` (what the calibration was, which dense model)."""
-    options = record.options
-    report["options"].update(heal=True, **{f"heal_{name}": getattr(options, name) for name in HEAL_FIELDS})
+    report["options"].update(heal=True, **heal_fields(record.options))
     report["healing"] = {**record.to_json(), **extra}
     return report
 
@@ -148,7 +182,7 @@ def heal_layers(dense: LayerSource, pruned: LayerSource, tokens: torch.Tensor, w
     return layers
 
 
-def check_pair(dense: Adapter, pruned: Adapter) -> None:
+def _check_pair(dense: Adapter, pruned: Adapter) -> None:
     """``pruned`` was pruned from ``dense``: same layers, same embeddings, no layer wider than the dense one's (the
     embeddings must be present: in memory, or inside both streamed sources' ``inputs``)."""
     if pruned.num_layers() != dense.num_layers():
@@ -238,7 +272,7 @@ class _Fit:
         steps = self.opts.epochs * len(self.targets)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
         for _ in range(self.opts.epochs):
-            for b in torch.randperm(len(self.targets), generator=generator).tolist():
+            for b in torch.randperm(len(self.targets), generator=generator, device="cpu").tolist():
                 loss, _ = self.batch_loss(b, self.stream.hidden[b].clone())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

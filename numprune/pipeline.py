@@ -32,7 +32,7 @@ from numprune.calibrate import LayerStats, LayerStream, StatsStore
 from numprune.criteria import CriterionInputs, LayerScores, get_method
 from numprune.errors import NumpruneError
 from numprune.precision import check_device, full_precision, model_device
-from numprune.recipe import GUIDED_BY_COMPENSATION, POSITIVE_INT, PruneOptions, recipe_of
+from numprune.recipe import GUIDED_BY_COMPENSATION, HEAL_FIELDS, POSITIVE_INT, HealOptions, PruneOptions, recipe_of
 from numprune.report import Clock, ComputeRecord, ParameterReport, PruneReport, parameter_counts, removed_share
 from numprune.sources import LayerSource
 
@@ -80,11 +80,24 @@ def resolve(recipe: PruneOptions | None, options: dict, tokens, stats) -> PruneO
     if tokens is None:
         if stats is None:
             raise NumpruneError("calibration tokens are needed")
+        opts = _without_default_healing(opts)  # healing trains on tokens: statistics alone prune without it
         for needed, what in ((opts.compensation_stats == "sequential", "sequential compensation statistics"),
                              (opts.heal, "healing")):
             if needed:
                 raise NumpruneError(f"calibration tokens are needed for {what}")
     return opts
+
+
+def healing_for(adapter: Adapter, opts: PruneOptions) -> PruneOptions:
+    """``opts`` without healing where it is only the method's default and the family does not heal by default."""
+    return opts if adapter.heals_by_default else _without_default_healing(opts)
+
+
+def _without_default_healing(opts: PruneOptions) -> PruneOptions:
+    """``opts`` without healing if it was the method's default, not asked for (by ``heal`` or by its options)."""
+    if not opts.heal or "heal" in opts.requested() or opts.heal_options() != HealOptions():
+        return opts
+    return opts.replace(heal=False, **{f"heal_{name}": None for name in HEAL_FIELDS})
 
 
 def check_tokens(adapter: Adapter, tokens) -> None:

@@ -32,6 +32,9 @@ HEAL_PARAMS = ("all", "norms")  # healing fits every kept weight of a layer, or 
 HEAL_LOSSES = ("mse", "relative")  # on the block's output; or each sub-block's error over its dense output's energy
 # block-local fits (numprune.heal), distillation of the dense model's next-token distribution (numprune.distill), or both
 HEAL_MODES = ("local", "distill", "local+distill")
+# distillation's budget in calibration tokens unless one is given (at most one pass over them): about one calibration
+# pass of SmolLM2's time on 2 cores, validated on SmolLM2 and Gemma 3 (docs/method.md, "Healing")
+DISTILL_TOKENS = 12_288
 GUIDED_BY_COMPENSATION = "compensated-error"  # the allocation that ranks by a compensation's error curves
 MAX_SEED = 2**32 - 1  # seeds torch and numpy both take
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -93,17 +96,20 @@ SCORE_OPTION_RULES = {"iterations": POSITIVE_INT, "damp": NONNEGATIVE, "lambda_r
 @dataclass(frozen=True)
 class HealOptions:
     """How numprune.heal fits each pruned layer to the dense layer's output, and how it distils the dense model
-    into the pruned one (defaults chosen on validation text)."""
+    into the pruned one (defaults chosen on validation text). ``mode`` and ``epochs`` may be left to the run
+    (None): ``decided`` completes them."""
 
     lr: float = 3e-4  # Adam's learning rate at the start; it decays to 0 along a cosine over the steps
-    epochs: int = 1  # passes over the calibration windows per layer (distillation: in all, unless a budget is given)
+    # passes over the calibration windows per layer (None: 1); distillation: in all, in place of its token budget
+    epochs: int | None = None
     batch: int = 1  # calibration windows per Adam step (both modes)
     params: str = "all"  # HEAL_PARAMS
     loss: str = "relative"  # HEAL_LOSSES
     seed: int = 0  # the order windows are visited in (and LoRA's initial matrices)
-    mode: str = "local"  # HEAL_MODES
+    # HEAL_MODES; None: distill where its training fits in memory, else local (numprune.heal.decide_mode)
+    mode: str | None = None
     distill_lr: float = 1e-4  # distillation's AdamW learning rate at the start, decaying to 0 along a cosine
-    tokens: int | None = None  # distillation's budget in calibration tokens (None: ``epochs`` passes)
+    tokens: int | None = None  # distillation's budget in calibration tokens (None: DISTILL_TOKENS, unless minutes or epochs)
     minutes: float | None = None  # distillation's budget in wall minutes (the schedule follows the clock): not reproducible
     lora_rank: int = 0  # distillation trains LoRA adapters of this rank (merged back after); 0: the full kept weights
     hidden: float = 0.0  # distillation's weight of the layer outputs' relative error beside the KL (0: the KL alone)
@@ -122,24 +128,45 @@ class HealOptions:
         for budget, rule, what in ((opts.tokens, POSITIVE_INT, "tokens"), (opts.minutes, POSITIVE, "minutes")):
             if budget is not None:
                 rule.check(f"distillation budget in {what}", budget)
-        POSITIVE_INT.check("healing epochs", opts.epochs)
+        if opts.epochs is not None:
+            POSITIVE_INT.check("healing epochs", opts.epochs)
         POSITIVE_INT.check("healing batch", opts.batch)
         SEED.check("healing seed", opts.seed)
         for value, allowed, what in ((opts.params, HEAL_PARAMS, "healing parameters"),
                                      (opts.loss, HEAL_LOSSES, "healing loss"), (opts.mode, HEAL_MODES, "healing mode")):
-            if value not in allowed:
+            if value not in allowed and not (what == "healing mode" and value is None):
                 raise NumpruneError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
         given = [name for name, value in (("tokens", opts.tokens), ("minutes", opts.minutes), ("lora_rank", opts.lora_rank),
                                           ("hidden", opts.hidden)) if value not in (None, 0)]
+        if opts.mode is None:  # options of one mode's alone, set away from their defaults, ask for that mode
+            local = any(getattr(opts, name) != getattr(cls, name) for name in ("lr", "params", "loss"))
+            implied = {(True, True): "local+distill", (True, False): "local", (False, True): "distill"}.get(
+                (local, bool(given)))
+            return cls.checked(**{**asdict(opts), "mode": implied}) if implied else opts
         if given and "distill" not in opts.mode:
             raise NumpruneError(f"the healing option {given[0]} applies to distillation; the {opts.mode} mode does not "
                                 f"distil (choose {' or '.join(m for m in HEAL_MODES if 'distill' in m)})")
         return opts
 
+    def decided(self, fallback: str, calibration_tokens: int | None = None) -> HealOptions:
+        """These options with what they left to the run filled in: the mode ``fallback`` unless they name one, one
+        block-local epoch, and distillation's budget, unless tokens, minutes or epochs say: DISTILL_TOKENS, at most
+        one pass over the ``calibration_tokens`` (a default never trains on a window twice)."""
+        mode = self.mode or fallback
+        budget = self.tokens
+        if "distill" in mode and budget is None and self.minutes is None and self.epochs is None:
+            budget = min(DISTILL_TOKENS, calibration_tokens or DISTILL_TOKENS)
+        return HealOptions.checked(**{**asdict(self), "mode": mode, "epochs": self.epochs or 1, "tokens": budget})
+
 
 # the HealOptions a PruneOptions carries as heal_<name>
 HEAL_FIELDS = ("lr", "epochs", "batch", "params", "loss", "mode", "distill_lr", "tokens", "minutes", "lora_rank",
                "hidden")
+
+
+def heal_fields(options: HealOptions) -> dict:
+    """``options`` as the PruneOptions fields that carry them (heal_<name>)."""
+    return {f"heal_{name}": getattr(options, name) for name in HEAL_FIELDS}
 
 
 DEFAULT_METHOD = "numerical-robust"  # the API's, the command line's and compare's (docs/method.md, "The default method")
@@ -164,7 +191,7 @@ class PruneOptions:
     allocation_compensation: str | None = None  # compensated-error: whose error curves guide it (None: the run's own)
     blend_weight: float | None = None  # blend: the share of the global ranking's widths (None: the ratio's schedule)
     score_options: dict = field(default_factory=dict)  # the criterion's keyword options (unset: its own defaults)
-    heal: bool = False  # healing after pruning (numprune.heal; heal_mode: which); the heal_* options are its, None: default
+    heal: bool | None = None  # healing after pruning (numprune.heal); None: the method's own; the heal_* options are its
     heal_lr: float | None = None
     heal_epochs: int | None = None
     heal_batch: int | None = None
@@ -220,7 +247,9 @@ class PruneOptions:
         the shortest keyword arguments that construct these options again. A value equal to its default counts
         as the default."""
         given = asdict(self)
-        for name in (*DERIVED, "gqa_unit", "round_to", "compensation_stats", *DEPTH_FIELDS[1:]):
+        # the healing options first: one given implies healing, so healing is only known to be the default after
+        for name in (*(f"heal_{n}" for n in HEAL_FIELDS), *DERIVED, "gqa_unit", "round_to", "compensation_stats",
+                     *DEPTH_FIELDS[1:]):
             trial = {**given, name: _FIELD_DEFAULTS[name]}
             if _quietly(trial) == self:
                 given = trial
@@ -236,7 +265,7 @@ class PruneOptions:
 
     def width_step(self) -> PruneOptions:
         """These options without the depth options: the width step's recipe, run on the depth-pruned model."""
-        return self.replace(depth=0, depth_selection=None, depth_ridge=None)
+        return self.replace(depth=0, depth_selection=None, depth_ridge=None, heal=self.heal)
 
     def heal_options(self) -> HealOptions:
         """The resolved healing options (when ``heal``)."""
@@ -248,8 +277,9 @@ class PruneOptions:
         return options(**{f.name: getattr(self, f.name) for f in fields(options)})
 
 
-# The fields whose default another field implies: the method's allocation and compensation, the ratio's blend weight.
-DERIVED = ("allocation", "compensation", "compensation_damp", "allocation_compensation", "blend_weight")
+# The fields whose default another field implies: the method's allocation, compensation and healing, the ratio's
+# blend weight.
+DERIVED = ("allocation", "compensation", "compensation_damp", "allocation_compensation", "blend_weight", "heal")
 DEPTH_FIELDS = ("depth", "depth_selection", "depth_ridge")
 WIDTH_ONLY = "none"  # the allocation and compensation of a run that removes layers only (ratio 0)
 _FIELD_DEFAULTS = {f.name: {} if f.name == "score_options" else f.default for f in fields(PruneOptions)}
@@ -316,7 +346,7 @@ def _resolve(opts: PruneOptions, put: Callable[[str, object], None]) -> None:
     _check_score_options(opts.method, given)
     merged = {**keyword_defaults(method.criterion), **method.score_options, **given}
     put("score_options", {name: merged[name] for name in score_option_names(method.criterion) if name in merged})
-    _resolve_healing(opts, put)
+    _resolve_healing(opts, method.heal and not opts.depth, put)
     if opts.depth and opts.heal:
         raise NumpruneError("healing after depth pruning is not supported; heal a width-only run")
 
@@ -344,21 +374,26 @@ def _resolve_depth(opts: PruneOptions, put: Callable[[str, object], None]) -> No
 def _resolve_depth_only(opts: PruneOptions, put: Callable[[str, object], None]) -> None:
     """A run that removes layers only: the width options mean nothing, so any set is refused (a recipe read back
     from such a run's report holds WIDTH_ONLY as its allocation and compensation)."""
+    recorded = {"allocation": WIDTH_ONLY, "compensation": WIDTH_ONLY, "heal": False}  # what such a run's report holds
     for f in fields(PruneOptions):
         value, default = getattr(opts, f.name), _FIELD_DEFAULTS[f.name]
-        if f.name in ("ratio", *DEPTH_FIELDS) or value == default or (f.name in ("allocation", "compensation")
-                                                                           and value == WIDTH_ONLY):
+        if f.name in ("ratio", *DEPTH_FIELDS) or value == default or value == recorded.get(f.name, default):
             continue
         raise NumpruneError(f"{f.name} applies to width pruning, which a ratio of 0 skips (depth alone)")
+    put("heal", False)
     put("allocation", WIDTH_ONLY)
     put("compensation", WIDTH_ONLY)
 
 
-def _resolve_healing(opts: PruneOptions, put: Callable[[str, object], None]) -> None:
-    """Healing's options, checked and completed with HealOptions' defaults; refused without healing."""
-    FLAG.check("heal", opts.heal)
+def _resolve_healing(opts: PruneOptions, default: bool, put: Callable[[str, object], None]) -> None:
+    """Healing (unless set: where options of it are given, else ``default``, the method's own) and its options,
+    checked and completed with HealOptions' defaults (the mode and epochs may stay None: the run decides them);
+    refused without healing."""
     given = {name: plain(getattr(opts, f"heal_{name}")) for name in HEAL_FIELDS
              if getattr(opts, f"heal_{name}") is not None}
+    if opts.heal is None:
+        put("heal", default or bool(given))
+    FLAG.check("heal", opts.heal)
     if not opts.heal:
         if given:
             raise NumpruneError(f"heal_{next(iter(given))} is a healing option; it applies only with heal=True")

@@ -44,7 +44,7 @@ from numprune.card import write_pruned_card
 from numprune.compensate import LayerFits
 from numprune.depth import check_depth, select_layers, shallower_config
 from numprune.errors import NumpruneError
-from numprune.heal import HealRecord, check_pair, check_streamable, heal_layers, healed_report
+from numprune.heal import HealRecord, check_healable, heal_layers, healed_report, streamed_options
 from numprune.io.output import check_target, output_folder
 from numprune.models import (
     TOKENIZER_FILES,
@@ -55,9 +55,19 @@ from numprune.models import (
     check_weights_fit,
     load_config,
 )
-from numprune.pipeline import Compute, build_report, check_run, check_tokens, compensate, layers_only_report, resolve, select
+from numprune.pipeline import (
+    Compute,
+    build_report,
+    check_run,
+    check_tokens,
+    compensate,
+    healing_for,
+    layers_only_report,
+    resolve,
+    select,
+)
 from numprune.precision import check_device
-from numprune.recipe import FLAG, HealOptions, PruneOptions
+from numprune.recipe import FLAG, HealOptions, PruneOptions, heal_fields
 from numprune.report import Clock, PruneReport, counted_from_dense, parameter_counts
 from numprune.save import REPORT_NAME, read_report
 from numprune.shrink import narrowed
@@ -376,8 +386,6 @@ def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, recipe: Pru
     if opts.allocation == AUTO:
         raise NumpruneError("the auto allocation measures whole candidate models on held-out text, and streaming "
                             "never holds the whole model: choose another allocation, such as blend")
-    if opts.heal:
-        check_streamable(opts.heal_options())
     FLAG.check("overwrite", overwrite)
     _allocate_large_blocks_apart()
     world = distributed.world()
@@ -391,6 +399,9 @@ def prune_streaming(folder: str | os.PathLike, tokens: torch.Tensor, recipe: Pru
     compute = Compute(batch_size, progress, device, dtype)
     clock = Clock(compute.device)  # the model's own device is the CPU: no GPU memory to track then
     source = StreamedModel(folder, clock)
+    opts = healing_for(source.adapter, opts)
+    if opts.heal:  # block-local: the one healing that holds a layer at a time
+        opts = opts.replace(**heal_fields(streamed_options(opts.heal_options())))
     before = parameter_counts(source.adapter)
     if opts.depth:
         check_depth(source.adapter, opts.depth)
@@ -442,15 +453,6 @@ def _heal_pruned(dense: StreamedModel, pruned: Path, tokens: torch.Tensor, opts:
     report.time_s, report.peak_rss_bytes, report.peak_gpu_bytes = clock.times(), clock.peak_rss, clock.peak_gpu
 
 
-def _check_healable(dense: StreamedModel, pruned: StreamedModel, tokens) -> None:
-    """What ``numprune.heal`` checks of the two models and the tokens, with only their embeddings read."""
-    if tokens is None:
-        raise NumpruneError("healing needs calibration tokens")
-    check_tokens(dense.adapter, tokens)
-    with dense.inputs(), pruned.inputs():
-        check_pair(dense.adapter, pruned.adapter)
-
-
 def _heal_into(dense: StreamedModel, pruned: StreamedModel, tokens: torch.Tensor, opts: HealOptions, out: Path,
                device: torch.device | None, progress: bool) -> HealRecord:
     """Block-local healing of ``pruned`` toward ``dense`` (numprune.heal's loop, one layer of each in memory), each
@@ -469,13 +471,12 @@ def heal_streaming(dense_folder: str | os.PathLike, pruned_folder: str | os.Path
     """Heal the pruned model saved in ``pruned_folder`` toward the dense one in ``dense_folder`` into ``out``,
     block-local (the ``local`` mode), never loading either whole; return the report written beside it.
 
-    Same options (HealOptions' fields) and same weights as ``numprune.heal`` on the two loaded models: the layer
-    passes and fits run on ``device`` (default: the CPU) in float32, and each healed layer is written in the pruned
-    checkpoint's dtype. The report is the pruned folder's, its recipe and ``healing`` record updated (with
-    ``calibration_info``, what the ``tokens`` were drawn from).
+    Same options (HealOptions' fields) and same weights as ``numprune.heal`` in the local mode on the two loaded
+    models: the layer passes and fits run on ``device`` (default: the CPU) in float32, and each healed layer is
+    written in the pruned checkpoint's dtype. The report is the pruned folder's, its recipe and ``healing`` record
+    updated (with ``calibration_info``, what the ``tokens`` were drawn from).
     """
-    opts = HealOptions.checked(**options)
-    check_streamable(opts)
+    opts = streamed_options(HealOptions.checked(**options))
     FLAG.check("overwrite", overwrite)
     where = check_device(device)
     report = read_report(pruned_folder)
@@ -488,7 +489,7 @@ def heal_streaming(dense_folder: str | os.PathLike, pruned_folder: str | os.Path
     _allocate_large_blocks_apart()
     clock = Clock(where)
     dense, pruned = StreamedModel(folders[0], clock), StreamedModel(folders[1], clock)
-    _check_healable(dense, pruned, tokens)  # before the output's temporary folder is made
+    check_healable(dense, pruned, tokens)  # before the output's temporary folder is made
     with output_folder(out, overwrite=overwrite, inputs=folders, marker=REPORT_NAME) as tmp:
         record = _heal_into(dense, pruned, tokens, opts, tmp, where, progress)
         extra = {"calibration": calibration_info} if calibration_info is not None else {}

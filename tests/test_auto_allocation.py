@@ -9,15 +9,21 @@ import torch
 from conftest import tiny_llama, tiny_tokens
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from numprune import auto
+from numprune import api, auto
 from numprune.allocate import AUTO_WEIGHTS
-from numprune.api import calibrate, prune
+from numprune.api import calibrate
 from numprune.cli import main
 from numprune.compare import recipes, run_grid
 from numprune.data.corpora import calibration_windows, held_out_windows
 from numprune.errors import NumpruneError
 from numprune.evaluate.perplexity import Perplexity, perplexity
 from numprune.stream import prune_streaming
+
+
+def prune(*args, **options):
+    """numprune.prune without the default method's healing: auto's choice is the pruning's, and the candidates are
+    compared unhealed (healing the chosen model is tests/test_heal_default.py's)."""
+    return api.prune(*args, heal=False, **options)
 
 RATIO = 0.3
 

@@ -19,7 +19,7 @@ from numprune.cli import main
 from numprune.distill import prepare_student, train_student
 from numprune.errors import NumpruneError
 from numprune.heal import heal
-from numprune.recipe import HealOptions, PruneOptions
+from numprune.recipe import DISTILL_TOKENS, HealOptions, PruneOptions
 from numprune.save import save_pruned
 
 
@@ -33,7 +33,7 @@ def kl(dense, pruned, tokens) -> float:
 
 def test_distillation_lowers_the_kl_to_the_dense_model():
     dense, tokens = tiny_llama("gqa"), tiny_tokens(6, 16)
-    pruned, _ = prune(dense, tokens, ratio=0.4, progress=False)
+    pruned, _ = prune(dense, tokens, ratio=0.4, heal=False, progress=False)
     before = kl(dense, pruned, tokens)
     healed, record = heal(dense, copy.deepcopy(pruned), tokens, progress=False, mode="distill", distill_lr=3e-3,
                           epochs=8)
@@ -55,7 +55,7 @@ def test_a_model_that_can_represent_the_dense_one_reaches_it():
 
 def test_lora_merges_into_weights_that_give_the_unmerged_outputs():
     dense, tokens = tiny_llama("gqa"), tiny_tokens(6, 16)
-    pruned, _ = prune(dense, tokens, ratio=0.4, progress=False)
+    pruned, _ = prune(dense, tokens, ratio=0.4, heal=False, progress=False)
     original, kind = {name: p.clone() for name, p in pruned.named_parameters()}, type(pruned)
     opts = HealOptions(mode="distill", lora_rank=4, distill_lr=1e-2, epochs=2)
     wrapped, trained = prepare_student(pruned, opts)
@@ -75,7 +75,7 @@ def test_lora_merges_into_weights_that_give_the_unmerged_outputs():
 
 def test_heal_with_lora_lowers_the_kl_and_leaves_a_plain_model():
     dense, tokens = tiny_llama("gqa"), tiny_tokens(6, 16)
-    pruned, _ = prune(dense, tokens, ratio=0.4, progress=False)
+    pruned, _ = prune(dense, tokens, ratio=0.4, heal=False, progress=False)
     names = sorted(name for name, _ in pruned.named_parameters())
     before = kl(dense, pruned, tokens)
     healed, _ = heal(dense, pruned, tokens, progress=False, mode="distill", lora_rank=4, distill_lr=1e-2, epochs=4)
@@ -86,7 +86,7 @@ def test_heal_with_lora_lowers_the_kl_and_leaves_a_plain_model():
 
 def test_same_seed_and_token_budget_same_weights():
     dense, tokens = tiny_llama("gqa"), tiny_tokens(6, 16)
-    pruned, _ = prune(dense, tokens, ratio=0.3, progress=False)
+    pruned, _ = prune(dense, tokens, ratio=0.3, heal=False, progress=False)
 
     def run(seed, **budget):
         return heal(dense, copy.deepcopy(pruned), tokens, progress=False, mode="distill", distill_lr=1e-3, seed=seed,
@@ -102,7 +102,7 @@ def test_same_seed_and_token_budget_same_weights():
 
 def test_a_minutes_budget_records_the_tokens_that_rerun_it():
     dense, tokens = tiny_llama("gqa"), tiny_tokens(6, 16)
-    pruned, _ = prune(dense, tokens, ratio=0.3, progress=False)
+    pruned, _ = prune(dense, tokens, ratio=0.3, heal=False, progress=False)
     _, timed = heal(dense, copy.deepcopy(pruned), tokens, progress=False, mode="distill", minutes=0.005)
     assert timed.distillation.stopped_by == "minutes" and timed.distillation.steps >= 1
     _, rerun = heal(dense, copy.deepcopy(pruned), tokens, progress=False, mode="distill",
@@ -127,11 +127,19 @@ def test_local_then_distill_records_both(tmp_path):
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_recipes_without_a_mode_stay_block_local():
-    opts = PruneOptions.parse("numerical-robust:heal=true", 0.2)
-    assert opts.heal_options() == HealOptions() and opts.heal_mode == "local"
-    distilled = PruneOptions.parse("numerical-robust:heal=true:heal_mode=distill:heal_tokens=4096", 0.2)
+def test_recipes_without_a_mode_leave_it_to_the_run():
+    opts = PruneOptions.parse("numerical-robust", 0.2)
+    assert opts.heal and opts.heal_options() == HealOptions() and opts.heal_mode is None and opts.heal_epochs is None
+    assert HealOptions().decided("distill") == HealOptions(mode="distill", tokens=DISTILL_TOKENS, epochs=1)
+    assert HealOptions().decided("local") == HealOptions(mode="local", epochs=1)
+    assert HealOptions(epochs=3).decided("distill") == HealOptions(mode="distill", epochs=3)  # passes, not tokens
+    assert HealOptions(mode="local").decided("distill").mode == "local"  # a mode given stays
+    distilled = PruneOptions.parse("numerical-robust:heal_tokens=4096", 0.2)  # a budget asks for distillation
     assert distilled.heal_options() == HealOptions(mode="distill", tokens=4096)
+    local = PruneOptions.parse("flap:heal_loss=mse", 0.2)
+    assert local.heal and local.heal_options() == HealOptions(mode="local", loss="mse")
+    both = HealOptions.checked(params="norms", tokens=64)
+    assert both.mode == "local+distill"
 
 
 @pytest.mark.parametrize("options,message", [
@@ -140,7 +148,8 @@ def test_recipes_without_a_mode_stay_block_local():
     (dict(mode="distill", minutes=-1.0), "distillation budget in minutes must be a finite number > 0"),
     (dict(mode="distill", distill_lr=0.0), "distillation learning rate must be a finite number > 0"),
     (dict(mode="distill", lora_rank=-2), "LoRA rank must be an integer >= 0"),
-    (dict(tokens=512), "the healing option tokens applies to distillation; the local mode does not distil"),
+    (dict(mode="local", tokens=512), "the healing option tokens applies to distillation; the local mode does not "
+     "distil"),
 ])
 def test_bad_distillation_options_are_refused(options, message):
     dense = tiny_llama("gqa")
@@ -150,7 +159,7 @@ def test_bad_distillation_options_are_refused(options, message):
 
 def test_lora_without_peft_is_refused_before_the_work(monkeypatch):
     dense, tokens = tiny_llama("gqa"), tiny_tokens(6, 16)
-    pruned, _ = prune(dense, tokens, ratio=0.3, progress=False)
+    pruned, _ = prune(dense, tokens, ratio=0.3, heal=False, progress=False)
     before = copy.deepcopy(pruned.state_dict())
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now fails as when it is not installed
     with pytest.raises(NumpruneError, match=r"distillation with LoRA needs peft, which is not installed: "
@@ -168,7 +177,7 @@ def test_prune_heal_distill_from_the_command_line(tiny_model_folder, tmp_path):
     assert report["options"]["heal_mode"] == "distill" and report["options"]["heal_lora_rank"] == 2
     assert report["healing"]["distillation"]["tokens"] == 64 and report["healing"]["layers"] == []
     refused("a distillation budget without distillation", "the healing option tokens applies to distillation",
-            "prune", *calibration, "--heal", "--heal-tokens", "64", "--out", tmp_path / "out", "--quiet",
+            "prune", *calibration, "--heal-mode", "local", "--heal-tokens", "64", "--out", tmp_path / "out", "--quiet",
             inputs=[tiny_model_folder])
     refused("a zero budget", "--heal-minutes: must be a finite number > 0", "prune", *calibration, "--heal",
             "--heal-mode", "distill", "--heal-minutes", "0", "--out", tmp_path / "out", "--quiet",

@@ -52,7 +52,7 @@ def gap(dense, pruned, tokens) -> float:
 @pytest.fixture(scope="module")
 def pair():
     dense, tokens = tiny_llama("gqa"), tiny_tokens(6, 16)
-    pruned, _ = prune(dense, tokens, ratio=0.4, progress=False)
+    pruned, _ = prune(dense, tokens, ratio=0.4, heal=False, progress=False)
     return dense, pruned, tokens
 
 
@@ -130,7 +130,7 @@ def test_the_weight_reaches_the_recipe_and_the_report(tiny_model_folder, tmp_pat
             "--heal", "--heal-mode", "distill", "--heal-hidden", "-1", "--out", tmp_path / "out", "--quiet",
             inputs=[tiny_model_folder])
     refused("a hidden-state weight with the local mode", "the healing option hidden applies to distillation",
-            "prune", *calibration, "--heal", "--heal-hidden", "1", "--out", tmp_path / "out", "--quiet",
+            "prune", *calibration, "--heal-mode", "local", "--heal-hidden", "1", "--out", tmp_path / "out", "--quiet",
             inputs=[tiny_model_folder])
     assert not (tmp_path / "out").exists()
 
@@ -147,4 +147,4 @@ def test_bad_weights_are_refused(options, message):
     with pytest.raises(NumpruneError, match=message):
         PruneOptions.checked(0.2, heal=True, **{f"heal_{k}": v for k, v in options.items()})
     with pytest.raises(NumpruneError, match="heal_hidden is a healing option; it applies only with heal=True"):
-        PruneOptions.checked(0.2, heal_hidden=1.0)
+        PruneOptions.checked(0.2, heal=False, heal_hidden=1.0)

@@ -101,7 +101,7 @@ def test_healing_never_raises_a_layer_loss(loss):
 def test_same_seed_same_weights():
     dense = tiny_llama("gqa")
     tokens = tiny_tokens(6, 16)
-    pruned, _ = prune(dense, tokens, ratio=0.3, progress=False)
+    pruned, _ = prune(dense, tokens, ratio=0.3, heal=False, progress=False)
     runs = [heal(dense, copy.deepcopy(pruned), tokens, progress=False, lr=1e-3, seed=seed)[0] for seed in (5, 5, 6)]
     same = [all(torch.equal(a, b) for a, b in zip(runs[0].parameters(), other.parameters())) for other in runs[1:]]
     assert same == [True, False]  # the seed orders the windows; another order is another fit
@@ -111,8 +111,10 @@ def test_a_healed_model_saves_and_reloads_with_its_record(tmp_path):
     dense = tiny_llama("gqa9")
     tokens = tiny_tokens(6, 16)
     pruned, report = prune(dense, tokens, ratio=0.3, heal=True, heal_lr=1e-3, progress=False)
-    unhealed, _ = prune(dense, tokens, ratio=0.3, progress=False)
-    assert report["options"]["heal_lr"] == 1e-3 and report["options"]["heal_epochs"] == HealOptions().epochs
+    unhealed, _ = prune(dense, tokens, ratio=0.3, heal=False, progress=False)
+    # a block-local learning rate asks for block-local healing; the epochs the run left to itself are recorded
+    assert report["options"]["heal_lr"] == 1e-3 and report["options"]["heal_mode"] == "local"
+    assert report["options"]["heal_epochs"] == 1
     assert len(report["healing"]["layers"]) == 3 and "healing" in report["time_s"]
     assert report["healing"]["tokens"] == tokens.numel()
     probe = tiny_tokens(3, 20, seed=7)
@@ -129,9 +131,10 @@ def test_compare_takes_healing_as_a_method_option(tiny_model_folder, tmp_path):
     opts = PruneOptions.parse("numerical-robust:heal=true:heal_lr=0.0003:heal_loss=relative", 0.2)
     assert opts.heal and opts.heal_options() == HealOptions(lr=3e-4, loss="relative")
     with pytest.raises(NumpruneError, match="heal_lr is a healing option; it applies only with heal=True"):
-        PruneOptions.parse("numerical-robust:heal_lr=0.0003", 0.2)
+        PruneOptions.parse("numerical-robust:heal=false:heal_lr=0.0003", 0.2)
+    assert PruneOptions.parse("flap:heal_lr=0.0003", 0.2).heal  # a healing option asks for healing
     out = tmp_path / "compare"
-    assert main(["compare", "--model", str(tiny_model_folder), "--methods", "numerical-robust,numerical-robust:heal=true",
+    assert main(["compare", "--model", str(tiny_model_folder), "--methods", "numerical-robust:heal=false,flap:heal=true",
                  "--ratios", "0.3", "--data", "moby-dick", "--nsamples", "4", "--seqlen", "32", "--eval-seqlen", "32",
                  "--eval-windows", "2", "--out", str(out), "--quiet"]) == 0
     _, plain, healed = json.loads((out / "results.json").read_text())["rows"]
@@ -168,7 +171,7 @@ def test_a_model_not_pruned_from_this_one_is_refused():
     with pytest.raises(NumpruneError, match="inplace=True would share"):
         prune(dense, tokens, ratio=0.3, heal=True, inplace=True, progress=False)
     with pytest.raises(NumpruneError, match="calibration tokens are needed for healing"):
-        prune(dense, None, ratio=0.3, heal=True, stats=calibrate(dense, tokens, progress=False), progress=False)
+        prune(dense, None, ratio=0.3, heal_mode="local", stats=calibrate(dense, tokens, progress=False), progress=False)
 
 
 def test_prune_heal_writes_the_record(tiny_model_folder, tmp_path):
@@ -185,7 +188,7 @@ def test_prune_heal_writes_the_record(tiny_model_folder, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--heal", "--heal-lr", "0"], "--heal-lr: must be a finite number > 0"),
     (["--heal", "--heal-loss", "kl"], "argument --heal-loss: invalid choice: 'kl'"),
-    (["--heal-epochs", "2"], "heal_epochs is a healing option; it applies only with heal=True"),
+    (["--no-heal", "--heal-epochs", "2"], "heal_epochs is a healing option; it applies only with heal=True"),
     (["--heal", "--heal-mode", "distill", "--stream"], "the healing mode distill distils, which trains the whole "
      "pruned model at once; a streamed run holds one layer at a time"),
 ])

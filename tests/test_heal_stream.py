@@ -67,7 +67,7 @@ def pruned_and_saved(tmp_path, shape="gqa", sharded=True, dtype=torch.float32, *
     dense = tiny_llama(shape, layers=3).to(dtype)
     tokens = tiny_tokens(6, 16)
     dense.save_pretrained(tmp_path / "dense", max_shard_size="20KB" if sharded else "1GB")
-    pruned, report = prune(dense, tokens, ratio=0.3, progress=False, **prune_options)
+    pruned, report = prune(dense, tokens, ratio=0.3, progress=False, **{"heal": False, **prune_options})
     save_pruned(pruned, None, report, tmp_path / "pruned")
     return dense, pruned, report, tokens
 
@@ -139,7 +139,8 @@ def test_prune_stream_heal_equals_prune_heal(tiny_model_folder, tmp_path, watche
 
 def test_heal_command_streams(tiny_model_folder, tmp_path, calibration):
     pruned = tmp_path / "pruned"
-    assert main(["prune", "--model", str(tiny_model_folder), "--ratio", "0.3", "--out", str(pruned), *calibration]) == 0
+    assert main(["prune", "--model", str(tiny_model_folder), "--ratio", "0.3", "--out", str(pruned), "--no-heal",
+                 *calibration]) == 0
     flags = ["heal", "--model", str(tiny_model_folder), "--pruned", str(pruned), "--heal-lr", "0.001", *calibration]
     assert main([*flags, "--out", str(tmp_path / "memory")]) == 0
     assert main([*flags, "--stream", "--out", str(tmp_path / "streamed")]) == 0
@@ -194,7 +195,7 @@ def test_healing_frees_each_layers_copies_at_once():
     a later garbage collection: streamed, memory would then grow with every layer healed."""
     dense = tiny_llama("gqa")
     tokens = tiny_tokens(6, 16)
-    pruned, _ = prune(dense, tokens, ratio=0.3, progress=False)
+    pruned, _ = prune(dense, tokens, ratio=0.3, heal=False, progress=False)
     gc.collect()
     gc.disable()
     try:

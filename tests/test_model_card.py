@@ -112,6 +112,8 @@ def test_command_line_card_shows_the_runs_own_figures(tiny_model_folder, tmp_pat
     measured = json.loads((out / REPORT_NAME).read_text())["perplexity"]["moby-dick"]
     assert f"| perplexity | moby-dick | {measured['dense']:.4g} | {measured['pruned']:.4g} |" in card.text
     assert f"| source | {tiny_model_folder.resolve()} |" in card.text
+    assert ("| healing | distillation from the dense model's next-token distribution, 128 calibration "
+            "tokens |") in card.text  # the default method's healing, one pass over 4 x 32 tokens
 
 
 def test_streamed_folder_has_the_same_card(tmp_path):
@@ -121,6 +123,7 @@ def test_streamed_folder_has_the_same_card(tmp_path):
     card, data = card_of(tmp_path / "out")
     assert data["base_model"] == "acme/tiny-lm" and "numprune" in data["tags"]
     assert PruneOptions.parse(recipe_in(card), 0.3) == report.options
+    assert "| healing | block-local: each layer fitted to the dense layer's output (" in card.text  # streamed
     assert json.loads((tmp_path / "out" / REPORT_NAME).read_text())["numprune_version"] == VERSION
 
 

@@ -61,6 +61,8 @@ class Adapter(ABC):
     layers_path: str = ""  # the decoder layers' ModuleList in the causal LM
     modules: LayerModules
     learned_positions: bool = False  # a position table (GPT-2, OPT) caps the window length; rotary ones do not
+    # healing is part of a method's default only where it was validated: on language models, not image generators
+    heals_by_default: bool = True
     # numprune's own (config, causal LM) classes that pruned models of the family may be saved with;
     # ``numprune.adapters.register`` registers them with the Auto classes, so saved folders load.
     saved_classes: tuple[tuple[type[PretrainedConfig], type[PreTrainedModel]], ...] = ()

@@ -17,6 +17,7 @@ from numprune.errors import NumpruneError
 from numprune.image.calibration import CALIB_CFG_SCALE
 from numprune.precision import check_device
 from numprune.recipe import (
+    DISTILL_TOKENS,
     HEAL_LOSSES,
     HEAL_MODES,
     HEAL_PARAMS,
@@ -212,11 +213,13 @@ def add_heal_options(p: argparse.ArgumentParser) -> None:
     d = HealOptions()
     p.add_argument("--heal-mode", choices=HEAL_MODES, default=None, help="healing: local (fit each layer to the "
                    "dense layer's output), distill (train the whole model to the dense model's next-token distribution) "
-                   f"or local+distill (both, in that order) (default {d.mode})")
+                   "or local+distill (both, in that order) (default: distill where its training fits in the free "
+                   "memory, else local; local with --stream)")
     p.add_argument("--heal-distill-lr", type=positive_float, default=None, help="healing by distillation: AdamW's "
                    f"learning rate, decaying along a cosine (default {d.distill_lr})")
     p.add_argument("--heal-tokens", type=positive_int, default=None, help="healing by distillation: the budget in "
-                   "calibration tokens (default: --heal-epochs passes over the calibration windows)")
+                   f"calibration tokens (default {DISTILL_TOKENS:,}, at most one pass over the calibration windows; not "
+                   "with --heal-minutes or --heal-epochs)")
     p.add_argument("--heal-minutes", type=positive_float, default=None, help="healing by distillation: the budget in "
                    "wall minutes; the run then depends on the machine's speed (its report gives the tokens used, which "
                    "--heal-tokens reruns reproducibly)")
@@ -227,8 +230,8 @@ def add_heal_options(p: argparse.ArgumentParser) -> None:
                    f"error relative to the dense output's mean square (default {d.hidden}: the KL alone)")
     p.add_argument("--heal-lr", type=positive_float, default=None, help=f"healing: Adam's learning rate, decaying "
                    f"along a cosine (default {d.lr})")
-    p.add_argument("--heal-epochs", type=positive_int, default=None, help=f"healing: passes over the calibration "
-                   f"windows per layer (default {d.epochs})")
+    p.add_argument("--heal-epochs", type=positive_int, default=None, help="healing: passes over the calibration "
+                   "windows per layer (default 1); distillation: passes in all, in place of the token budget")
     p.add_argument("--heal-batch", type=positive_int, default=None, help=f"healing: calibration windows per step "
                    f"(default {d.batch})")
     p.add_argument("--heal-params", choices=HEAL_PARAMS, default=None, help=f"healing: {' or '.join(HEAL_PARAMS)} "

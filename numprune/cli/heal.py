@@ -11,7 +11,7 @@ from numprune.cli.inputs import load, protected_inputs, streamed_windows
 from numprune.data.corpora import calibration_windows
 from numprune.errors import NumpruneError
 from numprune.evaluate.image import is_image_generator
-from numprune.heal import check_streamable, heal, healed_report
+from numprune.heal import heal, healed_report, streamed_options
 from numprune.io.output import check_target
 from numprune.models import registry_folder
 from numprune.recipe import HEAL_FIELDS, HealOptions
@@ -32,7 +32,7 @@ def add_parser(commands) -> None:
                    "cuda:N (default: where the dense model is, the CPU)")
     p.add_argument("--stream", action="store_true", help="read both models' weights from their safetensors folders "
                    "one decoder layer at a time and write each healed layer at once: neither model sits in memory "
-                   "whole (block-local healing only)")
+                   "whole (block-local healing only, the default mode then)")
     a.add_quiet(p)
     p.set_defaults(run=run)
 
@@ -62,7 +62,7 @@ def run(args) -> int:
 
 def _streaming(args, options: HealOptions) -> int:
     """Both models read from their folders one layer at a time; the dense folder's tokenizer draws the windows."""
-    check_streamable(options)
+    options = streamed_options(options)
     folder = check_folder(registry_folder(args.model) or args.model)
     check_folder(Path(args.pruned).expanduser())
     _, tokens, calib_info = streamed_windows(args, folder, progress=not args.quiet)

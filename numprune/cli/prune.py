@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 
 from numprune.adapters import adapter_for
@@ -27,7 +28,7 @@ from numprune.distributed import process_group, world
 from numprune.errors import NumpruneError
 from numprune.export.gguf import check_exportable, export_gguf
 from numprune.export.gguf import check_target as check_gguf_target
-from numprune.heal import check_streamable
+from numprune.heal import streamed_options
 from numprune.io.output import check_target
 from numprune.models import load_config, registry_folder
 from numprune.recipe import (
@@ -108,9 +109,11 @@ def add_parser(commands) -> None:
                    f"{newton['iterations']})")
     p.add_argument("--centred", action="store_true", default=None, help="Newton score on the centred covariance "
                    "(default: the method's own; numerical: uncentred, as the paper)")
-    p.add_argument("--heal", action="store_true", default=None, help="after pruning, fit each pruned layer's kept "
-                   "weights to the dense layer's output on the calibration windows, layer by layer (block-local healing; "
-                   "--heal-mode distill trains the whole model to the dense model's next-token distribution instead)")
+    p.add_argument("--heal", action=argparse.BooleanOptionalAction, default=None, help="after pruning, heal the "
+                   "pruned model toward the dense one on the calibration windows: by distillation (the whole model "
+                   "trained to the dense model's next-token distribution) where its training fits in memory, else "
+                   "block-local (each layer fitted to the dense layer's output; always with --stream); --heal-mode "
+                   "chooses (default: the method's own; numerical-robust heals, the others do not)")
     a.add_heal_options(p)
     a.add_output_folder(p, "output folder")
     add_gguf_options(p, required=False)
@@ -181,7 +184,7 @@ def _streaming(args, device: str | None, dtype) -> int:
         raise NumpruneError("--allocation auto measures whole candidate models on held-out text; --stream never holds "
                             "the whole model: choose another allocation, such as blend")
     if options.heal:
-        check_streamable(options.heal_options())
+        streamed_options(options.heal_options())  # refuses distillation
     if args.eval_data:
         raise NumpruneError("--eval needs the whole model in memory; with --stream, run `numprune ppl` on the output")
     check_calibration(args)

@@ -21,13 +21,14 @@ Criterion = Callable[..., LayerScores]
 
 @dataclass(frozen=True)
 class Method:
-    """A criterion with the allocation, compensation and score options it prunes with by default."""
+    """A criterion with the allocation, compensation, score options and healing it prunes with by default."""
 
     criterion: Criterion
     allocation: str
     compensation: str
     compensation_damp: float = 0.01
     score_options: dict = field(default_factory=dict)
+    heal: bool = False  # healed after pruning (numprune.heal) unless told otherwise
     description: str = ""  # one line: the command line's help lists it
 
 
@@ -38,10 +39,11 @@ def methods() -> dict[str, Method]:
         "numerical-unit": Method(numerical.unit_score, "global", "least-squares",
                                  description="numerical with one Newton variable per head"),
         # numprune's default: the paper's score and refit, per-layer widths from FLAP's toward the global
-        # ranking's as the ratio grows (docs/method.md, "The default method")
-        "numerical-robust": Method(numerical.score, "blend", "least-squares",
+        # ranking's as the ratio grows, then healed (docs/method.md, "The default method")
+        "numerical-robust": Method(numerical.score, "blend", "least-squares", heal=True,
                                    description="the paper's score and refit, per-layer widths blended from FLAP's "
-                                               "toward the global ranking's as the ratio grows"),
+                                               "toward the global ranking's as the ratio grows, then healed by "
+                                               "distillation from the dense model"),
         "flap": Method(flap.score, "global", "bias", description="FLAP: fluctuation scores, bias compensation"),
         "wanda-sp": Method(wanda_sp.score, "uniform", "none", description="Wanda-SP: |W| times input norm, uniform"),
         "magnitude": Method(magnitude.score, "uniform", "none", description="column norms of the weights, uniform"),

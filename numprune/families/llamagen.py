@@ -21,6 +21,7 @@ class LlamaGenAdapter(Adapter):
     model_types = (LlamaGenConfig.model_type,)
     saved_classes = ((LlamaGenConfig, LlamaGenForCausalLM),)
     layers_path = "layers"
+    heals_by_default = False  # healing an image generator was never validated: only when asked
     # wqkv has no bias; a bias on wo / w2 does not depend on how many heads or channels remain.
     modules = LayerModules("attention", (("attention.wqkv", (QUERY, KV, KV)), ("feed_forward.w1", (MLP,)),
                                          ("feed_forward.w3", (MLP,))), "attention.wo", "feed_forward.w2")
