@@ -32,7 +32,7 @@ from numprune.calibrate import LayerStats, LayerStream, StatsStore
 from numprune.criteria import CriterionInputs, LayerScores, get_method
 from numprune.errors import NumpruneError
 from numprune.precision import check_device, full_precision, model_device
-from numprune.recipe import GUIDED_BY_COMPENSATION, HEAL_FIELDS, POSITIVE_INT, HealOptions, PruneOptions, recipe_of
+from numprune.recipe import GUIDED_BY_COMPENSATION, POSITIVE_INT, PruneOptions, recipe_of
 from numprune.report import Clock, ComputeRecord, ParameterReport, PruneReport, parameter_counts, removed_share
 from numprune.sources import LayerSource
 
@@ -75,12 +75,16 @@ class Compute:
 # 1. Checks, before any long work.
 
 def resolve(recipe: PruneOptions | None, options: dict, tokens, stats) -> PruneOptions:
-    """The run's recipe (numprune.recipe.recipe_of); the calibration tokens are there when needed."""
+    """The run's recipe (numprune.recipe.recipe_of); the calibration tokens are there when needed. Healing is
+    decided here where the model cannot matter: never by default after depth pruning, nor without tokens to train
+    on (unless asked: then refused)."""
     opts = recipe_of(recipe, options)
+    if opts.depth:
+        opts = opts.decide_healing(False)
     if tokens is None:
         if stats is None:
             raise NumpruneError("calibration tokens are needed")
-        opts = _without_default_healing(opts)  # healing trains on tokens: statistics alone prune without it
+        opts = opts.decide_healing(False)
         for needed, what in ((opts.compensation_stats == "sequential", "sequential compensation statistics"),
                              (opts.heal, "healing")):
             if needed:
@@ -89,15 +93,8 @@ def resolve(recipe: PruneOptions | None, options: dict, tokens, stats) -> PruneO
 
 
 def healing_for(adapter: Adapter, opts: PruneOptions) -> PruneOptions:
-    """``opts`` without healing where it is only the method's default and the family does not heal by default."""
-    return opts if adapter.heals_by_default else _without_default_healing(opts)
-
-
-def _without_default_healing(opts: PruneOptions) -> PruneOptions:
-    """``opts`` without healing if it was the method's default, not asked for (by ``heal`` or by its options)."""
-    if not opts.heal or "heal" in opts.requested() or opts.heal_options() != HealOptions():
-        return opts
-    return opts.replace(heal=False, **{f"heal_{name}": None for name in HEAL_FIELDS})
+    """``opts`` with healing decided: the method's own where the family heals by default, else only where asked."""
+    return opts.decide_healing(adapter.heals_by_default)
 
 
 def check_tokens(adapter: Adapter, tokens) -> None:

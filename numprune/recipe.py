@@ -191,7 +191,8 @@ class PruneOptions:
     allocation_compensation: str | None = None  # compensated-error: whose error curves guide it (None: the run's own)
     blend_weight: float | None = None  # blend: the share of the global ranking's widths (None: the ratio's schedule)
     score_options: dict = field(default_factory=dict)  # the criterion's keyword options (unset: its own defaults)
-    heal: bool | None = None  # healing after pruning (numprune.heal); None: the method's own; the heal_* options are its
+    heal: bool | None = None  # healing after pruning (numprune.heal); None: the method's own, decided by the run
+    # (decide_healing); the heal_* options are its
     heal_lr: float | None = None
     heal_epochs: int | None = None
     heal_batch: int | None = None
@@ -247,7 +248,6 @@ class PruneOptions:
         the shortest keyword arguments that construct these options again. A value equal to its default counts
         as the default."""
         given = asdict(self)
-        # the healing options first: one given implies healing, so healing is only known to be the default after
         for name in (*(f"heal_{n}" for n in HEAL_FIELDS), *DERIVED, "gqa_unit", "round_to", "compensation_stats",
                      *DEPTH_FIELDS[1:]):
             trial = {**given, name: _FIELD_DEFAULTS[name]}
@@ -264,8 +264,17 @@ class PruneOptions:
         return PruneOptions.checked(**{**self.requested(), **changes})
 
     def width_step(self) -> PruneOptions:
-        """These options without the depth options: the width step's recipe, run on the depth-pruned model."""
-        return self.replace(depth=0, depth_selection=None, depth_ridge=None, heal=self.heal)
+        """These options without the depth options: the width step's recipe, run on the depth-pruned model (which
+        does not heal: healing after depth pruning is refused)."""
+        return self.replace(depth=0, depth_selection=None, depth_ridge=None, heal=False)
+
+    def decide_healing(self, allowed: bool) -> PruneOptions:
+        """These options with healing decided where they leave it to the method (``heal`` None): the method's own,
+        never after depth pruning, and only where the run ``allowed`` it (it has tokens to train on, its family
+        heals by default). Healing asked for (``heal=True``, or a healing option) stays asked for."""
+        if self.heal is not None:
+            return self
+        return self.replace(heal=allowed and get_method(self.method).heal and not self.depth)
 
     def heal_options(self) -> HealOptions:
         """The resolved healing options (when ``heal``)."""
@@ -277,9 +286,8 @@ class PruneOptions:
         return options(**{f.name: getattr(self, f.name) for f in fields(options)})
 
 
-# The fields whose default another field implies: the method's allocation, compensation and healing, the ratio's
-# blend weight.
-DERIVED = ("allocation", "compensation", "compensation_damp", "allocation_compensation", "blend_weight", "heal")
+# The fields whose default another field implies: the method's allocation and compensation, the ratio's blend weight.
+DERIVED = ("allocation", "compensation", "compensation_damp", "allocation_compensation", "blend_weight")
 DEPTH_FIELDS = ("depth", "depth_selection", "depth_ridge")
 WIDTH_ONLY = "none"  # the allocation and compensation of a run that removes layers only (ratio 0)
 _FIELD_DEFAULTS = {f.name: {} if f.name == "score_options" else f.default for f in fields(PruneOptions)}
@@ -346,7 +354,7 @@ def _resolve(opts: PruneOptions, put: Callable[[str, object], None]) -> None:
     _check_score_options(opts.method, given)
     merged = {**keyword_defaults(method.criterion), **method.score_options, **given}
     put("score_options", {name: merged[name] for name in score_option_names(method.criterion) if name in merged})
-    _resolve_healing(opts, method.heal and not opts.depth, put)
+    _resolve_healing(opts, put)
     if opts.depth and opts.heal:
         raise NumpruneError("healing after depth pruning is not supported; heal a width-only run")
 
@@ -380,19 +388,20 @@ def _resolve_depth_only(opts: PruneOptions, put: Callable[[str, object], None]) 
         if f.name in ("ratio", *DEPTH_FIELDS) or value == default or value == recorded.get(f.name, default):
             continue
         raise NumpruneError(f"{f.name} applies to width pruning, which a ratio of 0 skips (depth alone)")
-    put("heal", False)
     put("allocation", WIDTH_ONLY)
     put("compensation", WIDTH_ONLY)
 
 
-def _resolve_healing(opts: PruneOptions, default: bool, put: Callable[[str, object], None]) -> None:
-    """Healing (unless set: where options of it are given, else ``default``, the method's own) and its options,
-    checked and completed with HealOptions' defaults (the mode and epochs may stay None: the run decides them);
-    refused without healing."""
+def _resolve_healing(opts: PruneOptions, put: Callable[[str, object], None]) -> None:
+    """Healing (asked for where options of it are given; unset, the run decides: PruneOptions.decide_healing) and its
+    options, checked and completed with HealOptions' defaults (the mode and epochs may stay None: the run decides
+    them); refused without healing."""
     given = {name: plain(getattr(opts, f"heal_{name}")) for name in HEAL_FIELDS
              if getattr(opts, f"heal_{name}") is not None}
+    if opts.heal is None and given:
+        put("heal", True)
     if opts.heal is None:
-        put("heal", default or bool(given))
+        return
     FLAG.check("heal", opts.heal)
     if not opts.heal:
         if given:

@@ -129,7 +129,12 @@ def test_local_then_distill_records_both(tmp_path):
 
 def test_recipes_without_a_mode_leave_it_to_the_run():
     opts = PruneOptions.parse("numerical-robust", 0.2)
+    assert opts.heal is None and "heal" not in opts.requested()  # the run decides: the method heals where it can
+    assert PruneOptions.parse("numerical-robust:heal=true", 0.2).requested()["heal"] is True  # asked stays asked
+    opts = opts.decide_healing(True)
     assert opts.heal and opts.heal_options() == HealOptions() and opts.heal_mode is None and opts.heal_epochs is None
+    assert not PruneOptions.parse("flap", 0.2).decide_healing(True).heal
+    assert not PruneOptions.parse("numerical-robust", 0.2).decide_healing(False).heal
     assert HealOptions().decided("distill") == HealOptions(mode="distill", tokens=DISTILL_TOKENS, epochs=1)
     assert HealOptions().decided("local") == HealOptions(mode="local", epochs=1)
     assert HealOptions(epochs=3).decided("distill") == HealOptions(mode="distill", epochs=3)  # passes, not tokens

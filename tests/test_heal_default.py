@@ -120,6 +120,8 @@ def test_image_generators_and_depth_runs_heal_only_when_asked():
     tokens = random_sequences(generator, 6)
     _, report = prune(generator, tokens, ratio=0.3, progress=False)
     assert "healing" not in report and report["options"]["heal"] is False
+    _, asked = prune(generator, tokens, ratio=0.3, heal=True, progress=False)  # the method's own, asked for: heals
+    assert asked["options"]["heal"] and asked["healing"]["distillation"]["tokens"] > 0
     dense, text = tiny_llama("gqa", layers=4), tiny_tokens(6, 16)
     _, depth = prune(dense, text, ratio=0.2, depth=1, progress=False)
     assert "healing" not in depth and depth["options"]["heal"] is False
@@ -143,7 +145,7 @@ def test_statistics_alone_prune_without_the_default_healing():
     plain, _ = prune(dense, tokens, ratio=0.3, heal=False, progress=False)
     assert "healing" not in report and report["options"]["heal"] is False
     assert all(torch.equal(a, b) for a, b in zip(pruned.state_dict().values(), plain.state_dict().values()))
-    # healing asked for still needs the tokens (heal=True is numerical-robust's default, which heals where it can)
-    for asked in (dict(heal_tokens=64), dict(method="flap", heal=True)):
+    # healing asked for still needs the tokens, even where it is the method's own
+    for asked in (dict(heal_tokens=64), dict(method="flap", heal=True), dict(heal=True)):
         with pytest.raises(NumpruneError, match="calibration tokens are needed for healing"):
             prune(dense, None, stats=stats, ratio=0.3, progress=False, **asked)

@@ -96,7 +96,8 @@ def test_a_report_is_a_recipe_that_reproduces_its_run(tiny_model_folder, calibra
     written = tmp_path / "recipe.yaml"
     written.write_text("ratio: 0.4\nmethod: flap\nallocation: compensated-error\nallocation_compensation: least-squares\n"
                        "round_to: 2\n")
-    assert read_recipe(written) == read_recipe(report) == PruneOptions.checked(**options[0])
+    # (it leaves healing to the run, which decides what the report records: FLAP does not heal unless asked)
+    assert read_recipe(written).decide_healing(True) == read_recipe(report) == PruneOptions.checked(**options[0])
 
 
 @pytest.mark.parametrize("flags", [["--depth", "1"], ["--depth-ratio", "0.5", "--ratio", "0.3",
@@ -112,7 +113,8 @@ def test_a_depth_report_is_a_recipe_that_reproduces_its_run(flags, tiny_model_fo
     assert first["options"]["depth"] == 1 and len(first["depth"]["removed_layers"]) == 1  # --depth-ratio: a count
     written = tmp_path / "recipe.yaml"  # the same recipe by hand, as YAML
     written.write_text("depth: 1\n" if "--ratio" not in flags else "ratio: 0.3\ndepth: 1\ndepth_selection: shortgpt\n")
-    assert read_recipe(written) == read_recipe(report) == PruneOptions.checked(**first["options"])
+    # (healing left to the run, which never heals a depth run unless asked: refused)
+    assert read_recipe(written).decide_healing(True) == read_recipe(report) == PruneOptions.checked(**first["options"])
     run_prune(tiny_model_folder, calibration_text, tmp_path / "yaml", "--recipe", str(written))
     assert (tmp_path / "yaml" / WEIGHTS).read_bytes() == (tmp_path / "first" / WEIGHTS).read_bytes()
 

@@ -93,7 +93,7 @@ def test_depth_is_part_of_the_recipe():
     both = PruneOptions.parse("numerical:depth=2:depth_selection=shortgpt:depth_ridge=0.5", ratio=0.3)
     assert both == PruneOptions(ratio=0.3, method="numerical", depth=2, depth_selection="shortgpt", depth_ridge=0.5)
     assert both == PruneOptions.checked(**asdict(both))
-    assert both.width_step() == PruneOptions(ratio=0.3, method="numerical")
+    assert both.width_step() == PruneOptions(ratio=0.3, method="numerical", heal=False)  # depth runs do not heal
     width = PruneOptions(ratio=0.3)
     assert (width.depth, width.depth_selection, width.depth_ridge) == (0, None, None)
 
