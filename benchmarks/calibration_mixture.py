@@ -4,12 +4,17 @@ For each calibration spec (``--calibs``; the prose is ``sotu-val``, the addresse
 validation text was never calibrated on; ``self`` is the model's own samples with seed 0), one calibration pass of
 ``--nsamples`` x ``--seqlen`` tokens, then ``numerical-robust`` at each ratio, measured on the 1990s addresses
 (``sotu-val``), SpamAssassin e-mails (``emails``) and the dense model's own samples drawn with seed 1 (``self``: a
-different seed from the calibration's). Each calibration is appended to ``--out`` (JSON lines) as it finishes and
-skipped when found there. ``--texts`` reads the validation windows saved by benchmarks/auto_allocation.py (the same
-windows, not drawn again). Usage:
+different seed from the calibration's). With ``--heal`` each pruned model is also healed as the default heals it
+(``numprune.heal`` at its defaults: distillation from the dense model on the same calibration tokens, at most one
+pass and 12,288 tokens) and measured again, so the calibration text chooses what healing learns from too. Each
+calibration is appended to ``--out`` (JSON lines) as it finishes and skipped when found there. ``--texts`` reads
+the validation windows saved by benchmarks/auto_allocation.py or by ``--windows-out`` (the same windows, not drawn
+again). Usage:
 
     .venv/bin/python benchmarks/calibration_mixture.py --model smollm2 --out runs/mixture-smollm2.jsonl \\
         --texts runs/auto-smollm2.windows.safetensors
+    .venv/bin/python benchmarks/calibration_mixture.py --model smollm2 --nsamples 32 --heal \\
+        --out runs/mixture-healed-smollm2.jsonl --windows-out runs/mixture-smollm2.windows.safetensors
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from numprune.api import calibrate, prune
 from numprune.data.corpora import calibration_windows, evaluation_windows
 from numprune.evaluate.perplexity import perplexity
+from numprune.heal import heal
 from numprune.models import load_model
 
 TEXTS = ("sotu-val", "emails", "self")
@@ -40,6 +46,8 @@ def main() -> int:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--texts", default=None, help="validation windows saved by benchmarks/auto_allocation.py")
+    parser.add_argument("--windows-out", default=None, help="save the validation windows drawn here (for --texts)")
+    parser.add_argument("--heal", action="store_true", help="also heal each pruned model as the default does")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/calibration-mixture.jsonl")
     parser.add_argument("--table", action="store_true", help="print the grid from --out and stop")
@@ -64,6 +72,8 @@ def run(args, out: Path) -> None:
     else:
         windows = {name: evaluation_windows(tokenizer, name, 512, args.eval_windows, model=model, seed=1)[0]
                    for name in TEXTS}
+        if args.windows_out:
+            save_file({name: w.contiguous() for name, w in windows.items()}, args.windows_out)
     for calib in calibs:
         torch.set_num_threads(1)
         start = time.perf_counter()
@@ -74,26 +84,36 @@ def run(args, out: Path) -> None:
         stats = calibrate(model, tokens, progress=False)
         row = dict(calib=calib, model=source, drawn_s=round(drawn_s, 2),
                    calibration_s=round(time.perf_counter() - start, 2), nsamples=args.nsamples, seqlen=args.seqlen,
-                   eval_windows=args.eval_windows, ratios={})
+                   eval_windows=args.eval_windows, ratios={}, healed={}, heal_s={})
         for ratio in (float(r) for r in args.ratios.split(",")):
             pruned, _ = prune(model, tokens, stats=stats, ratio=ratio, method="numerical-robust", heal=False,
                               progress=False)
             row["ratios"][str(ratio)] = {name: perplexity(pruned, w, progress=False)["ppl"]
                                          for name, w in windows.items()}
+            if args.heal:
+                start = time.perf_counter()
+                _, record = heal(model, pruned, tokens, progress=False)
+                row["heal_s"][str(ratio)] = round(time.perf_counter() - start, 2)
+                row["heal_mode"] = record.options.mode
+                row["healed"][str(ratio)] = {name: perplexity(pruned, w, progress=False)["ppl"]
+                                             for name, w in windows.items()}
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(calib, row["ratios"], flush=True)
+        print(calib, row["ratios"], row["healed"], flush=True)
 
 
 def table(out: Path) -> str:
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    lines = ["| calibration | ratio | sotu-val | emails | self | geometric mean |", "|---|---|---|---|---|---|"]
+    lines = ["| calibration | ratio | healed | sotu-val | emails | self | geometric mean |",
+             "|---|---|---|---|---|---|---|"]
     for ratio in rows[0]["ratios"]:
         for row in rows:
-            ppl = row["ratios"][ratio]
-            geo = math.exp(sum(math.log(ppl[t]) for t in TEXTS) / len(TEXTS))
-            lines.append(f"| {row['calib']} | {float(ratio):.0%} | "
-                         + " | ".join(f"{ppl[t]:.2f}" for t in TEXTS) + f" | {geo:.2f} |")
+            for healed, ppl in (("no", row["ratios"][ratio]), ("yes", row.get("healed", {}).get(ratio))):
+                if ppl is None:
+                    continue
+                geo = math.exp(sum(math.log(ppl[t]) for t in TEXTS) / len(TEXTS))
+                lines.append(f"| {row['calib']} | {float(ratio):.0%} | {healed} | "
+                             + " | ".join(f"{ppl[t]:.2f}" for t in TEXTS) + f" | {geo:.2f} |")
     return "\n".join(lines)
 
 
