@@ -79,12 +79,11 @@ def resolve(recipe: PruneOptions | None, options: dict, tokens, stats) -> PruneO
     decided here where the model cannot matter: never by default after depth pruning, nor without tokens to train
     on (unless asked: then refused)."""
     opts = recipe_of(recipe, options)
-    if opts.depth:
+    if opts.depth or tokens is None:
         opts = opts.decide_healing(False)
     if tokens is None:
         if stats is None:
             raise NumpruneError("calibration tokens are needed")
-        opts = opts.decide_healing(False)
         for needed, what in ((opts.compensation_stats == "sequential", "sequential compensation statistics"),
                              (opts.heal, "healing")):
             if needed:
